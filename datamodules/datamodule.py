@@ -1,0 +1,119 @@
+"""LightningDataModule over one or more datasets in their released formats."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import lightning as L
+from torch.utils.data import DataLoader
+
+from datamodules.dataset import Collator, VQADataset
+from datamodules.encoding import ConversationEncoder
+from datamodules.images import ImageTransform
+from datamodules.problems import ProblemLog
+from datamodules.readers import read_split
+from datamodules.records import Record
+from datamodules.specs import DatasetSpec
+from datamodules.writers import ensure_synthetic
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test")
+
+
+class VQADataModule(L.LightningDataModule):
+    """Reads the configured datasets, and after :meth:`connect` serves tokenised batches.
+
+    The tokenizer, image transform and number of visual tokens belong to the model, so they are
+    handed in through ``connect`` rather than built here.
+    """
+
+    def __init__(self, *, datasets: dict[str, DatasetSpec], batch_size: int = 8, eval_batch_size: int = 16,
+                 num_workers: int = 0, max_length: int = 512, on_bad_record: str = "error",
+                 system_prompt: str | None = None, task_prefix: bool = False, pad_square: bool = False,
+                 seed: int = 0) -> None:
+        super().__init__()
+        if not datasets:
+            raise ValueError("no datasets configured (data.datasets is empty)")
+        self.datasets = datasets
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size
+        self.num_workers = num_workers
+        self.max_length = max_length
+        self.system_prompt = system_prompt
+        self.task_prefix = task_prefix
+        self.pad_square = pad_square
+        self.seed = seed
+        self.problems = ProblemLog(on_bad_record)
+        self.records: dict[str, list[Record]] = {}
+        self.tokenizer: Any = None
+        self.transform: ImageTransform | None = None
+        self.encoder: ConversationEncoder | None = None
+        self.task_ids: dict[str, int] = {}
+
+    def connect(self, tokenizer: Any, transform: ImageTransform, *, num_image_tokens: int,
+                task_ids: dict[str, int] | None = None) -> "VQADataModule":
+        self.tokenizer = tokenizer
+        self.transform = transform
+        self.task_ids = task_ids or {}
+        self.encoder = ConversationEncoder(tokenizer, num_image_tokens=num_image_tokens,
+                                           max_length=self.max_length, system_prompt=self.system_prompt,
+                                           task_prefix=self.task_prefix)
+        return self
+
+    # -- data ------------------------------------------------------------------------------------
+    def prepare_data(self) -> None:
+        for name, spec in self.datasets.items():
+            if ensure_synthetic(spec):
+                log.info("wrote synthetic %s dataset %r to %s", spec.format, name, spec.path)
+
+    def split_records(self, split: str) -> list[Record]:
+        """All records of one pipeline split (train / val / test) over the configured datasets."""
+        if split not in self.records:
+            records: list[Record] = []
+            for name, spec in self.datasets.items():
+                release_split = {"train": spec.train_split, "val": spec.val_split, "test": spec.test_split}[split]
+                if release_split:
+                    records += read_split(spec, name, release_split, self.problems)
+            self.records[split] = records
+            if self.problems.problems:
+                log.warning("%s: %s", split, self.problems.summary())
+        return self.records[split]
+
+    def setup(self, stage: str | None = None) -> None:
+        wanted = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}
+        for split in wanted.get(stage or "fit", SPLITS):
+            self.split_records(split)
+
+    # -- loaders ---------------------------------------------------------------------------------
+    def _require_connected(self) -> None:
+        if self.encoder is None or self.transform is None:
+            raise RuntimeError("call datamodule.connect(tokenizer, transform, num_image_tokens=...) first")
+
+    def dataset(self, split: str, *, with_answers: bool) -> VQADataset:
+        self._require_connected()
+        return VQADataset(self.split_records(split), encoder=self.encoder, transform=self.transform,
+                          with_answers=with_answers, task_ids=self.task_ids)
+
+    def _loader(self, split: str, *, train: bool, generation: bool = False) -> DataLoader:
+        dataset = self.dataset(split, with_answers=not generation)
+        if len(dataset) == 0:
+            raise ValueError(f"split {split!r} has no records in datasets {sorted(self.datasets)}")
+        collate = Collator(pad_token_id=self.tokenizer.pad_token_id,
+                           padding_side="left" if generation else "right")
+        return DataLoader(dataset, batch_size=self.batch_size if train else self.eval_batch_size,
+                          shuffle=train, num_workers=self.num_workers, collate_fn=collate,
+                          persistent_workers=self.num_workers > 0, drop_last=False)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", train=False, generation=True)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self.test_dataloader()

@@ -1,0 +1,58 @@
+"""The one record type every dataset reader produces."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+ANSWER_TYPES = ("closed", "open")
+YES_NO = ("yes", "no")
+
+
+@dataclass
+class Turn:
+    """One question-answer exchange; multi-turn conversations are lists of these."""
+
+    question: str
+    answer: str
+
+
+@dataclass
+class Record:
+    """One sample: an image (path or bytes, or none for text-only tasks) and a conversation.
+
+    ``question``/``answer`` are the first turn; ``turns`` holds every turn (single-turn datasets
+    have one). ``answer_type`` is ``closed`` or ``open``. Optional grounding fields hold paths
+    (masks) or pixel boxes ``(x, y, w, h)`` for region and grounding tasks.
+    """
+
+    id: str
+    dataset: str
+    split: str
+    question: str
+    answer: str
+    answer_type: str
+    task: str = "vqa"
+    modality: str | None = None
+    image_path: str | None = None
+    image_bytes: bytes | None = None
+    turns: list[Turn] = field(default_factory=list)
+    mask_path: str | None = None
+    region: Any = None
+    box: tuple[float, float, float, float] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.turns:
+            self.turns = [Turn(self.question, self.answer)]
+
+    @property
+    def has_image(self) -> bool:
+        return self.image_path is not None or self.image_bytes is not None
+
+
+def closed_if_yes_no(answer: str) -> str:
+    """Answer type derived from the answer when a release has no answer_type column."""
+    from lightningmodules.metrics.normalize import normalize_answer
+
+    return "closed" if normalize_answer(answer) in YES_NO else "open"

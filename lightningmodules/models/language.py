@@ -1,0 +1,63 @@
+"""Causal LM and tokenizer loading, special tokens and the chat template."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+IMAGE_TOKEN = "<image>"
+
+# Used when a checkpoint's tokenizer has no chat template (Phi-2, base Llama): LLaVA's "plain
+# vicuna" turn format. One template for training and evaluation, so prompts never differ.
+DEFAULT_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{{ message['content'] }}\n"
+    "{% elif message['role'] == 'user' %}USER: {{ message['content'] }}\n"
+    "{% else %}ASSISTANT: {{ message['content'] }}{{ eos_token }}\n{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    try:
+        return _DTYPES[name]
+    except KeyError:
+        raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {name!r}") from None
+
+
+def load_tokenizer(path: str | Path, *, extra_special_tokens: list[str], chat_template: str | None = None,
+                   trust_remote_code: bool = False):
+    """Tokenizer of the LLM checkpoint with our special tokens added and a pad token ensured."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    missing = [t for t in extra_special_tokens if t not in tokenizer.get_vocab()]
+    if missing:
+        tokenizer.add_special_tokens({"additional_special_tokens": missing},
+                                     replace_extra_special_tokens=False)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
+    if chat_template is not None:
+        tokenizer.chat_template = chat_template
+    elif not getattr(tokenizer, "chat_template", None):
+        tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
+    return tokenizer
+
+
+def load_causal_lm(path: str | Path, *, vocab_size: int, dtype: str = "float32",
+                   trust_remote_code: bool = False, attn_implementation: str | None = None) -> nn.Module:
+    """``AutoModelForCausalLM.from_pretrained`` with embeddings resized to the tokenizer."""
+    from transformers import AutoModelForCausalLM
+
+    kwargs = {"dtype": torch_dtype(dtype), "trust_remote_code": trust_remote_code}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    if model.get_input_embeddings().num_embeddings < vocab_size:
+        # new rows start at the mean embedding so new tokens do not perturb the LM's outputs
+        model.resize_token_embeddings(vocab_size, mean_resizing=True)
+    return model

@@ -1,0 +1,313 @@
+"""Tiny stand-ins for real checkpoints, built once from configs and saved with ``save_pretrained``.
+
+``tiny:<name>`` model paths resolve here. Each part is written to ``<cache>/tiny/<VERSION>/<name>``
+exactly as a real checkpoint directory looks, so tests and the demo load them through the same
+``from_pretrained`` code as CLIP, Llama or Phi-2 weights. Two parts are briefly pretrained so the
+tiny pipeline can learn in minutes, standing in for the real models' pretraining:
+
+- the vision tower on phantom attributes (modality, body part, lesions, per-patch organ/lesion),
+- the language models on the text of the synthetic corpus (question -> answer priors).
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+TINY_VERSION = "v1"
+SPECIAL_TOKENS = ["<s>", "</s>", "<unk>", "<pad>", "<image>"]
+VISION_IMAGE_SIZE = 64
+VISION_PATCH = 8
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("MEDPIPE_CACHE", Path.home() / ".cache" / "medpipe"))
+
+
+def resolve_model_path(path: str, cache_dir: str | Path | None = None) -> Path:
+    """A checkpoint directory: ``tiny:<name>`` is built on first use, anything else is a path."""
+    if path.startswith("tiny:"):
+        return ensure_tiny(path.removeprefix("tiny:"), cache_dir)
+    return Path(path).expanduser()
+
+
+def ensure_tiny(name: str, cache_dir: str | Path | None = None) -> Path:
+    if name not in BUILDERS:
+        raise ValueError(f"unknown tiny model {name!r}; available: {sorted(BUILDERS)}")
+    root = Path(cache_dir or default_cache_dir()) / "tiny" / TINY_VERSION
+    target = root / name
+    if (target / ".complete").is_file():
+        return target
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = root / f".{name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    start = time.perf_counter()
+    BUILDERS[name](tmp, root)
+    (tmp / ".complete").write_text(f"built in {time.perf_counter() - start:.1f}s\n")
+    try:
+        os.replace(tmp, target)  # atomic: concurrent builders never see half a checkpoint
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)  # another process finished first
+    return target
+
+
+# -- synthetic corpus ---------------------------------------------------------------------------
+
+def synthetic_corpus(n_phantoms: int = 1500, seed: int = 123) -> list[tuple[str, str]]:
+    """(prompt, answer) pairs from the phantom generator, for the tiny tokenizer and LMs.
+
+    The prompt carries the phantom's report before the question, so the LM learns to answer from a
+    description in context, the skill a LLaVA-style model reuses once the connector has learnt to
+    put the image's content where the words were.
+    """
+    from datamodules.synthetic.phantoms import make_phantom
+    from datamodules.synthetic.questions import phantom_questions, report_text
+
+    rng = np.random.default_rng(seed)
+    pairs: list[tuple[str, str]] = []
+    for i in range(n_phantoms):
+        p = make_phantom(i, seed=seed, size=32)  # attributes only; pixels are not used
+        report = report_text(p)
+        pairs += [(f"{report}\n{qa.question}", qa.answer) for qa in phantom_questions(p, rng, 8)]
+        pairs.append(("Describe this image.", report))
+    return pairs
+
+
+def _build_tokenizer(out: Path, _root: Path) -> None:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from lightningmodules.models.language import DEFAULT_CHAT_TEMPLATE
+
+    texts = [f"USER: {q}\nASSISTANT: {a}" for q, a in synthetic_corpus(600)]
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=1024, special_tokens=SPECIAL_TOKENS, min_frequency=1,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tok.train_from_iterator(texts, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>", pad_token="<pad>",
+                                   additional_special_tokens=["<image>"])
+    fast.chat_template = DEFAULT_CHAT_TEMPLATE
+    fast.save_pretrained(out)
+
+
+def _load_tiny_tokenizer(root: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(ensure_tiny("tokenizer", root.parent.parent))
+
+
+# -- language models ----------------------------------------------------------------------------
+
+def _lm_config(family: str, vocab_size: int):
+    H = int(os.environ.get("LM_H", 128))
+    common = dict(vocab_size=vocab_size, hidden_size=H, intermediate_size=int(H * 2.6875), num_hidden_layers=int(os.environ.get("LM_L", 2)),
+                  num_attention_heads=4, max_position_embeddings=512, bos_token_id=0, eos_token_id=1,
+                  pad_token_id=3, tie_word_embeddings=False)
+    if family == "llama":
+        from transformers import LlamaConfig
+
+        return LlamaConfig(num_key_value_heads=2, **common)
+    if family == "qwen2":
+        from transformers import Qwen2Config
+
+        return Qwen2Config(num_key_value_heads=2, **common)
+    if family == "phi":
+        from transformers import PhiConfig
+
+        return PhiConfig(partial_rotary_factor=0.5, **common)
+    if family == "stablelm":
+        from transformers import StableLmConfig
+
+        return StableLmConfig(num_key_value_heads=4, partial_rotary_factor=0.25, **common)
+    raise ValueError(family)
+
+
+def _encode_corpus(tokenizer, pairs: list[tuple[str, str]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Chat-formatted (prompt, answer) pairs -> ids, attention mask and answer-only labels."""
+    ids, labels = [], []
+    for prompt, answer in pairs:
+        head = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                             add_generation_prompt=True)
+        full = tokenizer.apply_chat_template([{"role": "user", "content": prompt},
+                                              {"role": "assistant", "content": answer}], tokenize=False)
+        head_ids = tokenizer(head, add_special_tokens=False)["input_ids"]
+        tail_ids = tokenizer(full[len(head):], add_special_tokens=False)["input_ids"]
+        ids.append(head_ids + tail_ids)
+        labels.append([-100] * len(head_ids) + tail_ids)
+    longest = max(map(len, ids))
+    pad = tokenizer.pad_token_id
+    input_ids = torch.tensor([x + [pad] * (longest - len(x)) for x in ids])  # (N, T)
+    mask = torch.tensor([[1] * len(x) + [0] * (longest - len(x)) for x in ids])  # (N, T)
+    label_ids = torch.tensor([y + [-100] * (longest - len(y)) for y in labels])  # (N, T)
+    return input_ids, mask, label_ids
+
+
+def _pretrain_lm(model: nn.Module, tokenizer, *, seconds: float, seed: int = 0, peak_lr: float = 3e-3) -> float:
+    """Answer-only next-token training on the corpus under a cosine schedule; returns held-out accuracy
+    of the first answer token."""
+    torch.manual_seed(seed)
+    ids, mask, labels = _encode_corpus(tokenizer, synthetic_corpus(3000))
+    val_ids, val_mask, val_labels = _encode_corpus(tokenizer, synthetic_corpus(150, seed=321))
+    opt = torch.optim.AdamW(model.parameters(), lr=peak_lr, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(seed)
+    model.train()
+    start, step = time.perf_counter(), 0
+    while time.perf_counter() - start < seconds or step < 20:
+        idx = torch.randint(0, ids.shape[0], (64,), generator=gen)
+        loss = model(input_ids=ids[idx], attention_mask=mask[idx], labels=labels[idx]).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        progress = min(1.0, (time.perf_counter() - start) / seconds)
+        for group in opt.param_groups:
+            group["lr"] = peak_lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+        opt.step()
+        step += 1
+    model.eval()
+    with torch.no_grad():
+        logits = model(input_ids=val_ids, attention_mask=val_mask).logits  # (N, T, V)
+    first = (val_labels != -100).float().argmax(1)  # (N,) position of the first answer token
+    rows = torch.arange(val_ids.shape[0])
+    predicted = logits[rows, first - 1].argmax(-1)
+    accuracy = float((predicted == val_ids[rows, first]).float().mean())
+    log.info("tiny LM pretrained for %d steps; held-out first-answer-token accuracy %.3f", step, accuracy)
+    return accuracy
+
+
+def _lm_builder(family: str, pretrain_seconds: float) -> Callable[[Path, Path], None]:
+    def build(out: Path, root: Path) -> None:
+        from transformers import AutoModelForCausalLM
+
+        tokenizer = _load_tiny_tokenizer(root)
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(_lm_config(family, len(tokenizer)))
+        if pretrain_seconds > 0:
+            _pretrain_lm(model, tokenizer, seconds=pretrain_seconds)
+        model.save_pretrained(out)
+        tokenizer.save_pretrained(out)
+
+    return build
+
+
+# -- vision tower -------------------------------------------------------------------------------
+
+def phantom_vision_batch(n: int, seed: int, image_size: int = VISION_IMAGE_SIZE):
+    """Pixels as the data pipeline delivers them (JPEG round trip + CLIP transform) and targets."""
+    from PIL import Image
+
+    from datamodules.images import ImageTransform
+    from datamodules.synthetic.phantoms import BODY_PARTS, LESION_ORGANS, MODALITIES, make_phantom
+
+    organ_names = sorted({o for organs in LESION_ORGANS.values() for o in organs})
+    transform = ImageTransform(size={"shortest_edge": image_size},
+                               crop_size={"height": image_size, "width": image_size},
+                               image_mean=CLIP_MEAN, image_std=CLIP_STD)
+    grid = image_size // VISION_PATCH
+    pixels, modality, part, count, organ, patch_lesion = [], [], [], [], [], []
+    for i in range(n):
+        p = make_phantom(i, seed=seed, size=128)
+        buf = io.BytesIO()
+        Image.fromarray(p.image).convert("RGB").save(buf, format="JPEG", quality=95)
+        pixels.append(transform(Image.open(io.BytesIO(buf.getvalue())).convert("RGB")))
+        modality.append(MODALITIES.index(p.modality))
+        part.append(BODY_PARTS.index(p.body_part))
+        count.append(p.lesion_count)
+        organ.append(organ_names.index(p.lesion_organ) + 1 if p.lesions else 0)
+        lesion = p.lesion_mask if p.lesion_mask is not None else np.zeros(p.image.shape, bool)
+        cell = lesion.shape[0] // grid
+        per_patch = lesion.reshape(grid, cell, grid, cell).mean(axis=(1, 3)) > 0.05  # (g, g)
+        patch_lesion.append(torch.from_numpy(per_patch.reshape(-1)))
+    targets = {"modality": torch.tensor(modality), "part": torch.tensor(part), "count": torch.tensor(count),
+               "organ": torch.tensor(organ), "patch_lesion": torch.stack(patch_lesion).float()}
+    return torch.stack(pixels), targets, len(organ_names) + 1
+
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def _build_clip(out: Path, _root: Path, pretrain_seconds: float = 45.0) -> None:
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    torch.manual_seed(0)
+    config = CLIPVisionConfig(hidden_size=64, intermediate_size=256, num_hidden_layers=3,
+                              num_attention_heads=4, image_size=VISION_IMAGE_SIZE, patch_size=VISION_PATCH,
+                              projection_dim=64)
+    model = CLIPVisionModel(config)
+    if pretrain_seconds > 0:
+        _pretrain_vision(model, seconds=pretrain_seconds)
+    model.save_pretrained(out)
+    CLIPImageProcessorPil(size={"shortest_edge": VISION_IMAGE_SIZE},
+                          crop_size={"height": VISION_IMAGE_SIZE, "width": VISION_IMAGE_SIZE},
+                          image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD)).save_pretrained(out)
+
+
+def _pretrain_vision(model: nn.Module, *, seconds: float, select_layer: int = -2) -> dict[str, float]:
+    """Supervised pretraining on phantom attributes through heads on the ``select_layer`` patches."""
+    pixels, targets, n_organs = phantom_vision_batch(3000, seed=1)
+    val_pixels, val_targets, _ = phantom_vision_batch(300, seed=2)
+    d = model.config.hidden_size
+    heads = nn.ModuleDict({"modality": nn.Linear(d, 3), "part": nn.Linear(d, 3), "count": nn.Linear(d, 3),
+                           "organ": nn.Linear(d, n_organs), "patch_lesion": nn.Linear(d, 1)})
+    params = list(model.parameters()) + list(heads.parameters())
+    peak_lr = 4e-3
+    opt = torch.optim.AdamW(params, lr=peak_lr, weight_decay=0.01)
+    gen = torch.Generator().manual_seed(0)
+
+    def run(px: torch.Tensor):
+        hidden = model(pixel_values=px, output_hidden_states=True).hidden_states[select_layer][:, 1:]  # (B, P, D)
+        pooled = hidden.mean(1)  # (B, D)
+        out = {k: heads[k](pooled) for k in ("modality", "part", "count", "organ")}
+        out["patch_lesion"] = heads["patch_lesion"](hidden).squeeze(-1)  # (B, P)
+        return out
+
+    model.train()
+    start, step = time.perf_counter(), 0
+    while time.perf_counter() - start < seconds or step < 20:
+        idx = torch.randint(0, pixels.shape[0], (64,), generator=gen)
+        out = run(pixels[idx])
+        loss = sum(F.cross_entropy(out[k], targets[k][idx]) for k in ("modality", "part", "count", "organ"))
+        loss = loss + 2.0 * F.binary_cross_entropy_with_logits(out["patch_lesion"], targets["patch_lesion"][idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        progress = min(1.0, (time.perf_counter() - start) / seconds)  # cosine decay over the time budget
+        for group in opt.param_groups:
+            group["lr"] = peak_lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+        opt.step()
+        step += 1
+    model.eval()
+    with torch.no_grad():
+        out = run(val_pixels)
+    acc = {k: float((out[k].argmax(-1) == val_targets[k]).float().mean()) for k in ("modality", "part", "count", "organ")}
+    acc["presence"] = float(((out["count"].argmax(-1) > 0) == (val_targets["count"] > 0)).float().mean())
+    log.info("tiny CLIP pretrained for %d steps; held-out accuracy %s", step,
+             ", ".join(f"{k} {v:.2f}" for k, v in acc.items()))
+    return acc
+
+
+BUILDERS: dict[str, Callable[[Path, Path], None]] = {
+    "tokenizer": _build_tokenizer,
+    "llama": _lm_builder("llama", pretrain_seconds=float(os.environ.get("PT_SECONDS", 30))),
+    "qwen2": _lm_builder("qwen2", pretrain_seconds=0.0),
+    "phi": _lm_builder("phi", pretrain_seconds=0.0),
+    "stablelm": _lm_builder("stablelm", pretrain_seconds=0.0),
+    "clip": _build_clip,
+}

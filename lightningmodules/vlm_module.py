@@ -1,0 +1,114 @@
+"""LightningModule for a training stage of a vision-language model.
+
+Owns the loss, optimiser, schedule, logging and evaluation metrics; the network is the plain
+:class:`~lightningmodules.models.multimodal.MultimodalLM` passed in. Which parameters train is set on
+the model before it gets here (see :mod:`pipeline.trainable`).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import lightning as L
+import torch
+from torch import nn
+
+from lightningmodules.metrics.vqa_metrics import bleu1, closed_accuracy, open_recall
+
+MODEL_INPUTS = ("input_ids", "attention_mask", "labels", "pixel_values", "image_task_ids")
+
+
+def model_inputs(batch: dict[str, Any], *, with_labels: bool = True) -> dict[str, Any]:
+    keys = MODEL_INPUTS if with_labels else tuple(k for k in MODEL_INPUTS if k != "labels")
+    return {k: batch.get(k) for k in keys}
+
+
+def lr_lambda(step: int, *, total_steps: int, warmup_steps: int, scheduler: str, min_lr_ratio: float) -> float:
+    """Multiplier of the base learning rate: linear warmup, then cosine / linear decay or constant."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if scheduler == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    decay = 0.5 * (1.0 + math.cos(math.pi * progress)) if scheduler == "cosine" else 1.0 - progress
+    return min_lr_ratio + (1.0 - min_lr_ratio) * decay
+
+
+class VLMModule(L.LightningModule):
+    def __init__(self, *, model: nn.Module, tokenizer: Any = None, lr: float = 2e-4, weight_decay: float = 0.0,
+                 betas: tuple[float, float] = (0.9, 0.999), warmup_ratio: float = 0.03,
+                 scheduler: str = "cosine", min_lr_ratio: float = 0.0, max_new_tokens: int = 16,
+                 closed_protocol: str = "default") -> None:
+        super().__init__()
+        self.model = model
+        self.tokenizer = tokenizer
+        self.save_hyperparameters(ignore=["model", "tokenizer"])
+        self.test_metrics = nn.ModuleDict({
+            "closed_accuracy": closed_accuracy(closed_protocol),
+            "open_recall": open_recall(),
+            "bleu1": bleu1(),
+        })
+        self.predictions: list[dict[str, Any]] = []
+
+    # -- training --------------------------------------------------------------------------------
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        out = self.model(**model_inputs(batch))
+        batch_size = batch["input_ids"].shape[0]
+        self.log("train/loss", out.loss, prog_bar=True, batch_size=batch_size)
+        if batch.get("truncated"):
+            self.log("data/truncated", float(batch["truncated"]), reduce_fx="sum", batch_size=batch_size)
+        return out.loss
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        out = self.model(**model_inputs(batch))
+        self.log("val/loss", out.loss, prog_bar=True, sync_dist=True, batch_size=batch["input_ids"].shape[0])
+
+    # -- evaluation ------------------------------------------------------------------------------
+    def generate_texts(self, batch: dict[str, Any]) -> list[str]:
+        if self.tokenizer is None:
+            raise RuntimeError("VLMModule needs a tokenizer to generate")
+        ids = self.model.generate(**model_inputs(batch, with_labels=False),
+                                  max_new_tokens=self.hparams.max_new_tokens,
+                                  eos_token_id=self.tokenizer.eos_token_id,
+                                  pad_token_id=self.tokenizer.pad_token_id)
+        return [t.strip() for t in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        texts = self.generate_texts(batch)
+        records = batch["records"]
+        answers = [r.answer for r in records]
+        kinds = [r.answer_type for r in records]
+        for metric in self.test_metrics.values():
+            metric.update(texts, answers, kinds)
+        for record, text in zip(records, texts):
+            self.predictions.append({"question_id": record.id, "text": text, "answer": record.answer,
+                                     "answer_type": record.answer_type, "question": record.question,
+                                     "dataset": record.dataset, "modality": record.modality})
+
+    def on_test_epoch_start(self) -> None:
+        self.predictions = []
+
+    def on_test_epoch_end(self) -> None:
+        for name, metric in self.test_metrics.items():
+            self.log(f"test/{name}", metric.compute().float())
+            metric.reset()
+
+    # -- optimisation ----------------------------------------------------------------------------
+    def configure_optimizers(self) -> dict[str, Any]:
+        decay, no_decay = [], []
+        for param in self.model.parameters():
+            if param.requires_grad:
+                (decay if param.ndim >= 2 else no_decay).append(param)  # biases and norms: no decay
+        if not decay and not no_decay:
+            raise RuntimeError("no trainable parameters: check the stage's `train` groups")
+        hp = self.hparams
+        optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": hp.weight_decay},
+                                       {"params": no_decay, "weight_decay": 0.0}],
+                                      lr=hp.lr, betas=tuple(hp.betas))
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        warmup = int(math.ceil(hp.warmup_ratio * total))
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: lr_lambda(step, total_steps=total, warmup_steps=warmup,
+                                              scheduler=hp.scheduler, min_lr_ratio=hp.min_lr_ratio))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}

@@ -1,0 +1,179 @@
+"""The ``medpipe`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Callable
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEMO_CONFIG = REPO_ROOT / "experiments" / "demo.yaml"
+
+log = logging.getLogger("medpipe")
+
+
+def _quiet_libraries() -> None:
+    """Keep the console to progress bars and our own lines: no warning walls from the stack."""
+    import warnings
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "false")
+    warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
+    warnings.filterwarnings("ignore", message=r".*The number of training batches .* is smaller than the logging.*")
+    warnings.filterwarnings("ignore", message=r".*Checkpoint directory .* exists and is not empty.*")
+    warnings.filterwarnings("ignore", message=r".*(torch.tensor results are registered|sync_dist=True).*")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero",
+                 "lightning.pytorch.accelerators.cuda", "mlflow", "alembic", "transformers", "httpx",
+                 "urllib3"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
+
+
+def _setup_logging(verbose: bool) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("medpipe: %(message)s"))
+    for name in ("medpipe", "pipeline", "datamodules", "lightningmodules"):
+        logger = logging.getLogger(name)
+        logger.handlers[:] = [handler]
+        logger.setLevel(logging.DEBUG if verbose else logging.INFO)
+        logger.propagate = False
+
+
+def cmd_config_show(args: argparse.Namespace) -> int:
+    from omegaconf import OmegaConf
+
+    from pipeline.config import load_config
+
+    cfg = load_config(args.config, args.overrides, check_paths=not args.no_path_check)
+    print(OmegaConf.to_yaml(cfg, resolve=True), end="")
+    return 0
+
+
+def _print_results(result, tracking_uri: str) -> None:
+    from pipeline.runner import format_table, results_rows
+
+    print()
+    print(format_table(results_rows(result)))
+    print(f"\ntotal time {result.seconds:.0f}s; runs are in MLflow ({tracking_uri}). Browse them with:")
+    print(f"  mlflow ui --backend-store-uri {tracking_uri}")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from pipeline.config import load_config
+    from pipeline.runner import run_experiment
+
+    cfg = load_config(args.config, args.overrides)
+    _quiet_libraries()
+    result = run_experiment(cfg)
+    _print_results(result, cfg.mlflow.tracking_uri)
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from pipeline.config import ConfigError, load_config
+    from pipeline.runner import evaluate_handover
+    from pipeline.tracking import Tracker
+
+    cfg = load_config(args.config, args.overrides)
+    if cfg.ckpt is None:
+        raise ConfigError(f"{args.config}: key 'ckpt': set the hand-over file to evaluate, e.g. ckpt=outputs/"
+                          f"{cfg.name}/stages/<stage>/handover.pt")
+    _quiet_libraries()
+    tracker = Tracker(tracking_uri=cfg.mlflow.tracking_uri, experiment_name=cfg.mlflow.experiment_name)
+    parent = tracker.start_parent(run_name=f"{cfg.name}-evaluate", cfg=cfg, tags={"recipe": cfg.name})
+    try:
+        result = evaluate_handover(cfg, cfg.ckpt, tracker=tracker, out_dir=Path(cfg.output_dir) / "eval")
+    except BaseException:
+        tracker.finish(parent, "FAILED")
+        raise
+    tracker.finish(parent)
+    print(f"{result.count} questions on {result.split}: " +
+          ", ".join(f"{k} {v:.3f}" for k, v in result.metrics.items()) +
+          f"\npredictions: {result.predictions_file}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from pipeline.config import load_config
+    from pipeline.runner import run_experiment
+
+    overrides = list(args.overrides)
+    if args.out:
+        out = Path(args.out).resolve()
+        overrides = [f"output_dir={out}", f"mlflow.tracking_uri=sqlite:///{out / 'mlflow.db'}", *overrides]
+    cfg = load_config(args.config or DEMO_CONFIG, overrides)
+    _quiet_libraries()
+    log.info("demo: synthetic phantom VQA in SLAKE layout, tiny CLIP + tiny Llama, stages %s",
+             " -> ".join(cfg.stages.keys()))
+    result = run_experiment(cfg)
+    _print_results(result, cfg.mlflow.tracking_uri)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="medpipe", description="Medical multimodal-LLM experiment pipeline (Uni-Med, Med-MoE, MedPLIB recipes).")
+    parser.add_argument("--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--traceback", action="store_true", help="show the full traceback on errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    def add(name: str, func: Callable, help_text: str, config: bool = True) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        if config:
+            p.add_argument("config", help="experiment YAML (e.g. experiments/demo.yaml)")
+            p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+        p.set_defaults(func=func)
+        return p
+
+    add("train", cmd_train, "Run every stage of an experiment, then evaluate.")
+    add("evaluate", cmd_evaluate, "Evaluate a hand-over checkpoint (ckpt=...) on the configured split.")
+    demo = add("demo", cmd_demo, "Train and evaluate the tiny demo on synthetic data (no downloads).",
+               config=False)
+    demo.add_argument("--out", help="put outputs and the MLflow database in this directory")
+    demo.add_argument("--config", help=argparse.SUPPRESS)
+    demo.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+
+    config = sub.add_parser("config", help="Inspect experiment configs.", description="Inspect experiment configs.")
+    config_sub = config.add_subparsers(dest="config_command", metavar="SUBCOMMAND")
+    config_sub.required = True
+    show = config_sub.add_parser("show", help="Print the resolved, validated config.",
+                                 description="Print the resolved, validated config.")
+    show.add_argument("config")
+    show.add_argument("overrides", nargs="*", metavar="key=value")
+    show.add_argument("--no-path-check", action="store_true", help="do not require paths to exist")
+    show.set_defaults(func=cmd_config_show)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.verbose)
+    from datamodules.problems import DataError
+    from pipeline.config import ConfigError
+
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("medpipe: interrupted", file=sys.stderr)
+        return 130
+    except (ConfigError, DataError, FileNotFoundError, ValueError, RuntimeError) as e:
+        if args.traceback or os.environ.get("MEDPIPE_TRACEBACK"):
+            raise
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"medpipe: error: {reason}", file=sys.stderr)
+        return 2 if isinstance(e, ConfigError) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,45 @@
+"""Weights handed from one stage to the next (and to evaluation): one file per stage.
+
+The file holds the full model state dict with LoRA merged in, plus what built it, and loads with
+``torch.load(weights_only=True)``: no code runs from a checkpoint.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+FORMAT_VERSION = 1
+
+
+def save_handover(model: nn.Module, path: str | Path, *, stage: str, meta: dict[str, Any] | None = None) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    tmp = path.with_suffix(".tmp")
+    torch.save({"format": FORMAT_VERSION, "stage": stage, "meta": meta or {}, "state_dict": state}, tmp)
+    tmp.replace(path)  # never leave a half-written hand-over behind
+    return path
+
+
+def load_handover(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: hand-over checkpoint not found")
+    data = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(data, dict) or data.get("format") != FORMAT_VERSION or "state_dict" not in data:
+        raise ValueError(f"{path}: not a medpipe hand-over checkpoint (format {FORMAT_VERSION})")
+    return data
+
+
+def restore(model: nn.Module, path: str | Path) -> dict[str, Any]:
+    """Load a hand-over into ``model``; a missing or unexpected key is an error naming it."""
+    data = load_handover(path)
+    result = model.load_state_dict(data["state_dict"], strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise ValueError(f"{path}: weights do not fit the model built from the config: "
+                         f"missing {result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}")
+    return data

@@ -1,0 +1,54 @@
+"""Build the model parts from the model config: every part through ``from_pretrained``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig
+from torch import nn
+
+from datamodules.images import ImageTransform
+from lightningmodules.models.aggregation import TokenAggregation
+from lightningmodules.models.connector import LinearConnector, MLPConnector
+from lightningmodules.models.language import IMAGE_TOKEN, load_causal_lm, load_tokenizer
+from lightningmodules.models.multimodal import MultimodalLM
+from lightningmodules.models.tiny import resolve_model_path
+from lightningmodules.models.vision import VisionTower, load_vision_model
+
+
+@dataclass
+class BuiltModel:
+    model: MultimodalLM
+    tokenizer: Any
+    transform: ImageTransform
+
+
+def build_connector(cfg: DictConfig, *, in_dim: int, out_dim: int) -> nn.Module:
+    if cfg.type == "linear":
+        return LinearConnector(in_dim=in_dim, out_dim=out_dim)
+    if cfg.type == "mlp":
+        return MLPConnector(in_dim=in_dim, out_dim=out_dim)
+    raise ValueError(f"unknown connector type {cfg.type!r}")
+
+
+def build_model(cfg: DictConfig, *, cache_dir: str | Path | None = None) -> BuiltModel:
+    """Vision tower, connector and causal LM from the ``model`` section of an experiment config."""
+    vision_dir = resolve_model_path(cfg.vision.path, cache_dir)
+    llm_dir = resolve_model_path(cfg.llm.path, cache_dir)
+    tokenizer = load_tokenizer(llm_dir, extra_special_tokens=[IMAGE_TOKEN], chat_template=cfg.llm.chat_template,
+                               trust_remote_code=cfg.llm.trust_remote_code)
+    llm = load_causal_lm(llm_dir, vocab_size=len(tokenizer), dtype=cfg.llm.dtype,
+                         trust_remote_code=cfg.llm.trust_remote_code,
+                         attn_implementation=cfg.llm.attn_implementation)
+    vision = VisionTower(encoder=load_vision_model(vision_dir), select_layer=cfg.vision.select_layer,
+                         select_feature=cfg.vision.select_feature, frozen=True)
+    aggregation = TokenAggregation(mode=cfg.connector.aggregation, pool=cfg.connector.pool)
+    num_tokens, in_dim = aggregation.output_shape(vision.num_tokens, vision.hidden_size)
+    connector = build_connector(cfg.connector, in_dim=in_dim, out_dim=llm.config.hidden_size)
+    model = MultimodalLM(vision=vision, aggregation=aggregation, connector=connector, llm=llm,
+                         image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+                         num_image_tokens=num_tokens)
+    transform = ImageTransform.from_pretrained(vision_dir, pad_square=cfg.vision.pad_square)
+    return BuiltModel(model=model, tokenizer=tokenizer, transform=transform)

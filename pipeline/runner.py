@@ -1,0 +1,208 @@
+"""The stage runner: for each stage build, restore, train, hand over; then evaluate."""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from omegaconf import DictConfig, OmegaConf
+
+from datamodules.datamodule import VQADataModule
+from lightningmodules.vlm_module import VLMModule
+from pipeline.callbacks import LossHistory
+from pipeline.evaluation import EvalResult, evaluate_model
+from pipeline.handover import restore, save_handover
+from pipeline.model_factory import BuiltModel, build_model
+from pipeline.tracking import Tracker
+from pipeline.trainable import add_lora, merge_lora, set_trainable
+from pipeline.trainer_factory import build_trainer
+
+log = logging.getLogger("medpipe")
+
+
+@dataclass
+class StageResult:
+    name: str
+    handover: Path
+    run_id: str | None
+    seconds: float
+    losses: list[float]
+    val_losses: list[float]
+    trainable: dict[str, int]
+    evaluation: EvalResult | None = None
+
+
+@dataclass
+class ExperimentResult:
+    parent_run_id: str | None
+    stages: list[StageResult] = field(default_factory=list)
+    evaluation: EvalResult | None = None
+    seconds: float = 0.0
+
+
+def build_datamodule(cfg: DictConfig, dataset_names: list[str] | None = None) -> VQADataModule:
+    names = dataset_names or list(cfg.data.datasets.keys())
+    specs = {n: OmegaConf.to_object(cfg.data.datasets[n]) for n in names}
+    return VQADataModule(datasets=specs, batch_size=cfg.data.batch_size, eval_batch_size=cfg.evaluation.batch_size,
+                         num_workers=cfg.data.num_workers, max_length=cfg.data.max_length,
+                         on_bad_record=cfg.data.on_bad_record, system_prompt=cfg.model.llm.system_prompt,
+                         task_prefix=cfg.data.task_prefix, pad_square=cfg.model.vision.pad_square, seed=cfg.seed)
+
+
+def connect(dm: VQADataModule, built: BuiltModel) -> VQADataModule:
+    return dm.connect(built.tokenizer, built.transform, num_image_tokens=built.model.num_image_tokens)
+
+
+def git_tags() -> dict[str, str]:
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5).stdout.strip()
+        dirty = bool(subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True,
+                                    timeout=5).stdout.strip())
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    return {"git_commit": commit, "git_dirty": str(dirty).lower()} if commit else {}
+
+
+def package_tags() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    tags = {}
+    for pkg in ("torch", "lightning", "transformers", "peft", "torchmetrics", "mlflow", "medpipe"):
+        try:
+            tags[f"version.{pkg}"] = version(pkg)
+        except PackageNotFoundError:
+            pass
+    return tags
+
+
+def stage_init(cfg: DictConfig, index: int, name: str, done: list[StageResult]) -> Path | None:
+    init = cfg.stages[name].init_from
+    by_name = {s.name: s.handover for s in done}
+    if init is None:
+        return done[-1].handover if done else None
+    return by_name.get(init, Path(init))
+
+
+def run_stage(cfg: DictConfig, name: str, *, init: Path | None, tracker: Tracker, out_dir: Path) -> StageResult:
+    stage = cfg.stages[name]
+    start = time.perf_counter()
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    built = build_model(cfg.model, cache_dir=cfg.cache_dir)
+    if init is not None:
+        restore(built.model, init)
+        log.info("stage %s: starting from %s", name, init)
+    if stage.lora is not None:
+        add_lora(built.model, stage.lora)
+    trainable = set_trainable(built.model, list(stage.train))
+    log.info("stage %s: training %s", name, ", ".join(f"{g} ({n:,} params)" for g, n in trainable.items()))
+
+    dm = connect(build_datamodule(cfg, list(stage.datasets) if stage.datasets else None), built)
+    optim = stage.optim
+    module = VLMModule(model=built.model, tokenizer=built.tokenizer, lr=optim.lr, weight_decay=optim.weight_decay,
+                       betas=tuple(optim.betas), warmup_ratio=optim.warmup_ratio, scheduler=optim.scheduler,
+                       min_lr_ratio=optim.min_lr_ratio, max_new_tokens=cfg.evaluation.max_new_tokens)
+    run_id = tracker.start_child(run_name=name, tags={"stage": name})
+    history = LossHistory()
+    trainer = build_trainer(cfg.trainer, max_epochs=stage.max_epochs, max_steps=stage.max_steps,
+                            logger=tracker.lightning_logger(run_id), callbacks=[history],
+                            root_dir=out_dir / "stages" / name)
+    trainer.fit(module, datamodule=dm)
+    tracker.log_metrics(run_id, {"data/skipped": len(dm.problems.problems),
+                                 **{f"data/skipped_{k}": v for k, v in dm.problems.counts().items()}})
+    merge_lora(built.model)
+    handover = save_handover(built.model, out_dir / "stages" / name / "handover.pt", stage=name,
+                             meta={"trainable": trainable})
+    result = StageResult(name=name, handover=handover, run_id=run_id, seconds=0.0, losses=history.losses,
+                         val_losses=history.val_losses, trainable=trainable)
+    if cfg.evaluation.enabled and cfg.evaluation.after_each_stage:
+        result.evaluation = evaluate_model(cfg, built, tracker=tracker, run_id=run_id,
+                                           out_dir=out_dir / "stages" / name / "eval", module=module)
+    result.seconds = time.perf_counter() - start
+    tracker.finish(run_id)
+    return result
+
+
+def run_experiment(cfg: DictConfig) -> ExperimentResult:
+    """Train every stage in order, each starting from the previous one's hand-over, then evaluate."""
+    start = time.perf_counter()
+    out_dir = Path(cfg.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tracker = Tracker(tracking_uri=cfg.mlflow.tracking_uri, experiment_name=cfg.mlflow.experiment_name)
+    tags = {"recipe": cfg.name, **git_tags(), **package_tags(), **dict(cfg.mlflow.tags)}
+    parent = tracker.start_parent(run_name=cfg.mlflow.run_name or cfg.name, cfg=cfg, tags=tags)
+    result = ExperimentResult(parent_run_id=parent)
+    status = "FAILED"
+    try:
+        for index, name in enumerate(cfg.stages.keys()):
+            init = stage_init(cfg, index, name, result.stages)
+            result.stages.append(run_stage(cfg, name, init=init, tracker=tracker, out_dir=out_dir))
+        if cfg.evaluation.enabled and not cfg.evaluation.after_each_stage:
+            if not result.stages:
+                raise ValueError("nothing to evaluate: the experiment has no stages (use `medpipe evaluate`)")
+            result.evaluation = evaluate_handover(cfg, result.stages[-1].handover, tracker=tracker,
+                                                  out_dir=out_dir / "eval")
+        elif result.stages:
+            result.evaluation = result.stages[-1].evaluation
+        status = "FINISHED"
+    finally:
+        result.seconds = time.perf_counter() - start
+        tracker.finish(parent, status)
+    return result
+
+
+def evaluate_handover(cfg: DictConfig, handover: str | Path, *, tracker: Tracker, out_dir: Path,
+                      run_name: str = "evaluate") -> EvalResult:
+    """Build the model from the config, load a hand-over file and evaluate it in a nested run."""
+    start = time.perf_counter()
+    built = build_model(cfg.model, cache_dir=cfg.cache_dir)
+    restore(built.model, handover)
+    run_id = tracker.start_child(run_name=run_name, tags={"stage": "evaluate", "checkpoint": str(handover)})
+    result = evaluate_model(cfg, built, tracker=tracker, run_id=run_id, out_dir=out_dir)
+    result.seconds = time.perf_counter() - start
+    tracker.finish(run_id)
+    return result
+
+
+def results_rows(result: ExperimentResult) -> list[dict[str, Any]]:
+    rows = []
+    for stage in result.stages:
+        ev = stage.evaluation
+        rows.append({"stage": stage.name, "split": ev.split if ev else "-",
+                     "closed_acc": ev.metrics.get("closed_accuracy") if ev else None,
+                     "open_recall": ev.metrics.get("open_recall") if ev else None,
+                     "bleu1": ev.metrics.get("bleu1") if ev else None,
+                     "majority_closed": ev.baseline.get("closed_accuracy") if ev else None,
+                     "majority_open": ev.baseline.get("open_recall") if ev else None,
+                     "loss_first": stage.losses[0] if stage.losses else None,
+                     "loss_last": stage.losses[-1] if stage.losses else None,
+                     "seconds": stage.seconds})
+    if result.evaluation is not None and all(s.evaluation is None for s in result.stages):
+        ev = result.evaluation
+        rows.append({"stage": "evaluate", "split": ev.split, "closed_acc": ev.metrics.get("closed_accuracy"),
+                     "open_recall": ev.metrics.get("open_recall"), "bleu1": ev.metrics.get("bleu1"),
+                     "majority_closed": ev.baseline.get("closed_accuracy"),
+                     "majority_open": ev.baseline.get("open_recall"), "loss_first": None, "loss_last": None,
+                     "seconds": ev.seconds})
+    return rows
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    headers = [("stage", "stage"), ("split", "split"), ("closed_acc", "closed acc"), ("open_recall", "open recall"),
+               ("bleu1", "BLEU-1"), ("majority_closed", "majority closed"), ("majority_open", "majority open"),
+               ("loss_first", "loss first"), ("loss_last", "loss last"), ("seconds", "time s")]
+
+    def cell(v: Any) -> str:
+        if v is None:
+            return "-"
+        return f"{v:.3f}" if isinstance(v, float) else str(v)
+
+    table = [[h for _, h in headers]] + [[cell(r.get(k)) for k, _ in headers] for r in rows]
+    widths = [max(len(row[i]) for row in table) for i in range(len(headers))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in table]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)

@@ -1,0 +1,37 @@
+"""Lightning Trainer from the ``trainer`` section and one stage's schedule."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from omegaconf import DictConfig
+
+
+def build_trainer(trainer_cfg: DictConfig, *, max_epochs: int = 1, max_steps: int = -1, logger: Any = False,
+                  callbacks: list | None = None, root_dir: str | Path = ".",
+                  enable_checkpointing: bool = False) -> L.Trainer:
+    devices = trainer_cfg.devices
+    return L.Trainer(
+        accelerator=trainer_cfg.accelerator,
+        devices=devices if devices is not None else "auto",
+        num_nodes=trainer_cfg.num_nodes,
+        strategy=trainer_cfg.strategy,
+        precision=trainer_cfg.precision,
+        max_epochs=max_epochs,
+        max_steps=max_steps,
+        accumulate_grad_batches=trainer_cfg.accumulate_grad_batches,
+        gradient_clip_val=trainer_cfg.gradient_clip_val,
+        log_every_n_steps=trainer_cfg.log_every_n_steps,
+        val_check_interval=trainer_cfg.val_check_interval,
+        limit_val_batches=trainer_cfg.limit_val_batches,
+        enable_progress_bar=trainer_cfg.enable_progress_bar,
+        deterministic=trainer_cfg.deterministic,
+        logger=logger,
+        callbacks=callbacks or [],
+        default_root_dir=str(root_dir),
+        enable_checkpointing=enable_checkpointing,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
