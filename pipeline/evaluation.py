@@ -47,7 +47,8 @@ def evaluate_model(cfg: DictConfig, built: Any, *, tracker: Any, run_id: str | N
     from pipeline.runner import build_datamodule, connect
 
     split = cfg.evaluation.split
-    dm = connect(build_datamodule(cfg), built)
+    eval_sets = list(cfg.evaluation.datasets) if cfg.evaluation.datasets else None
+    dm = connect(build_datamodule(cfg, eval_sets), built)
     dm.prepare_data()
     if module is None:
         module = VLMModule(model=built.model, tokenizer=built.tokenizer,

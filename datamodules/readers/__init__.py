@@ -16,6 +16,11 @@ def read_split(spec: DatasetSpec, name: str, split: str, problems: ProblemLog) -
         from datamodules.readers.slake import read_slake
 
         records = read_slake(root, split, dataset=name, languages=tuple(spec.languages), problems=problems)
+    elif spec.format == "conversation":
+        from datamodules.readers.conversation import read_conversation
+
+        records = read_conversation(root, split, dataset=name, image_root=spec.image_root, problems=problems,
+                                    task=spec.task)
     else:
         raise ValueError(f"dataset {name!r}: unknown format {spec.format!r}")
     if spec.task != "vqa":  # the spec's task tags records the reader left at the default

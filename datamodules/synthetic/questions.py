@@ -36,7 +36,7 @@ def phantom_questions(p: Phantom, rng: np.random.Generator, per_image: int = 6) 
         QA("Does this image look normal?", _yes_no(not has_lesion), "CLOSED", "Abnormality"),
         QA(f"Is this {_article(other_mod)} {other_mod} scan?", _yes_no(other_mod == p.modality), "CLOSED",
            "Modality"),
-        QA(f"Does this image show the {other_part.lower()}?", _yes_no(other_part == p.body_part),
+        QA(f"Is this a scan of the {other_part.lower()}?", _yes_no(other_part == p.body_part),
            "CLOSED", "Organ"),
     ]
     opened = [
@@ -51,11 +51,17 @@ def phantom_questions(p: Phantom, rng: np.random.Generator, per_image: int = 6) 
         closed.append(QA(f"Is the lesion on the {side} side of the body?",
                          _yes_no(p.lesion_side == side), "CLOSED", "Position"))
         opened.append(QA("Where is the lesion located?", p.lesion_organ, "OPEN", "Position"))
+        if p.lesion_side:
+            opened.append(QA("Which side of the body is the lesion on?", p.lesion_side.capitalize(), "OPEN",
+                             "Position"))
     n_closed = min(len(closed), per_image // 2 + int(rng.integers(0, 2)) * (per_image % 2))
     n_open = min(len(opened), per_image - n_closed)
     picks = [closed[i] for i in rng.choice(len(closed), n_closed, replace=False)]
     picks += [opened[i] for i in rng.choice(len(opened), n_open, replace=False)]
     return picks
+
+
+CAPTION_PROMPTS = ("Describe this image.", "Write a short report of this scan.", "What does this image show?")
 
 
 def report_text(p: Phantom) -> str:

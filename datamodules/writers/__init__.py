@@ -20,6 +20,12 @@ def ensure_synthetic(spec: DatasetSpec) -> bool:
 
         counts = write_slake(root, n_train=syn.train_images, n_val=syn.val_images, n_test=syn.test_images,
                              seed=syn.seed, size=syn.image_size, questions_per_image=syn.questions_per_image)
+    elif spec.format == "conversation":
+        from datamodules.writers.conversation import write_conversation
+
+        counts = write_conversation(root, kind=syn.kind, n_train=syn.train_images, n_val=syn.val_images,
+                                    n_test=syn.test_images, seed=syn.seed, size=syn.image_size,
+                                    questions_per_image=syn.questions_per_image)
     else:
         raise ValueError(f"no synthetic writer for format {spec.format!r}")
     (root / COMPLETE_MARKER).write_text(str(counts) + "\n")

@@ -70,20 +70,21 @@ def ensure_tiny(name: str, cache_dir: str | Path | None = None) -> Path:
 def synthetic_corpus(n_phantoms: int = 1500, seed: int = 123) -> list[tuple[str, str]]:
     """(prompt, answer) pairs from the phantom generator, for the tiny tokenizer and LMs.
 
-    The prompt carries the phantom's report before the question, so the LM learns to answer from a
-    description in context, the skill a LLaVA-style model reuses once the connector has learnt to
-    put the image's content where the words were.
+    The prompt starts with the phantom's report, standing in for the image: the LM learns to
+    answer questions from a description in its context and to repeat the description when asked.
+    LLaVA-style alignment then teaches the connector to put the image's content where those words
+    were, and the LM's skills carry over to images.
     """
     from datamodules.synthetic.phantoms import make_phantom
-    from datamodules.synthetic.questions import phantom_questions, report_text
+    from datamodules.synthetic.questions import CAPTION_PROMPTS, phantom_questions, report_text
 
     rng = np.random.default_rng(seed)
     pairs: list[tuple[str, str]] = []
     for i in range(n_phantoms):
         p = make_phantom(i, seed=seed, size=32)  # attributes only; pixels are not used
         report = report_text(p)
-        pairs += [(f"{report}\n{qa.question}", qa.answer) for qa in phantom_questions(p, rng, 8)]
-        pairs.append(("Describe this image.", report))
+        pairs += [(f"{report}\n{qa.question}", qa.answer) for qa in phantom_questions(p, rng, 6)]
+        pairs.append((f"{report}\n{CAPTION_PROMPTS[i % len(CAPTION_PROMPTS)]}", report))
     return pairs
 
 
@@ -117,18 +118,17 @@ def _load_tiny_tokenizer(root: Path):
 # -- language models ----------------------------------------------------------------------------
 
 def _lm_config(family: str, vocab_size: int):
-    H = int(os.environ.get("LM_H", 128))
-    common = dict(vocab_size=vocab_size, hidden_size=H, intermediate_size=int(H * 2.6875), num_hidden_layers=int(os.environ.get("LM_L", 2)),
-                  num_attention_heads=4, max_position_embeddings=512, bos_token_id=0, eos_token_id=1,
+    common = dict(vocab_size=vocab_size, hidden_size=128, intermediate_size=344, num_hidden_layers=2,
+                  num_attention_heads=8, max_position_embeddings=512, bos_token_id=0, eos_token_id=1,
                   pad_token_id=3, tie_word_embeddings=False)
     if family == "llama":
         from transformers import LlamaConfig
 
-        return LlamaConfig(num_key_value_heads=2, **common)
+        return LlamaConfig(num_key_value_heads=4, **common)
     if family == "qwen2":
         from transformers import Qwen2Config
 
-        return Qwen2Config(num_key_value_heads=2, **common)
+        return Qwen2Config(num_key_value_heads=4, **common)
     if family == "phi":
         from transformers import PhiConfig
 
@@ -160,26 +160,24 @@ def _encode_corpus(tokenizer, pairs: list[tuple[str, str]]) -> tuple[torch.Tenso
     return input_ids, mask, label_ids
 
 
-def _pretrain_lm(model: nn.Module, tokenizer, *, seconds: float, seed: int = 0, peak_lr: float = 3e-3) -> float:
+def _pretrain_lm(model: nn.Module, tokenizer, *, steps: int, seed: int = 0, peak_lr: float = 3e-3,
+                 batch_size: int = 64) -> float:
     """Answer-only next-token training on the corpus under a cosine schedule; returns held-out accuracy
     of the first answer token."""
     torch.manual_seed(seed)
-    ids, mask, labels = _encode_corpus(tokenizer, synthetic_corpus(3000))
+    ids, mask, labels = _encode_corpus(tokenizer, synthetic_corpus(1000))
     val_ids, val_mask, val_labels = _encode_corpus(tokenizer, synthetic_corpus(150, seed=321))
     opt = torch.optim.AdamW(model.parameters(), lr=peak_lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 0.5 * (1.0 + math.cos(math.pi * i / steps)))
     gen = torch.Generator().manual_seed(seed)
     model.train()
-    start, step = time.perf_counter(), 0
-    while time.perf_counter() - start < seconds or step < 20:
-        idx = torch.randint(0, ids.shape[0], (64,), generator=gen)
+    for _ in range(steps):
+        idx = torch.randint(0, ids.shape[0], (batch_size,), generator=gen)
         loss = model(input_ids=ids[idx], attention_mask=mask[idx], labels=labels[idx]).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        progress = min(1.0, (time.perf_counter() - start) / seconds)
-        for group in opt.param_groups:
-            group["lr"] = peak_lr * 0.5 * (1.0 + math.cos(math.pi * progress))
         opt.step()
-        step += 1
+        schedule.step()
     model.eval()
     with torch.no_grad():
         logits = model(input_ids=val_ids, attention_mask=val_mask).logits  # (N, T, V)
@@ -187,19 +185,19 @@ def _pretrain_lm(model: nn.Module, tokenizer, *, seconds: float, seed: int = 0, 
     rows = torch.arange(val_ids.shape[0])
     predicted = logits[rows, first - 1].argmax(-1)
     accuracy = float((predicted == val_ids[rows, first]).float().mean())
-    log.info("tiny LM pretrained for %d steps; held-out first-answer-token accuracy %.3f", step, accuracy)
+    log.info("tiny LM pretrained for %d steps; held-out first-answer-token accuracy %.3f", steps, accuracy)
     return accuracy
 
 
-def _lm_builder(family: str, pretrain_seconds: float) -> Callable[[Path, Path], None]:
+def _lm_builder(family: str, pretrain_steps: int) -> Callable[[Path, Path], None]:
     def build(out: Path, root: Path) -> None:
         from transformers import AutoModelForCausalLM
 
         tokenizer = _load_tiny_tokenizer(root)
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_config(_lm_config(family, len(tokenizer)))
-        if pretrain_seconds > 0:
-            _pretrain_lm(model, tokenizer, seconds=pretrain_seconds)
+        if pretrain_steps > 0:
+            _pretrain_lm(model, tokenizer, steps=pretrain_steps)
         model.save_pretrained(out)
         tokenizer.save_pretrained(out)
 
@@ -220,7 +218,7 @@ def phantom_vision_batch(n: int, seed: int, image_size: int = VISION_IMAGE_SIZE)
                                crop_size={"height": image_size, "width": image_size},
                                image_mean=CLIP_MEAN, image_std=CLIP_STD)
     grid = image_size // VISION_PATCH
-    pixels, modality, part, count, organ, patch_lesion = [], [], [], [], [], []
+    pixels, modality, part, count, organ, side, patch_lesion = [], [], [], [], [], [], []
     for i in range(n):
         p = make_phantom(i, seed=seed, size=128)
         buf = io.BytesIO()
@@ -230,12 +228,14 @@ def phantom_vision_batch(n: int, seed: int, image_size: int = VISION_IMAGE_SIZE)
         part.append(BODY_PARTS.index(p.body_part))
         count.append(p.lesion_count)
         organ.append(organ_names.index(p.lesion_organ) + 1 if p.lesions else 0)
+        side.append({None: 0, "left": 1, "right": 2}[p.lesion_side])
         lesion = p.lesion_mask if p.lesion_mask is not None else np.zeros(p.image.shape, bool)
         cell = lesion.shape[0] // grid
         per_patch = lesion.reshape(grid, cell, grid, cell).mean(axis=(1, 3)) > 0.05  # (g, g)
         patch_lesion.append(torch.from_numpy(per_patch.reshape(-1)))
     targets = {"modality": torch.tensor(modality), "part": torch.tensor(part), "count": torch.tensor(count),
-               "organ": torch.tensor(organ), "patch_lesion": torch.stack(patch_lesion).float()}
+               "organ": torch.tensor(organ), "side": torch.tensor(side),
+               "patch_lesion": torch.stack(patch_lesion).float()}
     return torch.stack(pixels), targets, len(organ_names) + 1
 
 
@@ -243,7 +243,7 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-def _build_clip(out: Path, _root: Path, pretrain_seconds: float = 45.0) -> None:
+def _build_clip(out: Path, _root: Path, pretrain_steps: int = 1000) -> None:
     from transformers import CLIPVisionConfig, CLIPVisionModel
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
@@ -252,62 +252,66 @@ def _build_clip(out: Path, _root: Path, pretrain_seconds: float = 45.0) -> None:
                               num_attention_heads=4, image_size=VISION_IMAGE_SIZE, patch_size=VISION_PATCH,
                               projection_dim=64)
     model = CLIPVisionModel(config)
-    if pretrain_seconds > 0:
-        _pretrain_vision(model, seconds=pretrain_seconds)
+    if pretrain_steps > 0:
+        _pretrain_vision(model, steps=pretrain_steps)
     model.save_pretrained(out)
     CLIPImageProcessorPil(size={"shortest_edge": VISION_IMAGE_SIZE},
                           crop_size={"height": VISION_IMAGE_SIZE, "width": VISION_IMAGE_SIZE},
                           image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD)).save_pretrained(out)
 
 
-def _pretrain_vision(model: nn.Module, *, seconds: float, select_layer: int = -2) -> dict[str, float]:
-    """Supervised pretraining on phantom attributes through heads on the ``select_layer`` patches."""
+GLOBAL_TARGETS = ("modality", "part", "count", "organ", "side")
+
+
+def _pretrain_vision(model: nn.Module, *, steps: int, select_layer: int = -2, peak_lr: float = 4e-3,
+                     batch_size: int = 64) -> dict[str, float]:
+    """Supervised pretraining on phantom attributes, read from the ``select_layer`` patch tokens.
+
+    Global attributes are predicted from the mean patch token, lesions also per patch, so the
+    patch tokens the LLM sees carry what the questions ask about.
+    """
     pixels, targets, n_organs = phantom_vision_batch(3000, seed=1)
     val_pixels, val_targets, _ = phantom_vision_batch(300, seed=2)
     d = model.config.hidden_size
-    heads = nn.ModuleDict({"modality": nn.Linear(d, 3), "part": nn.Linear(d, 3), "count": nn.Linear(d, 3),
-                           "organ": nn.Linear(d, n_organs), "patch_lesion": nn.Linear(d, 1)})
+    sizes = {"modality": 3, "part": 3, "count": 3, "organ": n_organs, "side": 3}
+    heads = nn.ModuleDict({k: nn.Linear(d, n) for k, n in sizes.items()})
+    heads["patch_lesion"] = nn.Linear(d, 1)
     params = list(model.parameters()) + list(heads.parameters())
-    peak_lr = 4e-3
     opt = torch.optim.AdamW(params, lr=peak_lr, weight_decay=0.01)
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 0.5 * (1.0 + math.cos(math.pi * i / steps)))
     gen = torch.Generator().manual_seed(0)
 
-    def run(px: torch.Tensor):
+    def run(px: torch.Tensor) -> dict[str, torch.Tensor]:
         hidden = model(pixel_values=px, output_hidden_states=True).hidden_states[select_layer][:, 1:]  # (B, P, D)
-        pooled = hidden.mean(1)  # (B, D)
-        out = {k: heads[k](pooled) for k in ("modality", "part", "count", "organ")}
+        out = {k: heads[k](hidden.mean(1)) for k in GLOBAL_TARGETS}  # each (B, n_k)
         out["patch_lesion"] = heads["patch_lesion"](hidden).squeeze(-1)  # (B, P)
         return out
 
     model.train()
-    start, step = time.perf_counter(), 0
-    while time.perf_counter() - start < seconds or step < 20:
-        idx = torch.randint(0, pixels.shape[0], (64,), generator=gen)
+    for _ in range(steps):
+        idx = torch.randint(0, pixels.shape[0], (batch_size,), generator=gen)
         out = run(pixels[idx])
-        loss = sum(F.cross_entropy(out[k], targets[k][idx]) for k in ("modality", "part", "count", "organ"))
+        loss = sum(F.cross_entropy(out[k], targets[k][idx]) for k in GLOBAL_TARGETS)
         loss = loss + 2.0 * F.binary_cross_entropy_with_logits(out["patch_lesion"], targets["patch_lesion"][idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        progress = min(1.0, (time.perf_counter() - start) / seconds)  # cosine decay over the time budget
-        for group in opt.param_groups:
-            group["lr"] = peak_lr * 0.5 * (1.0 + math.cos(math.pi * progress))
         opt.step()
-        step += 1
+        schedule.step()
     model.eval()
     with torch.no_grad():
         out = run(val_pixels)
-    acc = {k: float((out[k].argmax(-1) == val_targets[k]).float().mean()) for k in ("modality", "part", "count", "organ")}
+    acc = {k: float((out[k].argmax(-1) == val_targets[k]).float().mean()) for k in GLOBAL_TARGETS}
     acc["presence"] = float(((out["count"].argmax(-1) > 0) == (val_targets["count"] > 0)).float().mean())
-    log.info("tiny CLIP pretrained for %d steps; held-out accuracy %s", step,
+    log.info("tiny CLIP pretrained for %d steps; held-out accuracy %s", steps,
              ", ".join(f"{k} {v:.2f}" for k, v in acc.items()))
     return acc
 
 
 BUILDERS: dict[str, Callable[[Path, Path], None]] = {
     "tokenizer": _build_tokenizer,
-    "llama": _lm_builder("llama", pretrain_seconds=float(os.environ.get("PT_SECONDS", 30))),
-    "qwen2": _lm_builder("qwen2", pretrain_seconds=0.0),
-    "phi": _lm_builder("phi", pretrain_seconds=0.0),
-    "stablelm": _lm_builder("stablelm", pretrain_seconds=0.0),
+    "llama": _lm_builder("llama", pretrain_steps=600),
+    "qwen2": _lm_builder("qwen2", pretrain_steps=0),
+    "phi": _lm_builder("phi", pretrain_steps=0),
+    "stablelm": _lm_builder("stablelm", pretrain_steps=0),
     "clip": _build_clip,
 }

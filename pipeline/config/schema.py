@@ -112,6 +112,7 @@ class TrainerConfig:
 class EvaluationConfig:
     enabled: bool = True
     after_each_stage: bool = False  # also evaluate every stage's model (shows the gain per stage)
+    datasets: Optional[List[str]] = None  # subset of data.datasets to evaluate on; default: all
     split: str = "test"
     max_new_tokens: int = 16
     batch_size: int = 32

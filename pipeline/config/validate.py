@@ -78,6 +78,13 @@ def check_semantics(cfg: DictConfig, *, provenance: dict[str, str], default_sour
         if check_paths and ds.synthetic is None:
             c.existing_path(f"{key}.path", ds.path, "dataset folder")
 
+    for ds in cfg.evaluation.datasets or []:
+        c.choice("evaluation.datasets", ds, tuple(cfg.data.datasets.keys()))
+    for name, ds in cfg.data.datasets.items():
+        if ds.synthetic is not None:
+            c.choice(f"data.datasets.{name}.synthetic.kind", ds.synthetic.kind,
+                     ("vqa", "caption") if ds.format == "conversation" else ("vqa",))
+
     names = list(cfg.stages.keys())
     for i, (name, stage) in enumerate(cfg.stages.items()):
         key = f"stages.{name}"

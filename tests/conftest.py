@@ -1,0 +1,44 @@
+"""Shared fixtures: one tiny-model cache per checkout, built on first use, no network."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+os.environ.setdefault("MEDPIPE_CACHE", str(REPO / ".cache" / "medpipe"))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "false")
+
+
+@pytest.fixture(scope="session")
+def cache_dir() -> Path:
+    return Path(os.environ["MEDPIPE_CACHE"])
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(cache_dir: Path) -> Path:
+    from lightningmodules.models.tiny import ensure_tiny
+
+    return ensure_tiny("llama", cache_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_clip(cache_dir: Path) -> Path:
+    from lightningmodules.models.tiny import ensure_tiny
+
+    return ensure_tiny("clip", cache_dir)
+
+
+@pytest.fixture(scope="session")
+def slake_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small synthetic SLAKE-layout dataset shared by the tests that only read it."""
+    from datamodules.writers.slake import write_slake
+
+    root = tmp_path_factory.mktemp("slake")
+    write_slake(root, n_train=24, n_val=6, n_test=8, seed=3)
+    return root
