@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -11,6 +12,7 @@ from datamodules.records import Record
 
 IGNORE_INDEX = -100
 IMAGE_TOKEN = "<image>"
+_IMAGE_PLACEHOLDER = re.compile(r"[ \t]*<image>[ \t]*\n?")
 
 
 @dataclass
@@ -45,7 +47,7 @@ class ConversationEncoder:
         if self.system_prompt:
             msgs.append({"role": "system", "content": self.system_prompt})
         for i, turn in enumerate(record.turns if with_answers else record.turns[:1]):
-            question = turn.question.replace(IMAGE_TOKEN, "").strip()
+            question = _IMAGE_PLACEHOLDER.sub(" ", turn.question).strip()
             if i == 0:
                 if self.task_prefix:
                     question = f"[{record.task}] {question}"
@@ -85,12 +87,12 @@ class ConversationEncoder:
             labels += ids if msg["role"] == "assistant" else [IGNORE_INDEX] * len(ids)
         truncated = len(input_ids) > self.max_length
         if truncated:
-            n_image = input_ids.count(self.image_token_id)
-            kept = input_ids[: self.max_length]
-            if kept.count(self.image_token_id) != n_image or not with_answers:
-                raise ValueError(f"record {record.id}: the prompt is {len(input_ids)} tokens, longer than "
+            # answers may be cut (counted as truncated); the first prompt may not: it holds the image
+            first_target = next((i for i, t in enumerate(labels) if t != IGNORE_INDEX), len(labels))
+            if not with_answers or first_target >= self.max_length:
+                raise ValueError(f"record {record.id}: the prompt is {first_target} tokens, longer than "
                                  f"data.max_length={self.max_length}; raise max_length")
-            input_ids, labels = kept, labels[: self.max_length]
+            input_ids, labels = input_ids[: self.max_length], labels[: self.max_length]
         return EncodedSample(input_ids=input_ids, labels=labels, truncated=truncated)
 
 

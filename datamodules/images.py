@@ -101,12 +101,12 @@ class ImageTransform:
 
     def __call__(self, img: Image.Image) -> torch.Tensor:
         if self.pad_square:
-            img = pad_to_square(img, tuple(int(round(m * 255)) for m in self.image_mean))
+            img = pad_to_square(img, tuple(int(m * 255) for m in self.image_mean))  # as LLaVA's expand2square
         img = self.resize(img)
         if self.do_center_crop and self.crop_size:
             ch, cw = int(self.crop_size["height"]), int(self.crop_size["width"])
             w, h = img.size
-            left, top = int(round((w - cw) / 2.0)), int(round((h - ch) / 2.0))
+            left, top = (w - cw) // 2, (h - ch) // 2  # HF's CLIP processors floor the offset
             img = img.crop((left, top, left + cw, top + ch))
         arr = np.asarray(img, dtype=np.float32) * self.rescale_factor  # (H, W, 3)
         arr = (arr - np.asarray(self.image_mean, np.float32)) / np.asarray(self.image_std, np.float32)

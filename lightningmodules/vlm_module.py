@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from lightningmodules.metrics.vqa_metrics import bleu1, closed_accuracy, open_recall
+from lightningmodules.schedules import lr_lambda
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "labels", "pixel_values", "image_task_ids")
 
@@ -22,17 +23,6 @@ MODEL_INPUTS = ("input_ids", "attention_mask", "labels", "pixel_values", "image_
 def model_inputs(batch: dict[str, Any], *, with_labels: bool = True) -> dict[str, Any]:
     keys = MODEL_INPUTS if with_labels else tuple(k for k in MODEL_INPUTS if k != "labels")
     return {k: batch.get(k) for k in keys}
-
-
-def lr_lambda(step: int, *, total_steps: int, warmup_steps: int, scheduler: str, min_lr_ratio: float) -> float:
-    """Multiplier of the base learning rate: linear warmup, then cosine / linear decay or constant."""
-    if warmup_steps > 0 and step < warmup_steps:
-        return (step + 1) / warmup_steps
-    if scheduler == "constant":
-        return 1.0
-    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-    decay = 0.5 * (1.0 + math.cos(math.pi * progress)) if scheduler == "cosine" else 1.0 - progress
-    return min_lr_ratio + (1.0 - min_lr_ratio) * decay
 
 
 class VLMModule(L.LightningModule):
@@ -52,6 +42,11 @@ class VLMModule(L.LightningModule):
         self.predictions: list[dict[str, Any]] = []
 
     # -- training --------------------------------------------------------------------------------
+    def on_fit_start(self) -> None:
+        # HF models load in eval mode and Lightning keeps module modes as it finds them: without this
+        # LoRA and LLM dropout would be off during training
+        self.model.train()
+
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         out = self.model(**model_inputs(batch))
         batch_size = batch["input_ids"].shape[0]

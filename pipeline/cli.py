@@ -25,6 +25,7 @@ def _quiet_libraries() -> None:
     warnings.filterwarnings("ignore", message=r".*The number of training batches .* is smaller than the logging.*")
     warnings.filterwarnings("ignore", message=r".*Checkpoint directory .* exists and is not empty.*")
     warnings.filterwarnings("ignore", message=r".*(torch.tensor results are registered|sync_dist=True).*")
+    warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
     warnings.filterwarnings("ignore", category=FutureWarning)
     for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero",
                  "lightning.pytorch.accelerators.cuda", "mlflow", "alembic", "transformers", "httpx",

@@ -38,6 +38,11 @@ def load_handover(path: str | Path) -> dict[str, Any]:
 def restore(model: nn.Module, path: str | Path) -> dict[str, Any]:
     """Load a hand-over into ``model``; a missing or unexpected key is an error naming it."""
     data = load_handover(path)
+    own = model.state_dict()
+    for key, value in data["state_dict"].items():
+        if key in own and own[key].shape != value.shape:
+            raise ValueError(f"{path}: weights do not fit the model built from the config: {key} has shape "
+                             f"{tuple(value.shape)} in the file and {tuple(own[key].shape)} in the model")
     result = model.load_state_dict(data["state_dict"], strict=False)
     if result.missing_keys or result.unexpected_keys:
         raise ValueError(f"{path}: weights do not fit the model built from the config: "

@@ -47,6 +47,7 @@ class Tracker:
     def __init__(self, *, tracking_uri: str, experiment_name: str) -> None:
         from mlflow.tracking import MlflowClient
 
+        logging.getLogger("mlflow").setLevel(logging.WARNING)  # mlflow resets its level on import
         self.tracking_uri = tracking_uri
         self.experiment_name = experiment_name
         self.enabled = is_rank_zero()

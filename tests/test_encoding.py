@@ -70,13 +70,13 @@ def test_rendered_text_and_labels(tok, enc) -> None:
     sample = enc.encode(record(), with_answers=True)
     assert len(sample.input_ids) == len(sample.labels)
     text = tok.decode(sample.input_ids)
-    assert text == "<s>USER: " + "<image>" * N_IMG + "\nIs there a lesion?\nASSISTANT: Yes</s>\n"
+    assert text == "<s>USER: " + "<image>" * N_IMG + "\nIs there a lesion?\nASSISTANT: Yes</s>"
     assert text.count("<s>") == 1  # the template's bos only, no second one from the tokenizer
     # labels: -100 on every prompt token, equal to input_ids on the answer
     first = next(i for i, lab in enumerate(sample.labels) if lab != IGNORE_INDEX)
     assert all(lab == IGNORE_INDEX for lab in sample.labels[:first])
     assert sample.labels[first:] == sample.input_ids[first:]
-    assert tok.decode(sample.labels[first:]) == " Yes</s>\n"
+    assert tok.decode(sample.labels[first:]) == " Yes</s>"
     assert tok.eos_token_id in sample.labels  # the model learns to stop
     assert tok.decode(sample.input_ids[:first]).endswith("ASSISTANT:")
     assert enc.image_token_id not in supervised(sample.input_ids, sample.labels)
@@ -93,7 +93,7 @@ def test_generation_encoding_is_prefix_of_training(tok, enc) -> None:
     assert all(lab != IGNORE_INDEX for lab in train.labels[n:])
     assert all(lab == IGNORE_INDEX for lab in gen.labels)
     assert tok.decode(gen.input_ids).endswith("\nASSISTANT:")
-    assert tok.decode(train.input_ids[n:]) == " left lung</s>\n"
+    assert tok.decode(train.input_ids[n:]) == " left lung</s>"
 
 
 def test_generation_encoding_of_multi_turn_uses_first_question(tok, enc) -> None:
@@ -107,8 +107,8 @@ def test_multi_turn_labels_both_answers(tok, enc) -> None:
     rec = record(turns=[Turn("Is there a lesion?", "Yes"), Turn("Which organ?", "the liver")])
     sample = enc.encode(rec, with_answers=True)
     text = tok.decode(sample.input_ids)
-    assert text == ("<s>USER: " + "<image>" * N_IMG + "\nIs there a lesion?\nASSISTANT: Yes</s>\n"
-                    "USER: Which organ?\nASSISTANT: the liver</s>\n")
+    assert text == ("<s>USER: " + "<image>" * N_IMG + "\nIs there a lesion?\nASSISTANT: Yes</s>"
+                    "USER: Which organ?\nASSISTANT: the liver</s>")
     assert sample.input_ids.count(enc.image_token_id) == N_IMG  # one image, first turn only
     # the supervised spans, in order, are exactly the two answers
     spans, current = [], []
@@ -121,14 +121,14 @@ def test_multi_turn_labels_both_answers(tok, enc) -> None:
             current = []
     if current:
         spans.append(current)
-    assert [tok.decode(s) for s in spans] == [" Yes</s>\n", " the liver</s>\n"]
+    assert [tok.decode(s) for s in spans] == [" Yes</s>", " the liver</s>"]
     assert "USER" not in tok.decode(supervised(sample.input_ids, sample.labels))
 
 
 def test_text_only_record_has_no_image_tokens(tok, enc) -> None:
     sample = enc.encode(record(image=False), with_answers=True)
     assert enc.image_token_id not in sample.input_ids
-    assert tok.decode(sample.input_ids) == "<s>USER: Is there a lesion?\nASSISTANT: Yes</s>\n"
+    assert tok.decode(sample.input_ids) == "<s>USER: Is there a lesion?\nASSISTANT: Yes</s>"
 
 
 def test_placeholder_in_question_text_is_moved_to_the_front(tok, enc) -> None:
@@ -143,7 +143,7 @@ def test_system_prompt_is_masked(tok) -> None:
     sample = enc.encode(record(), with_answers=True)
     text = tok.decode(sample.input_ids)
     assert text.startswith("<s>You are a radiologist.\nUSER: ")
-    assert tok.decode(supervised(sample.input_ids, sample.labels)) == " Yes</s>\n"
+    assert tok.decode(supervised(sample.input_ids, sample.labels)) == " Yes</s>"
 
 
 def test_task_prefix(tok) -> None:
@@ -178,9 +178,6 @@ def test_long_answer_is_truncated_in_training(tok) -> None:
     assert cut.input_ids == full.input_ids[:limit] and cut.labels == full.labels[:limit]
 
 
-@pytest.mark.xfail(strict=True, reason="encoding.py:86-93 (ConversationEncoder.encode): in training mode a prompt longer than "
-                   "max_length is silently truncated when no image token is cut (e.g. text-only), "
-                   "leaving a sample with zero supervised tokens instead of raising")
 def test_overlong_text_prompt_raises_in_training(tok) -> None:
     enc = ConversationEncoder(tok, num_image_tokens=N_IMG, max_length=8)
     rec = record("Is there a lesion in the left lung of this patient?", image=False, rid="txt-9")

@@ -9,7 +9,7 @@ import pytest
 
 from lightningmodules.metrics.baselines import majority_answers, majority_predictions
 from lightningmodules.metrics.vqa_metrics import bleu1, closed_accuracy, open_recall
-from lightningmodules.vlm_module import lr_lambda
+from lightningmodules.schedules import lr_lambda
 
 # (prediction, ground truth, answer type); normalised forms in the comments
 ITEMS = [
@@ -194,9 +194,6 @@ def test_no_warmup() -> None:
     assert lam(0, total=1, warmup=0) == pytest.approx(1.0)
 
 
-@pytest.mark.xfail(strict=True, reason="vlm_module.py:34 lr_lambda treats any scheduler other than "
-                   "'cosine'/'constant' as linear decay instead of rejecting it (only the config "
-                   "validator guards the choice)")
 def test_unknown_scheduler_is_rejected() -> None:
     with pytest.raises(ValueError):
         lam(55, "step")

@@ -15,7 +15,7 @@ DEFAULT_CHAT_TEMPLATE = (
     "{{ bos_token }}{% for message in messages %}"
     "{% if message['role'] == 'system' %}{{ message['content'] }}\n"
     "{% elif message['role'] == 'user' %}USER: {{ message['content'] }}\n"
-    "{% else %}ASSISTANT: {{ message['content'] }}{{ eos_token }}\n{% endif %}"
+    "{% else %}ASSISTANT: {{ message['content'] }}{{ eos_token }}{% endif %}"
     "{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}"
 )
 

@@ -36,6 +36,13 @@ class MultimodalLM(nn.Module):
         self.image_token_id = image_token_id
         self.num_image_tokens = num_image_tokens
 
+    def train(self, mode: bool = True) -> "MultimodalLM":
+        """Train mode for the learning parts; a frozen vision tower stays in eval mode."""
+        super().train(mode)
+        if getattr(self.vision, "frozen", False):
+            self.vision.eval()
+        return self
+
     # -- parts ---------------------------------------------------------------------------------
     def input_embeddings(self) -> nn.Embedding:
         return self.llm.get_input_embeddings()

@@ -27,7 +27,7 @@ from torch import nn
 
 log = logging.getLogger(__name__)
 
-TINY_VERSION = "v1"
+TINY_VERSION = "v2"
 SPECIAL_TOKENS = ["<s>", "</s>", "<unk>", "<pad>", "<image>"]
 VISION_IMAGE_SIZE = 64
 VISION_PATCH = 8
@@ -306,6 +306,8 @@ def _pretrain_vision(model: nn.Module, *, steps: int, select_layer: int = -2, pe
              ", ".join(f"{k} {v:.2f}" for k, v in acc.items()))
     return acc
 
+
+MODEL_NAMES = ("clip", "llama", "phi", "qwen2", "stablelm")  # what a model path may name
 
 BUILDERS: dict[str, Callable[[Path, Path], None]] = {
     "tokenizer": _build_tokenizer,

@@ -55,9 +55,25 @@ def _leaf_keys(node: object, prefix: str = "") -> Iterable[str]:
         yield prefix[:-1]
 
 
+def _scalar_for_section(schema: DictConfig, layer: DictConfig, prefix: str = "") -> str | None:
+    """The dotted key where ``layer`` gives a plain value for what the schema has as a section."""
+    for key in layer.keys():
+        if key not in schema:
+            continue
+        expected, given = schema._get_node(key), layer._get_node(key)
+        if isinstance(expected, DictConfig) and expected._is_none() is False and not isinstance(given, DictConfig):
+            return f"{prefix}{key}"
+        if isinstance(expected, DictConfig) and isinstance(given, DictConfig):
+            found = _scalar_for_section(expected, given, f"{prefix}{key}.")
+            if found:
+                return found
+    return None
+
+
 def _explain(e: OmegaConfBaseException) -> str:
-    msg = str(getattr(e, "msg", e)).splitlines()[0]
-    key = getattr(e, "full_key", None)
+    text = getattr(e, "msg", None) or str(e)
+    msg = text.strip().splitlines()[0] if text.strip() else type(e).__name__
+    key = getattr(e, "full_key", None) or getattr(e, "key", None)
     if type(e).__name__ == "ConfigKeyError" and key:
         return f"unknown key '{key}' ({msg})"
     return f"key '{key}': {msg}" if key else msg
@@ -85,7 +101,9 @@ def load_config(path: str | Path, overrides: Iterable[str] = (), *, check_paths:
         try:
             cfg = OmegaConf.merge(cfg, layer)
         except OmegaConfBaseException as e:
-            raise ConfigError(f"{source}: {_explain(e)}") from None
+            key = _scalar_for_section(cfg, layer)
+            reason = f"key '{key}': expected a mapping of settings, got a single value" if key else _explain(e)
+            raise ConfigError(f"{source}: {reason}") from None
         for key in _leaf_keys(layer):
             provenance[key] = source
     try:

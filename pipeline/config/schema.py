@@ -11,10 +11,10 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 from datamodules.specs import DatasetSpec
+from lightningmodules.schedules import SCHEDULERS
 
 CONNECTOR_TYPES = ("linear", "mlp")
 STAGE_KINDS = ("vlm",)
-SCHEDULERS = ("cosine", "linear", "constant")
 TRAINABLE_GROUPS = ("connector", "lora", "llm", "vision")
 
 

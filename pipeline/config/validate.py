@@ -11,7 +11,8 @@ from datamodules.problems import ON_BAD_RECORD
 from lightningmodules.models.aggregation import AGGREGATIONS
 from datamodules.specs import FORMATS
 from pipeline.config.errors import ConfigError
-from pipeline.config.schema import CONNECTOR_TYPES, SCHEDULERS, STAGE_KINDS, TRAINABLE_GROUPS
+from lightningmodules.schedules import SCHEDULERS
+from pipeline.config.schema import CONNECTOR_TYPES, STAGE_KINDS, TRAINABLE_GROUPS
 
 PRECISIONS = ("32-true", "32", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true")
 
@@ -44,9 +45,9 @@ class _Checker:
 
     def model_path(self, key: str, value: str) -> None:
         if value.startswith("tiny:"):
-            from lightningmodules.models.tiny import BUILDERS
+            from lightningmodules.models.tiny import MODEL_NAMES
 
-            self.choice(key, value.removeprefix("tiny:"), tuple(f"{n}" for n in sorted(BUILDERS)))
+            self.choice(key, value.removeprefix("tiny:"), MODEL_NAMES)
         elif not Path(value).expanduser().is_dir():
             self.fail(key, f"checkpoint directory not found: {value}")
 
@@ -73,7 +74,7 @@ def check_semantics(cfg: DictConfig, *, provenance: dict[str, str], default_sour
         key = f"data.datasets.{name}"
         c.choice(f"{key}.format", ds.format, FORMATS)
         c.positive(f"{key}.weight", ds.weight)
-        if ds.path == "???":
+        if OmegaConf.is_missing(ds, "path"):
             c.fail(f"{key}.path", "missing: set the dataset folder")
         if check_paths and ds.synthetic is None:
             c.existing_path(f"{key}.path", ds.path, "dataset folder")
