@@ -69,5 +69,5 @@ def report_text(p: Phantom) -> str:
     findings = "No lesion is seen."
     if p.lesion_count:
         noun = "lesion" if p.lesion_count == 1 else "lesions"
-        findings = f"{p.lesion_count} {noun} in the {p.lesion_organ.lower()}."
+        findings = f"{p.lesion_count} {noun} in the {p.lesion_organ.lower()}, {p.lesion_side} side."
     return f"{p.modality} scan of the {p.body_part.lower()}. {findings}"

@@ -17,6 +17,7 @@ import math
 import os
 import shutil
 import time
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -27,7 +28,7 @@ from torch import nn
 
 log = logging.getLogger(__name__)
 
-TINY_VERSION = "v2"
+TINY_VERSION = "v3"
 SPECIAL_TOKENS = ["<s>", "</s>", "<unk>", "<pad>", "<image>"]
 VISION_IMAGE_SIZE = 64
 VISION_PATCH = 8
@@ -124,11 +125,11 @@ def _lm_config(family: str, vocab_size: int):
     if family == "llama":
         from transformers import LlamaConfig
 
-        return LlamaConfig(num_key_value_heads=4, **common)
+        return LlamaConfig(num_key_value_heads=8, **common)
     if family == "qwen2":
         from transformers import Qwen2Config
 
-        return Qwen2Config(num_key_value_heads=4, **common)
+        return Qwen2Config(num_key_value_heads=8, **common)
     if family == "phi":
         from transformers import PhiConfig
 
@@ -136,8 +137,16 @@ def _lm_config(family: str, vocab_size: int):
     if family == "stablelm":
         from transformers import StableLmConfig
 
-        return StableLmConfig(num_key_value_heads=4, partial_rotary_factor=0.25, **common)
+        return StableLmConfig(num_key_value_heads=8, partial_rotary_factor=0.25, **common)
     raise ValueError(family)
+
+
+def warmup_cosine(step: int, *, total: int, warmup: float = 0.05) -> float:
+    """LR multiplier for the tiny models' pretraining: 5% linear warmup, then cosine to zero."""
+    n_warm = max(1, int(total * warmup))
+    if step < n_warm:
+        return (step + 1) / n_warm
+    return 0.5 * (1.0 + math.cos(math.pi * (step - n_warm) / max(1, total - n_warm)))
 
 
 def _encode_corpus(tokenizer, pairs: list[tuple[str, str]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -168,7 +177,7 @@ def _pretrain_lm(model: nn.Module, tokenizer, *, steps: int, seed: int = 0, peak
     ids, mask, labels = _encode_corpus(tokenizer, synthetic_corpus(1000))
     val_ids, val_mask, val_labels = _encode_corpus(tokenizer, synthetic_corpus(150, seed=321))
     opt = torch.optim.AdamW(model.parameters(), lr=peak_lr, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 0.5 * (1.0 + math.cos(math.pi * i / steps)))
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, partial(warmup_cosine, total=steps))
     gen = torch.Generator().manual_seed(seed)
     model.train()
     for _ in range(steps):
@@ -278,7 +287,7 @@ def _pretrain_vision(model: nn.Module, *, steps: int, select_layer: int = -2, pe
     heads["patch_lesion"] = nn.Linear(d, 1)
     params = list(model.parameters()) + list(heads.parameters())
     opt = torch.optim.AdamW(params, lr=peak_lr, weight_decay=0.01)
-    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 0.5 * (1.0 + math.cos(math.pi * i / steps)))
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, partial(warmup_cosine, total=steps))
     gen = torch.Generator().manual_seed(0)
 
     def run(px: torch.Tensor) -> dict[str, torch.Tensor]:

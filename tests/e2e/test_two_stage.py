@@ -1,0 +1,145 @@
+"""End to end: the demo config at tiny size, two stages, MLflow read back with MlflowClient."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline.config import load_config
+
+REPO = Path(__file__).resolve().parents[2]
+DEMO = REPO / "experiments" / "demo.yaml"
+
+
+def tiny_overrides(tmp: Path) -> list[str]:
+    return [
+        f"output_dir={tmp}/out",
+        f"mlflow.tracking_uri=sqlite:///{tmp}/mlflow.db",
+        "mlflow.experiment_name=e2e",
+        "data.datasets.phantom_captions.synthetic.train_images=48",
+        "data.datasets.phantom_captions.synthetic.val_images=8",
+        "data.datasets.phantom_slake.synthetic.train_images=48",
+        "data.datasets.phantom_slake.synthetic.val_images=6",
+        "data.datasets.phantom_slake.synthetic.test_images=6",
+        "data.batch_size=8",
+        "stages.align.max_epochs=6",
+        "stages.instruct.max_epochs=4",
+        "trainer.enable_progress_bar=false",
+        "trainer.log_every_n_steps=5",
+    ]
+
+
+@pytest.fixture(scope="module")
+def two_stage(tmp_path_factory, tiny_llama, tiny_clip):
+    """Run the tiny two-stage experiment once; snapshot each stage's weights as training starts."""
+    import pipeline.runner as runner
+
+    tmp = tmp_path_factory.mktemp("e2e")
+    cfg = load_config(DEMO, tiny_overrides(tmp))
+    snapshots: dict[int, dict[str, torch.Tensor]] = {}
+    original = runner.set_trainable
+
+    def snapshot_then_set(model, groups):
+        snapshots[len(snapshots)] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        return original(model, groups)
+
+    runner.set_trainable = snapshot_then_set
+    try:
+        result = runner.run_experiment(cfg)
+    finally:
+        runner.set_trainable = original
+    return cfg, result, snapshots, tmp
+
+
+def test_second_stage_starts_from_first_stage_weights(two_stage) -> None:
+    _, result, snapshots, _ = two_stage
+    align, instruct = result.stages
+    handed = torch.load(align.handover, weights_only=True)["state_dict"]
+    start = snapshots[1]  # the instruct model after restore and LoRA, before training
+    connector_keys = [k for k in handed if k.startswith("connector.")]
+    assert connector_keys
+    for key in connector_keys:
+        assert torch.equal(start[key], handed[key]), key
+    # the trained connector differs from a fresh one: stage 1 really changed it
+    assert any(not torch.equal(snapshots[0][k], handed[k]) for k in connector_keys)
+    # LLM weights reach stage 2 unchanged (LoRA wraps them: base_layer names)
+    llm_key = next(k for k in handed if k.startswith("llm.") and k.endswith("q_proj.weight"))
+    peft_key = next(k for k in start if k.endswith(llm_key.removeprefix("llm.").replace(
+        "q_proj.weight", "q_proj.base_layer.weight")))
+    assert torch.equal(start[peft_key], handed[llm_key])
+
+
+def test_losses_fall_in_both_stages(two_stage) -> None:
+    _, result, _, _ = two_stage
+    for stage in result.stages:
+        assert len(stage.losses) >= 20, stage.name
+        first, last = stage.losses[:5], stage.losses[-5:]
+        assert sum(last) / 5 < 0.6 * sum(first) / 5, (stage.name, first, last)
+
+
+def test_handover_has_lora_merged(two_stage) -> None:
+    _, result, _, _ = two_stage
+    state = torch.load(result.stages[1].handover, weights_only=True)["state_dict"]
+    assert not any("lora_" in k for k in state)
+    assert any(k.endswith("q_proj.weight") for k in state)
+
+
+def test_evaluation_files_and_table(two_stage) -> None:
+    import json
+
+    from pipeline.runner import format_table, results_rows
+
+    cfg, result, _, _ = two_stage
+    ev = result.stages[-1].evaluation
+    lines = ev.predictions_file.read_text().splitlines()
+    records = [json.loads(line) for line in lines]
+    assert len(records) == ev.count > 0
+    assert {"question_id", "text", "answer", "answer_type"} <= set(records[0])
+    metrics = json.loads((ev.predictions_file.parent / "metrics.json").read_text())
+    assert metrics["metrics"]["closed_accuracy"] == pytest.approx(ev.metrics["closed_accuracy"])
+    table = format_table(results_rows(result))
+    assert "align" in table and "instruct" in table and "majority closed" in table
+
+
+def test_mlflow_records_parent_and_nested_runs(two_stage) -> None:
+    from mlflow.tracking import MlflowClient
+
+    cfg, result, _, tmp = two_stage
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp}/mlflow.db")
+    experiment = client.get_experiment_by_name("e2e")
+    runs = client.search_runs([experiment.experiment_id])
+    parent = client.get_run(result.parent_run_id)
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == result.parent_run_id]
+    assert sorted(r.info.run_name for r in children) == ["align", "instruct"]
+    assert parent.info.status == "FINISHED" and all(r.info.status == "FINISHED" for r in children)
+    # the resolved config as params and as an artifact of the parent run
+    assert parent.data.params["model.llm.path"] == "tiny:llama"
+    assert parent.data.params["stages.instruct.lora.r"] == "16"
+    assert parent.data.tags["recipe"] == "demo"
+    artifacts = [a.path for a in client.list_artifacts(result.parent_run_id)]
+    assert "config.yaml" in artifacts
+    config_text = Path(client.download_artifacts(result.parent_run_id, "config.yaml", str(tmp))).read_text()
+    assert "phantom_slake" in config_text
+    # per-stage metrics: a training curve, validation loss, test metrics and the baseline
+    for child in children:
+        history = client.get_metric_history(child.info.run_id, "train/loss")
+        assert len(history) >= 3
+        assert "val/loss" in child.data.metrics
+        assert "test/closed_accuracy" in child.data.metrics
+        assert "baseline/closed_accuracy" in child.data.metrics
+        evaluation = [a.path for a in client.list_artifacts(child.info.run_id, "evaluation")]
+        assert "evaluation/predictions.jsonl" in evaluation
+
+
+def test_evaluate_command_on_handover(two_stage, capsys) -> None:
+    from pipeline.cli import main
+
+    cfg, result, _, tmp = two_stage
+    code = main(["evaluate", str(DEMO), *tiny_overrides(tmp), f"ckpt={result.stages[-1].handover}",
+                 f"output_dir={tmp}/eval-out"])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "closed_accuracy" in out and "predictions:" in out
+    assert (tmp / "eval-out" / "eval" / "predictions.jsonl").is_file()
