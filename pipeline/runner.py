@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import subprocess
 import time
@@ -148,6 +149,9 @@ def run_experiment(cfg: DictConfig) -> ExperimentResult:
                                                   out_dir=out_dir / "eval")
         elif result.stages:
             result.evaluation = result.stages[-1].evaluation
+        rows = results_rows(result)
+        tracker.log_text(parent, format_table(rows) + "\n", "results/results_table.txt")
+        tracker.log_text(parent, json.dumps(rows, indent=2) + "\n", "results/results.json")
         status = "FINISHED"
     finally:
         result.seconds = time.perf_counter() - start

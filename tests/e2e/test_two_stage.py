@@ -120,6 +120,8 @@ def test_mlflow_records_parent_and_nested_runs(two_stage) -> None:
     assert parent.data.tags["recipe"] == "demo"
     artifacts = [a.path for a in client.list_artifacts(result.parent_run_id)]
     assert "config.yaml" in artifacts
+    results = [a.path for a in client.list_artifacts(result.parent_run_id, "results")]
+    assert results == ["results/results.json", "results/results_table.txt"]
     config_text = Path(client.download_artifacts(result.parent_run_id, "config.yaml", str(tmp))).read_text()
     assert "phantom_slake" in config_text
     # per-stage metrics: a training curve, validation loss, test metrics and the baseline
