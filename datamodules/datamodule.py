@@ -112,6 +112,10 @@ class VQADataModule(L.LightningDataModule):
     def val_dataloader(self) -> DataLoader:
         return self._loader("val", train=False)
 
+    def generation_dataloader(self, split: str) -> DataLoader:
+        """Left-padded prompts without answers, for batched generation on any split."""
+        return self._loader(split, train=False, generation=True)
+
     def test_dataloader(self) -> DataLoader:
         return self._loader("test", train=False, generation=True)
 

@@ -77,9 +77,9 @@ class VLMModule(L.LightningModule):
         for metric in self.test_metrics.values():
             metric.update(texts, answers, kinds)
         for record, text in zip(records, texts):
-            self.predictions.append({"question_id": record.id, "text": text, "answer": record.answer,
-                                     "answer_type": record.answer_type, "question": record.question,
-                                     "dataset": record.dataset, "modality": record.modality})
+            self.predictions.append({"question_id": record.id, "prompt": record.question, "text": text,
+                                     "answer": record.answer, "answer_type": record.answer_type,
+                                     "task": record.task, "dataset": record.dataset, "modality": record.modality})
 
     def on_test_epoch_start(self) -> None:
         self.predictions = []
@@ -88,6 +88,8 @@ class VLMModule(L.LightningModule):
         for name, metric in self.test_metrics.items():
             self.log(f"test/{name}", metric.compute().float())
             metric.reset()
+        self.predictions = gather_predictions(self.predictions)
+
 
     # -- optimisation ----------------------------------------------------------------------------
     def configure_optimizers(self) -> dict[str, Any]:
@@ -107,3 +109,15 @@ class VLMModule(L.LightningModule):
             optimizer, lambda step: lr_lambda(step, total_steps=total, warmup_steps=warmup,
                                               scheduler=hp.scheduler, min_lr_ratio=hp.min_lr_ratio))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
+def gather_predictions(predictions: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every rank's predictions on every rank (rank order); unchanged in a single process.
+
+    DistributedSampler pads the last batches with repeated samples: callers drop repeated ids.
+    """
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return predictions
+    gathered: list[Any] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered, predictions)
+    return [p for part in gathered for p in part]

@@ -121,6 +121,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_score(args: argparse.Namespace) -> int:
+    from pipeline.score import render, score_files
+
+    report = score_files(args.predictions, args.references, protocol=args.protocol,
+                         languages=tuple(args.languages.split(",")))
+    print(render(report, args.json), end="" if not args.json else "\n")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="medpipe", description="Medical multimodal-LLM experiment pipeline (Uni-Med, Med-MoE, MedPLIB recipes).")
@@ -144,6 +153,18 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", help="put outputs and the MLflow database in this directory")
     demo.add_argument("--config", help=argparse.SUPPRESS)
     demo.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+
+    score = sub.add_parser("score", help="Rescore a prediction file under every paper's protocol.",
+                           description="Rescore a prediction file (LLaVA-Med JSONL: question_id, text) against "
+                                       "references (conversation JSON, a SLAKE or VQA-RAD file, or our "
+                                       "predictions.jsonl), pairing by id.")
+    score.add_argument("--protocol", default="all",
+                       choices=["all", "default", "llava_med", "med_moe", "uni_med", "medplib"])
+    score.add_argument("--predictions", required=True, help="JSONL (or JSON list) with question_id and text")
+    score.add_argument("--references", required=True, help="reference file")
+    score.add_argument("--languages", default="en", help="SLAKE q_lang values to keep (comma-separated)")
+    score.add_argument("--json", action="store_true", help="print one JSON object: protocol -> metric -> value")
+    score.set_defaults(func=cmd_score)
 
     config = sub.add_parser("config", help="Inspect experiment configs.", description="Inspect experiment configs.")
     config_sub = config.add_subparsers(dest="config_command", metavar="SUBCOMMAND")

@@ -1,7 +1,8 @@
-"""Generation-based evaluation of a built model on the configured split, with files and MLflow."""
+"""Generation-based evaluation: batched greedy decoding, pairing by id, every protocol, files, MLflow."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from dataclasses import dataclass, field
@@ -10,32 +11,47 @@ from typing import Any
 
 from omegaconf import DictConfig
 
+from datamodules.records import Record
 from lightningmodules.metrics.baselines import majority_predictions
-from lightningmodules.metrics.vqa_metrics import bleu1, closed_accuracy, open_recall
+from lightningmodules.metrics.pairing import Pair, Reference, drop_padding_duplicates, pair_by_id
+from lightningmodules.metrics.report import evaluation_report, flat_metrics, format_report
 from lightningmodules.vlm_module import VLMModule
 from pipeline.trainer_factory import build_trainer
 
 log = logging.getLogger("medpipe")
 
-METRICS = ("closed_accuracy", "open_recall", "bleu1")
+HEADLINE = ("closed_accuracy", "open_recall", "bleu1")
 
 
 @dataclass
 class EvalResult:
     split: str
-    metrics: dict[str, float]
+    metrics: dict[str, float]  # flat: headline numbers plus protocol/..., text/..., task/...
     baseline: dict[str, float]
     predictions_file: Path
     count: int
+    report: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
-    predictions: list[dict[str, Any]] = field(default_factory=list)
 
 
-def _score(texts: list[str], records: list[Any]) -> dict[str, float]:
-    metrics = {"closed_accuracy": closed_accuracy(), "open_recall": open_recall(), "bleu1": bleu1()}
-    answers = [r.answer for r in records]
-    kinds = [r.answer_type for r in records]
-    return {k: float(m(texts, answers, kinds)) for k, m in metrics.items()}
+def reference_of(record: Record) -> Reference:
+    return Reference(id=record.id, answer=record.answer, answer_type=record.answer_type, task=record.task,
+                     modality=record.modality, dataset=record.dataset, question=record.question)
+
+
+def llava_med_prediction(p: dict[str, Any], model_id: str) -> dict[str, Any]:
+    """LLaVA-Med's prediction fields first (question_id, prompt, text, answer_id, model_id, metadata),
+    then ours. ``answer_id`` is a stable hash instead of LLaVA-Med's random shortuuid."""
+    answer_id = hashlib.sha1(f"{p['question_id']}\0{p['text']}".encode()).hexdigest()[:22]
+    ours = {k: v for k, v in p.items() if k not in ("question_id", "prompt", "text")}
+    return {"question_id": p["question_id"], "prompt": p["prompt"], "text": p["text"], "answer_id": answer_id,
+            "model_id": model_id, "metadata": {}, **ours}
+
+
+def score_records(texts_by_id: dict[str, str], records: list[Record]) -> dict[str, Any]:
+    """The full report for predictions (by record id) against records."""
+    pairs: list[Pair] = pair_by_id(texts_by_id, [reference_of(r) for r in records])
+    return evaluation_report(pairs)
 
 
 def evaluate_model(cfg: DictConfig, built: Any, *, tracker: Any, run_id: str | None, out_dir: Path,
@@ -54,28 +70,35 @@ def evaluate_model(cfg: DictConfig, built: Any, *, tracker: Any, run_id: str | N
         module = VLMModule(model=built.model, tokenizer=built.tokenizer,
                            max_new_tokens=cfg.evaluation.max_new_tokens)
     trainer = build_trainer(cfg.trainer, logger=tracker.lightning_logger(run_id), root_dir=out_dir)
-    loader = dm._loader(split, train=False, generation=True)
-    trainer.test(module, dataloaders=loader, verbose=False)
-    metrics = {k: float(trainer.callback_metrics[f"test/{k}"]) for k in METRICS}
+    trainer.test(module, dataloaders=dm.generation_dataloader(split), verbose=False)
+    if not trainer.is_global_zero:
+        return EvalResult(split=split, metrics={}, baseline={}, predictions_file=out_dir / "predictions.jsonl",
+                          count=0)
 
+    predictions, padding = drop_padding_duplicates(module.predictions)
     records = dm.split_records(split)
+    report = score_records({p["question_id"]: p["text"] for p in predictions}, records)
+    metrics = flat_metrics(report)
     baseline_texts = majority_predictions(dm.split_records("train"), records)
-    baseline = _score(baseline_texts, records)
+    baseline_report = score_records({r.id: t for r, t in zip(records, baseline_texts)}, records)
+    baseline = {k: v for k, v in flat_metrics(baseline_report).items() if k in HEADLINE}
 
     out_dir.mkdir(parents=True, exist_ok=True)
     predictions_file = out_dir / "predictions.jsonl"
     with open(predictions_file, "w") as f:
-        for p in module.predictions:
-            f.write(json.dumps(p) + "\n")
-    summary = {"split": split, "count": len(module.predictions), "metrics": metrics,
-               "majority_baseline": baseline}
+        for p in predictions:
+            f.write(json.dumps(llava_med_prediction(p, cfg.name)) + "\n")
+    summary = {"split": split, "count": len(predictions), "padding_duplicates_removed": padding,
+               "metrics": {k: metrics[k] for k in HEADLINE if k in metrics}, "majority_baseline": baseline,
+               "all_metrics": metrics, "report": report}
     (out_dir / "metrics.json").write_text(json.dumps(summary, indent=2))
-    tracker.log_metrics(run_id, {f"baseline/{k}": v for k, v in baseline.items()})
-    tracker.log_file(run_id, predictions_file, "evaluation")
-    tracker.log_file(run_id, out_dir / "metrics.json", "evaluation")
-    log.info("evaluation on %s (%d questions): %s | majority baseline: %s", split, len(module.predictions),
-             ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()),
+    (out_dir / "report.md").write_text(format_report(report))
+    tracker.log_metrics(run_id, {**{f"eval/{k}": v for k, v in metrics.items()},
+                                 **{f"baseline/{k}": v for k, v in baseline.items()}})
+    for name in ("predictions.jsonl", "metrics.json", "report.md"):
+        tracker.log_file(run_id, out_dir / name, "evaluation")
+    log.info("evaluation on %s (%d questions): %s | majority baseline: %s", split, len(predictions),
+             ", ".join(f"{k} {metrics[k]:.3f}" for k in HEADLINE if k in metrics),
              ", ".join(f"{k} {v:.3f}" for k, v in baseline.items()))
     return EvalResult(split=split, metrics=metrics, baseline=baseline, predictions_file=predictions_file,
-                      count=len(module.predictions), predictions=module.predictions)
-
+                      count=len(predictions), report=report)

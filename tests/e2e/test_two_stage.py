@@ -96,9 +96,14 @@ def test_evaluation_files_and_table(two_stage) -> None:
     lines = ev.predictions_file.read_text().splitlines()
     records = [json.loads(line) for line in lines]
     assert len(records) == ev.count > 0
-    assert {"question_id", "text", "answer", "answer_type"} <= set(records[0])
+    # LLaVA-Med's prediction fields first, then ours
+    assert list(records[0])[:6] == ["question_id", "prompt", "text", "answer_id", "model_id", "metadata"]
+    assert {"answer", "answer_type", "task", "dataset", "modality"} <= set(records[0])
     metrics = json.loads((ev.predictions_file.parent / "metrics.json").read_text())
     assert metrics["metrics"]["closed_accuracy"] == pytest.approx(ev.metrics["closed_accuracy"])
+    assert set(metrics["report"]["protocols"]) == {"default", "llava_med", "med_moe", "uni_med", "medplib"}
+    report_md = (ev.predictions_file.parent / "report.md").read_text()
+    assert "## Protocols" in report_md and "## By dataset, answer type and modality" in report_md
     table = format_table(results_rows(result))
     assert "align" in table and "instruct" in table and "majority closed" in table
 
@@ -132,7 +137,9 @@ def test_mlflow_records_parent_and_nested_runs(two_stage) -> None:
         assert "test/closed_accuracy" in child.data.metrics
         assert "baseline/closed_accuracy" in child.data.metrics
         evaluation = [a.path for a in client.list_artifacts(child.info.run_id, "evaluation")]
-        assert "evaluation/predictions.jsonl" in evaluation
+        assert sorted(evaluation) == ["evaluation/metrics.json", "evaluation/predictions.jsonl",
+                                      "evaluation/report.md"]
+        assert "eval/protocol/llava_med/closed_accuracy" in child.data.metrics
 
 
 def test_evaluate_command_on_handover(two_stage, capsys) -> None:

@@ -1,0 +1,128 @@
+"""``medpipe score``: rescore a prediction file under every paper's protocol.
+
+Predictions: JSONL (or a JSON list) with ``question_id`` and ``text`` — LLaVA-Med's format, which
+Med-MoE and MedPLIB also write, and ours. References, detected from the file's content:
+
+- conversation JSON (LLaVA-Med / Med-MoE / MedPLIB test files): ``id`` + first ``gpt`` answer;
+- SLAKE split file (``qid``, ``answer``, ``answer_type``, ``q_lang``): English only unless asked;
+- VQA-RAD release JSON (``qid``, ``phrase_type``): the test phrase types;
+- a JSONL of our predictions, whose lines carry ``answer`` and ``answer_type``.
+
+Ids are compared as strings; every reference needs exactly one prediction.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from datamodules.problems import DataError
+from datamodules.records import closed_if_yes_no
+from lightningmodules.metrics.pairing import Reference, pair_by_id
+from lightningmodules.metrics.protocols import PROTOCOLS
+from lightningmodules.metrics.report import evaluation_report, format_report
+
+VQA_RAD_TEST_PHRASES = ("test_freeform", "test_para")
+_ANSWER_TYPES = {"open": "open", "closed": "closed", "close": "closed", "yes/no": "closed", "other": "open"}
+
+
+def _read_json_or_jsonl(path: Path) -> list[Any]:
+    text = path.read_text(encoding="utf-8")
+    try:
+        data = json.loads(text)
+        return data if isinstance(data, list) else [data]
+    except json.JSONDecodeError:
+        pass
+    rows = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}: line {number}: not valid JSON ({e.msg})") from None
+    return rows
+
+
+def _answer_type(raw: Any, answer: str, path: Path, rid: str) -> str:
+    if raw is None:
+        return closed_if_yes_no(answer)
+    kind = _ANSWER_TYPES.get(str(raw).strip().lower())
+    if kind is None:
+        raise DataError(f"{path}: record {rid}: field 'answer_type': unknown answer_type {raw!r}")
+    return kind
+
+
+def load_predictions(path: str | Path) -> list[tuple[str, str]]:
+    path = Path(path)
+    rows = _read_json_or_jsonl(path)
+    out = []
+    for index, row in enumerate(rows):
+        if not isinstance(row, dict) or "question_id" not in row or "text" not in row:
+            raise DataError(f"{path}: record {index}: field 'question_id'/'text': a prediction needs both")
+        out.append((str(row["question_id"]), str(row["text"])))
+    return out
+
+
+def load_references(path: str | Path, *, languages: tuple[str, ...] = ("en",)) -> list[Reference]:
+    path = Path(path)
+    rows = _read_json_or_jsonl(path)
+    if not rows:
+        raise DataError(f"{path}: no references")
+    first = rows[0]
+    refs: list[Reference] = []
+    for index, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise DataError(f"{path}: record {index}: expected an object")
+        if "conversations" in first or "conversatons" in first:
+            convs = row.get("conversations", row.get("conversatons")) or []
+            answers = [str(m.get("value", "")) for m in convs if m.get("from") in ("gpt", "assistant")]
+            if not answers:
+                raise DataError(f"{path}: record {row.get('id', index)}: field 'conversations': no gpt answer")
+            rid = str(row.get("id", index))
+            answer = answers[0].strip()
+            refs.append(Reference(id=rid, answer=answer, answer_type=_answer_type(row.get("answer_type"), answer,
+                                                                                  path, rid),
+                                  modality=row.get("modality"), dataset=path.stem))
+        elif "phrase_type" in first:  # VQA-RAD release
+            if row.get("phrase_type") not in VQA_RAD_TEST_PHRASES:
+                continue
+            rid, answer = str(row["qid"]), str(row["answer"]).strip()
+            refs.append(Reference(id=rid, answer=answer, answer_type=_answer_type(row.get("answer_type"), answer,
+                                                                                  path, rid),
+                                  modality=row.get("image_organ"), dataset="vqa_rad"))
+        elif "qid" in first:  # SLAKE split file
+            if row.get("q_lang", "en") not in languages:
+                continue
+            rid, answer = str(row["qid"]), str(row["answer"]).strip()
+            refs.append(Reference(id=rid, answer=answer, answer_type=_answer_type(row.get("answer_type"), answer,
+                                                                                  path, rid),
+                                  modality=row.get("modality"), dataset="slake"))
+        elif "question_id" in first and "answer" in first:  # our predictions.jsonl
+            rid, answer = str(row["question_id"]), str(row["answer"])
+            refs.append(Reference(id=rid, answer=answer, answer_type=_answer_type(row.get("answer_type"), answer,
+                                                                                  path, rid),
+                                  task=row.get("task") or "vqa", modality=row.get("modality"),
+                                  dataset=row.get("dataset")))
+        else:
+            raise DataError(f"{path}: cannot tell the reference format (expected conversation JSON, a SLAKE or "
+                            "VQA-RAD file, or predictions with answers)")
+    return refs
+
+
+def score_files(predictions: str | Path, references: str | Path, *, protocol: str = "all",
+                languages: tuple[str, ...] = ("en",)) -> dict[str, Any]:
+    """The evaluation report restricted to the requested protocol(s)."""
+    if protocol != "all" and protocol not in PROTOCOLS:
+        raise ValueError(f"unknown protocol {protocol!r}; choose from all, {', '.join(PROTOCOLS)}")
+    pairs = pair_by_id(load_predictions(predictions), load_references(references, languages=languages))
+    report = evaluation_report(pairs)
+    if protocol != "all":
+        report["protocols"] = {protocol: report["protocols"][protocol]} if report["protocols"] else {}
+    return report
+
+
+def render(report: dict[str, Any], as_json: bool) -> str:
+    if as_json:
+        return json.dumps(report["protocols"])
+    return format_report(report)
