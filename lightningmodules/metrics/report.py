@@ -9,6 +9,7 @@ from typing import Any
 from .boxes import rec_scores
 from .pairing import Pair
 from .protocols import PROTOCOLS, answer_kind, closed_hit, score_protocol
+from .segmentation import binarize, monai_dice, segmentation_scores
 from .text_scores import corpus_bleu, cumulative_bleu, exact_match, rouge_l, token_f1, token_recall
 
 VQA_TASKS = ("vqa", "qa", "region")  # answers scored as closed / open questions
@@ -78,6 +79,19 @@ def evaluation_report(pairs: list[Pair]) -> dict[str, Any]:
     return report
 
 
+def segmentation_report(logits: list[Any], gts: list[Any], modalities: list[str] | None = None, *,
+                        threshold: float = 0.1) -> dict[str, float]:
+    """MedPLIB's mDice / mIoU (per image at original resolution, also per modality) with MONAI's
+    DiceMetric alongside. ``logits`` entries are (H, W) mask logits at the ground truth's resolution,
+    or None where the model produced no mask (scores 0, counted as ``no_mask``)."""
+    preds = [None if lg is None else binarize(lg, threshold) for lg in logits]
+    out = segmentation_scores(preds, gts, modalities)
+    out.update(monai_dice(preds, gts))
+    out["no_mask"] = float(sum(p is None for p in preds))
+    out["threshold"] = float(threshold)
+    return out
+
+
 def flat_metrics(report: dict[str, Any]) -> dict[str, float]:
     """``protocol/<name>/<metric>``, ``text/<metric>``, ``task/<task>/<metric>`` plus the default
     protocol's headline numbers unprefixed, for MLflow."""
@@ -87,6 +101,7 @@ def flat_metrics(report: dict[str, Any]) -> dict[str, float]:
     out.update({f"text/{k}": float(v) for k, v in report.get("text", {}).items()})
     for task, scores in report.get("tasks", {}).items():
         out.update({f"task/{task}/{k}": float(v) for k, v in scores.items()})
+    out.update({f"seg/{k}": float(v) for k, v in report.get("segmentation", {}).items()})
     default = report.get("protocols", {}).get("default", {})
     out.update({k: float(default[k]) for k in HEADLINE if k in default})
     if "text" in report:

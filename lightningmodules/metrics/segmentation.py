@@ -103,3 +103,24 @@ def segmentation_scores(preds: Sequence[MaskLike | None], gts: Sequence[MaskLike
             out[f"miou/{modality}"] = float(np.mean([ious[i] for i in idx]))
             out[f"count/{modality}"] = float(len(idx))
     return out
+
+
+def monai_dice(preds: Sequence[MaskLike | None], gts: Sequence[MaskLike]) -> dict[str, float]:
+    """MONAI's DiceMetric over the same masks, reported alongside MedPLIB's mDice.
+
+    MONAI leaves out images whose ground truth is empty (NaN, ``ignore_empty=True``) and a missing
+    prediction counts as an empty mask, so this number differs from ``mdice`` by design.
+    """
+    from monai.metrics import DiceMetric
+
+    metric = DiceMetric(include_background=True, reduction="mean", ignore_empty=True)
+    for index, (pred, gt) in enumerate(zip(preds, gts)):
+        gt_arr = _gt_bool(gt)
+        pred_arr = np.zeros_like(gt_arr) if pred is None else _pred_bool(pred, index)
+        if pred_arr.shape != gt_arr.shape:
+            raise ValueError(f"prediction {index} has shape {pred_arr.shape}, ground truth {gt_arr.shape}")
+        to_tensor = lambda a: torch.from_numpy(a.astype(np.float32))[None, None]  # noqa: E731  (1, 1, H, W)
+        metric(y_pred=to_tensor(pred_arr), y=to_tensor(gt_arr))
+    counted = sum(bool(_gt_bool(g).any()) for g in gts)
+    value = float(metric.aggregate().item()) if counted else float("nan")
+    return {"monai_dice": value, "monai_dice_count": float(counted)}

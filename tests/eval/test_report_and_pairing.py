@@ -92,3 +92,32 @@ def test_empty_prediction_scores_zero() -> None:
     report = evaluation_report([Pair(ref(1, "yes"), ""), Pair(ref(2, "liver", "open"), "")])
     assert report["protocols"]["default"]["closed_accuracy"] == 0.0
     assert report["protocols"]["default"]["open_recall"] == 0.0
+
+
+def test_segmentation_report_against_numpy() -> None:
+    import numpy as np
+
+    from lightningmodules.metrics.report import segmentation_report
+
+    rng = np.random.default_rng(0)
+    gts = [rng.random((9, 7)) > 0.6 for _ in range(4)] + [np.zeros((5, 5), bool)]
+    logits = [rng.normal(size=g.shape) * 3 for g in gts[:3]] + [None, rng.normal(size=(5, 5))]
+    out = segmentation_report(logits, gts, ["CT", "CT", "MRI", "MRI", "CT"], threshold=0.1)
+    ious, dices = [], []
+    for lg, gt in zip(logits, gts):
+        pred = np.zeros_like(gt) if lg is None else 1 / (1 + np.exp(-lg)) > 0.1
+        union = (pred | gt).sum()
+        iou = 0.0 if lg is None or union == 0 else (pred & gt).sum() / union
+        ious.append(iou)
+        dices.append(2 * iou / (1 + iou))
+    assert out["miou"] == pytest.approx(np.mean(ious))
+    assert out["mdice"] == pytest.approx(np.mean(dices))
+    assert out["mdice/MRI"] == pytest.approx(np.mean(dices[2:4]))
+    assert out["no_mask"] == 1 and out["count"] == 5
+    # MONAI: plain Dice over the 4 non-empty ground truths, missing prediction = empty mask
+    plain = []
+    for lg, gt in zip(logits[:4], gts[:4]):
+        pred = np.zeros_like(gt) if lg is None else 1 / (1 + np.exp(-lg)) > 0.1
+        plain.append(2 * (pred & gt).sum() / (pred.sum() + gt.sum()))
+    assert out["monai_dice"] == pytest.approx(np.mean(plain), abs=1e-6)
+    assert out["monai_dice_count"] == 4
