@@ -97,11 +97,12 @@ class MultimodalLM(nn.Module):
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                  pixel_values: torch.Tensor | None = None, image_task_ids: torch.Tensor | None = None,
-                 *, max_new_tokens: int = 32, eos_token_id: int | list[int] | None = None,
+                 *, max_new_tokens: int = 32, min_new_tokens: int = 0, eos_token_id: int | list[int] | None = None,
                  pad_token_id: int | None = None, **_: object) -> torch.Tensor:
         """Greedy decoding with KV cache for a left-padded batch; returns (B, <=max_new_tokens)."""
         embeds = self.embed(input_ids, pixel_values, image_task_ids)
         return self.llm.generate(inputs_embeds=embeds, attention_mask=attention_mask,
-                                 max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+                                 max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens or None,
+                                 do_sample=False, num_beams=1,
                                  eos_token_id=eos_token_id, pad_token_id=pad_token_id,
                                  use_cache=True)
