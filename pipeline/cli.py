@@ -82,18 +82,23 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from pipeline.config import ConfigError, load_config
+    from pipeline.registry import download_model, is_registry_uri
     from pipeline.runner import evaluate_handover
-    from pipeline.tracking import Tracker
+    from pipeline.tracking import Tracker, check_tracking_uri
 
     cfg = load_config(args.config, args.overrides)
     if cfg.ckpt is None:
         raise ConfigError(f"{args.config}: key 'ckpt': set the hand-over file to evaluate, e.g. ckpt=outputs/"
-                          f"{cfg.name}/stages/<stage>/handover.pt")
+                          f"{cfg.name}/stages/<stage>/handover.pt, or a registered model: ckpt=models:/NAME/VERSION")
     _quiet_libraries()
+    check_tracking_uri(cfg.mlflow.tracking_uri)
+    ckpt = cfg.ckpt
+    if is_registry_uri(ckpt):
+        ckpt = download_model(ckpt, tracking_uri=cfg.mlflow.tracking_uri) / "handover.pt"
     tracker = Tracker(tracking_uri=cfg.mlflow.tracking_uri, experiment_name=cfg.mlflow.experiment_name)
     parent = tracker.start_parent(run_name=f"{cfg.name}-evaluate", cfg=cfg, tags={"recipe": cfg.name})
     try:
-        result = evaluate_handover(cfg, cfg.ckpt, tracker=tracker, out_dir=Path(cfg.output_dir) / "eval")
+        result = evaluate_handover(cfg, ckpt, tracker=tracker, out_dir=Path(cfg.output_dir) / "eval")
     except BaseException:
         tracker.finish(parent, "FAILED")
         raise
@@ -166,6 +171,10 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--json", action="store_true", help="print one JSON object: protocol -> metric -> value")
     score.set_defaults(func=cmd_score)
 
+    from pipeline.data_check import add_data_command
+
+    add_data_command(sub)  # medpipe data check
+
     config = sub.add_parser("config", help="Inspect experiment configs.", description="Inspect experiment configs.")
     config_sub = config.add_subparsers(dest="config_command", metavar="SUBCOMMAND")
     config_sub.required = True
@@ -189,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("medpipe: interrupted", file=sys.stderr)
         return 130
-    except (ConfigError, DataError, FileNotFoundError, ValueError, RuntimeError) as e:
+    except (ConfigError, DataError, FileNotFoundError, ValueError, RuntimeError, OSError) as e:
         if args.traceback or os.environ.get("MEDPIPE_TRACEBACK"):
             raise
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

@@ -97,6 +97,11 @@ def evaluate_model(cfg: DictConfig, built: Any, *, tracker: Any, run_id: str | N
                                  **{f"baseline/{k}": v for k, v in baseline.items()}})
     for name in ("predictions.jsonl", "metrics.json", "report.md"):
         tracker.log_file(run_id, out_dir / name, "evaluation")
+    by_id = {r.id: r for r in records}
+    tracker.log_table(run_id, [{"question_id": p["question_id"], "question": p["prompt"], "prediction": p["text"],
+                                "answer": by_id[p["question_id"]].answer, "answer_type": p["answer_type"],
+                                "modality": p["modality"] or "", "dataset": p["dataset"]} for p in predictions],
+                      "evaluation/predictions_table.json")
     log.info("evaluation on %s (%d questions): %s | majority baseline: %s", split, len(predictions),
              ", ".join(f"{k} {metrics[k]:.3f}" for k in HEADLINE if k in metrics),
              ", ".join(f"{k} {v:.3f}" for k, v in baseline.items()))

@@ -17,9 +17,11 @@ from datamodules.datamodule import VQADataModule
 from lightningmodules.vlm_module import VLMModule
 from pipeline.callbacks import LossHistory
 from pipeline.evaluation import EvalResult, evaluate_model
+from pipeline.fingerprints import dataset_fingerprints, fingerprint_params
 from pipeline.handover import restore, save_handover
 from pipeline.model_factory import BuiltModel, build_model
-from pipeline.tracking import Tracker
+from pipeline.plots import learning_curve
+from pipeline.tracking import Tracker, check_tracking_uri, hardware_tags
 from pipeline.trainable import add_lora, merge_lora, set_trainable
 from pipeline.trainer_factory import build_trainer
 
@@ -44,6 +46,7 @@ class ExperimentResult:
     stages: list[StageResult] = field(default_factory=list)
     evaluation: EvalResult | None = None
     seconds: float = 0.0
+    model_uri: str | None = None
 
 
 def build_datamodule(cfg: DictConfig, dataset_names: list[str] | None = None) -> VQADataModule:
@@ -52,7 +55,9 @@ def build_datamodule(cfg: DictConfig, dataset_names: list[str] | None = None) ->
     return VQADataModule(datasets=specs, batch_size=cfg.data.batch_size, eval_batch_size=cfg.evaluation.batch_size,
                          num_workers=cfg.data.num_workers, max_length=cfg.data.max_length,
                          on_bad_record=cfg.data.on_bad_record, system_prompt=cfg.model.llm.system_prompt,
-                         task_prefix=cfg.data.task_prefix, pad_square=cfg.model.vision.pad_square, seed=cfg.seed)
+                         task_prefix=cfg.data.task_prefix, pad_square=cfg.model.vision.pad_square, seed=cfg.seed,
+                         one_task_per_batch=cfg.data.mixture.one_task_per_batch,
+                         samples_per_epoch=cfg.data.mixture.samples_per_epoch, verify_images=cfg.data.verify_images)
 
 
 def connect(dm: VQADataModule, built: BuiltModel) -> VQADataModule:
@@ -112,9 +117,9 @@ def run_stage(cfg: DictConfig, name: str, *, init: Path | None, tracker: Tracker
     trainer = build_trainer(cfg.trainer, max_epochs=stage.max_epochs, max_steps=stage.max_steps,
                             logger=tracker.lightning_logger(run_id), callbacks=[history],
                             root_dir=out_dir / "stages" / name)
-    trainer.fit(module, datamodule=dm)
-    tracker.log_metrics(run_id, {"data/skipped": len(dm.problems.problems),
-                                 **{f"data/skipped_{k}": v for k, v in dm.problems.counts().items()}})
+    with tracker.system_metrics(run_id, cfg.mlflow.system_metrics, cfg.mlflow.system_metrics_interval):
+        trainer.fit(module, datamodule=dm)
+    log_stage_records(tracker, run_id, dm, history, name)
     merge_lora(built.model)
     handover = save_handover(built.model, out_dir / "stages" / name / "handover.pt", stage=name,
                              meta={"trainable": trainable})
@@ -128,13 +133,44 @@ def run_stage(cfg: DictConfig, name: str, *, init: Path | None, tracker: Tracker
     return result
 
 
+def log_stage_records(tracker: Tracker, run_id: str | None, dm: VQADataModule, history: LossHistory,
+                      name: str) -> None:
+    """Skipped-record counts, dataset fingerprints and the learning curve of one stage."""
+    tracker.log_metrics(run_id, {"data/skipped": len(dm.problems.problems),
+                                 **{f"data/skipped_{k}": v for k, v in dm.problems.counts().items()}})
+    if not tracker.enabled or run_id is None:
+        return
+    fingerprints = dataset_fingerprints(dm)
+    tracker.log_params(run_id, fingerprint_params(fingerprints))
+    tracker.log_text(run_id, json.dumps(fingerprints, indent=2), "data/fingerprints.json")
+    if history.losses:
+        import matplotlib.pyplot as plt
+
+        figure = learning_curve(history.losses, history.val_losses, title=f"stage {name}")
+        tracker.log_figure(run_id, figure, "plots/learning_curve.png")
+        plt.close(figure)
+
+
+def register_final_model(cfg: DictConfig, tracker: Tracker, run_id: str | None, handover: Path,
+                         out_dir: Path) -> str | None:
+    """Log the last hand-over with the resolved config and register it in the model registry."""
+    config_file = out_dir / "config.yaml"
+    config_file.write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    uri = tracker.register_model(run_id, name=cfg.mlflow.model_name or f"medpipe-{cfg.name}",
+                                 files={"handover.pt": handover, "config.yaml": config_file})
+    if uri:
+        log.info("registered %s (load it with pipeline.registry.load_registered)", uri)
+    return uri
+
+
 def run_experiment(cfg: DictConfig) -> ExperimentResult:
     """Train every stage in order, each starting from the previous one's hand-over, then evaluate."""
     start = time.perf_counter()
     out_dir = Path(cfg.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    check_tracking_uri(cfg.mlflow.tracking_uri)
     tracker = Tracker(tracking_uri=cfg.mlflow.tracking_uri, experiment_name=cfg.mlflow.experiment_name)
-    tags = {"recipe": cfg.name, **git_tags(), **package_tags(), **dict(cfg.mlflow.tags)}
+    tags = {"recipe": cfg.name, **git_tags(), **package_tags(), **hardware_tags(), **dict(cfg.mlflow.tags)}
     parent = tracker.start_parent(run_name=cfg.mlflow.run_name or cfg.name, cfg=cfg, tags=tags)
     result = ExperimentResult(parent_run_id=parent)
     status = "FAILED"
@@ -149,6 +185,8 @@ def run_experiment(cfg: DictConfig) -> ExperimentResult:
                                                   out_dir=out_dir / "eval")
         elif result.stages:
             result.evaluation = result.stages[-1].evaluation
+        if cfg.mlflow.register_model and result.stages:
+            result.model_uri = register_final_model(cfg, tracker, parent, result.stages[-1].handover, out_dir)
         rows = results_rows(result)
         tracker.log_text(parent, format_table(rows) + "\n", "results/results_table.txt")
         tracker.log_text(parent, json.dumps(rows, indent=2) + "\n", "results/results.json")

@@ -6,18 +6,61 @@ MLFLOW_TRACKING_URI at import time).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
-import tempfile
+import platform
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger(__name__)
 
 MAX_PARAM_LENGTH = 6000  # MLflow's limit on a param value
+
+
+class TrackingError(RuntimeError):
+    """The tracking server cannot be used; raised before any training starts."""
+
+
+def check_tracking_uri(uri: str, timeout: float = 5.0) -> None:
+    """Fail within ``timeout`` seconds when an HTTP tracking server does not answer.
+
+    MLflow's own client retries with back-off for minutes; a user who mistyped a host should hear
+    about it at once, before data or models are built.
+    """
+    if not uri.startswith(("http://", "https://")):
+        return
+    import requests
+
+    url = uri.rstrip("/") + "/api/2.0/mlflow/experiments/search"
+    try:
+        response = requests.post(url, json={"max_results": 1}, timeout=timeout)
+    except requests.RequestException as e:
+        raise TrackingError(f"MLflow tracking server {uri} is unreachable ({type(e).__name__}); start it or set "
+                            "mlflow.tracking_uri") from None
+    if response.status_code >= 400:
+        raise TrackingError(f"MLflow tracking server {uri} answered HTTP {response.status_code}: "
+                            f"{response.text.strip()[:200]}")
+
+
+def hardware_tags() -> dict[str, str]:
+    import torch
+
+    tags = {"hardware.platform": platform.platform(), "hardware.python": platform.python_version(),
+            "hardware.cpu_count": str(os.cpu_count()), "hardware.torch_threads": str(torch.get_num_threads()),
+            "hardware.cuda_devices": str(torch.cuda.device_count() if torch.cuda.is_available() else 0)}
+    if torch.cuda.is_available():
+        tags["hardware.gpu"] = torch.cuda.get_device_name(0)
+    try:
+        import psutil
+
+        tags["hardware.memory_gb"] = f"{psutil.virtual_memory().total / 2**30:.1f}"
+    except ImportError:
+        pass
+    return tags
 
 
 def is_rank_zero() -> bool:
@@ -86,18 +129,24 @@ class Tracker:
                             run_id=run_id, log_model=False)
 
     def log_config(self, run_id: str, cfg: DictConfig) -> None:
+        self.log_params(run_id, flatten_config(cfg))
+        self.log_text(run_id, OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
+
+    def log_params(self, run_id: str | None, params: dict[str, str]) -> None:
+        if not self.enabled or run_id is None:
+            return
         from mlflow.entities import Param
 
-        params = [Param(k, v) for k, v in flatten_config(cfg).items()]
-        for i in range(0, len(params), 100):  # MLflow accepts at most 100 params per batch
-            self.client.log_batch(run_id, params=params[i:i + 100])
-        self.log_text(run_id, OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
+        batch = [Param(k, str(v)[:MAX_PARAM_LENGTH]) for k, v in params.items()]
+        for i in range(0, len(batch), 100):  # MLflow accepts at most 100 params per batch
+            self.client.log_batch(run_id, params=batch[i:i + 100])
 
     def log_metrics(self, run_id: str | None, metrics: dict[str, float], step: int | None = None) -> None:
         if not self.enabled or run_id is None:
             return
-        from mlflow.entities import Metric
         import time
+
+        from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
         batch = [Metric(k, float(v), now, step or 0) for k, v in metrics.items()]
@@ -114,10 +163,62 @@ class Tracker:
             return
         self.client.log_artifact(run_id, str(path), artifact_path)
 
+    def log_table(self, run_id: str | None, rows: list[dict[str, Any]], artifact_file: str) -> None:
+        """A table MLflow's UI shows in the run's Evaluation / Artifacts view."""
+        if not self.enabled or run_id is None or not rows:
+            return
+        columns = list(rows[0])
+        self.client.log_table(run_id, {c: [r.get(c) for r in rows] for c in columns}, artifact_file)
+
+    def log_figure(self, run_id: str | None, figure: Any, artifact_file: str) -> None:
+        if not self.enabled or run_id is None:
+            return
+        self.client.log_figure(run_id, figure, artifact_file)
+
+    def set_tags(self, run_id: str | None, tags: dict[str, str]) -> None:
+        if not self.enabled or run_id is None:
+            return
+        for key, value in tags.items():
+            self.client.set_tag(run_id, key, value)
+
+    @contextlib.contextmanager
+    def system_metrics(self, run_id: str | None, enabled: bool, interval: float = 10.0) -> Iterator[None]:
+        """MLflow's CPU / memory / GPU sampling into ``run_id`` while the block runs (psutil needed)."""
+        monitor = None
+        if self.enabled and run_id is not None and enabled:
+            try:
+                from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+                monitor = SystemMetricsMonitor(run_id, sampling_interval=interval, tracking_uri=self.tracking_uri)
+                monitor.start()
+            except Exception as e:  # psutil missing or an unsupported platform: tracking goes on without
+                log.warning("MLflow system metrics unavailable: %s", e)
+                monitor = None
+        try:
+            yield
+        finally:
+            if monitor is not None:
+                monitor.finish()
+
+    def register_model(self, run_id: str | None, *, name: str, files: dict[str, Path]) -> str | None:
+        """Log ``files`` under ``model/`` of the run and register them as a new version of ``name``.
+
+        Returns the ``models:/name/version`` URI; :func:`pipeline.registry.load_registered` loads it.
+        """
+        if not self.enabled or run_id is None:
+            return None
+        from mlflow.exceptions import MlflowException
+
+        for artifact_name, path in files.items():
+            self.client.log_artifact(run_id, str(path), "model")
+        try:
+            self.client.create_registered_model(name)
+        except MlflowException:
+            pass  # already registered: add a version
+        version = self.client.create_model_version(name, source=f"runs:/{run_id}/model", run_id=run_id)
+        return f"models:/{name}/{version.version}"
+
     def finish(self, run_id: str | None, status: str = "FINISHED") -> None:
         if self.enabled and run_id is not None:
             self.client.set_terminated(run_id, status)
 
-
-def temp_artifact_dir() -> tempfile.TemporaryDirectory:
-    return tempfile.TemporaryDirectory(prefix="medpipe-artifacts-")

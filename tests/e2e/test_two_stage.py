@@ -138,7 +138,7 @@ def test_mlflow_records_parent_and_nested_runs(two_stage) -> None:
         assert "baseline/closed_accuracy" in child.data.metrics
         evaluation = [a.path for a in client.list_artifacts(child.info.run_id, "evaluation")]
         assert sorted(evaluation) == ["evaluation/metrics.json", "evaluation/predictions.jsonl",
-                                      "evaluation/report.md"]
+                                      "evaluation/predictions_table.json", "evaluation/report.md"]
         assert "eval/protocol/llava_med/closed_accuracy" in child.data.metrics
 
 
@@ -152,3 +152,47 @@ def test_evaluate_command_on_handover(two_stage, capsys) -> None:
     out = capsys.readouterr().out
     assert "closed_accuracy" in out and "predictions:" in out
     assert (tmp / "eval-out" / "eval" / "predictions.jsonl").is_file()
+
+
+def test_run_records_hardware_fingerprints_plots_and_registered_model(two_stage) -> None:
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.registry import load_registered
+
+    cfg, result, _, tmp = two_stage
+    uri = f"sqlite:///{tmp}/mlflow.db"
+    client = MlflowClient(tracking_uri=uri)
+    parent = client.get_run(result.parent_run_id)
+    assert parent.data.tags["hardware.cpu_count"].isdigit()
+    assert parent.data.tags["git_commit"] and parent.data.tags["git_dirty"] in ("true", "false")
+    child = next(r for r in client.search_runs([parent.info.experiment_id])
+                 if r.info.run_name == "instruct")
+    # dataset fingerprint: counts as params, hashes of the annotation files as an artifact
+    assert int(child.data.params["data.phantom_slake.train.records"]) > 0
+    assert len(child.data.params["data.phantom_slake.sha256"]) == 16
+    assert [a.path for a in client.list_artifacts(child.info.run_id, "plots")] == ["plots/learning_curve.png"]
+    assert "data/fingerprints.json" in [a.path for a in client.list_artifacts(child.info.run_id, "data")]
+    # the final model is in the registry and loads in one call, with the weights of the last stage
+    assert result.model_uri == "models:/medpipe-demo/1"
+    built = load_registered(result.model_uri, tracking_uri=uri)
+    handed = torch.load(result.stages[-1].handover, weights_only=True)["state_dict"]
+    loaded = built.model.state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in handed.items())
+
+
+def test_unreachable_tracking_server_fails_fast(tmp_path) -> None:
+    import socket
+    import time
+
+    from pipeline.runner import run_experiment
+    from pipeline.tracking import TrackingError
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg = load_config(DEMO, [*tiny_overrides(tmp_path), f"mlflow.tracking_uri=http://127.0.0.1:{port}"])
+    start = time.perf_counter()
+    with pytest.raises(TrackingError, match=f"http://127.0.0.1:{port} is unreachable"):
+        run_experiment(cfg)
+    assert time.perf_counter() - start < 10
+    assert not (tmp_path / "out" / "stages").exists()  # nothing was built or trained

@@ -1,0 +1,38 @@
+"""Load a model registered by a run in one call: ``load_registered("models:/medpipe-demo/1")``."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any
+
+REGISTRY_SCHEMES = ("models:/", "runs:/")
+
+
+def is_registry_uri(value: str | None) -> bool:
+    return bool(value) and str(value).startswith(REGISTRY_SCHEMES)
+
+
+def download_model(uri: str, *, tracking_uri: str, dst: str | Path | None = None) -> Path:
+    """The registered ``model/`` folder (hand-over file and config) downloaded locally."""
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri)
+    dst = Path(dst or tempfile.mkdtemp(prefix="medpipe-model-"))
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst)))
+    if not (local / "handover.pt").is_file():
+        raise FileNotFoundError(f"{uri}: no handover.pt in the registered model (found {sorted(p.name for p in local.iterdir())})")
+    return local
+
+
+def load_registered(uri: str, *, tracking_uri: str, overrides: list[str] | None = None) -> Any:
+    """``BuiltModel`` (model, tokenizer, transform) rebuilt from the registered config and weights."""
+    from pipeline.config import load_config
+    from pipeline.handover import restore
+    from pipeline.model_factory import build_model
+
+    local = download_model(uri, tracking_uri=tracking_uri)
+    cfg = load_config(local / "config.yaml", overrides or [], check_paths=False)
+    built = build_model(cfg.model, cache_dir=cfg.cache_dir)
+    restore(built.model, local / "handover.pt")
+    return built
