@@ -42,3 +42,11 @@ def slake_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("slake")
     write_slake(root, n_train=24, n_val=6, n_test=8, seed=3)
     return root
+
+
+@pytest.fixture(scope="session")
+def tiny_demo_run(tmp_path_factory: pytest.TempPathFactory, tiny_llama: Path, tiny_clip: Path):
+    """The demo's two stages at tiny size, run once: (cfg, result, weight snapshots, tmp dir)."""
+    from runs import run_tiny_demo
+
+    return run_tiny_demo(tmp_path_factory.mktemp("tiny-demo"))

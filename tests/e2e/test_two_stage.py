@@ -14,43 +14,14 @@ DEMO = REPO / "experiments" / "demo.yaml"
 
 
 def tiny_overrides(tmp: Path) -> list[str]:
-    return [
-        f"output_dir={tmp}/out",
-        f"mlflow.tracking_uri=sqlite:///{tmp}/mlflow.db",
-        "mlflow.experiment_name=e2e",
-        "data.datasets.phantom_captions.synthetic.train_images=48",
-        "data.datasets.phantom_captions.synthetic.val_images=8",
-        "data.datasets.phantom_slake.synthetic.train_images=48",
-        "data.datasets.phantom_slake.synthetic.val_images=6",
-        "data.datasets.phantom_slake.synthetic.test_images=6",
-        "data.batch_size=8",
-        "stages.align.max_epochs=6",
-        "stages.instruct.max_epochs=4",
-        "trainer.enable_progress_bar=false",
-        "trainer.log_every_n_steps=5",
-    ]
+    from runs import tiny_demo_overrides
+
+    return tiny_demo_overrides(tmp)
 
 
 @pytest.fixture(scope="module")
-def two_stage(tmp_path_factory, tiny_llama, tiny_clip):
-    """Run the tiny two-stage experiment once; snapshot each stage's weights as training starts."""
-    import pipeline.runner as runner
-
-    tmp = tmp_path_factory.mktemp("e2e")
-    cfg = load_config(DEMO, tiny_overrides(tmp))
-    snapshots: dict[int, dict[str, torch.Tensor]] = {}
-    original = runner.set_trainable
-
-    def snapshot_then_set(model, groups):
-        snapshots[len(snapshots)] = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        return original(model, groups)
-
-    runner.set_trainable = snapshot_then_set
-    try:
-        result = runner.run_experiment(cfg)
-    finally:
-        runner.set_trainable = original
-    return cfg, result, snapshots, tmp
+def two_stage(tiny_demo_run):
+    return tiny_demo_run
 
 
 def test_second_stage_starts_from_first_stage_weights(two_stage) -> None:
