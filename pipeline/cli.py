@@ -135,6 +135,25 @@ def cmd_score(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_memory(args: argparse.Namespace) -> int:
+    import json
+
+    from pipeline.memory import RECIPES, format_memory, recipe_memory
+
+    names = sorted(RECIPES) if args.recipe == "all" else [args.recipe]
+    tables = {name: recipe_memory(name, devices=args.devices, strategy=args.strategy, precision=args.precision,
+                                  micro_batch=args.micro_batch, seq_len=args.seq_len,
+                                  gradient_checkpointing=args.gradient_checkpointing) for name in names}
+    if args.json:
+        print(json.dumps(tables))
+    else:
+        print(f"per-GPU memory estimate: {args.devices} GPUs, {args.strategy}, {args.precision}, micro-batch "
+              f"{args.micro_batch}, sequence {args.seq_len}, gradient checkpointing "
+              f"{'on' if args.gradient_checkpointing else 'off'}\n")
+        print("\n\n".join(format_memory(name, table) for name, table in tables.items()))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="medpipe", description="Medical multimodal-LLM experiment pipeline (Uni-Med, Med-MoE, MedPLIB recipes).")
@@ -174,6 +193,23 @@ def build_parser() -> argparse.ArgumentParser:
     from pipeline.data_check import add_data_command
 
     add_data_command(sub)  # medpipe data check
+
+    memory = sub.add_parser("memory", help="Per-GPU memory of each recipe stage at the papers' model sizes.",
+                            description="Per-GPU memory (weights, gradients, optimizer state, activations) of each "
+                                        "stage of the papers' recipes, computed from the models' configs on the "
+                                        "meta device (no GPU, no download). See docs/scaling.md.")
+    memory.add_argument("--recipe", default="all", choices=["all", "uni_med", "med_moe_phi2", "med_moe_stablelm",
+                                                             "medplib"])
+    memory.add_argument("--devices", type=int, default=8)
+    memory.add_argument("--strategy", default="ddp",
+                        choices=["ddp", "fsdp", "deepspeed_stage_1", "deepspeed_stage_2", "deepspeed_stage_3"])
+    memory.add_argument("--precision", default="bf16-mixed", choices=["bf16-mixed", "16-mixed", "32-true",
+                                                                       "bf16-true"])
+    memory.add_argument("--micro-batch", type=int, default=4)
+    memory.add_argument("--seq-len", type=int, default=2048)
+    memory.add_argument("--gradient-checkpointing", action="store_true")
+    memory.add_argument("--json", action="store_true", help="print one JSON object: recipe -> stage -> figure")
+    memory.set_defaults(func=cmd_memory)
 
     config = sub.add_parser("config", help="Inspect experiment configs.", description="Inspect experiment configs.")
     config_sub = config.add_subparsers(dest="config_command", metavar="SUBCOMMAND")
