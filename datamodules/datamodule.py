@@ -1,4 +1,11 @@
-"""LightningDataModule over one or more datasets in their released formats."""
+"""LightningDataModule over one or more datasets in their released formats (the mixture DataModule).
+
+Training batches come from :class:`datamodules.mixture.MixtureSampler`: datasets drawn by their
+``weight``, optionally one task per batch, deterministic by ``seed`` and sharded per rank (the
+trainer's world size and global rank when attached). Evaluation loaders are sequential; under
+DDP Lightning shards them with padding, so de-duplicate predictions with
+:func:`datamodules.sharding.dedupe_by_id`.
+"""
 
 from __future__ import annotations
 
@@ -11,9 +18,11 @@ from torch.utils.data import DataLoader
 from datamodules.dataset import Collator, VQADataset
 from datamodules.encoding import ConversationEncoder
 from datamodules.images import ImageTransform
+from datamodules.mixture import MixtureSampler, mixture_groups
 from datamodules.problems import ProblemLog
 from datamodules.readers import read_split
 from datamodules.records import Record
+from datamodules.sharding import world_of
 from datamodules.specs import DatasetSpec
 from datamodules.writers import ensure_synthetic
 
@@ -26,13 +35,16 @@ class VQADataModule(L.LightningDataModule):
     """Reads the configured datasets, and after :meth:`connect` serves tokenised batches.
 
     The tokenizer, image transform and number of visual tokens belong to the model, so they are
-    handed in through ``connect`` rather than built here.
+    handed in through ``connect`` rather than built here. ``verify_images`` decodes every image
+    and mask when a split is first read (what ``medpipe data check`` does), so that under
+    ``on_bad_record: skip`` corrupt files are skipped and counted instead of failing a batch.
     """
 
     def __init__(self, *, datasets: dict[str, DatasetSpec], batch_size: int = 8, eval_batch_size: int = 16,
                  num_workers: int = 0, max_length: int = 512, on_bad_record: str = "error",
                  system_prompt: str | None = None, task_prefix: bool = False, pad_square: bool = False,
-                 seed: int = 0) -> None:
+                 seed: int = 0, one_task_per_batch: bool = False, samples_per_epoch: int | None = None,
+                 verify_images: bool = False) -> None:
         super().__init__()
         if not datasets:
             raise ValueError("no datasets configured (data.datasets is empty)")
@@ -45,6 +57,9 @@ class VQADataModule(L.LightningDataModule):
         self.task_prefix = task_prefix
         self.pad_square = pad_square
         self.seed = seed
+        self.one_task_per_batch = one_task_per_batch
+        self.samples_per_epoch = samples_per_epoch
+        self.verify_images = verify_images
         self.problems = ProblemLog(on_bad_record)
         self.records: dict[str, list[Record]] = {}
         self.tokenizer: Any = None
@@ -68,17 +83,25 @@ class VQADataModule(L.LightningDataModule):
             if ensure_synthetic(spec):
                 log.info("wrote synthetic %s dataset %r to %s", spec.format, name, spec.path)
 
+    def release_split(self, spec: DatasetSpec, split: str) -> str | None:
+        return {"train": spec.train_split, "val": spec.val_split, "test": spec.test_split}[split]
+
     def split_records(self, split: str) -> list[Record]:
         """All records of one pipeline split (train / val / test) over the configured datasets."""
         if split not in self.records:
+            before = len(self.problems.problems)
             records: list[Record] = []
             for name, spec in self.datasets.items():
-                release_split = {"train": spec.train_split, "val": spec.val_split, "test": spec.test_split}[split]
+                release_split = self.release_split(spec, split)
                 if release_split:
                     records += read_split(spec, name, release_split, self.problems)
+            if self.verify_images:
+                from datamodules.verify import verify_records
+
+                records = verify_records(records, self.problems)
             self.records[split] = records
-            if self.problems.problems:
-                log.warning("%s: %s", split, self.problems.summary())
+            if len(self.problems.problems) > before:
+                self.problems.warn(f"{split} split")
         return self.records[split]
 
     def setup(self, stage: str | None = None) -> None:
@@ -96,20 +119,34 @@ class VQADataModule(L.LightningDataModule):
         return VQADataset(self.split_records(split), encoder=self.encoder, transform=self.transform,
                           with_answers=with_answers, task_ids=self.task_ids)
 
+    def train_sampler(self, *, world_size: int | None = None, rank: int | None = None) -> MixtureSampler:
+        """The training sampler for one rank (default: this process's rank in the attached trainer)."""
+        if world_size is None or rank is None:
+            world_size, rank = world_of(self.trainer)
+        groups = mixture_groups(self.split_records("train"), {n: s.weight for n, s in self.datasets.items()},
+                                by_task=self.one_task_per_batch)
+        return MixtureSampler(groups, samples_per_epoch=self.samples_per_epoch,
+                              block_size=self.batch_size if self.one_task_per_batch else 1, seed=self.seed,
+                              num_replicas=world_size, rank=rank)
+
+    def _collator(self, generation: bool) -> Collator:
+        return Collator(pad_token_id=self.tokenizer.pad_token_id, padding_side="left" if generation else "right")
+
     def _loader(self, split: str, *, train: bool, generation: bool = False) -> DataLoader:
         dataset = self.dataset(split, with_answers=not generation)
         if len(dataset) == 0:
             raise ValueError(f"split {split!r} has no records in datasets {sorted(self.datasets)}")
-        collate = Collator(pad_token_id=self.tokenizer.pad_token_id,
-                           padding_side="left" if generation else "right")
-        return DataLoader(dataset, batch_size=self.batch_size if train else self.eval_batch_size,
-                          shuffle=train, num_workers=self.num_workers, collate_fn=collate,
+        sampler = self.train_sampler() if train else None
+        return DataLoader(dataset, batch_size=self.batch_size if train else self.eval_batch_size, sampler=sampler,
+                          shuffle=False, num_workers=self.num_workers, collate_fn=self._collator(generation),
                           persistent_workers=self.num_workers > 0, drop_last=False)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", train=True)
 
-    def val_dataloader(self) -> DataLoader:
+    def val_dataloader(self) -> DataLoader | list:
+        if not any(self.release_split(spec, "val") for spec in self.datasets.values()):
+            return []  # no dataset has a validation split (VQA-RAD, MeCoVQA): no validation loop
         return self._loader("val", train=False)
 
     def generation_dataloader(self, split: str) -> DataLoader:

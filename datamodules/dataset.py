@@ -8,12 +8,24 @@ import torch
 from torch.utils.data import Dataset
 
 from datamodules.encoding import IGNORE_INDEX, ConversationEncoder, pad_batch
-from datamodules.images import ImageTransform, load_image
+from datamodules.images import ImageTransform, load_image, load_mask
+from datamodules.problems import DataError
 from datamodules.records import Record
+
+LOAD_HINT = ("found while loading a sample; run `medpipe data check --format FORMAT PATH` (or set "
+             "data.verify_images=true) to find every such file before training")
 
 
 class VQADataset(Dataset):
-    """Decodes the image and tokenises one record per item (so both run in loader workers)."""
+    """Decodes the image and tokenises one record per item (so both run in loader workers).
+
+    A record with a grounding target (``mask_path``) or a region prompt (``region``) also yields
+    that mask at the image's original resolution (scoring happens there) and the original image
+    size. An image or mask that fails to decode raises :class:`DataError` naming the file and
+    record, under either bad-record policy: a worker cannot drop a sample without changing the
+    epoch behind the sampler's back. ``medpipe data check`` / ``data.verify_images`` find such
+    files up front, where ``skip`` applies.
+    """
 
     def __init__(self, records: list[Record], *, encoder: ConversationEncoder, transform: ImageTransform,
                  with_answers: bool, task_ids: dict[str, int] | None = None) -> None:
@@ -29,17 +41,41 @@ class VQADataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         record = self.records[index]
         encoded = self.encoder.encode(record, with_answers=self.with_answers)
-        pixel_values = None
-        if record.has_image:
+        item = {"record": record, "input_ids": encoded.input_ids, "labels": encoded.labels,
+                "truncated": encoded.truncated, "pixel_values": None, "task_id": self.task_ids.get(record.task, 0)}
+        if not record.has_image:
+            return item
+        try:
             image = load_image(record.image_path, record.image_bytes, record=record.id)
-            pixel_values = self.transform(image)  # (3, H, W)
-        return {"record": record, "input_ids": encoded.input_ids, "labels": encoded.labels,
-                "truncated": encoded.truncated, "pixel_values": pixel_values,
-                "task_id": self.task_ids.get(record.task, 0)}
+            item["pixel_values"] = self.transform(image)  # (3, H, W)
+            if record.mask_path is not None or isinstance(record.region, str):
+                width, height = image.size
+                item["image_size"] = (height, width)
+                for key, field_name, path in (("mask", "mask_path", record.mask_path),
+                                              ("region_mask", "region", record.region)):
+                    if isinstance(path, str):
+                        item[key] = _original_mask(path, record.id, field_name, (height, width))
+        except DataError as e:
+            raise DataError(f"{e} ({LOAD_HINT})", e.problem) from None
+        return item
+
+
+def _original_mask(path: str, record_id: str, field_name: str, image_hw: tuple[int, int]) -> torch.Tensor:
+    """(H, W) bool tensor at the original resolution; its size must be the image's."""
+    mask = load_mask(path, record=record_id, field_name=field_name)  # (H, W) bool
+    if mask.shape != image_hw:
+        raise DataError(f"{path}: record {record_id}: field '{field_name}': mask is {mask.shape[1]}x{mask.shape[0]}"
+                        f" but its image is {image_hw[1]}x{image_hw[0]}")
+    return torch.from_numpy(mask)
 
 
 class Collator:
-    """Pads a list of dataset items: right padding for training, left padding for generation."""
+    """Pads a list of dataset items: right padding for training, left padding for generation.
+
+    Masks keep their original (per-image) resolutions, so they stay lists: ``masks`` and
+    ``region_masks`` hold an (H_i, W_i) bool tensor or None per sample, ``image_sizes`` the
+    original (H_i, W_i) or None. These keys are present when a sample of the batch has a mask.
+    """
 
     def __init__(self, *, pad_token_id: int, padding_side: str) -> None:
         if padding_side not in ("left", "right"):
@@ -55,7 +91,7 @@ class Collator:
         images = [it["pixel_values"] for it in items if it["pixel_values"] is not None]
         task_ids = torch.tensor([it["task_id"] for it in items], dtype=torch.long)  # (B,)
         has_image = torch.tensor([it["pixel_values"] is not None for it in items])  # (B,)
-        return {
+        batch = {
             "input_ids": input_ids,
             "attention_mask": attention_mask,
             "labels": labels,
@@ -65,3 +101,8 @@ class Collator:
             "truncated": sum(bool(it["truncated"]) for it in items),
             "records": [it["record"] for it in items],
         }
+        if any("image_size" in it for it in items):
+            batch["masks"] = [it.get("mask") for it in items]  # B x (H_i, W_i) bool | None
+            batch["region_masks"] = [it.get("region_mask") for it in items]  # B x (H_i, W_i) bool | None
+            batch["image_sizes"] = [it.get("image_size") for it in items]  # B x (H_i, W_i) | None
+        return batch

@@ -42,6 +42,34 @@ def load_image(path: str | Path | None = None, data: bytes | None = None, *, rec
     return img.convert("RGB")
 
 
+def load_mask(path: str | Path, *, record: str = "?", field_name: str = "mask") -> np.ndarray:
+    """A binary mask at its original resolution: (H, W) bool, pixel >= 1 is foreground.
+
+    Grayscale, 16-bit, palette (the index) and colour masks (any channel, alpha ignored) all work.
+    A missing or undecodable file raises :class:`DataError` naming the file, record and field.
+    """
+    try:
+        with Image.open(path) as img:
+            img.load()
+            if img.mode in ("LA", "PA"):  # drop alpha: the first band is the label / palette index
+                arr = np.asarray(img.getchannel(0))
+            else:
+                arr = np.asarray(img.convert("RGB") if img.mode == "RGBA" else img)
+    except FileNotFoundError:
+        raise DataError(f"{path}: record {record}: field '{field_name}': file not found") from None
+    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+        raise DataError(f"{path}: record {record}: field '{field_name}': corrupt or truncated mask ({e})") from None
+    if arr.ndim == 3:  # (H, W, C) colour mask -> (H, W): foreground where any channel is set
+        return (arr >= 1).any(axis=2)
+    return arr >= 1
+
+
+def image_size(path: str | Path | None = None, data: bytes | None = None) -> tuple[int, int]:
+    """(width, height) from the file header, without decoding the pixels."""
+    with Image.open(io.BytesIO(data) if data is not None else path) as img:
+        return img.size
+
+
 def pad_to_square(img: Image.Image, fill: tuple[int, int, int]) -> Image.Image:
     """LLaVA's ``expand2square``: centre the image on a square canvas of the fill colour."""
     w, h = img.size

@@ -3,9 +3,20 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import List, Optional
 
-FORMATS = ("slake", "conversation")
+FORMATS = ("vqa_rad", "slake", "pathvqa", "conversation", "mecovqa")
+# Uni-Med's task tags, plus MedPLIB's region-prompt and pixel-grounding tasks (MeCoVQA).
+TASKS = ("vqa", "refer", "identify", "caption", "cls", "qa", "region", "grounding")
+# Synthetic release layouts per format (the first is the default).
+LAYOUTS = {
+    "vqa_rad": ("original", "parquet"),
+    "slake": ("validate", "validation"),  # name of the validation split file
+    "pathvqa": ("parquet", "pickle"),
+    "conversation": ("default",),
+    "mecovqa": ("default",),
+}
+SYNTHETIC_KINDS = {"conversation": ("vqa", "caption")}  # other formats: vqa only
 
 
 @dataclass
@@ -13,11 +24,13 @@ class SyntheticSpec:
     """Write a phantom dataset in the format's release layout at ``path`` when it is absent."""
 
     kind: str = "vqa"  # vqa | caption (caption: conversation format only)
+    layout: Optional[str] = None  # LAYOUTS[format]; None = the first
     train_images: int = 240
     val_images: int = 30
     test_images: int = 60
     questions_per_image: int = 6
     image_size: int = 128
+    zh_fraction: float = 0.0  # slake: Chinese copies of closed questions, for the language filter
     seed: int = 0
 
 
@@ -25,13 +38,18 @@ class SyntheticSpec:
 class DatasetSpec:
     format: str = "slake"
     path: str = "???"
-    # split name in our pipeline -> split name in the release
+    # split name in our pipeline -> split name in the release (null: the release has none,
+    # e.g. VQA-RAD and MeCoVQA have no validation split)
     train_split: Optional[str] = "train"
     val_split: Optional[str] = "validate"
     test_split: Optional[str] = "test"
-    languages: list[str] = field(default_factory=lambda: ["en"])
-    image_root: Optional[str] = None  # conversation files: folder the image paths are relative to
-    task: str = "vqa"
+    languages: List[str] = field(default_factory=lambda: ["en"])  # slake: q_lang values kept
+    image_root: Optional[str] = None  # conversation / mecovqa: folder image (and mask) paths are relative to
+    task: str = "vqa"  # TASKS; slake: refer / identify build box records from detection.json
+    subsets: Optional[List[str]] = None  # mecovqa: complex, region, grounding (default: all)
+    allow_pickle: bool = False  # pathvqa: read the original pickle release (unpickling runs code)
+    # relative sampling probability in a mixture (Uni-Med's sample ratio): dataset d is drawn with
+    # probability weight_d / sum(weights); weights proportional to sizes reproduce concatenation
     weight: float = 1.0
     max_samples: Optional[int] = None
     synthetic: Optional[SyntheticSpec] = None

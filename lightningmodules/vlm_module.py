@@ -17,6 +17,10 @@ from torch import nn
 from lightningmodules.metrics.vqa_metrics import bleu1, closed_accuracy, open_recall
 from lightningmodules.schedules import lr_lambda
 
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite."""
+
+
 MODEL_INPUTS = ("input_ids", "attention_mask", "labels", "pixel_values", "image_task_ids")
 
 
@@ -49,11 +53,23 @@ class VLMModule(L.LightningModule):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         out = self.model(**model_inputs(batch))
+        self.stop_on_non_finite(out.loss)
         batch_size = batch["input_ids"].shape[0]
         self.log("train/loss", out.loss, prog_bar=True, batch_size=batch_size)
         if batch.get("truncated"):
             self.log("data/truncated", float(batch["truncated"]), reduce_fx="sum", batch_size=batch_size)
         return out.loss
+
+    def stop_on_non_finite(self, loss: torch.Tensor) -> None:
+        """Raise before the backward pass when any rank's loss is NaN or inf, so no bad update is
+        applied and the last checkpoint stays the last good one."""
+        bad = not bool(torch.isfinite(loss.detach()).all())
+        if self._trainer is not None:
+            bad = self.trainer.strategy.reduce_boolean_decision(bad, all=False)  # every rank stops together
+        if bad:
+            step = self.trainer.global_step if self._trainer is not None else -1
+            raise NonFiniteLossError(f"training loss is {float(loss.detach())} at step {step}: stopping; the last good "
+                                     "checkpoint is kept (lower optim.lr, or set trainer.gradient_clip_val)")
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         out = self.model(**model_inputs(batch))

@@ -11,6 +11,7 @@ from torch import nn
 
 from datamodules.images import ImageTransform
 from lightningmodules.models.aggregation import TokenAggregation
+from lightningmodules.models.cmoe import CMoEConnector
 from lightningmodules.models.connector import LinearConnector, MLPConnector
 from lightningmodules.models.language import IMAGE_TOKEN, load_causal_lm, load_tokenizer
 from lightningmodules.models.multimodal import MultimodalLM
@@ -30,6 +31,11 @@ def build_connector(cfg: DictConfig, *, in_dim: int, out_dim: int) -> nn.Module:
         return LinearConnector(in_dim=in_dim, out_dim=out_dim)
     if cfg.type == "mlp":
         return MLPConnector(in_dim=in_dim, out_dim=out_dim)
+    if cfg.type == "cmoe":
+        return CMoEConnector(in_dim=in_dim, out_dim=out_dim, num_experts=cfg.num_experts,
+                             router_input=cfg.router_input, weighting=cfg.weighting, top_k=cfg.top_k,
+                             router_hidden_ratio=cfg.router_hidden_ratio, num_tasks=cfg.num_tasks,
+                             task_embed_dim=cfg.task_embed_dim)
     raise ValueError(f"unknown connector type {cfg.type!r}")
 
 
@@ -42,6 +48,8 @@ def build_model(cfg: DictConfig, *, cache_dir: str | Path | None = None) -> Buil
     llm = load_causal_lm(llm_dir, vocab_size=len(tokenizer), dtype=cfg.llm.dtype,
                          trust_remote_code=cfg.llm.trust_remote_code,
                          attn_implementation=cfg.llm.attn_implementation)
+    if cfg.llm.gradient_checkpointing:
+        llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     vision = VisionTower(encoder=load_vision_model(vision_dir), select_layer=cfg.vision.select_layer,
                          select_feature=cfg.vision.select_feature, frozen=True)
     aggregation = TokenAggregation(mode=cfg.connector.aggregation, pool=cfg.connector.pool)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -16,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from datamodules.datamodule import VQADataModule
 from lightningmodules.vlm_module import VLMModule
 from pipeline.callbacks import LossHistory
+from pipeline.config import ConfigError
 from pipeline.evaluation import EvalResult, evaluate_model
 from pipeline.fingerprints import dataset_fingerprints, fingerprint_params
 from pipeline.handover import restore, save_handover
@@ -47,6 +49,18 @@ class ExperimentResult:
     evaluation: EvalResult | None = None
     seconds: float = 0.0
     model_uri: str | None = None
+
+
+def check_writable(directory: Path) -> None:
+    """Fail before anything is built when outputs (hand-overs, checkpoints) cannot be written."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe = directory / f".write-test-{os.getpid()}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"output_dir {directory} is not writable ({e.strerror or e}); checkpoints and hand-overs "
+                          "go there: set output_dir to a writable folder") from None
 
 
 def build_datamodule(cfg: DictConfig, dataset_names: list[str] | None = None) -> VQADataModule:
@@ -167,8 +181,8 @@ def run_experiment(cfg: DictConfig) -> ExperimentResult:
     """Train every stage in order, each starting from the previous one's hand-over, then evaluate."""
     start = time.perf_counter()
     out_dir = Path(cfg.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     check_tracking_uri(cfg.mlflow.tracking_uri)
+    check_writable(out_dir)
     tracker = Tracker(tracking_uri=cfg.mlflow.tracking_uri, experiment_name=cfg.mlflow.experiment_name)
     tags = {"recipe": cfg.name, **git_tags(), **package_tags(), **hardware_tags(), **dict(cfg.mlflow.tags)}
     parent = tracker.start_parent(run_name=cfg.mlflow.run_name or cfg.name, cfg=cfg, tags=tags)

@@ -316,7 +316,37 @@ def _pretrain_vision(model: nn.Module, *, steps: int, select_layer: int = -2, pe
     return acc
 
 
-MODEL_NAMES = ("clip", "llama", "phi", "qwen2", "stablelm")  # what a model path may name
+# -- SAM (pixel grounding) ----------------------------------------------------------------------
+
+SAM_IMAGE_SIZE = 64
+SAM_PATCH = 8
+
+
+def _build_sam(out: Path, _root: Path) -> None:
+    """Tiny SAM (random weights) in the real checkpoint layout: 64 px input, 8x8 embedding grid,
+    32-d prompts, 32x32 low-res masks, plus the SAM image processor config (ImageNet mean/std)."""
+    from transformers import SamConfig, SamModel
+    from transformers.models.sam.image_processing_pil_sam import SamImageProcessorPil
+
+    torch.manual_seed(0)
+    grid = SAM_IMAGE_SIZE // SAM_PATCH
+    config = SamConfig(
+        vision_config=dict(hidden_size=32, output_channels=32, num_hidden_layers=2, num_attention_heads=2,
+                           image_size=SAM_IMAGE_SIZE, patch_size=SAM_PATCH, mlp_dim=64, window_size=4,
+                           global_attn_indexes=[1], num_pos_feats=16,  # 2 * num_pos_feats = prompt dim
+                           initializer_range=0.02),  # SamVisionConfig's 1e-10 would give constant features
+        prompt_encoder_config=dict(hidden_size=32, image_size=SAM_IMAGE_SIZE, patch_size=SAM_PATCH,
+                                   mask_input_channels=8),
+        mask_decoder_config=dict(hidden_size=32, mlp_dim=64, num_hidden_layers=2, num_attention_heads=2,
+                                 iou_head_hidden_dim=32))
+    SamModel(config).save_pretrained(out)
+    SamImageProcessorPil(size={"longest_edge": SAM_IMAGE_SIZE},
+                         pad_size={"height": SAM_IMAGE_SIZE, "width": SAM_IMAGE_SIZE},
+                         mask_size={"longest_edge": 4 * grid},
+                         mask_pad_size={"height": 4 * grid, "width": 4 * grid}).save_pretrained(out)
+
+
+MODEL_NAMES = ("clip", "llama", "phi", "qwen2", "stablelm", "sam")  # what a model path may name
 
 BUILDERS: dict[str, Callable[[Path, Path], None]] = {
     "tokenizer": _build_tokenizer,
@@ -325,4 +355,5 @@ BUILDERS: dict[str, Callable[[Path, Path], None]] = {
     "phi": _lm_builder("phi", pretrain_steps=0),
     "stablelm": _lm_builder("stablelm", pretrain_steps=0),
     "clip": _build_clip,
+    "sam": _build_sam,
 }

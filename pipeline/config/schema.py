@@ -13,7 +13,7 @@ from typing import Any, Dict, List, Optional
 from datamodules.specs import DatasetSpec
 from lightningmodules.schedules import SCHEDULERS
 
-CONNECTOR_TYPES = ("linear", "mlp")
+CONNECTOR_TYPES = ("linear", "mlp", "cmoe")
 STAGE_KINDS = ("vlm",)
 TRAINABLE_GROUPS = ("connector", "lora", "llm", "vision")
 
@@ -31,6 +31,14 @@ class ConnectorConfig:
     type: str = "mlp"
     aggregation: str = "none"  # none | concat4 | avgpool | maxpool (visual tokens before the connector)
     pool: int = 2  # pooling window for avgpool / maxpool
+    # cmoe only (Uni-Med connector mixture-of-experts, lightningmodules/models/cmoe.py)
+    num_experts: int = 5
+    router_input: str = "task_token"  # task_token | token | task
+    weighting: str = "soft"  # soft | sparse | hard (task t -> expert t mod E) | constant (1/E)
+    top_k: int = 2  # experts per token for sparse
+    router_hidden_ratio: float = 4.0  # router hidden width / router input width (paper: 4)
+    num_tasks: int = 6  # learned task embeddings (task ids 0..num_tasks-1)
+    task_embed_dim: Optional[int] = None  # None: min(768, connector input width); 768 as in Uni-Med
 
 
 @dataclass
@@ -40,7 +48,8 @@ class LLMConfig:
     chat_template: Optional[str] = None  # jinja; used when given or when the tokenizer has none
     system_prompt: Optional[str] = None
     attn_implementation: Optional[str] = None
-    trust_remote_code: bool = False
+    trust_remote_code: bool = False  # never on unless set: remote code runs from the checkpoint
+    gradient_checkpointing: bool = False
 
 
 @dataclass
@@ -82,6 +91,14 @@ class StageConfig:
 
 
 @dataclass
+class MixtureConfig:
+    """How training draws from several datasets (weights: data.datasets.<name>.weight)."""
+
+    one_task_per_batch: bool = False  # every batch from one (dataset, task) group, drawn by weight
+    samples_per_epoch: Optional[int] = None  # over all ranks; default: the train records' total
+
+
+@dataclass
 class DataConfig:
     datasets: Dict[str, DatasetSpec] = field(default_factory=dict)
     batch_size: int = 8
@@ -90,6 +107,8 @@ class DataConfig:
     max_length: int = 512
     on_bad_record: str = "error"
     task_prefix: bool = False
+    mixture: MixtureConfig = field(default_factory=MixtureConfig)
+    verify_images: bool = False  # decode every image and mask when a split is read (as `data check` does)
 
 
 @dataclass
@@ -116,6 +135,7 @@ class EvaluationConfig:
     split: str = "test"
     max_new_tokens: int = 16
     batch_size: int = 32
+    mask_threshold: float = 0.1  # grounding masks: sigmoid(logit) > threshold (MedPLIB's eval uses 0.1)
 
 
 @dataclass
@@ -124,6 +144,10 @@ class MlflowConfig:
     experiment_name: str = "medpipe"
     run_name: Optional[str] = None
     tags: Dict[str, str] = field(default_factory=dict)
+    system_metrics: bool = True  # MLflow's CPU / memory / GPU sampling (needs psutil)
+    system_metrics_interval: float = 10.0  # seconds
+    register_model: bool = True  # log the final hand-over + config and register a model version
+    model_name: Optional[str] = None  # registry name; default medpipe-<name>
 
 
 @dataclass

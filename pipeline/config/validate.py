@@ -9,7 +9,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from datamodules.problems import ON_BAD_RECORD
 from lightningmodules.models.aggregation import AGGREGATIONS
-from datamodules.specs import FORMATS
+from lightningmodules.models.cmoe import ROUTER_INPUTS, WEIGHTINGS
+from datamodules.readers import SPLIT_NAMES
+from datamodules.readers.mecovqa import SUBSETS as MECOVQA_SUBSETS
+from datamodules.specs import FORMATS, LAYOUTS, SYNTHETIC_KINDS, TASKS
 from pipeline.config.errors import ConfigError
 from lightningmodules.schedules import SCHEDULERS
 from pipeline.config.schema import CONNECTOR_TYPES, STAGE_KINDS, TRAINABLE_GROUPS
@@ -61,6 +64,15 @@ def check_semantics(cfg: DictConfig, *, provenance: dict[str, str], default_sour
     c = _Checker(provenance, default_source)
     c.choice("model.connector.type", cfg.model.connector.type, CONNECTOR_TYPES)
     c.choice("model.connector.aggregation", cfg.model.connector.aggregation, AGGREGATIONS)
+    connector = cfg.model.connector
+    c.choice("model.connector.router_input", connector.router_input, ROUTER_INPUTS)
+    c.choice("model.connector.weighting", connector.weighting, WEIGHTINGS)
+    for key in ("num_experts", "num_tasks", "router_hidden_ratio"):
+        c.positive(f"model.connector.{key}", connector[key])
+    if connector.task_embed_dim is not None:
+        c.positive("model.connector.task_embed_dim", connector.task_embed_dim)
+    if connector.weighting == "sparse" and not 1 <= connector.top_k <= connector.num_experts:
+        c.fail("model.connector.top_k", f"must be in [1, num_experts={connector.num_experts}], got {connector.top_k}")
     c.choice("model.vision.select_feature", cfg.model.vision.select_feature, ("patch", "cls_patch"))
     c.choice("model.llm.dtype", cfg.model.llm.dtype, ("float32", "bfloat16", "float16"))
     c.choice("data.on_bad_record", cfg.data.on_bad_record, ON_BAD_RECORD)
@@ -70,21 +82,34 @@ def check_semantics(cfg: DictConfig, *, provenance: dict[str, str], default_sour
         c.positive(key, OmegaConf.select(cfg, key))
     c.positive("data.num_workers", cfg.data.num_workers, allow_zero=True)
 
+    if cfg.data.mixture.samples_per_epoch is not None:
+        c.positive("data.mixture.samples_per_epoch", cfg.data.mixture.samples_per_epoch)
     for name, ds in cfg.data.datasets.items():
         key = f"data.datasets.{name}"
         c.choice(f"{key}.format", ds.format, FORMATS)
+        c.choice(f"{key}.task", ds.task, TASKS)
         c.positive(f"{key}.weight", ds.weight)
         if OmegaConf.is_missing(ds, "path"):
             c.fail(f"{key}.path", "missing: set the dataset folder")
         if check_paths and ds.synthetic is None:
             c.existing_path(f"{key}.path", ds.path, "dataset folder")
+        splits = SPLIT_NAMES[ds.format]
+        for split_key in ("train_split", "val_split", "test_split"):
+            value = ds[split_key]
+            if splits is not None and value is not None and value not in splits:
+                c.fail(f"{key}.{split_key}", f"{ds.format} has no split {value!r} (it has "
+                       f"{', '.join(splits)}; set null when the release has no such split)")
+        for subset in ds.subsets or []:
+            c.choice(f"{key}.subsets", subset, MECOVQA_SUBSETS)
 
     for ds in cfg.evaluation.datasets or []:
         c.choice("evaluation.datasets", ds, tuple(cfg.data.datasets.keys()))
     for name, ds in cfg.data.datasets.items():
         if ds.synthetic is not None:
             c.choice(f"data.datasets.{name}.synthetic.kind", ds.synthetic.kind,
-                     ("vqa", "caption") if ds.format == "conversation" else ("vqa",))
+                     SYNTHETIC_KINDS.get(ds.format, ("vqa",)))
+            if ds.synthetic.layout is not None:
+                c.choice(f"data.datasets.{name}.synthetic.layout", ds.synthetic.layout, LAYOUTS[ds.format])
 
     names = list(cfg.stages.keys())
     for i, (name, stage) in enumerate(cfg.stages.items()):
@@ -111,6 +136,6 @@ def check_semantics(cfg: DictConfig, *, provenance: dict[str, str], default_sour
     if check_paths:
         c.model_path("model.vision.path", cfg.model.vision.path)
         c.model_path("model.llm.path", cfg.model.llm.path)
-        if cfg.ckpt is not None:
+        if cfg.ckpt is not None and not str(cfg.ckpt).startswith(("models:/", "runs:/")):
             c.existing_path("ckpt", cfg.ckpt, "checkpoint")
 

@@ -1,0 +1,242 @@
+"""MoE feed-forward speed and memory, forward + backward, side by side in one run.
+
+    (a) ours, top-1 of 4 experts plus the meta expert (Med-MoE)  vs  a dense gated FFN with the same
+        active parameters: top-1 expert + meta = two FFNs of width F per token -> one FFN of width 2F
+    (b) ours, top-2 of 8 (renormalised)  vs  transformers' MixtralSparseMoeBlock with the same weights
+        (its default eager experts loop; its grouped_mm implementation is reported too)
+    (c) ours, top-2 of 8  vs  a naive MoE that runs every expert on every token and weights the outputs
+
+Timing: each variant does one forward + backward (input and parameter grads) per call. After warm-up, every
+round runs the two variants of each comparison back to back, in alternating order between rounds, so drift
+on a shared machine hits both; a ratio is the median over rounds of the paired time ratios, the ms figures
+are per-variant medians. Memory: one more call per variant under ``torch.profiler`` with
+``profile_memory=True``; the peak of the running sum of the CPU allocator's [memory] events (allocations
+minus frees, bytes) during the call, i.e. the peak of tensors created by that forward + backward on top of
+what was live before (weights and input are not counted; activations and grads are).
+
+    python benchmarks/moe.py [--tokens 4096] [--hidden 256] [--ffn 688] [--rounds 15] [--threads 2] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from torch import nn
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from lightningmodules.models.moe import MoEFeedForward
+
+
+def dense_ffn(hidden: int, ffn: int) -> nn.Module:
+    """A Llama-style gated FFN (transformers' LlamaMLP)."""
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaMLP
+
+    return LlamaMLP(LlamaConfig(hidden_size=hidden, intermediate_size=ffn, hidden_act="silu"))
+
+
+def mixtral_block(hidden: int, ffn: int, num_experts: int, top_k: int, implementation: str) -> nn.Module:
+    from transformers import MixtralConfig
+    from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+
+    config = MixtralConfig(hidden_size=hidden, intermediate_size=ffn, num_local_experts=num_experts,
+                           num_experts_per_tok=top_k, hidden_act="silu", router_jitter_noise=0.0)
+    config._experts_implementation = implementation
+    block = MixtralSparseMoeBlock(config)
+    with torch.no_grad():
+        block.gate.weight.normal_(std=hidden ** -0.5)
+        block.experts.gate_up_proj.normal_(std=hidden ** -0.5)
+        block.experts.down_proj.normal_(std=ffn ** -0.5)
+    return block
+
+
+def ours_like_mixtral(block: nn.Module) -> MoEFeedForward:
+    """Our layer with the Mixtral block's weights: router bias 0, renormalised top-k."""
+    experts = block.experts
+    ours = MoEFeedForward.build(hidden_size=experts.hidden_dim, ffn_size=experts.intermediate_dim,
+                                num_experts=experts.num_experts, top_k=block.top_k, gated=True, bias=False,
+                                activation="silu", renormalize=True)
+    with torch.no_grad():
+        ours.router.linear.weight.copy_(block.gate.weight)  # (E, D)
+        ours.router.linear.bias.zero_()
+        ours.experts.w_in.copy_(experts.gate_up_proj.transpose(1, 2))  # (E, 2F, D) -> (E, D, 2F)
+        ours.experts.w_out.copy_(experts.down_proj.transpose(1, 2))  # (E, D, F) -> (E, F, D)
+    return ours
+
+
+class NaiveMoE(nn.Module):
+    """Every expert on every token, outputs weighted by the (sparse) combine weights: the cost baseline."""
+
+    def __init__(self, moe: MoEFeedForward) -> None:
+        super().__init__()
+        self.moe = moe
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        x = hidden_states.reshape(-1, hidden_states.shape[-1])  # (N, D)
+        routing = self.moe.router(x)
+        dense_weights = torch.zeros_like(routing.probs).scatter(1, routing.indices, routing.weights)  # (N, E)
+        out = torch.zeros_like(x)  # (N, D)
+        for e in range(self.moe.num_experts):
+            out = out + dense_weights[:, e:e + 1].to(x.dtype) * self.moe.experts.expert_forward(e, x)
+        return out.view(hidden_states.shape)
+
+
+def train_step(module: nn.Module, x: torch.Tensor, upstream: torch.Tensor) -> Callable[[], None]:
+    """One forward + backward of ``module`` on ``x`` (which needs grad), parameter grads reset first."""
+    def step() -> None:
+        for p in module.parameters():
+            p.grad = None
+        x.grad = None
+        module(x).backward(upstream)
+    return step
+
+
+@contextmanager
+def _stdout_to_stderr():
+    """The profiler backend may write status lines to fd 1; keep stdout clean for --json."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
+def peak_mb(step: Callable[[], None]) -> float:
+    """Peak net CPU allocation (MB) during one call, from the profiler's memory events."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with _stdout_to_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                    key=lambda e: e.start_ns())
+    current = peak = 0
+    for event in events:
+        current += event.nbytes()
+        peak = max(peak, current)
+    return peak / 2**20
+
+
+COMPARISONS = (  # (key, ours, reference)
+    ("moe_over_dense", "moe_top1of4_meta", "dense_same_active"),
+    ("ours_over_hf_mixtral", "ours_top2of8", "hf_mixtral_eager"),
+    ("ours_over_hf_mixtral_grouped_mm", "ours_top2of8", "hf_mixtral_grouped_mm"),
+    ("ours_over_naive", "ours_top2of8", "naive_top2of8"),
+)
+
+
+def time_pairs(steps: dict[str, Callable[[], None]], *, rounds: int,
+               warmup: int) -> tuple[dict[str, float], dict[str, float]]:
+    """Per round, each comparison's two variants back to back (order alternating between rounds).
+
+    Returns the median over rounds of each comparison's time ratio, and each variant's median seconds.
+    """
+    for _ in range(warmup):
+        for step in steps.values():
+            step()
+    ratios: dict[str, list[float]] = {key: [] for key, _, _ in COMPARISONS}
+    seconds: dict[str, list[float]] = {name: [] for name in steps}
+    for r in range(rounds):
+        for key, ours, reference in COMPARISONS:
+            pair = (ours, reference) if r % 2 == 0 else (reference, ours)
+            took = {}
+            for name in pair:
+                start = time.perf_counter()
+                steps[name]()
+                took[name] = time.perf_counter() - start
+                seconds[name].append(took[name])
+            ratios[key].append(took[ours] / took[reference])
+    return ({key: statistics.median(values) for key, values in ratios.items()},
+            {name: statistics.median(values) for name, values in seconds.items()})
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=4096)
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--ffn", type=int, default=688)
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", action="store_true", help="print one JSON object of the figures")
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    d, f, n = args.hidden, args.ffn, args.tokens
+
+    # (a) Med-MoE layer vs a dense FFN of the same active width
+    meta = dense_ffn(d, f)
+    med_moe = MoEFeedForward.build(hidden_size=d, ffn_size=f, num_experts=4, top_k=1, gated=True, activation="silu",
+                                   meta_expert=meta, renormalize=False)
+    dense_same_active = dense_ffn(d, 2 * f)
+    # (b), (c) top-2 of 8 with the same weights
+    hf_eager = mixtral_block(d, f, 8, 2, "eager")
+    hf_grouped = mixtral_block(d, f, 8, 2, "grouped_mm")
+    hf_grouped.load_state_dict(hf_eager.state_dict())
+    ours_top2 = ours_like_mixtral(hf_eager)
+    naive_top2 = NaiveMoE(ours_like_mixtral(hf_eager))
+
+    x = torch.randn(1, n, d, requires_grad=True)  # (B, T, D), one sequence of n tokens
+    upstream = torch.randn(1, n, d)
+    with torch.no_grad():
+        diff_hf = float((ours_top2(x) - hf_eager(x)).abs().max())
+        diff_naive = float((ours_top2(x) - naive_top2(x)).abs().max())
+    med_moe(x)
+    top1_load = med_moe.last_stats.routed_counts.tolist()
+    ours_top2(x)
+    top2_load = ours_top2.last_stats.routed_counts.tolist()
+
+    modules = {"moe_top1of4_meta": med_moe, "dense_same_active": dense_same_active, "ours_top2of8": ours_top2,
+               "hf_mixtral_eager": hf_eager, "hf_mixtral_grouped_mm": hf_grouped, "naive_top2of8": naive_top2}
+    steps = {name: train_step(module, x, upstream) for name, module in modules.items()}
+    load_before = os.getloadavg()[0]
+    ratios, seconds = time_pairs(steps, rounds=args.rounds, warmup=args.warmup)
+    memory = {name: peak_mb(step) for name, step in steps.items()}
+
+    result = {
+        **ratios,
+        **{f"ms_{name}": 1000 * s for name, s in seconds.items()},
+        **{f"peak_mb_{name}": mb for name, mb in memory.items()},
+        "max_abs_diff_ours_vs_hf": diff_hf, "max_abs_diff_ours_vs_naive": diff_naive,
+        "expert_tokens_top1of4": top1_load, "expert_assignments_top2of8": top2_load,
+        "tokens": n, "hidden": d, "ffn": f, "dense_ffn": 2 * f, "rounds": args.rounds,
+        "threads": torch.get_num_threads(), "load_average_1min": [load_before, os.getloadavg()[0]],
+        "torch": torch.__version__, "memory_method": "torch.profiler profile_memory: peak net CPU allocation per call",
+    }
+    if args.json:
+        print(json.dumps(result))
+        return
+    print(f"forward+backward, {n} tokens, d {d}, ffn {f}, {args.threads} threads, median of {args.rounds} rounds, "
+          f"1-min load average {load_before:.1f} -> {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
+    for name in modules:
+        print(f"  {name:24s} {1000 * seconds[name]:8.1f} ms   peak {memory[name]:7.1f} MB")
+    print(f"(a) top-1 of 4 + meta / dense FFN width {2 * f}: {result['moe_over_dense']:.3f}  (target <= 1.15)")
+    print(f"(b) ours / transformers Mixtral block (eager): {result['ours_over_hf_mixtral']:.3f}  (target <= 0.95); "
+          f"vs its grouped_mm experts: {result['ours_over_hf_mixtral_grouped_mm']:.3f}")
+    print(f"(c) ours / compute-every-expert: {result['ours_over_naive']:.3f}")
+    print(f"outputs: max |ours - HF| {diff_hf:.2e}, max |ours - naive| {diff_naive:.2e}; "
+          f"load top-1 of 4 {top1_load}, top-2 of 8 {top2_load}")
+
+
+if __name__ == "__main__":
+    main()

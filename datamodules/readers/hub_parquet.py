@@ -1,0 +1,99 @@
+"""Hub exports (VQA-RAD, PathVQA): ``data/<split>-*.parquet`` with ``image``, ``question``, ``answer``.
+
+``image`` is the datasets-library image struct ``{bytes, path}``. The encoded bytes are kept on the
+record (decoded only when a sample is loaded) and shared between the rows of one image, so a
+split costs about the size of its distinct images. Rows are read in batches, never the whole file.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from datamodules.problems import ProblemLog, file_error
+from datamodules.readers.common import PathResolver, answer_type_of, record_label
+from datamodules.records import Record
+
+REQUIRED_COLUMNS = ("image", "question", "answer")
+BATCH_ROWS = 512
+
+
+def parquet_files(root: Path, split: str) -> list[Path]:
+    """``data/<split>-*.parquet`` sorted (names may carry shard numbers and hash suffixes)."""
+    return sorted((Path(root) / "data").glob(f"{split}-*.parquet"))
+
+
+def has_parquet(root: Path) -> bool:
+    return any((Path(root) / "data").glob("*.parquet"))
+
+
+def parquet_splits(root: Path, names: tuple[str, ...]) -> list[str]:
+    return [s for s in names if parquet_files(root, s)]
+
+
+def read_hub_parquet(root: str | Path, split: str, *, dataset: str, problems: ProblemLog,
+                     check_images: bool = True) -> list[Record]:
+    """Records of one split; ids are ``<dataset>/<split>/<row>`` counted over the split's shards."""
+    import pyarrow.parquet as pq
+
+    root = Path(root)
+    files = parquet_files(root, split)
+    if not files:
+        raise file_error(root / "data" / f"{split}-*.parquet", "<file>",
+                         f"no parquet file for split {split!r} in {root / 'data'}", "missing_file")
+    paths = PathResolver(root, check_exists=check_images)  # rows that carry only an image path
+    shared: dict[bytes, bytes] = {}  # one bytes object per distinct image
+    records: list[Record] = []
+    row = 0
+    for file in files:
+        try:
+            parquet = pq.ParquetFile(file)
+        except (OSError, ValueError) as e:  # pyarrow's ArrowIOError / ArrowInvalid
+            raise file_error(file, "<parquet>", f"unreadable parquet file ({e})", "malformed_parquet") from None
+        names = parquet.schema_arrow.names
+        missing = [c for c in REQUIRED_COLUMNS if c not in names]
+        if missing:
+            raise file_error(file, missing[0], f"missing column(s) {missing}; columns are {names}", "missing_field")
+        columns = list(REQUIRED_COLUMNS) + (["answer_type"] if "answer_type" in names else [])
+        in_file = 0
+        file_name = str(file)  # one string shared by the file's records
+        for batch in parquet.iter_batches(batch_size=BATCH_ROWS, columns=columns):
+            for item in batch.to_pylist():
+                rid = f"{dataset}/{split}/{row}"
+                label = record_label(in_file, rid)
+                row += 1
+                in_file += 1
+                record = _record(item, rid=rid, label=label, file=file, file_name=file_name, split=split,
+                                 dataset=dataset, problems=problems, paths=paths, shared=shared)
+                if record is not None:
+                    records.append(record)
+    return records
+
+
+def _record(item: dict, *, rid: str, label: str, file: Path, file_name: str, split: str, dataset: str,
+            problems: ProblemLog, paths: PathResolver, shared: dict[bytes, bytes]) -> Record | None:
+    for name in ("question", "answer"):
+        if item.get(name) is None:
+            problems.report(file, label, name, "missing field", "missing_field")
+            return None
+    answer = str(item["answer"]).strip()
+    if not answer:
+        problems.report(file, label, "answer", "empty answer", "empty_answer")
+        return None
+    answer_type = answer_type_of(item.get("answer_type"), answer, file, label, problems)
+    if answer_type is None:
+        return None
+    image = item.get("image") or {}
+    data, image_path = image.get("bytes"), None
+    if data:
+        data = shared.setdefault(data, data)
+    elif image.get("path"):  # an export that references files beside it instead of embedding them
+        image_path = paths.resolve(str(image["path"]), file=file, record=label, field_name="image.path",
+                                   problems=problems)
+        if image_path is None:
+            return None
+    else:
+        problems.report(file, label, "image", "no image bytes and no path", "missing_image")
+        return None
+    return Record(id=rid, dataset=dataset, split=split, question=str(item["question"]), answer=answer,
+                  answer_type=answer_type, image_path=image_path, image_bytes=data or None,
+                  extra={"image_name": image.get("path"), "file": file_name})

@@ -1,0 +1,119 @@
+"""MoE feed-forward: router + grouped experts (+ an always-on meta expert), a drop-in for a decoder's mlp.
+
+``out = sum_k w_k * expert_{i_k}(x) [+ meta_expert(x)]`` per token (Med-MoE: the meta expert is the
+original dense FFN). HF decoder layers call ``mlp(hidden_states)`` without a padding mask, so the mask
+reaches the layer through ``set_token_mask`` (``context.py``), stored on every MoE layer before the LM
+forward. After each forward the layer keeps ``last_aux_loss`` (weighted aux losses, part of the graph),
+``last_stats`` (``MoEStats``) and ``last_routing`` (per-token choices) for the LightningModule.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .dispatch import plan_dispatch
+from .experts import GroupedExperts, GroupedMM
+from .losses import load_balancing_loss, router_z_loss
+from .router import TopKRouter
+from .stats import MoEStats, RoutingRecord
+
+
+class MoEFeedForward(nn.Module):
+    """Token-level top-k mixture of ``experts`` chosen by ``router``, plus an optional ``meta_expert``.
+
+    ``capacity_factor`` None is dropless; otherwise each expert computes at most
+    ``ceil(capacity_factor * real_tokens * k / E)`` assignments and the rest contribute 0 (counted in
+    ``last_stats.dropped``). Aux losses are computed every forward (for logging) and weighted by
+    ``load_balance_coef`` / ``z_loss_coef`` (0 by default, as Med-MoE released) into ``last_aux_loss``.
+    """
+
+    def __init__(self, *, router: TopKRouter, experts: GroupedExperts, meta_expert: nn.Module | None = None,
+                 capacity_factor: float | None = None, load_balance_coef: float = 0.0,
+                 z_loss_coef: float = 0.0) -> None:
+        super().__init__()
+        if router.num_experts != experts.num_experts:
+            raise ValueError(f"router scores {router.num_experts} experts but there are {experts.num_experts}")
+        if capacity_factor is not None and capacity_factor <= 0:
+            raise ValueError(f"capacity_factor must be > 0 or None, got {capacity_factor}")
+        self.router = router
+        self.experts = experts
+        self.meta_expert = meta_expert
+        self.capacity_factor = capacity_factor
+        self.load_balance_coef = load_balance_coef
+        self.z_loss_coef = z_loss_coef
+        self.token_mask: torch.Tensor | None = None  # (B, T) bool, set by ``set_token_mask``; not state
+        self.last_aux_loss: torch.Tensor | None = None
+        self.last_stats: MoEStats | None = None
+        self.last_routing: RoutingRecord | None = None
+
+    _TRANSIENT = ("token_mask", "last_aux_loss", "last_stats", "last_routing")
+
+    def __getstate__(self) -> dict:
+        """Pickle / deepcopy without the last forward's tensors (the aux loss is a non-leaf graph tensor)."""
+        state = self.__dict__.copy()
+        for name in self._TRANSIENT:
+            state[name] = None
+        return state
+
+    @classmethod
+    def build(cls, *, hidden_size: int, ffn_size: int, num_experts: int, top_k: int = 1, gated: bool = True,
+              bias: bool = False, activation: str = "silu", meta_expert: nn.Module | None = None,
+              renormalize: bool = False, jitter: float = 0.0, capacity_factor: float | None = None,
+              load_balance_coef: float = 0.0, z_loss_coef: float = 0.0,
+              grouped_mm: GroupedMM = "auto") -> MoEFeedForward:
+        """A freshly initialised layer from sizes (experts get nn.Linear's default init)."""
+        router = TopKRouter(hidden_size=hidden_size, num_experts=num_experts, top_k=top_k, renormalize=renormalize,
+                            jitter=jitter)
+        experts = GroupedExperts(num_experts=num_experts, hidden_size=hidden_size, ffn_size=ffn_size, gated=gated,
+                                 bias=bias, activation=activation, grouped_mm=grouped_mm)
+        return cls(router=router, experts=experts, meta_expert=meta_expert, capacity_factor=capacity_factor,
+                   load_balance_coef=load_balance_coef, z_loss_coef=z_loss_coef)
+
+    @property
+    def num_experts(self) -> int:
+        return self.experts.num_experts
+
+    @property
+    def top_k(self) -> int:
+        return self.router.top_k
+
+    def _flat_token_mask(self, leading_shape: torch.Size, device: torch.device) -> torch.Tensor | None:
+        if self.token_mask is None:
+            return None
+        if tuple(self.token_mask.shape) != tuple(leading_shape):
+            raise ValueError(f"MoE token mask has shape {tuple(self.token_mask.shape)} but the layer got hidden states "
+                             f"with leading shape {tuple(leading_shape)}; set it with set_token_mask(model, "
+                             f"attention_mask) for this batch, or clear_token_mask(model) (e.g. before generate)")
+        return self.token_mask.to(device=device, dtype=torch.bool).reshape(-1)  # (B*T,)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """(..., D) -> (..., D); typically (B, T, D)."""
+        leading_shape = hidden_states.shape[:-1]
+        x = hidden_states.reshape(-1, hidden_states.shape[-1])  # (B*T, D)
+        token_mask = self._flat_token_mask(leading_shape, x.device)  # (B*T,) or None
+
+        routing = self.router(x, token_mask=token_mask)
+        plan = plan_dispatch(routing.indices, routing.weights, num_experts=self.num_experts, token_mask=token_mask,
+                             capacity_factor=self.capacity_factor)
+        out = self.experts(x, plan)  # (B*T, D)
+        if self.meta_expert is not None:
+            out = out + self.meta_expert(x)  # (B*T, D)
+
+        balance = load_balancing_loss(routing.probs, routing.counts, token_mask)
+        z_loss = router_z_loss(routing.logits, token_mask)
+        self.last_aux_loss = self.load_balance_coef * balance + self.z_loss_coef * z_loss
+        self.last_stats = MoEStats(routed_counts=routing.counts.detach(),
+                                   kept_counts=torch.tensor(plan.group_sizes, device=routing.counts.device),
+                                   num_tokens=plan.num_real_tokens, dropped=plan.dropped, capacity=plan.capacity,
+                                   load_balancing_loss=balance.detach(), z_loss=z_loss.detach())
+        top_k = self.top_k
+        self.last_routing = RoutingRecord(
+            indices=routing.indices.detach().view(*leading_shape, top_k),  # (B, T, k)
+            weights=routing.weights.detach().view(*leading_shape, top_k),  # (B, T, k)
+            token_mask=None if token_mask is None else token_mask.view(leading_shape))  # (B, T)
+        return out.view(hidden_states.shape)  # (B, T, D)
+
+    def extra_repr(self) -> str:
+        return (f"capacity_factor={self.capacity_factor}, load_balance_coef={self.load_balance_coef}, "
+                f"z_loss_coef={self.z_loss_coef}")
