@@ -19,11 +19,12 @@ from datamodules.dataset import Collator, VQADataset
 from datamodules.encoding import ConversationEncoder
 from datamodules.images import ImageTransform
 from datamodules.mixture import MixtureSampler, mixture_groups
+from datamodules.prompts import PromptTemplates
 from datamodules.problems import ProblemLog
 from datamodules.readers import read_split
 from datamodules.records import Record
 from datamodules.sharding import world_of
-from datamodules.specs import DatasetSpec
+from datamodules.specs import TASK_IDS, DatasetSpec
 from datamodules.writers import ensure_synthetic
 
 log = logging.getLogger(__name__)
@@ -44,7 +45,7 @@ class VQADataModule(L.LightningDataModule):
                  num_workers: int = 0, max_length: int = 512, on_bad_record: str = "error",
                  system_prompt: str | None = None, task_prefix: bool = False, pad_square: bool = False,
                  seed: int = 0, one_task_per_batch: bool = False, samples_per_epoch: int | None = None,
-                 verify_images: bool = False) -> None:
+                 verify_images: bool = False, prompt_templates: bool = False) -> None:
         super().__init__()
         if not datasets:
             raise ValueError("no datasets configured (data.datasets is empty)")
@@ -60,6 +61,8 @@ class VQADataModule(L.LightningDataModule):
         self.one_task_per_batch = one_task_per_batch
         self.samples_per_epoch = samples_per_epoch
         self.verify_images = verify_images
+        # per-task prompt templates (datamodules/prompts.py): random in training, the first otherwise
+        self.prompts = PromptTemplates() if prompt_templates else None
         self.problems = ProblemLog(on_bad_record)
         self.records: dict[str, list[Record]] = {}
         self.tokenizer: Any = None
@@ -68,10 +71,11 @@ class VQADataModule(L.LightningDataModule):
         self.task_ids: dict[str, int] = {}
 
     def connect(self, tokenizer: Any, transform: ImageTransform, *, num_image_tokens: int,
-                task_ids: dict[str, int] | None = None) -> "VQADataModule":
+                task_ids: dict[str, int] | None = None, sam_transform: Any = None) -> "VQADataModule":
         self.tokenizer = tokenizer
+        self.sam_transform = sam_transform  # grounding models: items also carry SAM's input
         self.transform = transform
-        self.task_ids = task_ids or {}
+        self.task_ids = dict(TASK_IDS if task_ids is None else task_ids)  # task tag -> id in the batch
         self.encoder = ConversationEncoder(tokenizer, num_image_tokens=num_image_tokens,
                                            max_length=self.max_length, system_prompt=self.system_prompt,
                                            task_prefix=self.task_prefix)
@@ -117,7 +121,9 @@ class VQADataModule(L.LightningDataModule):
     def dataset(self, split: str, *, with_answers: bool) -> VQADataset:
         self._require_connected()
         return VQADataset(self.split_records(split), encoder=self.encoder, transform=self.transform,
-                          with_answers=with_answers, task_ids=self.task_ids)
+                          with_answers=with_answers, task_ids=self.task_ids, prompts=self.prompts,
+                          random_prompts=split == "train" and with_answers,
+                          sam_transform=getattr(self, "sam_transform", None))
 
     def train_sampler(self, *, world_size: int | None = None, rank: int | None = None) -> MixtureSampler:
         """The training sampler for one rank (default: this process's rank in the attached trainer)."""
@@ -128,6 +134,11 @@ class VQADataModule(L.LightningDataModule):
         return MixtureSampler(groups, samples_per_epoch=self.samples_per_epoch,
                               block_size=self.batch_size if self.one_task_per_batch else 1, seed=self.seed,
                               num_replicas=world_size, rank=rank)
+
+    def train_collator(self) -> Collator:
+        """The collate function of the training loader (right padding, answers as labels)."""
+        self._require_connected()
+        return self._collator(False)
 
     def _collator(self, generation: bool) -> Collator:
         return Collator(pad_token_id=self.tokenizer.pad_token_id, padding_side="left" if generation else "right")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from typing import Any
 
 import torch
@@ -10,6 +11,7 @@ from torch.utils.data import Dataset
 from datamodules.encoding import IGNORE_INDEX, ConversationEncoder, pad_batch
 from datamodules.images import ImageTransform, load_image, load_mask
 from datamodules.problems import DataError
+from datamodules.prompts import PromptTemplates
 from datamodules.records import Record
 
 LOAD_HINT = ("found while loading a sample; run `medpipe data check --format FORMAT PATH` (or set "
@@ -28,19 +30,30 @@ class VQADataset(Dataset):
     """
 
     def __init__(self, records: list[Record], *, encoder: ConversationEncoder, transform: ImageTransform,
-                 with_answers: bool, task_ids: dict[str, int] | None = None) -> None:
+                 with_answers: bool, task_ids: dict[str, int] | None = None,
+                 prompts: PromptTemplates | None = None, random_prompts: bool = False,
+                 sam_transform: Any = None) -> None:
         self.records = records
         self.encoder = encoder
         self.transform = transform
         self.with_answers = with_answers
         self.task_ids = task_ids or {}
+        # per-task prompt templates: a random one per item in training, the first at evaluation
+        self.prompts = prompts
+        self.random_prompts = random_prompts
+        self.sam_transform = sam_transform  # MedPLIB grounding: SAM's own copy of each image (grounding.py)
 
     def __len__(self) -> int:
         return len(self.records)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         record = self.records[index]
-        encoded = self.encoder.encode(record, with_answers=self.with_answers)
+        prompted = record
+        if self.prompts is not None:
+            # the draw depends only on (epoch, index): the same in every worker layout and after a resume
+            rng = random.Random(f"{getattr(index, 'epoch', 0)}:{int(index)}") if self.random_prompts else None
+            prompted = self.prompts.apply(record, rng)
+        encoded = self.encoder.encode(prompted, with_answers=self.with_answers)
         item = {"record": record, "input_ids": encoded.input_ids, "labels": encoded.labels,
                 "truncated": encoded.truncated, "pixel_values": None, "task_id": self.task_ids.get(record.task, 0)}
         if not record.has_image:
@@ -48,6 +61,9 @@ class VQADataset(Dataset):
         try:
             image = load_image(record.image_path, record.image_bytes, record=record.id)
             item["pixel_values"] = self.transform(image)  # (3, H, W)
+            if self.sam_transform is not None:
+                item["sam_pixel_values"], item["sam_resized_size"], _ = self.sam_transform(image)  # (3, S, S)
+                item["image_size"] = (image.size[1], image.size[0])  # (H, W)
             if record.mask_path is not None or isinstance(record.region, str):
                 width, height = image.size
                 item["image_size"] = (height, width)
@@ -105,4 +121,9 @@ class Collator:
             batch["masks"] = [it.get("mask") for it in items]  # B x (H_i, W_i) bool | None
             batch["region_masks"] = [it.get("region_mask") for it in items]  # B x (H_i, W_i) bool | None
             batch["image_sizes"] = [it.get("image_size") for it in items]  # B x (H_i, W_i) | None
+        if any("sam_pixel_values" in it for it in items):  # grounding model: SAM inputs, zeros without an image
+            sam = [it.get("sam_pixel_values") for it in items]
+            blank = torch.zeros_like(next(s for s in sam if s is not None))  # (3, S, S)
+            batch["sam_pixel_values"] = torch.stack([blank if s is None else s for s in sam])  # (B, 3, S, S)
+            batch["sam_resized_sizes"] = [it.get("sam_resized_size") for it in items]  # B x (h, w) | None
         return batch

@@ -12,6 +12,8 @@ from datamodules.records import Record
 
 IGNORE_INDEX = -100
 IMAGE_TOKEN = "<image>"
+REGION_START = "<region>"
+REGION_FEAT = "<region_feat>"  # lightningmodules/models/region.py REGION_PLACEHOLDER
 _IMAGE_PLACEHOLDER = re.compile(r"[ \t]*<image>[ \t]*\n?")
 
 
@@ -41,6 +43,9 @@ class ConversationEncoder:
         self.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
         if self.image_token_id is None or self.image_token_id == tokenizer.unk_token_id:
             raise ValueError(f"tokenizer has no {IMAGE_TOKEN} token; load it with load_tokenizer()")
+        # MedPLIB region prompts: one placeholder after each <region>, for the model's region token
+        self.region_start_id = _special_id(tokenizer, REGION_START)
+        self.region_feat_id = _special_id(tokenizer, REGION_FEAT)
 
     def messages(self, record: Record, *, with_answers: bool) -> list[dict[str, str]]:
         msgs: list[dict[str, str]] = []
@@ -66,6 +71,8 @@ class ConversationEncoder:
         out: list[int] = []
         for t in ids:
             out.extend([t] * self.num_image_tokens if t == self.image_token_id else [t])
+            if t == self.region_start_id and self.region_feat_id is not None:
+                out.append(self.region_feat_id)  # <region><region_feat></region>
         return out
 
     def encode(self, record: Record, *, with_answers: bool) -> EncodedSample:
@@ -94,6 +101,13 @@ class ConversationEncoder:
                                  f"data.max_length={self.max_length}; raise max_length")
             input_ids, labels = input_ids[: self.max_length], labels[: self.max_length]
         return EncodedSample(input_ids=input_ids, labels=labels, truncated=truncated)
+
+
+def _special_id(tokenizer: Any, token: str) -> int | None:
+    """The id of an added special token, or None when the tokenizer does not have it."""
+    if token not in tokenizer.get_vocab():
+        return None
+    return tokenizer.convert_tokens_to_ids(token)
 
 
 def pad_batch(sequences: list[list[int]], pad_value: int, side: str) -> torch.Tensor:

@@ -65,6 +65,21 @@ def largest_remainder(total: int, weights: Sequence[float]) -> list[int]:
     return counts.tolist()
 
 
+class SampleIndex(int):
+    """A dataset index that also carries the sampler's epoch (per-sample randomness, e.g. the prompt
+    template, is drawn from (epoch, index): reproducible across worker layouts and resumes)."""
+
+    epoch: int
+
+    def __new__(cls, index: int, epoch: int) -> "SampleIndex":
+        value = super().__new__(cls, index)
+        value.epoch = epoch
+        return value
+
+    def __reduce__(self):  # through DataLoader worker queues with the epoch attached
+        return (SampleIndex, (int(self), self.epoch))
+
+
 class MixtureSampler(DistributedSampler):
     """Index sampler over weighted groups; see the module docstring for the stream it yields."""
 
@@ -86,6 +101,7 @@ class MixtureSampler(DistributedSampler):
         self.num_replicas = int(num_replicas)
         self.rank = int(rank)
         self.epoch = 0
+        self.skip_samples = 0  # set on a mid-epoch resume: the next epoch's first samples were consumed
         self.shuffle = True
         self.drop_last = False
         self.dataset = None
@@ -115,7 +131,8 @@ class MixtureSampler(DistributedSampler):
     def __iter__(self) -> Iterator[int]:
         blocks = self.global_stream().reshape(self.blocks, self.block_size)  # (blocks, B)
         mine = blocks[self.rank:: self.num_replicas]  # (blocks / world, B): every world-th block
-        return iter(mine.reshape(-1).tolist())
+        skip, self.skip_samples = self.skip_samples, 0  # one-shot: only the resumed epoch starts late
+        return (SampleIndex(i, self.epoch) for i in mine.reshape(-1)[skip:].tolist())
 
 
 def _group_stream(size: int, *, start: int, count: int, seed: tuple[int, int]) -> np.ndarray:

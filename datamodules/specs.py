@@ -8,6 +8,9 @@ from typing import List, Optional
 FORMATS = ("vqa_rad", "slake", "pathvqa", "conversation", "mecovqa")
 # Uni-Med's task tags, plus MedPLIB's region-prompt and pixel-grounding tasks (MeCoVQA).
 TASKS = ("vqa", "refer", "identify", "caption", "cls", "qa", "region", "grounding")
+# Task id of each task: its position in TASKS (append new tasks at the end so ids stay stable). The
+# batch carries these ids; CMoE's task embeddings and hard routing are indexed by them.
+TASK_IDS = {task: index for index, task in enumerate(TASKS)}
 # Synthetic release layouts per format (the first is the default).
 LAYOUTS = {
     "vqa_rad": ("original", "parquet"),
@@ -16,14 +19,15 @@ LAYOUTS = {
     "conversation": ("default",),
     "mecovqa": ("default",),
 }
-SYNTHETIC_KINDS = {"conversation": ("vqa", "caption")}  # other formats: vqa only
+# other formats: vqa only; conversation "cls" = one class label per image, "qa" = text-only questions
+SYNTHETIC_KINDS = {"conversation": ("vqa", "caption", "cls", "qa")}
 
 
 @dataclass
 class SyntheticSpec:
     """Write a phantom dataset in the format's release layout at ``path`` when it is absent."""
 
-    kind: str = "vqa"  # vqa | caption (caption: conversation format only)
+    kind: str = "vqa"  # vqa | caption | cls | qa (the last three: conversation format only)
     layout: Optional[str] = None  # LAYOUTS[format]; None = the first
     train_images: int = 240
     val_images: int = 30

@@ -14,7 +14,9 @@ import lightning as L
 import torch
 from torch import nn
 
+from lightningmodules.metrics.routing import RoutingByTask, routing_metric_names
 from lightningmodules.metrics.vqa_metrics import bleu1, closed_accuracy, open_recall
+from lightningmodules.moe_monitor import MoEMonitor
 from lightningmodules.schedules import lr_lambda
 
 class NonFiniteLossError(RuntimeError):
@@ -33,7 +35,7 @@ class VLMModule(L.LightningModule):
     def __init__(self, *, model: nn.Module, tokenizer: Any = None, lr: float = 2e-4, weight_decay: float = 0.0,
                  betas: tuple[float, float] = (0.9, 0.999), warmup_ratio: float = 0.03,
                  scheduler: str = "cosine", min_lr_ratio: float = 0.0, max_new_tokens: int = 16,
-                 closed_protocol: str = "default") -> None:
+                 closed_protocol: str = "default", task_names: list[str] | None = None) -> None:
         super().__init__()
         self.model = model
         self.tokenizer = tokenizer
@@ -44,6 +46,13 @@ class VLMModule(L.LightningModule):
             "bleu1": bleu1(),
         })
         self.predictions: list[dict[str, Any]] = []
+        # connector mixture-of-experts (CMoE): per-task mean routing weights over each validation epoch
+        connector = getattr(model, "connector", None)
+        self.task_names = list(task_names or [])
+        self.routing = (RoutingByTask(num_tasks=connector.num_tasks, num_experts=connector.num_experts)
+                        if hasattr(connector, "last_routing") else None)
+        self.routing_table: torch.Tensor | None = None  # (tasks, E) of the last validation epoch
+        self.moe = MoEMonitor(model)  # no-op without MoE layers
 
     # -- training --------------------------------------------------------------------------------
     def on_fit_start(self) -> None:
@@ -52,9 +61,16 @@ class VLMModule(L.LightningModule):
         self.model.train()
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        self.moe.begin(batch["attention_mask"])
         out = self.model(**model_inputs(batch))
-        self.stop_on_non_finite(out.loss)
         batch_size = batch["input_ids"].shape[0]
+        aux = self.moe.aux_loss()
+        if aux is not None:  # MoE: weighted load-balancing + z-loss (coefficients 0 by default)
+            self.log("train/lm_loss", out.loss, batch_size=batch_size)
+            self.log("train/aux_loss", aux, batch_size=batch_size)
+            self.log_dict(self.moe.step_metrics(batch.get("records")), batch_size=batch_size)
+            out.loss = out.loss + aux
+        self.stop_on_non_finite(out.loss)
         self.log("train/loss", out.loss, prog_bar=True, batch_size=batch_size)
         if batch.get("truncated"):
             self.log("data/truncated", float(batch["truncated"]), reduce_fx="sum", batch_size=batch_size)
@@ -71,14 +87,38 @@ class VLMModule(L.LightningModule):
             raise NonFiniteLossError(f"training loss is {float(loss.detach())} at step {step}: stopping; the last good "
                                      "checkpoint is kept (lower optim.lr, or set trainer.gradient_clip_val)")
 
+    def on_train_epoch_end(self) -> None:
+        if self.moe.enabled:
+            self.log_dict(self.moe.modality_metrics())
+
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        if self.routing is not None:
+            self.model.connector.last_routing = None  # a text-only batch does not run the connector
+        self.moe.begin(batch["attention_mask"])
         out = self.model(**model_inputs(batch))
         self.log("val/loss", out.loss, prog_bar=True, sync_dist=True, batch_size=batch["input_ids"].shape[0])
+        routing = self.model.connector.last_routing if self.routing is not None else None
+        if routing is not None and routing.task_ids is not None:
+            self.routing.update(routing.weights, routing.task_ids)
+
+    def on_validation_epoch_end(self) -> None:
+        if self.routing is None:
+            return
+        table = self.routing.compute()  # (tasks, E), summed over ranks
+        self.routing.reset()
+        if self.trainer.sanity_checking:
+            return
+        self.routing_table = table.cpu()
+        names = self.task_names or [f"task{t}" for t in range(table.shape[0])]
+        metrics = routing_metric_names(self.routing_table, names)
+        if metrics:  # already reduced over ranks: every rank logs the same numbers
+            self.log_dict(metrics)
 
     # -- evaluation ------------------------------------------------------------------------------
     def generate_texts(self, batch: dict[str, Any]) -> list[str]:
         if self.tokenizer is None:
             raise RuntimeError("VLMModule needs a tokenizer to generate")
+        self.moe.end()  # KV-cache steps route every token, whatever the last batch's mask
         ids = self.model.generate(**model_inputs(batch, with_labels=False),
                                   max_new_tokens=self.hparams.max_new_tokens,
                                   eos_token_id=self.tokenizer.eos_token_id,

@@ -25,6 +25,14 @@ class LossHistory(L.Callback):
         if value is not None and not trainer.sanity_checking:
             self.val_losses.append(float(value))
 
+    # kept in checkpoints, so a resumed stage's learning curve and results table cover every step
+    def state_dict(self) -> dict[str, Any]:
+        return {"losses": list(self.losses), "val_losses": list(self.val_losses)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.losses = list(state_dict["losses"])
+        self.val_losses = list(state_dict["val_losses"])
+
     def mean(self, part: str, fraction: float = 0.1) -> float:
         """Mean loss over the first or last ``fraction`` of the steps."""
         if not self.losses:
@@ -32,3 +40,34 @@ class LossHistory(L.Callback):
         n = max(1, int(len(self.losses) * fraction))
         window = self.losses[:n] if part == "first" else self.losses[-n:]
         return sum(window) / len(window)
+
+
+class RoutingHeatmap(L.Callback):
+    """After each validation run, the module's task x expert routing table as a heatmap artifact.
+
+    ``plots/routing/epoch_<NNN>.png`` per validation run and ``plots/routing_heatmap.png`` (the latest),
+    through the tracker (rank 0 only). The scalars are logged by the module itself.
+    """
+
+    def __init__(self, *, tracker: Any, run_id: str | None, task_names: list[str], title: str = "routing") -> None:
+        self.tracker = tracker
+        self.run_id = run_id
+        self.task_names = task_names
+        self.title = title
+        self.figures = 0
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        table = getattr(pl_module, "routing_table", None)
+        if (table is None or trainer.sanity_checking or not trainer.is_global_zero or self.run_id is None
+                or not getattr(self.tracker, "enabled", False)):
+            return
+        import matplotlib.pyplot as plt
+
+        from pipeline.plots import routing_heatmap
+
+        figure = routing_heatmap(table.numpy(), self.task_names,
+                                 title=f"{self.title}: mean routing weight, epoch {trainer.current_epoch}")
+        self.tracker.log_figure(self.run_id, figure, f"plots/routing/epoch_{trainer.current_epoch:03d}.png")
+        self.tracker.log_figure(self.run_id, figure, "plots/routing_heatmap.png")
+        plt.close(figure)
+        self.figures += 1

@@ -41,12 +41,15 @@ def _quiet_libraries() -> None:
 
 
 def _setup_logging(verbose: bool) -> None:
+    from pipeline.tracking import is_rank_zero
+
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("medpipe: %(message)s"))
     for name in ("medpipe", "pipeline", "datamodules", "lightningmodules"):
         logger = logging.getLogger(name)
         logger.handlers[:] = [handler]
-        logger.setLevel(logging.DEBUG if verbose else logging.INFO)
+        # ranks other than 0 keep warnings and errors only: one copy of every progress line
+        logger.setLevel((logging.DEBUG if verbose else logging.INFO) if is_rank_zero() else logging.WARNING)
         logger.propagate = False
 
 
@@ -62,7 +65,10 @@ def cmd_config_show(args: argparse.Namespace) -> int:
 
 def _print_results(result, tracking_uri: str) -> None:
     from pipeline.runner import format_table, results_rows
+    from pipeline.tracking import is_rank_zero
 
+    if not is_rank_zero():
+        return  # the other ranks hold no evaluation (rank 0 gathers it)
     print()
     print(format_table(results_rows(result)))
     print(f"\ntotal time {result.seconds:.0f}s; runs are in MLflow ({tracking_uri}). Browse them with:")
@@ -154,6 +160,17 @@ def cmd_memory(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_params(args: argparse.Namespace) -> int:
+    from pipeline.config import load_config
+    from pipeline.params import experiment_params, format_params, to_json
+
+    cfg = load_config(args.config, args.overrides, check_paths=False)
+    _quiet_libraries()
+    result = experiment_params(cfg, stage=args.stage)
+    print(to_json(result) if args.json else format_params(result))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="medpipe", description="Medical multimodal-LLM experiment pipeline (Uni-Med, Med-MoE, MedPLIB recipes).")
@@ -172,6 +189,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add("train", cmd_train, "Run every stage of an experiment, then evaluate.")
     add("evaluate", cmd_evaluate, "Evaluate a hand-over checkpoint (ckpt=...) on the configured split.")
+    params = add("params", cmd_params, "Total parameters and parameters active per token (MoE), on the meta device.")
+    params.add_argument("--stage", help="count the model as it is after this stage (default: the last)")
+    params.add_argument("--json", action="store_true", help='print one JSON object: {"total": N, '
+                        '"active_per_token": N, ...}')
     demo = add("demo", cmd_demo, "Train and evaluate the tiny demo on synthetic data (no downloads).",
                config=False)
     demo.add_argument("--out", help="put outputs and the MLflow database in this directory")

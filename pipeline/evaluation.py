@@ -13,7 +13,8 @@ from omegaconf import DictConfig
 
 from datamodules.records import Record
 from lightningmodules.metrics.baselines import majority_predictions
-from lightningmodules.metrics.pairing import Pair, Reference, drop_padding_duplicates, pair_by_id
+from lightningmodules.metrics.grounding_summary import grounding_summary, region_vqa_summary
+from lightningmodules.metrics.pairing import Pair, Reference, dedupe_by_id, pair_by_id
 from lightningmodules.metrics.report import evaluation_report, flat_metrics, format_report
 from lightningmodules.vlm_module import VLMModule
 from pipeline.trainer_factory import build_trainer
@@ -67,18 +68,25 @@ def evaluate_model(cfg: DictConfig, built: Any, *, tracker: Any, run_id: str | N
     dm = connect(build_datamodule(cfg, eval_sets), built)
     dm.prepare_data()
     if module is None:
-        module = VLMModule(model=built.model, tokenizer=built.tokenizer,
-                           max_new_tokens=cfg.evaluation.max_new_tokens)
+        from lightningmodules.grounding_module import vlm_module_class
+
+        module = vlm_module_class(cfg)(model=built.model, tokenizer=built.tokenizer,
+                                       max_new_tokens=cfg.evaluation.max_new_tokens)
+    if hasattr(module, "overlay_dir"):  # grounded model: predicted / true mask overlays
+        module.overlay_dir = out_dir / "overlays"
     trainer = build_trainer(cfg.trainer, logger=tracker.lightning_logger(run_id), root_dir=out_dir)
     trainer.test(module, dataloaders=dm.generation_dataloader(split), verbose=False)
     if not trainer.is_global_zero:
         return EvalResult(split=split, metrics={}, baseline={}, predictions_file=out_dir / "predictions.jsonl",
                           count=0)
 
-    predictions, padding = drop_padding_duplicates(module.predictions)
+    predictions = dedupe_by_id(module.predictions)  # DistributedSampler padding repeats samples
+    padding = len(module.predictions) - len(predictions)
     records = dm.split_records(split)
     report = score_records({p["question_id"]: p["text"] for p in predictions}, records)
     metrics = flat_metrics(report)
+    metrics.update(grounding_summary(predictions))  # seg/mdice, seg/miou per modality (grounded models)
+    metrics.update(region_vqa_summary(predictions))  # region/...: MeCoVQA-Region under MedPLIB's protocol
     baseline_texts = majority_predictions(dm.split_records("train"), records)
     baseline_report = score_records({r.id: t for r, t in zip(records, baseline_texts)}, records)
     baseline = {k: v for k, v in flat_metrics(baseline_report).items() if k in HEADLINE}
@@ -97,6 +105,8 @@ def evaluate_model(cfg: DictConfig, built: Any, *, tracker: Any, run_id: str | N
                                  **{f"baseline/{k}": v for k, v in baseline.items()}})
     for name in ("predictions.jsonl", "metrics.json", "report.md"):
         tracker.log_file(run_id, out_dir / name, "evaluation")
+    for overlay in getattr(module, "overlays", []):  # png: prediction red, target green, overlap yellow
+        tracker.log_file(run_id, overlay, "evaluation/overlays")
     by_id = {r.id: r for r in records}
     tracker.log_table(run_id, [{"question_id": p["question_id"], "question": p["prompt"], "prediction": p["text"],
                                 "answer": by_id[p["question_id"]].answer, "answer_type": p["answer_type"],

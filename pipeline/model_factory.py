@@ -17,6 +17,8 @@ from lightningmodules.models.language import IMAGE_TOKEN, load_causal_lm, load_t
 from lightningmodules.models.multimodal import MultimodalLM
 from lightningmodules.models.tiny import resolve_model_path
 from lightningmodules.models.vision import VisionTower, load_vision_model
+from lightningmodules.models.vision_timm import is_timm_path, load_timm_vision, timm_transform_settings
+from pipeline.grounding_factory import build_grounded, grounding_tokens
 
 
 @dataclass
@@ -24,6 +26,7 @@ class BuiltModel:
     model: MultimodalLM
     tokenizer: Any
     transform: ImageTransform
+    sam_transform: Any = None  # grounded models (model.grounding): SAM's input transform
 
 
 def build_connector(cfg: DictConfig, *, in_dim: int, out_dim: int) -> nn.Module:
@@ -41,16 +44,24 @@ def build_connector(cfg: DictConfig, *, in_dim: int, out_dim: int) -> nn.Module:
 
 def build_model(cfg: DictConfig, *, cache_dir: str | Path | None = None) -> BuiltModel:
     """Vision tower, connector and causal LM from the ``model`` section of an experiment config."""
-    vision_dir = resolve_model_path(cfg.vision.path, cache_dir)
     llm_dir = resolve_model_path(cfg.llm.path, cache_dir)
-    tokenizer = load_tokenizer(llm_dir, extra_special_tokens=[IMAGE_TOKEN], chat_template=cfg.llm.chat_template,
+    tokenizer = load_tokenizer(llm_dir, extra_special_tokens=[IMAGE_TOKEN] + grounding_tokens(cfg),
+                               chat_template=cfg.llm.chat_template,
                                trust_remote_code=cfg.llm.trust_remote_code)
     llm = load_causal_lm(llm_dir, vocab_size=len(tokenizer), dtype=cfg.llm.dtype,
                          trust_remote_code=cfg.llm.trust_remote_code,
                          attn_implementation=cfg.llm.attn_implementation)
     if cfg.llm.gradient_checkpointing:
         llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    vision = VisionTower(encoder=load_vision_model(vision_dir), select_layer=cfg.vision.select_layer,
+    if is_timm_path(cfg.vision.path):  # e.g. Uni-Med's EVA-CLIP ViT-g/14 (optional extra medpipe[timm])
+        encoder = load_timm_vision(cfg.vision.path, checkpoint=cfg.vision.checkpoint,
+                                   select_layer=cfg.vision.select_layer)
+        transform = ImageTransform(**timm_transform_settings(encoder), pad_square=cfg.vision.pad_square)
+    else:
+        vision_dir = resolve_model_path(cfg.vision.path, cache_dir)
+        encoder = load_vision_model(vision_dir)
+        transform = ImageTransform.from_pretrained(vision_dir, pad_square=cfg.vision.pad_square)
+    vision = VisionTower(encoder=encoder, select_layer=cfg.vision.select_layer,
                          select_feature=cfg.vision.select_feature, frozen=True)
     aggregation = TokenAggregation(mode=cfg.connector.aggregation, pool=cfg.connector.pool)
     num_tokens, in_dim = aggregation.output_shape(vision.num_tokens, vision.hidden_size)
@@ -58,5 +69,8 @@ def build_model(cfg: DictConfig, *, cache_dir: str | Path | None = None) -> Buil
     model = MultimodalLM(vision=vision, aggregation=aggregation, connector=connector, llm=llm,
                          image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
                          num_image_tokens=num_tokens)
-    transform = ImageTransform.from_pretrained(vision_dir, pad_square=cfg.vision.pad_square)
+    if cfg.get("grounding") is not None:  # MedPLIB: SAM grounding head + region adapter
+        model, sam_transform = build_grounded(cfg.grounding, model, tokenizer=tokenizer, transform=transform,
+                                              cache_dir=cache_dir)
+        return BuiltModel(model=model, tokenizer=tokenizer, transform=transform, sam_transform=sam_transform)
     return BuiltModel(model=model, tokenizer=tokenizer, transform=transform)

@@ -24,3 +24,75 @@ def learning_curve(losses: list[float], val_losses: list[float], *, title: str) 
     ax.legend()
     fig.tight_layout()
     return fig
+
+
+def confusion_matrix_figure(matrix: list[list[int]], labels: list[str], *, title: str) -> Any:
+    """Counts per (true, predicted) class as a heatmap with the numbers written in."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    size = 1.0 + 0.7 * len(labels)
+    fig, ax = plt.subplots(figsize=(size + 1.5, size))
+    image = ax.imshow(matrix, cmap="Blues")
+    ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right")
+    ax.set_yticks(range(len(labels)), labels)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    peak = max((max(row) for row in matrix), default=0)
+    for i, row in enumerate(matrix):
+        for j, value in enumerate(row):
+            ax.text(j, i, str(value), ha="center", va="center", color="white" if value > peak / 2 else "black")
+    fig.colorbar(image, ax=ax)
+    ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
+def routing_heatmap(table: Any, task_names: list[str], *, title: str) -> Any:
+    """Task x expert heatmap of mean routing weights ((tasks, E) array); tasks without images are left out."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    values = np.asarray(table, dtype=float)  # (tasks, E)
+    rows = [t for t in range(values.shape[0]) if not np.isnan(values[t]).any()]
+    values = values[rows]  # (tasks with images, E)
+    labels = [task_names[t] if t < len(task_names) else f"task{t}" for t in rows]
+    fig, ax = plt.subplots(figsize=(1.2 + 0.7 * values.shape[1], 1.0 + 0.45 * max(1, len(rows))))
+    image = ax.imshow(values, cmap="viridis", vmin=0.0, vmax=max(1e-6, float(values.max(initial=0.0))),
+                      aspect="auto")
+    ax.set_xticks(range(values.shape[1]), [f"expert {e}" for e in range(values.shape[1])], rotation=45, ha="right")
+    ax.set_yticks(range(len(rows)), labels)
+    for (i, j), w in np.ndenumerate(values):
+        ax.text(j, i, f"{w:.2f}", ha="center", va="center", fontsize=8,
+                color="white" if w < 0.6 * values.max(initial=1.0) else "black")
+    ax.set_title(title)
+    fig.colorbar(image, ax=ax, label="mean routing weight")
+    fig.tight_layout()
+    return fig
+
+
+def similarity_figure(matrix: Any, labels: list[str], *, title: str) -> Any:
+    """Symmetric (n, n) similarity in [-1, 1] (e.g. gradient cosine between tasks), numbers written in."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    values = np.asarray(matrix, dtype=float)  # (n, n)
+    size = 1.5 + 0.8 * len(labels)
+    fig, ax = plt.subplots(figsize=(size + 1.2, size))
+    image = ax.imshow(values, cmap="RdBu", vmin=-1.0, vmax=1.0)
+    ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right")
+    ax.set_yticks(range(len(labels)), labels)
+    for (i, j), v in np.ndenumerate(values):
+        ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=8)
+    fig.colorbar(image, ax=ax, label="cosine")
+    ax.set_title(title)
+    fig.tight_layout()
+    return fig

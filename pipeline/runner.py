@@ -15,14 +15,21 @@ import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
 from datamodules.datamodule import VQADataModule
+from datamodules.specs import TASKS
+from lightningmodules.grounding_module import vlm_module_class
 from lightningmodules.vlm_module import VLMModule
-from pipeline.callbacks import LossHistory
+from lightningmodules.vlm_module import NonFiniteLossError
+from pipeline.callbacks import LossHistory, RoutingHeatmap
 from pipeline.config import ConfigError
 from pipeline.evaluation import EvalResult, evaluate_model
 from pipeline.fingerprints import dataset_fingerprints, fingerprint_params
+from pipeline.gradient_conflict import GradientConflict
 from pipeline.handover import restore, save_handover
+from pipeline.checkpointing import DataPosition, RngState, StageCheckpoint, last_checkpoint
 from pipeline.model_factory import BuiltModel, build_model
+from pipeline.moe_stage import adjust_trainable, log_stage_artifacts, prepare_stage, stage_module
 from pipeline.plots import learning_curve
+from pipeline.run_state import RunState, StageState, describe, save_run_state, state_for_resume
 from pipeline.tracking import Tracker, check_tracking_uri, hardware_tags
 from pipeline.trainable import add_lora, merge_lora, set_trainable
 from pipeline.trainer_factory import build_trainer
@@ -71,11 +78,13 @@ def build_datamodule(cfg: DictConfig, dataset_names: list[str] | None = None) ->
                          on_bad_record=cfg.data.on_bad_record, system_prompt=cfg.model.llm.system_prompt,
                          task_prefix=cfg.data.task_prefix, pad_square=cfg.model.vision.pad_square, seed=cfg.seed,
                          one_task_per_batch=cfg.data.mixture.one_task_per_batch,
-                         samples_per_epoch=cfg.data.mixture.samples_per_epoch, verify_images=cfg.data.verify_images)
+                         samples_per_epoch=cfg.data.mixture.samples_per_epoch, verify_images=cfg.data.verify_images,
+                         prompt_templates=cfg.data.prompt_templates)
 
 
 def connect(dm: VQADataModule, built: BuiltModel) -> VQADataModule:
-    return dm.connect(built.tokenizer, built.transform, num_image_tokens=built.model.num_image_tokens)
+    return dm.connect(built.tokenizer, built.transform, num_image_tokens=built.model.num_image_tokens,
+                      **({"sam_transform": built.sam_transform} if getattr(built, "sam_transform", None) else {}))
 
 
 def git_tags() -> dict[str, str]:
@@ -108,7 +117,8 @@ def stage_init(cfg: DictConfig, index: int, name: str, done: list[StageResult]) 
     return by_name.get(init, Path(init))
 
 
-def run_stage(cfg: DictConfig, name: str, *, init: Path | None, tracker: Tracker, out_dir: Path) -> StageResult:
+def run_stage(cfg: DictConfig, name: str, *, init: Path | None, tracker: Tracker, out_dir: Path,
+              handovers: dict[str, Path] | None = None, state: RunState | None = None) -> StageResult:
     stage = cfg.stages[name]
     start = time.perf_counter()
     L.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -116,35 +126,84 @@ def run_stage(cfg: DictConfig, name: str, *, init: Path | None, tracker: Tracker
     if init is not None:
         restore(built.model, init)
         log.info("stage %s: starting from %s", name, init)
+    prepare_stage(cfg, name, built.model, handovers or {})  # router classifier / MoE layers (moe_stage.py)
     if stage.lora is not None:
         add_lora(built.model, stage.lora)
-    trainable = set_trainable(built.model, list(stage.train))
+    trainable = adjust_trainable(cfg, name, built.model, set_trainable(built.model, list(stage.train)))
     log.info("stage %s: training %s", name, ", ".join(f"{g} ({n:,} params)" for g, n in trainable.items()))
 
     dm = connect(build_datamodule(cfg, list(stage.datasets) if stage.datasets else None), built)
     optim = stage.optim
-    module = VLMModule(model=built.model, tokenizer=built.tokenizer, lr=optim.lr, weight_decay=optim.weight_decay,
+    module = stage_module(cfg, name, built.model) or vlm_module_class(cfg, stage)(  # router: RouterModule
+                       model=built.model, tokenizer=built.tokenizer, lr=optim.lr, weight_decay=optim.weight_decay,
                        betas=tuple(optim.betas), warmup_ratio=optim.warmup_ratio, scheduler=optim.scheduler,
-                       min_lr_ratio=optim.min_lr_ratio, max_new_tokens=cfg.evaluation.max_new_tokens)
-    run_id = tracker.start_child(run_name=name, tags={"stage": name})
+                       min_lr_ratio=optim.min_lr_ratio, max_new_tokens=cfg.evaluation.max_new_tokens,
+                       task_names=list(TASKS))
+    state = state or RunState(name=cfg.name)
+    stage_state = state.stage(name)
+    ckpt_dir = out_dir / "stages" / name / "checkpoints"
+    resuming = bool(cfg.resume and stage_state.run_id)  # this stage had started before the run stopped
+    ckpt = last_checkpoint(ckpt_dir) if resuming else None
+    if resuming:
+        run_id = tracker.resume_child(stage_state.run_id)
+        log.info("stage %s: resuming MLflow run %s from %s", name, stage_state.run_id, ckpt or "its start")
+    else:
+        run_id = tracker.start_child(run_name=name, tags={"stage": name})
+    stage_state.run_id = run_id or stage_state.run_id
+    save_run_state(state, out_dir, is_writer=tracker.enabled)
     history = LossHistory()
+    callbacks = [history, *routing_callbacks(module, tracker=tracker, run_id=run_id, stage=name)]
+    conflict = cfg.analysis.grad_conflict
+    if conflict.every_n_steps and stage.kind != "router":
+        callbacks.append(GradientConflict(every_n_steps=conflict.every_n_steps, samples_per_task=conflict.samples_per_task,
+                                          groups=list(conflict.groups), tracker=tracker, run_id=run_id))
+    if cfg.trainer.save_checkpoints:
+        callbacks += [StageCheckpoint(ckpt_dir, every_n_steps=cfg.trainer.checkpoint_every_n_steps), DataPosition(),
+                      RngState()]
     trainer = build_trainer(cfg.trainer, max_epochs=stage.max_epochs, max_steps=stage.max_steps,
-                            logger=tracker.lightning_logger(run_id), callbacks=[history],
-                            root_dir=out_dir / "stages" / name)
-    with tracker.system_metrics(run_id, cfg.mlflow.system_metrics, cfg.mlflow.system_metrics_interval):
-        trainer.fit(module, datamodule=dm)
+                            logger=tracker.lightning_logger(run_id), callbacks=callbacks,
+                            root_dir=out_dir / "stages" / name, enable_checkpointing=cfg.trainer.save_checkpoints)
+    with tracker.system_metrics(run_id, cfg.mlflow.system_metrics, cfg.mlflow.system_metrics_interval,
+                                resume=resuming):
+        try:
+            trainer.fit(module, datamodule=dm, ckpt_path=str(ckpt) if ckpt else None)
+        except NonFiniteLossError as e:
+            kept = last_checkpoint(ckpt_dir)
+            raise NonFiniteLossError(f"stage {name}: {e}; last good checkpoint: "
+                                     f"{kept or 'none written yet'}") from None
     log_stage_records(tracker, run_id, dm, history, name)
+    log_stage_artifacts(tracker, run_id, module, name, out_dir / "stages" / name)
     merge_lora(built.model)
     handover = save_handover(built.model, out_dir / "stages" / name / "handover.pt", stage=name,
                              meta={"trainable": trainable})
     result = StageResult(name=name, handover=handover, run_id=run_id, seconds=0.0, losses=history.losses,
                          val_losses=history.val_losses, trainable=trainable)
-    if cfg.evaluation.enabled and cfg.evaluation.after_each_stage:
+    stage_state.handover, stage_state.trainable = str(handover), dict(trainable)
+    stage_state.losses, stage_state.val_losses = list(history.losses), list(history.val_losses)
+    if cfg.evaluation.enabled and cfg.evaluation.after_each_stage and stage.kind != "router":  # LLM unchanged
         result.evaluation = evaluate_model(cfg, built, tracker=tracker, run_id=run_id,
                                            out_dir=out_dir / "stages" / name / "eval", module=module)
-    result.seconds = time.perf_counter() - start
+    result.seconds = stage_state.seconds = time.perf_counter() - start
+    stage_state.status = "done"
+    save_run_state(state, out_dir, is_writer=tracker.enabled)
     tracker.finish(run_id)
     return result
+
+
+def finished_stage(name: str, stage_state: StageState) -> StageResult | None:
+    """A stage a resumed run already finished (its hand-over on disk), as a result without re-training."""
+    if stage_state.status != "done" or not stage_state.handover or not Path(stage_state.handover).is_file():
+        return None
+    return StageResult(name=name, handover=Path(stage_state.handover), run_id=stage_state.run_id,
+                       seconds=stage_state.seconds, losses=stage_state.losses, val_losses=stage_state.val_losses,
+                       trainable=stage_state.trainable)
+
+
+def routing_callbacks(module: VLMModule, *, tracker: Tracker, run_id: str | None, stage: str) -> list[L.Callback]:
+    """The routing heatmap artifact when the connector is a mixture of experts (CMoE)."""
+    if module.routing is None:
+        return []
+    return [RoutingHeatmap(tracker=tracker, run_id=run_id, task_names=list(TASKS), title=f"stage {stage}")]
 
 
 def log_stage_records(tracker: Tracker, run_id: str | None, dm: VQADataModule, history: LossHistory,
@@ -185,13 +244,27 @@ def run_experiment(cfg: DictConfig) -> ExperimentResult:
     check_writable(out_dir)
     tracker = Tracker(tracking_uri=cfg.mlflow.tracking_uri, experiment_name=cfg.mlflow.experiment_name)
     tags = {"recipe": cfg.name, **git_tags(), **package_tags(), **hardware_tags(), **dict(cfg.mlflow.tags)}
-    parent = tracker.start_parent(run_name=cfg.mlflow.run_name or cfg.name, cfg=cfg, tags=tags)
+    if cfg.resume:
+        state = state_for_resume(out_dir, cfg.name)
+        parent = tracker.resume_parent(state.parent_run_id) if state.parent_run_id else None
+        log.info("resuming %s (MLflow run %s): %s", cfg.name, state.parent_run_id, describe(state))
+    else:
+        state = RunState(name=cfg.name)
+        parent = tracker.start_parent(run_name=cfg.mlflow.run_name or cfg.name, cfg=cfg, tags=tags)
+    state.parent_run_id = parent or state.parent_run_id
+    save_run_state(state, out_dir, is_writer=tracker.enabled)
     result = ExperimentResult(parent_run_id=parent)
     status = "FAILED"
     try:
         for index, name in enumerate(cfg.stages.keys()):
+            done = finished_stage(name, state.stages[name]) if name in state.stages else None
+            if done is not None:
+                log.info("stage %s: finished before the resume, hand-over %s", name, done.handover)
+                result.stages.append(done)
+                continue
             init = stage_init(cfg, index, name, result.stages)
-            result.stages.append(run_stage(cfg, name, init=init, tracker=tracker, out_dir=out_dir))
+            result.stages.append(run_stage(cfg, name, init=init, tracker=tracker, out_dir=out_dir,
+                                           handovers={s.name: s.handover for s in result.stages}, state=state))
         if cfg.evaluation.enabled and not cfg.evaluation.after_each_stage:
             if not result.stages:
                 raise ValueError("nothing to evaluate: the experiment has no stages (use `medpipe evaluate`)")
@@ -205,6 +278,8 @@ def run_experiment(cfg: DictConfig) -> ExperimentResult:
         tracker.log_text(parent, format_table(rows) + "\n", "results/results_table.txt")
         tracker.log_text(parent, json.dumps(rows, indent=2) + "\n", "results/results.json")
         status = "FINISHED"
+        state.status = "finished"
+        save_run_state(state, out_dir, is_writer=tracker.enabled)
     finally:
         result.seconds = time.perf_counter() - start
         tracker.finish(parent, status)

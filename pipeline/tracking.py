@@ -7,9 +7,11 @@ MLFLOW_TRACKING_URI at import time).
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
+import re
 import platform
 from pathlib import Path
 from typing import Any, Iterator
@@ -64,8 +66,11 @@ def hardware_tags() -> dict[str, str]:
 
 
 def is_rank_zero() -> bool:
-    return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", 0))) == 0 and \
-        int(os.environ.get("LOCAL_RANK", 0)) == 0
+    """Global rank 0, from the launcher's environment (torchrun / SLURM set RANK / SLURM_PROCID; when
+    Lightning launches the ranks itself, only LOCAL_RANK and NODE_RANK are set)."""
+    env = os.environ
+    return (int(env.get("RANK", env.get("SLURM_PROCID", 0))) == 0 and int(env.get("LOCAL_RANK", 0)) == 0
+            and int(env.get("NODE_RANK", env.get("GROUP_RANK", 0))) == 0)
 
 
 def flatten_config(cfg: DictConfig) -> dict[str, str]:
@@ -82,6 +87,11 @@ def flatten_config(cfg: DictConfig) -> dict[str, str]:
 
     walk(OmegaConf.to_container(cfg, resolve=True), "")
     return out
+
+
+def mlflow_metric_name(name: str) -> str:
+    """MLflow accepts alphanumerics, ``_ - . / :`` and spaces in metric names: ``rec_acc@0.5`` -> ``rec_acc_at_0.5``."""
+    return re.sub(r"[^0-9A-Za-z_\-./: ]", "_", name.replace("@", "_at_"))
 
 
 class Tracker:
@@ -113,6 +123,22 @@ class Tracker:
         self.log_config(self.parent_run_id, cfg)
         return self.parent_run_id
 
+    def resume_parent(self, run_id: str) -> str | None:
+        """Continue an existing experiment run (``resume=true``): same run id, status back to RUNNING."""
+        if not self.enabled:
+            return None
+        run = self.client.get_run(run_id)  # raises a clear MlflowException when the id is unknown
+        self.experiment_id = run.info.experiment_id
+        self.parent_run_id = run_id
+        self.client.update_run(run_id, status="RUNNING")
+        return run_id
+
+    def resume_child(self, run_id: str) -> str | None:
+        if not self.enabled:
+            return None
+        self.client.update_run(run_id, status="RUNNING")
+        return run_id
+
     def start_child(self, *, run_name: str, tags: dict[str, str] | None = None) -> str | None:
         if not self.enabled:
             return None
@@ -123,10 +149,8 @@ class Tracker:
         """Lightning logger writing into ``run_id`` (None on ranks other than 0)."""
         if not self.enabled or run_id is None:
             return False
-        from lightning.pytorch.loggers import MLFlowLogger
-
-        return MLFlowLogger(experiment_name=self.experiment_name, tracking_uri=self.tracking_uri,
-                            run_id=run_id, log_model=False)
+        return BufferedMLFlowLogger(experiment_name=self.experiment_name, tracking_uri=self.tracking_uri,
+                                    run_id=run_id, log_model=False)
 
     def log_config(self, run_id: str, cfg: DictConfig) -> None:
         self.log_params(run_id, flatten_config(cfg))
@@ -149,7 +173,7 @@ class Tracker:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        batch = [Metric(k, float(v), now, step or 0) for k, v in metrics.items()]
+        batch = [Metric(mlflow_metric_name(k), float(v), now, step or 0) for k, v in metrics.items()]
         for i in range(0, len(batch), 1000):
             self.client.log_batch(run_id, metrics=batch[i:i + 1000])
 
@@ -182,14 +206,18 @@ class Tracker:
             self.client.set_tag(run_id, key, value)
 
     @contextlib.contextmanager
-    def system_metrics(self, run_id: str | None, enabled: bool, interval: float = 10.0) -> Iterator[None]:
-        """MLflow's CPU / memory / GPU sampling into ``run_id`` while the block runs (psutil needed)."""
+    def system_metrics(self, run_id: str | None, enabled: bool, interval: float = 10.0,
+                       resume: bool = False) -> Iterator[None]:
+        """MLflow's CPU / memory / GPU sampling into ``run_id`` while the block runs (psutil needed).
+
+        ``resume`` continues the run's system-metric steps instead of starting again at 0."""
         monitor = None
         if self.enabled and run_id is not None and enabled:
             try:
                 from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
-                monitor = SystemMetricsMonitor(run_id, sampling_interval=interval, tracking_uri=self.tracking_uri)
+                monitor = SystemMetricsMonitor(run_id, sampling_interval=interval, resume_logging=resume,
+                                               tracking_uri=self.tracking_uri)
                 monitor.start()
             except Exception as e:  # psutil missing or an unsupported platform: tracking goes on without
                 log.warning("MLflow system metrics unavailable: %s", e)
@@ -222,3 +250,52 @@ class Tracker:
         if self.enabled and run_id is not None:
             self.client.set_terminated(run_id, status)
 
+
+
+@functools.cache
+def _buffered_logger_class():
+    from lightning.pytorch.loggers import MLFlowLogger
+
+    class _Buffered(MLFlowLogger):
+        """MLFlowLogger that holds metrics back until the next checkpoint is on disk.
+
+        A run killed between two checkpoints resumes from the earlier one and logs those steps again;
+        held back, they reach MLflow once, so the history has no duplicated and no missing steps. A
+        successful end flushes; a failed one drops what no checkpoint covers.
+        """
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self._pending: list[tuple[dict[str, float], int | None]] = []
+            self._covered = -1  # steps up to here are in a checkpoint on disk
+
+        def log_metrics(self, metrics: Any, step: int | None = None) -> None:
+            self._pending.append((dict(metrics), step))
+            # Lightning logs a step's metrics after on_train_batch_end, i.e. after that step's checkpoint
+            if step is not None and step <= self._covered:
+                self.flush()
+
+        def flush(self) -> None:
+            pending, self._pending = self._pending, []
+            for metrics, step in pending:
+                super().log_metrics(metrics, step)
+
+        def after_save_checkpoint(self, checkpoint_callback: Any) -> None:
+            super().after_save_checkpoint(checkpoint_callback)
+            saved = getattr(checkpoint_callback, "_last_global_step_saved", None)
+            if saved is not None:
+                self._covered = max(self._covered, saved - 1)  # the step just checkpointed logs as step - 1
+            self.flush()
+
+        def finalize(self, status: str = "success") -> None:
+            if status == "failed":
+                self._pending = []
+            else:
+                self.flush()
+            super().finalize(status)
+
+    return _Buffered
+
+
+def BufferedMLFlowLogger(**kwargs: Any) -> Any:  # noqa: N802 (a class factory: lightning imports lazily)
+    return _buffered_logger_class()(**kwargs)

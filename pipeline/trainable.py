@@ -29,7 +29,11 @@ def merge_lora(model: MultimodalLM) -> None:
 def parameter_groups(model: MultimodalLM) -> dict[str, list[str]]:
     """Group name -> parameter names, for the stage config's ``train`` list."""
     groups: dict[str, list[str]] = {"connector": [], "lora": [], "llm": [], "vision": []}
+    groups.update(moe_parameter_groups(model))
+    groups.update(grounding_parameter_groups(model))
     for name, _ in model.named_parameters():
+        if name.startswith("modality_classifier."):
+            continue  # its own group (moe_parameter_groups), never part of "llm"
         if name.startswith("connector."):
             groups["connector"].append(name)
         elif name.startswith("vision."):
@@ -39,6 +43,61 @@ def parameter_groups(model: MultimodalLM) -> dict[str, list[str]]:
         elif name.startswith("llm."):
             groups["llm"].append(name)
     return groups
+
+
+def moe_parameter_groups(model: MultimodalLM) -> dict[str, list[str]]:
+    """``ffn`` (every decoder FFN: dense ones, and the experts + meta expert of MoE layers), ``experts``
+    (MoE experts and meta experts), ``moe_router`` and ``modality_classifier`` parameter names.
+
+    FFNs are found as ``llm.get_decoder().layers[i].mlp`` (any family); LoRA adapter weights stay in ``lora``.
+    """
+    from lightningmodules.models.moe import MoEFeedForward
+
+    groups: dict[str, list[str]] = {"ffn": [], "experts": [], "moe_router": [], "modality_classifier": []}
+    ffn_modules: list[str] = []
+    for name, module in model.named_modules():
+        parent, _, child = name.rpartition(".")
+        if child == "mlp" and parent.rpartition(".")[0].endswith("layers") and name.startswith("llm."):
+            ffn_modules.append(name + ".")
+    for name, module in model.named_modules():
+        if isinstance(module, MoEFeedForward):
+            groups["moe_router"] += [f"{name}.router.{n}" for n, _ in module.router.named_parameters()]
+            groups["experts"] += [f"{name}.experts.{n}" for n, _ in module.experts.named_parameters()]
+            if module.meta_expert is not None:
+                groups["experts"] += [f"{name}.meta_expert.{n}" for n, _ in module.meta_expert.named_parameters()]
+    routers = set(groups["moe_router"])
+    for name, _ in model.named_parameters():
+        if name.startswith("modality_classifier."):
+            groups["modality_classifier"].append(name)
+        elif "lora_" not in name and name not in routers and any(name.startswith(m) for m in ffn_modules):
+            groups["ffn"].append(name)
+    groups["experts"] = [n for n in groups["experts"] if "lora_" not in n]
+    return groups
+
+
+def freeze_moe_routers(model: MultimodalLM) -> int:
+    """Freeze every MoE token router (Med-MoE keeps the classifier-initialised routers fixed); returns params."""
+    names = set(moe_parameter_groups(model)["moe_router"])
+    frozen = 0
+    for name, param in model.named_parameters():
+        if name in names:
+            param.requires_grad_(False)
+            frozen += param.numel()
+    return frozen
+
+
+def grounding_parameter_groups(model: MultimodalLM) -> dict[str, list[str]]:
+    """MedPLIB (``GroundedMultimodalLM``): ``grounding`` = SEG projection + the mask decoder parts that shape
+    the single mask (SAM's encoders always stay frozen), ``region`` = the region adapter (empty for other
+    models); ``embeddings`` = the LLM's input embeddings + LM head (any model; LISA / MedPLIB train them so
+    the rows of added tokens such as ``<SEG>`` learn)."""
+    grounding = model.grounding_parameter_names() if hasattr(model, "grounding_parameter_names") else []
+    region = [n for n, _ in model.named_parameters() if n.startswith("region.")]
+    llm = model.llm
+    table = {id(p) for part in (llm.get_input_embeddings(), llm.get_output_embeddings()) if part is not None
+             for p in part.parameters()}
+    embeddings = [n for n, p in model.named_parameters() if id(p) in table]
+    return {"grounding": grounding, "region": region, "embeddings": embeddings}
 
 
 def set_trainable(model: MultimodalLM, groups: list[str]) -> dict[str, int]:

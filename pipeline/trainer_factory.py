@@ -8,6 +8,8 @@ from typing import Any
 import lightning as L
 from omegaconf import DictConfig
 
+from pipeline.strategies import build_strategy
+
 
 def build_trainer(trainer_cfg: DictConfig, *, max_epochs: int = 1, max_steps: int = -1, logger: Any = False,
                   callbacks: list | None = None, root_dir: str | Path = ".",
@@ -17,7 +19,7 @@ def build_trainer(trainer_cfg: DictConfig, *, max_epochs: int = 1, max_steps: in
         accelerator=trainer_cfg.accelerator,
         devices=devices if devices is not None else "auto",
         num_nodes=trainer_cfg.num_nodes,
-        strategy=trainer_cfg.strategy,
+        strategy=build_strategy(trainer_cfg.strategy, trainer_cfg.accelerator),
         precision=trainer_cfg.precision,
         max_epochs=max_epochs,
         max_steps=max_steps,

@@ -50,3 +50,19 @@ def tiny_demo_run(tmp_path_factory: pytest.TempPathFactory, tiny_llama: Path, ti
     from runs import run_tiny_demo
 
     return run_tiny_demo(tmp_path_factory.mktemp("tiny-demo"))
+
+
+@pytest.fixture(scope="session")
+def tiny_conflict_run(tmp_path_factory: pytest.TempPathFactory, tiny_llama: Path, tiny_clip: Path):
+    """Demo stages with a two-task stage 2 logging gradient conflict: (cfg, result, tmp dir)."""
+    from runs import run_tiny_conflict
+
+    return run_tiny_conflict(tmp_path_factory.mktemp("tiny-conflict"))
+
+
+@pytest.fixture(scope="session")
+def tiny_med_moe_run(tmp_path_factory: pytest.TempPathFactory, tiny_llama: Path, tiny_clip: Path):
+    """The tiny Med-MoE chain with the Llama family, run once: (cfg, result, weight snapshots, tmp dir)."""
+    from runs import run_tiny_med_moe
+
+    return run_tiny_med_moe(tmp_path_factory.mktemp("tiny-med-moe"), "llama")

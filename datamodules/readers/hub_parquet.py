@@ -1,6 +1,8 @@
 """Hub exports (VQA-RAD, PathVQA): ``data/<split>-*.parquet`` with ``image``, ``question``, ``answer``.
 
-``image`` is the datasets-library image struct ``{bytes, path}``. The encoded bytes are kept on the
+``image`` is the datasets-library image struct ``{bytes, path}`` (a plain binary or path column is
+accepted too). A row is closed when its normalised answer is yes/no or an ``answer_type`` column
+says closed (yes/no, CLOSED), else open. The encoded bytes are kept on the
 record (decoded only when a sample is loaded) and shared between the rows of one image, so a
 split costs about the size of its distinct images. Rows are read in batches, never the whole file.
 """
@@ -11,7 +13,7 @@ from pathlib import Path
 
 from datamodules.problems import ProblemLog, file_error
 from datamodules.readers.common import PathResolver, answer_type_of, record_label
-from datamodules.records import Record
+from datamodules.records import Record, closed_if_yes_no
 
 REQUIRED_COLUMNS = ("image", "question", "answer")
 BATCH_ROWS = 512
@@ -56,7 +58,15 @@ def read_hub_parquet(root: str | Path, split: str, *, dataset: str, problems: Pr
         columns = list(REQUIRED_COLUMNS) + (["answer_type"] if "answer_type" in names else [])
         in_file = 0
         file_name = str(file)  # one string shared by the file's records
-        for batch in parquet.iter_batches(batch_size=BATCH_ROWS, columns=columns):
+        batches = parquet.iter_batches(batch_size=BATCH_ROWS, columns=columns)
+        while True:
+            try:
+                batch = next(batches, None)
+            except (OSError, ValueError) as e:  # a corrupt page: the rest of the file is unreadable
+                raise file_error(file, "<parquet>", f"unreadable parquet data after row {in_file} ({e})",
+                                 "malformed_parquet") from None
+            if batch is None:
+                break
             for item in batch.to_pylist():
                 rid = f"{dataset}/{split}/{row}"
                 label = record_label(in_file, rid)
@@ -82,7 +92,13 @@ def _record(item: dict, *, rid: str, label: str, file: Path, file_name: str, spl
     answer_type = answer_type_of(item.get("answer_type"), answer, file, label, problems)
     if answer_type is None:
         return None
-    image = item.get("image") or {}
+    if answer_type == "open" and closed_if_yes_no(answer) == "closed":
+        answer_type = "closed"  # datasets.md: closed when the answer is yes/no, or answer_type says so
+    image = item.get("image")
+    if isinstance(image, (bytes, str)):  # a plain binary or path column instead of the {bytes, path} struct
+        image = {"bytes": image} if isinstance(image, bytes) else {"path": image}
+    elif not isinstance(image, dict):
+        image = {}
     data, image_path = image.get("bytes"), None
     if data:
         data = shared.setdefault(data, data)

@@ -90,7 +90,7 @@ def iter_json_list(path: Path, *, chunk_chars: int = 1 << 20) -> Iterator[Any]:
     """Yield the elements of the JSON list in ``path``; a malformed file raises a DataError."""
     path = Path(path)
     try:
-        f = open(path, encoding="utf-8")
+        f = open(path, encoding="utf-8-sig")  # files saved by Windows tools may start with a BOM
     except FileNotFoundError:
         raise file_error(path, "<file>", "file not found", "missing_file") from None
     decoder = json.JSONDecoder()

@@ -71,3 +71,18 @@ def report_text(p: Phantom) -> str:
         noun = "lesion" if p.lesion_count == 1 else "lesions"
         findings = f"{p.lesion_count} {noun} in the {p.lesion_organ.lower()}, {p.lesion_side} side."
     return f"{p.modality} scan of the {p.body_part.lower()}. {findings}"
+
+
+CLASS_PROMPT = "What is the category of this image?"
+
+
+def class_label(p: Phantom) -> str:
+    """Classification target: normal / abnormal and the body part, e.g. ``abnormal chest`` (6 classes)."""
+    return f"{'abnormal' if p.lesion_count else 'normal'} {p.body_part.lower()}"
+
+
+def text_questions(p: Phantom, rng: np.random.Generator, per_report: int = 2) -> list[QA]:
+    """Text-only QA: the phantom's report is in the question, so the answer follows from the text."""
+    report = report_text(p)
+    return [QA(f"{report}\n{qa.question}", qa.answer, qa.answer_type, qa.content_type)
+            for qa in phantom_questions(p, rng, per_report)]

@@ -5,6 +5,9 @@
 
 ``kind="caption"`` writes alignment data (a report per image, LLaVA-Med alignment style);
 ``kind="vqa"`` writes single-turn VQA records with answer_type and modality (Med-MoE style).
+``kind="cls"`` writes one classification record per image (Uni-Med ``[cls]``: normal / abnormal and
+the body part); ``kind="qa"`` writes text-only records without an image (Uni-Med ``[qa]``: the report
+is in the question) and no image files.
 """
 
 from __future__ import annotations
@@ -16,9 +19,16 @@ import numpy as np
 from PIL import Image
 
 from datamodules.synthetic.phantoms import make_phantom
-from datamodules.synthetic.questions import CAPTION_PROMPTS, phantom_questions, report_text
+from datamodules.synthetic.questions import (
+    CAPTION_PROMPTS,
+    CLASS_PROMPT,
+    class_label,
+    phantom_questions,
+    report_text,
+    text_questions,
+)
 
-KINDS = ("caption", "vqa")
+KINDS = ("caption", "vqa", "cls", "qa")
 
 
 def write_conversation(root: str | Path, *, kind: str = "caption", n_train: int = 240, n_val: int = 30,
@@ -41,8 +51,19 @@ def write_conversation(root: str | Path, *, kind: str = "caption", n_train: int 
         for _ in range(n_images):
             p = make_phantom(index, seed=seed, size=size)
             name = f"images/phantom_{index}.jpg"
+            if kind == "qa":  # text only: no image file, no image key
+                for k, qa in enumerate(text_questions(p, rng, max(1, questions_per_image // 3))):
+                    records.append({"id": f"qa-{index}-{k}", "answer_type": qa.answer_type,
+                                    "conversations": [{"from": "human", "value": qa.question},
+                                                      {"from": "gpt", "value": qa.answer}]})
+                index += 1
+                continue
             Image.fromarray(p.image).convert("RGB").save(root / name, quality=95)
-            if kind == "caption":
+            if kind == "cls":
+                records.append({"id": f"cls-{index}", "image": name, "modality": p.modality,
+                                "conversations": [{"from": "human", "value": f"<image>\n{CLASS_PROMPT}"},
+                                                  {"from": "gpt", "value": class_label(p)}]})
+            elif kind == "caption":
                 prompt = CAPTION_PROMPTS[int(rng.integers(len(CAPTION_PROMPTS)))]
                 records.append({"id": f"cap-{index}", "image": name, "modality": p.modality,
                                 "conversations": [{"from": "human", "value": f"<image>\n{prompt}"},

@@ -61,9 +61,13 @@ def default_task_embed_dim(in_dim: int) -> int:
 class StackedExperts(nn.Module):
     """E ``Linear(in, d) -> GELU -> Linear(d, d)`` experts with their weights stacked along dim 0."""
 
-    def __init__(self, *, num_experts: int, in_dim: int, out_dim: int) -> None:
+    def __init__(self, *, num_experts: int, in_dim: int, out_dim: int, pad_slack: float = 1.25) -> None:
         super().__init__()
         self.num_experts = num_experts
+        # sparse dispatch pads every expert's block to the largest one and runs all experts as one batched
+        # matmul when that computes at most pad_slack x the routed rows (balanced routing); otherwise (e.g.
+        # hard routing of a one-task batch) one matmul per non-empty expert on exactly its rows
+        self.pad_slack = pad_slack
         self.w1 = nn.Parameter(torch.empty(num_experts, in_dim, out_dim))
         self.b1 = nn.Parameter(torch.empty(num_experts, out_dim))
         self.w2 = nn.Parameter(torch.empty(num_experts, out_dim, out_dim))
@@ -104,7 +108,11 @@ class StackedExperts(nn.Module):
         slot_experts = experts.reshape(num_tokens * k)  # (T*k,) slot = token * k + choice
         order = torch.argsort(slot_experts, stable=True)  # (T*k,) slots grouped by expert
         inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
-        counts = torch.bincount(slot_experts, minlength=self.num_experts).tolist()
+        counts_tensor = torch.bincount(slot_experts, minlength=self.num_experts)  # (E,)
+        counts = counts_tensor.tolist()
+        if num_tokens and self.num_experts * max(counts) <= self.pad_slack * num_tokens * k:
+            by_slot = self._padded(tokens, order, inverse, counts_tensor, max(counts), k)  # (T*k, d)
+            return self._combine(by_slot, gates, num_tokens, k), counts
         # the grouped matmuls write into preallocated blocks (out=), which autocast does not cast
         dtype = (torch.get_autocast_dtype(tokens.device.type) if torch.is_autocast_enabled(tokens.device.type)
                  else tokens.dtype)
@@ -112,13 +120,42 @@ class StackedExperts(nn.Module):
         params = (param.to(dtype) for param in (self.w1, self.b1, self.w2, self.b2))
         by_expert = GroupedExpertMLP.apply(rows, counts, *params)  # (T*k, d)
         by_slot = PermuteRows.apply(by_expert, inverse, order)  # (T*k, d) in slot order
+        return self._combine(by_slot, gates, num_tokens, k), counts
+
+    def _combine(self, by_slot: torch.Tensor, gates: torch.Tensor | None, num_tokens: int, k: int) -> torch.Tensor:
+        """(T*k, d) expert outputs in slot order -> (T, d), gate-weighted over the k choices."""
         if gates is None and k == 1:
-            return by_slot, counts  # (T, d)
+            return by_slot  # (T, d)
         by_slot = by_slot.view(num_tokens, k, self.w2.shape[-1])  # (T, k, d)
         if gates is None:
-            return by_slot.sum(dim=1), counts  # (T, d)
+            return by_slot.sum(dim=1)  # (T, d)
         # gate-weighted sum over the k choices as one batched (1 x k) @ (k x d) product per token
-        return torch.bmm(gates.unsqueeze(1).to(by_slot.dtype), by_slot).squeeze(1), counts  # (T, d)
+        return torch.bmm(gates.unsqueeze(1).to(by_slot.dtype), by_slot).squeeze(1)  # (T, d)
+
+    def _padded(self, tokens: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor, counts: torch.Tensor,
+                capacity: int, k: int) -> torch.Tensor:
+        """Balanced routing: each expert's rows in a block of ``capacity`` rows, all experts in one batched
+        matmul per layer (forward and backward), padding rows computed and dropped: (T, in) -> (T*k, d).
+
+        Padding rows read token 0 and their outputs are never gathered, so they get no gradient.
+        """
+        starts = torch.cumsum(counts, 0) - counts  # (E,) first sorted position of each expert
+        sorted_experts = torch.repeat_interleave(torch.arange(self.num_experts, device=tokens.device), counts)
+        position = torch.arange(order.numel(), device=tokens.device) - starts[sorted_experts]  # (T*k,) rank in block
+        padded_of_sorted = sorted_experts * capacity + position  # (T*k,) padded row of each sorted slot
+        source = torch.zeros(self.num_experts * capacity, dtype=torch.long, device=tokens.device)  # (E*C,)
+        source[padded_of_sorted] = torch.div(order, k, rounding_mode="floor")  # token feeding each padded row
+        blocks = padded_block_forward(tokens.index_select(0, source).view(self.num_experts, capacity, -1),
+                                      self.w1, self.b1)  # (E, C, d) pre-activation
+        hidden = F.gelu(blocks)  # (E, C, d)
+        out = torch.baddbmm(self.b2.unsqueeze(1), hidden, self.w2)  # (E, C, d)
+        slot_rows = padded_of_sorted.index_select(0, inverse)  # (T*k,) padded row of each slot
+        return out.reshape(self.num_experts * capacity, -1).index_select(0, slot_rows)  # (T*k, d)
+
+
+def padded_block_forward(blocks: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor) -> torch.Tensor:
+    """Layer 1 of every expert on its padded block of rows: (E, C, in) -> (E, C, d) (tests count rows here)."""
+    return torch.baddbmm(b1.unsqueeze(1), blocks, w1)
 
 
 def expert_block_forward(rows: torch.Tensor, expert: int, w1: torch.Tensor, out: torch.Tensor) -> None:

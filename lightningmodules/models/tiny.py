@@ -322,31 +322,108 @@ SAM_IMAGE_SIZE = 64
 SAM_PATCH = 8
 
 
-def _build_sam(out: Path, _root: Path) -> None:
+def _build_sam(out: Path, _root: Path, width: int = 32, image_size: int = SAM_IMAGE_SIZE) -> None:
     """Tiny SAM (random weights) in the real checkpoint layout: 64 px input, 8x8 embedding grid,
     32-d prompts, 32x32 low-res masks, plus the SAM image processor config (ImageNet mean/std)."""
     from transformers import SamConfig, SamModel
     from transformers.models.sam.image_processing_pil_sam import SamImageProcessorPil
 
     torch.manual_seed(0)
-    grid = SAM_IMAGE_SIZE // SAM_PATCH
+    grid = image_size // SAM_PATCH
     config = SamConfig(
-        vision_config=dict(hidden_size=32, output_channels=32, num_hidden_layers=2, num_attention_heads=2,
-                           image_size=SAM_IMAGE_SIZE, patch_size=SAM_PATCH, mlp_dim=64, window_size=4,
-                           global_attn_indexes=[1], num_pos_feats=16,  # 2 * num_pos_feats = prompt dim
+        vision_config=dict(hidden_size=width, output_channels=width, num_hidden_layers=2, num_attention_heads=2,
+                           image_size=image_size, patch_size=SAM_PATCH, mlp_dim=64, window_size=4,
+                           global_attn_indexes=[1], num_pos_feats=width // 2,  # 2 * num_pos_feats = prompt dim
                            initializer_range=0.02),  # SamVisionConfig's 1e-10 would give constant features
-        prompt_encoder_config=dict(hidden_size=32, image_size=SAM_IMAGE_SIZE, patch_size=SAM_PATCH,
+        prompt_encoder_config=dict(hidden_size=width, image_size=image_size, patch_size=SAM_PATCH,
                                    mask_input_channels=8),
-        mask_decoder_config=dict(hidden_size=32, mlp_dim=64, num_hidden_layers=2, num_attention_heads=2,
-                                 iou_head_hidden_dim=32))
+        mask_decoder_config=dict(hidden_size=width, mlp_dim=2 * width, num_hidden_layers=2, num_attention_heads=2,
+                                 iou_head_hidden_dim=width))
     SamModel(config).save_pretrained(out)
-    SamImageProcessorPil(size={"longest_edge": SAM_IMAGE_SIZE},
-                         pad_size={"height": SAM_IMAGE_SIZE, "width": SAM_IMAGE_SIZE},
+    SamImageProcessorPil(size={"longest_edge": image_size},
+                         pad_size={"height": image_size, "width": image_size},
                          mask_size={"longest_edge": 4 * grid},
                          mask_pad_size={"height": 4 * grid, "width": 4 * grid}).save_pretrained(out)
 
 
-MODEL_NAMES = ("clip", "llama", "phi", "qwen2", "stablelm", "sam")  # what a model path may name
+def _pretrain_sam(model: nn.Module, *, steps: int, batch_size: int = 16, seed: int = 0, peak_lr: float = 3e-3,
+                  n_images: int = 600) -> float:
+    """Promptable segmentation on phantom masks (lesions and organs) from box and point prompts, all
+    parts training: stands in for SAM / SAM-Med2D pretraining, so the frozen image encoder of the tiny
+    grounding runs has features that separate lesions from tissue. Returns the final mean Dice."""
+    import numpy as np
+    import torch.nn.functional as F
+
+    from datamodules.synthetic.phantoms import make_phantom
+    from lightningmodules.models.grounding import sam_preprocess
+
+    size = model.config.vision_config.image_size
+    low_res = 4 * model.config.prompt_encoder_config.image_embedding_size
+    pixels, targets, boxes, points = [], [], [], []
+    for i in range(n_images):
+        p = make_phantom(i, seed=seed + 7000, size=128)
+        candidates = ([p.lesion_mask] if p.lesion_mask is not None else []) * 2 + [
+            m for m in p.organ_masks.values() if m.any()]
+        mask = candidates[i % len(candidates)]
+        pixels.append(sam_preprocess(np.stack([p.image] * 3, axis=-1), image_size=size)[0])
+        target = torch.from_numpy(mask.astype(np.float32))[None, None]  # (1, 1, 128, 128)
+        targets.append(F.interpolate(target, size=(low_res, low_res), mode="area")[0, 0])  # (m, m)
+        ys, xs = np.nonzero(mask)
+        scale = size / 128.0
+        boxes.append([xs.min() * scale, ys.min() * scale, (xs.max() + 1) * scale, (ys.max() + 1) * scale])
+        k = len(xs) // 2
+        points.append([xs[k] * scale + 0.5, ys[k] * scale + 0.5])
+    pixels, targets = torch.stack(pixels), torch.stack(targets)  # (N, 3, S, S), (N, m, m)
+    boxes, points = torch.tensor(boxes, dtype=torch.float32), torch.tensor(points, dtype=torch.float32)  # (N, 4), (N, 2)
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=peak_lr, weight_decay=0.0)
+    model.train()
+    dice = 0.0
+    for step in range(steps):
+        for group in optimizer.param_groups:
+            group["lr"] = peak_lr * warmup_cosine(step, total=steps)
+        idx = torch.randint(0, len(pixels), (batch_size,), generator=generator)
+        use_box = step % 2 == 0
+        prompt = ({"input_boxes": boxes[idx][:, None]} if use_box  # (b, 1, 4)
+                  else {"input_points": points[idx][:, None, None], "input_labels": torch.ones(batch_size, 1, 1,
+                                                                                               dtype=torch.long)})
+        out = model(pixel_values=pixels[idx], multimask_output=False, **prompt)
+        logits = out.pred_masks[:, 0, 0]  # (b, m, m)
+        target = targets[idx]  # (b, m, m)
+        prob = torch.sigmoid(logits)
+        dice_terms = 1 - (2 * (prob * target).sum((1, 2)) + 1) / (prob.sum((1, 2)) + target.sum((1, 2)) + 1)  # (b,)
+        loss = F.binary_cross_entropy_with_logits(logits, target) + dice_terms.mean()
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        batch_dice = float(1 - dice_terms.detach().mean())
+        dice = 0.9 * dice + 0.1 * batch_dice if step else batch_dice
+    model.eval()
+    return dice
+
+
+def _build_medsam(out: Path, _root: Path, pretrain_steps: int = 400) -> None:
+    """``tiny:medsam``: a tiny SAM (128 px input, 16x16 grid) pretrained on phantom masks (``_pretrain_sam``,
+    a phantom stream disjoint from the synthetic datasets'); it stands in for SAM-Med2D (trained on
+    SA-Med2D-20M) in the MedPLIB recipe's tiny runs. ``tiny:sam`` (64 px) stays random."""
+    from transformers import SamModel
+
+    _build_sam(out, _root, image_size=2 * SAM_IMAGE_SIZE)  # 128 px: the phantoms' own size, 64x64 masks
+    torch.manual_seed(0)
+    model = SamModel.from_pretrained(out)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matmuls: one thread is faster, and much faster on a busy machine
+    try:
+        dice = _pretrain_sam(model, steps=pretrain_steps)
+    finally:
+        torch.set_num_threads(threads)
+    model.save_pretrained(out)
+    (out / "pretraining.txt").write_text(f"promptable phantom segmentation, {pretrain_steps} steps, "
+                                         f"final running Dice {dice:.3f}\n")
+
+
+MODEL_NAMES = ("clip", "llama", "phi", "qwen2", "stablelm", "sam", "medsam")  # what a model path may name
 
 BUILDERS: dict[str, Callable[[Path, Path], None]] = {
     "tokenizer": _build_tokenizer,
@@ -356,4 +433,5 @@ BUILDERS: dict[str, Callable[[Path, Path], None]] = {
     "stablelm": _lm_builder("stablelm", pretrain_steps=0),
     "clip": _build_clip,
     "sam": _build_sam,
+    "medsam": _build_medsam,
 }

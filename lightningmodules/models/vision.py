@@ -47,8 +47,10 @@ class VisionTower(nn.Module):
         self.image_size = int(config.image_size)
         self.patch_size = int(config.patch_size)
         self.grid_size = self.image_size // self.patch_size
-        # CLIP-style encoders prepend a CLS token; SigLIP does not.
-        self.has_cls = getattr(config, "model_type", "").startswith("clip")
+        # CLIP-style encoders prepend a CLS token; SigLIP does not; timm towers say how many (CLS, registers)
+        self.num_prefix_tokens = int(getattr(encoder, "num_prefix_tokens",
+                                             int(getattr(config, "model_type", "").startswith("clip"))))
+        self.has_cls = self.num_prefix_tokens > 0
         if frozen:
             self.encoder.requires_grad_(False)
 
@@ -67,5 +69,5 @@ class VisionTower(nn.Module):
             out = self.encoder(pixel_values=pixel_values.to(dtype), output_hidden_states=True)
             features = out.hidden_states[self.select_layer]  # (N, 1 + P, D) for CLIP
         if self.has_cls and self.select_feature == "patch":
-            features = features[:, 1:]  # (N, P, D)
+            features = features[:, self.num_prefix_tokens:]  # (N, P, D)
         return features

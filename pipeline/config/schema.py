@@ -14,8 +14,16 @@ from datamodules.specs import DatasetSpec
 from lightningmodules.schedules import SCHEDULERS
 
 CONNECTOR_TYPES = ("linear", "mlp", "cmoe")
-STAGE_KINDS = ("vlm",)
-TRAINABLE_GROUPS = ("connector", "lora", "llm", "vision")
+STAGE_KINDS = ("vlm", "router")  # router: Med-MoE's modality classifier on pooled LLM hidden states
+# ffn: every decoder FFN (MoE experts + meta expert where converted), experts: MoE experts + meta experts,
+# moe_router: the MoE token routers, modality_classifier: the router stage's classifier
+TRAINABLE_GROUPS = ("connector", "lora", "llm", "vision", "ffn", "experts", "moe_router", "modality_classifier")
+# MedPLIB (model.grounding): grounding = SEG projection + SAM mask decoder, region = the region-prompt adapter
+# embeddings = the LLM's input embeddings and LM head (LISA / MedPLIB train them: the added tokens' rows learn)
+TRAINABLE_GROUPS += ("grounding", "region", "embeddings")
+SAM_FORMATS = ("hf", "sam_med2d")
+MOE_LAYER_CHOICES = ("every_other", "all")
+ROUTER_INITS = ("random", "modality_classifier")
 
 
 @dataclass
@@ -24,6 +32,9 @@ class VisionConfig:
     select_layer: int = -2
     select_feature: str = "patch"
     pad_square: bool = False  # LLaVA's expand2square with the mean colour before resizing
+    # path "timm:<model name>" (e.g. timm:eva_giant_patch14_clip_224, Uni-Med's EVA-CLIP ViT-g/14; needs the
+    # optional extra medpipe[timm]) loads its weights from this local file; never downloaded
+    checkpoint: Optional[str] = None
 
 
 @dataclass
@@ -57,6 +68,31 @@ class ModelConfig:
     vision: VisionConfig = field(default_factory=VisionConfig)
     connector: ConnectorConfig = field(default_factory=ConnectorConfig)
     llm: LLMConfig = field(default_factory=LLMConfig)
+    grounding: Optional["GroundingConfig"] = None  # MedPLIB: <SEG> -> SAM mask decoder, region prompts
+
+
+@dataclass
+class GroundingLossConfig:
+    """Loss weights of a grounded model: CE + BCE + Dice (+ focal) (lightningmodules/grounding_module.py)."""
+
+    ce: float = 1.0
+    bce: float = 1.0
+    dice: float = 5.0  # MedPLIB stage III (stage IV: bce 2, dice 0.5)
+    focal: float = 0.0  # optional sigmoid focal loss (alpha 0.25)
+    focal_gamma: float = 2.0
+
+
+@dataclass
+class GroundingConfig:
+    """MedPLIB's grounding head and region adapter (lightningmodules/models/grounded.py)."""
+
+    sam_path: str = "tiny:medsam"  # HF SamModel dir or tiny:<name>; sam_med2d: the sam-med2d_b.pth file
+    sam_format: str = "hf"  # hf | sam_med2d (key-mapping converter, lightningmodules/models/sam_convert.py)
+    sam_allow_missing_adapters: bool = False  # sam_med2d: load without the image-encoder adapters (see docs)
+    train_mask_decoder: bool = True
+    region: bool = True  # the <region> adapter: Linear(d_vision, d_llm) over pooled patch features
+    loss: GroundingLossConfig = field(default_factory=GroundingLossConfig)  # a stage's grounding_loss overrides
+    overlays: int = 8  # evaluation: predicted / true mask overlays logged to MLflow
 
 
 @dataclass
@@ -79,6 +115,34 @@ class OptimConfig:
 
 
 @dataclass
+class MoEConfig:
+    """Stage-level LLM mixture of experts (Med-MoE stage 3; MedPLIB stage IV with ``sources``)."""
+
+    layers: Any = "every_other"  # every_other (0, 2, 4, ...) | all | list of decoder layer indices
+    num_experts: Optional[int] = None  # default 4; with sources: len(sources)
+    top_k: int = 1
+    meta_expert: bool = True  # the dense FFN stays always on: out = moe(x) + ffn(x)
+    renormalize: bool = False  # Med-MoE: combine weight = softmax prob of the chosen expert, not renormalised
+    router_init: str = "random"  # random | modality_classifier (Med-MoE)
+    router_stage: Optional[str] = None  # the router stage for modality_classifier; default: the last earlier one
+    router_trainable: bool = False  # Med-MoE: frozen
+    capacity_factor: Optional[float] = None  # null = dropless
+    aux_loss_coef: float = 0.0  # Switch load balancing (padding masked out); 0 as Med-MoE released
+    z_loss_coef: float = 0.0  # router z-loss
+    jitter: float = 0.0  # multiplicative router input noise while training
+    sources: Optional[List[str]] = None  # earlier stages whose FFNs become the experts (MedPLIB stage IV)
+
+
+@dataclass
+class RouterStageConfig:
+    """Labels of a ``kind: router`` stage: each sample's modality, as a class index of ``modalities``."""
+
+    modalities: List[str] = field(default_factory=list)  # class c = modalities[c] = MoE expert c
+    # records without a modality (PathVQA has none): the dataset's modality, e.g. {pathvqa: Pathology}
+    dataset_modality: Dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
 class StageConfig:
     kind: str = "vlm"
     train: List[str] = field(default_factory=lambda: ["connector"])  # parameter groups that learn
@@ -88,6 +152,9 @@ class StageConfig:
     max_steps: int = -1
     init_from: Optional[str] = None  # a stage name or a hand-over file; default: the previous stage
     datasets: Optional[List[str]] = None  # subset of data.datasets; default: all
+    moe: Optional[MoEConfig] = None  # turn decoder FFNs into MoE layers before this stage trains
+    router: Optional[RouterStageConfig] = None  # kind: router only
+    grounding_loss: Optional[GroundingLossConfig] = None  # grounded models: this stage's weights (else model's)
 
 
 @dataclass
@@ -107,6 +174,7 @@ class DataConfig:
     max_length: int = 512
     on_bad_record: str = "error"
     task_prefix: bool = False
+    prompt_templates: bool = False  # per-task instruction templates (datamodules/prompts.py), random in training
     mixture: MixtureConfig = field(default_factory=MixtureConfig)
     verify_images: bool = False  # decode every image and mask when a split is read (as `data check` does)
 
@@ -125,6 +193,8 @@ class TrainerConfig:
     limit_val_batches: Optional[float] = None
     enable_progress_bar: bool = True
     deterministic: bool = False
+    save_checkpoints: bool = True  # <output_dir>/stages/<stage>/checkpoints/last.ckpt, what resume=true continues from
+    checkpoint_every_n_steps: Optional[int] = None  # None: at the end of every epoch
 
 
 @dataclass
@@ -136,6 +206,18 @@ class EvaluationConfig:
     max_new_tokens: int = 16
     batch_size: int = 32
     mask_threshold: float = 0.1  # grounding masks: sigmoid(logit) > threshold (MedPLIB's eval uses 0.1)
+
+
+@dataclass
+class GradConflictConfig:
+    every_n_steps: Optional[int] = None  # None: off; else per-task gradient cosine every N optimiser steps
+    samples_per_task: int = 8  # fixed probe batch per task
+    groups: List[str] = field(default_factory=lambda: ["connector", "experts"])  # or any parameter-name substring
+
+
+@dataclass
+class AnalysisConfig:
+    grad_conflict: GradConflictConfig = field(default_factory=GradConflictConfig)
 
 
 @dataclass
@@ -157,9 +239,11 @@ class ExperimentConfig:
     output_dir: str = "outputs/${name}"
     cache_dir: Optional[str] = None  # tiny models; default $MEDPIPE_CACHE or ~/.cache/medpipe
     ckpt: Optional[str] = None  # hand-over file to evaluate (medpipe evaluate)
+    resume: bool = False  # continue the run in output_dir (same MLflow runs) from its last checkpoint
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     stages: Dict[str, StageConfig] = field(default_factory=dict)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+    analysis: AnalysisConfig = field(default_factory=AnalysisConfig)

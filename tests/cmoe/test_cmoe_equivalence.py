@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 
 import pytest
 import torch
@@ -101,3 +102,27 @@ def test_runs_under_bfloat16_autocast(weighting: str) -> None:
     out.float().sum().backward()
     torch.testing.assert_close(out.float(), naive_forward(cmoe, features, task_ids), atol=0.05, rtol=0.05)
     assert cmoe.experts.w1.grad.dtype == torch.float32 and cmoe.experts.w1.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("weighting, top_k", [("sparse", 1), ("sparse", 2), ("sparse", 4), ("hard", 1)])
+def test_padded_dispatch_equals_per_expert_dispatch(weighting: str, top_k: int) -> None:
+    """Balanced routing runs all experts as one padded batched matmul: same outputs and gradients (padding
+    rows get none) as one matmul per expert on exactly its rows."""
+    results = []
+    for slack in (0.0, math.inf):  # 0: never pad; inf: always pad
+        cmoe = make(weighting=weighting, top_k=top_k)
+        cmoe.experts.pad_slack = slack
+        features, task_ids = inputs()
+        features.requires_grad_(True)
+        out = cmoe(features, task_ids=task_ids)
+        projection = torch.randn(OUT_DIM, generator=torch.Generator().manual_seed(2))
+        grads = torch.autograd.grad((out @ projection).sum(), [features, *cmoe.parameters()], allow_unused=True)
+        results.append((out, grads, cmoe.last_expert_token_counts))
+    (out_a, grads_a, counts_a), (out_b, grads_b, counts_b) = results
+    torch.testing.assert_close(out_b, out_a, atol=1e-5, rtol=1e-5)
+    assert counts_a == counts_b
+    for a, b in zip(grads_a, grads_b):
+        a = torch.zeros(()) if a is None else a
+        b = torch.zeros(()) if b is None else b
+        torch.testing.assert_close(b.expand_as(a) if b.ndim == 0 else b, a.expand_as(b) if a.ndim == 0 else a,
+                                   atol=1e-5, rtol=1e-4)

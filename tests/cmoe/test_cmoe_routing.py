@@ -39,21 +39,38 @@ def test_soft_weights_are_positive_and_sum_to_one(router_input: str) -> None:
     torch.testing.assert_close(weights, scores / scores.sum(-1, keepdim=True))
 
 
+@pytest.mark.parametrize("dispatch", ["per_expert", "padded"])
 @pytest.mark.parametrize("top_k", [1, 2, 4])
-def test_sparse_runs_exactly_k_experts_per_token(top_k: int, monkeypatch) -> None:
-    """The expert matmuls see each token exactly k times, each time in one of its top-k experts."""
+def test_sparse_runs_exactly_k_experts_per_token(top_k: int, dispatch: str, monkeypatch) -> None:
+    """The expert matmuls see each token exactly k times, each time in one of its top-k experts (padded
+    dispatch: the real rows of each expert's block; padding rows are dropped)."""
     cmoe = make(weighting="sparse", top_k=top_k)
+    cmoe.experts.pad_slack = math.inf if dispatch == "padded" else 0.0
     features, task_ids = inputs()
     tokens = features.reshape(-1, IN_DIM)  # (N*P, in)
     calls: list[tuple[int, torch.Tensor]] = []
+    padded_calls: list[torch.Tensor] = []
     block_forward = cmoe_module.expert_block_forward
+    padded_forward = cmoe_module.padded_block_forward
 
     def counting_block_forward(rows: torch.Tensor, expert: int, *args: torch.Tensor) -> None:
         calls.append((expert, rows.clone()))
         block_forward(rows, expert, *args)
 
+    def counting_padded_forward(blocks: torch.Tensor, *args: torch.Tensor) -> torch.Tensor:
+        padded_calls.append(blocks.clone())
+        return padded_forward(blocks, *args)
+
     monkeypatch.setattr(cmoe_module, "expert_block_forward", counting_block_forward)
+    monkeypatch.setattr(cmoe_module, "padded_block_forward", counting_padded_forward)
     cmoe(features, task_ids=task_ids)
+    if dispatch == "padded":
+        assert not calls and len(padded_calls) == 1  # every expert in one batched matmul
+        (blocks,) = padded_calls
+        assert blocks.shape[:2] == (cmoe.num_experts, max(cmoe.last_expert_token_counts))
+        calls = [(e, blocks[e, :n]) for e, n in enumerate(cmoe.last_expert_token_counts) if n]
+    else:
+        assert not padded_calls
 
     chosen = naive_router_logits(cmoe, features, task_ids).topk(top_k, dim=-1).indices.reshape(-1, top_k)
     seen = torch.zeros(tokens.shape[0], cmoe.num_experts, dtype=torch.long)  # (N*P, E) times a token ran

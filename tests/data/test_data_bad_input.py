@@ -212,3 +212,31 @@ def test_corrupt_image_at_load_time_names_file_and_record(slake_copy, tokenizer,
     message = str(info.value)
     assert "bad/source.jpg" in message and f"slake/{items[1]['qid']}" in message and "field 'image'" in message
     assert "medpipe data check" in message
+
+
+@pytest.mark.slow  # importing MLflow takes most of its ~10 s
+def test_skip_counts_are_logged_to_mlflow(slake_copy, tmp_path: Path, monkeypatch) -> None:
+    """The runner logs ``data/skipped`` and ``data/skipped_<kind>`` on each stage's MLflow run."""
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # the file store: no sqlite schema migration
+    from mlflow.tracking import MlflowClient
+
+    from datamodules.datamodule import VQADataModule
+    from pipeline.callbacks import LossHistory
+    from pipeline.runner import log_stage_records
+    from pipeline.tracking import Tracker
+
+    root, items = slake_copy
+    del items[0]["question"]
+    items[1]["answer"] = ""
+    items[2]["answer"] = " "
+    (root / "train.json").write_text(json.dumps(items))
+    dm = VQADataModule(datasets={"s": DatasetSpec(format="slake", path=str(root), val_split=None, test_split=None)},
+                       on_bad_record="skip")
+    assert len(dm.split_records("train")) == len(items) - 3
+    uri = (tmp_path / "mlruns").as_uri()
+    tracker = Tracker(tracking_uri=uri, experiment_name="skips")
+    run_id = tracker.start_child(run_name="stage")
+    log_stage_records(tracker, run_id, dm, LossHistory(), "stage")
+    metrics = MlflowClient(tracking_uri=uri).get_run(run_id).data.metrics
+    assert {k: v for k, v in metrics.items() if k.startswith("data/skipped")} == {
+        "data/skipped": 3.0, "data/skipped_missing_field": 1.0, "data/skipped_empty_answer": 2.0}

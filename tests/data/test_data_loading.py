@@ -146,6 +146,12 @@ def test_iter_json_list_errors_match_json_positions(tmp_path: Path, text: str) -
         assert f"line {reference.value.lineno} column {reference.value.colno}" in str(info.value)
 
 
+def test_iter_json_list_accepts_a_byte_order_mark(tmp_path: Path) -> None:
+    path = tmp_path / "bom.json"
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps([{"q": "是"}, 2], ensure_ascii=False).encode())
+    assert list(iter_json_list(path)) == [{"q": "是"}, 2]
+
+
 def test_iter_json_list_top_level_must_be_a_list(tmp_path: Path) -> None:
     path = tmp_path / "obj.json"
     path.write_text('{"a": 1}')
@@ -166,3 +172,23 @@ def test_per_dataset_datamodules(vqa_rad_original, pathvqa_pickle, mecovqa_small
     assert {r.task for r in meco.split_records("test")} == {"region"} and len(meco.split_records("test")) == 3
     refer = SlakeDataModule(slake_small[0], task="refer").split_records("val")
     assert refer and {r.task for r in refer} == {"refer"}
+
+
+@pytest.mark.slow  # importing monai.transforms costs ~9 s of CPU, which is why the loader does not use it
+def test_16_bit_scaling_and_mask_binarisation_match_monai(tmp_path: Path) -> None:
+    """MONAI as the reference: ScaleIntensity(0, 255) for 16-bit images, AsDiscrete(threshold=1) for masks."""
+    from monai.transforms import AsDiscrete, ScaleIntensity
+
+    from datamodules.images import load_image
+
+    rng = np.random.default_rng(4)
+    raw = rng.integers(200, 4000, (9, 11)).astype(np.uint16)  # a CT-like 16-bit slice
+    Image.fromarray(raw).save(tmp_path / "ct16.png")
+    ours = np.asarray(load_image(tmp_path / "ct16.png"))  # (H, W, 3) uint8
+    scaled = ScaleIntensity(minv=0.0, maxv=255.0, dtype=np.float64)(raw[None].astype(np.float64))  # (1, H, W)
+    reference = np.round(np.asarray(scaled)[0]).astype(np.uint8)
+    assert np.array_equal(ours[..., 0], reference) and np.array_equal(ours[..., 2], reference)
+    labels = rng.integers(0, 4, (9, 11)).astype(np.uint8)  # 0 background, 1..3 organ labels
+    Image.fromarray(labels).save(tmp_path / "labels.png")
+    binary = np.asarray(AsDiscrete(threshold=1.0)(labels[None].astype(np.float32)))[0].astype(bool)  # (H, W)
+    assert np.array_equal(load_mask(tmp_path / "labels.png"), binary)

@@ -128,6 +128,28 @@ def test_dedupe_by_id_keeps_first_prediction() -> None:
     assert dedupe_by_id([{"id": 1}, {"id": "1"}]) == [{"id": 1}]  # ids compare as strings
 
 
+def test_eval_shards_with_padding_dedupe_to_the_split() -> None:
+    """Two ranks under Lightning's DistributedSampler: 5 records padded to 6, de-duplicated back to 5."""
+    from torch.utils.data import DistributedSampler
+
+    split = MIX[:5]
+    gathered = []
+    for rank in range(2):
+        indices = list(DistributedSampler(split, num_replicas=2, rank=rank, shuffle=False))
+        assert len(indices) == 3
+        gathered += [{"question_id": split[i].id, "text": f"rank{rank}"} for i in indices]
+    assert len(gathered) == 6 and len({p["question_id"] for p in gathered}) == 5  # one padded repeat
+    kept = dedupe_by_id(gathered)
+    assert sorted(p["question_id"] for p in kept) == sorted(r.id for r in split)
+
+
+def test_one_dedupe_implementation() -> None:
+    from lightningmodules.metrics import pairing
+
+    assert dedupe_by_id is pairing.dedupe_by_id  # evaluation and DataModule users share it
+    assert not hasattr(pairing, "drop_padding_duplicates")
+
+
 def test_bad_mixtures_are_errors() -> None:
     with pytest.raises(ValueError, match="no mixture weight"):
         mixture_groups(MIX, {"slake": 1.0}, by_task=False)

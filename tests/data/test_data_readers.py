@@ -146,6 +146,25 @@ def test_pathvqa_opt_in_still_refuses_code(tmp_path: Path) -> None:
         read_pathvqa(tmp_path, "train", allow_pickle=True)
 
 
+def test_pathvqa_qa_pickle_when_vqa_pickle_is_absent(pathvqa_pickle, tmp_path: Path) -> None:
+    import shutil
+
+    from datamodules.readers.pathvqa import available_splits
+
+    root = tmp_path / "pvqa"
+    shutil.copytree(pathvqa_pickle[0], root)
+    full = read_pathvqa(root, "test", allow_pickle=True)
+    (root / "qas" / "test_vqa.pkl").unlink()
+    assert available_splits(root) == ["train", "val", "test"]
+    with pytest.raises(DataError, match=r"test_qa.pkl is a Python pickle: loading it executes code"):
+        read_pathvqa(root, "test")
+    records = read_pathvqa(root, "test", allow_pickle=True)
+    assert len(records) == len(full) == pathvqa_pickle[1]["test"]
+    assert [r.id for r in records] == [f"pathvqa/test/{k}" for k in range(len(full))]
+    assert [(r.question, r.answer, r.answer_type, r.image_path) for r in records] == \
+        [(r.question, r.answer, r.answer_type, r.image_path) for r in full]
+
+
 def test_pathvqa_parquet_needs_no_opt_in(pathvqa_parquet) -> None:
     root, counts = pathvqa_parquet
     assert len(read_pathvqa(root, "test")) == counts["test"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from lightningmodules.metrics.pairing import Pair, PairingError, Reference, drop_padding_duplicates, pair_by_id
+from lightningmodules.metrics.pairing import Pair, PairingError, Reference, dedupe_by_id, pair_by_id
 from lightningmodules.metrics.report import evaluation_report, flat_metrics, format_report
 
 
@@ -35,8 +35,8 @@ def test_duplicate_reference_ids_are_an_error() -> None:
 
 def test_padding_duplicates_dropped_keeping_first() -> None:
     preds = [{"question_id": "a", "text": "1"}, {"question_id": "b", "text": "2"}, {"question_id": "a", "text": "1"}]
-    kept, dropped = drop_padding_duplicates(preds)
-    assert [p["question_id"] for p in kept] == ["a", "b"] and dropped == 1
+    kept = dedupe_by_id(preds)
+    assert [p["question_id"] for p in kept] == ["a", "b"] and kept[1] is preds[1]
 
 
 def test_protocols_side_by_side_hand_values() -> None:

@@ -59,3 +59,19 @@ def test_01_compare_runs(tiny_demo_run) -> None:
     # the table shows the numbers MLflow holds for the instruct stage
     value = result.stages[-1].evaluation.metrics["closed_accuracy"]
     assert f"{value:.6f}"[:5] in text
+
+
+@pytest.mark.slow
+def test_03_tug_of_war(tiny_conflict_run) -> None:
+    from mlflow.tracking import MlflowClient
+
+    cfg, result, tmp = tiny_conflict_run
+    uri = f"sqlite:///{tmp}/mlflow.db"
+    cells = execute("03_tug_of_war.ipynb", {"TRACKING_URI": uri, "EXPERIMENT": "conflict", "GROUP": "connector"})
+    text = outputs_text(cells)
+    assert "1 stage runs with gradient-conflict metrics for group 'connector'" in text
+    # the summary table holds MLflow's numbers
+    history = MlflowClient(tracking_uri=uri).get_metric_history(result.stages[-1].run_id,
+                                                                 "grad_conflict/connector/mean_cos")
+    assert f"{history[-1].value:.6f}"[:6] in text or f"{history[-1].value:.4f}"[:5] in text
+    assert any(out.get("output_type") == "display_data" for c in cells for out in c.get("outputs", []))

@@ -97,6 +97,10 @@ class MoEFeedForward(nn.Module):
         plan = plan_dispatch(routing.indices, routing.weights, num_experts=self.num_experts, token_mask=token_mask,
                              capacity_factor=self.capacity_factor)
         out = self.experts(x, plan)  # (B*T, D)
+        if plan.token_index.numel() == 0:
+            # no kept assignment (e.g. a batch of padding only): the router is not in the output's graph, so
+            # 0 * logits keeps its parameters in it and DDP (find_unused_parameters=False) does not wait for them
+            out = out + 0.0 * routing.logits.sum().to(out.dtype)  # (B*T, D)
         if self.meta_expert is not None:
             out = out + self.meta_expert(x)  # (B*T, D)
 

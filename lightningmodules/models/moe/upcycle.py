@@ -76,7 +76,7 @@ def _activation_name(mlp: nn.Module, hidden_act: str | None) -> str:
             return candidates[0]
         raise ValueError(f"{type(mlp).__name__}: no activation module ({'/'.join(_ACTIVATION_ATTRS)}) and no "
                          f"hidden_act given")
-    probe = torch.linspace(-6.0, 6.0, 241)
+    probe = torch.linspace(-6.0, 6.0, 241, device="cpu")  # on CPU even under a meta-device context
     with torch.no_grad():
         expected = module(probe)
         for name in candidates + [n for n in ACT2CLS if n not in candidates]:

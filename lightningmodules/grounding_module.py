@@ -1,0 +1,190 @@
+"""The stage LightningModule for MedPLIB's grounded model: CE + mask losses, masks at evaluation.
+
+Training loss = ``ce_weight`` * CE + ``bce_weight`` * BCE + ``dice_weight`` * Dice (+ ``focal_weight`` *
+focal) (+ MoE aux losses, through the parent's ``MoEMonitor``). The mask terms are per mask at the
+image's original resolution, averaged over the masks of the batch (``lightningmodules/losses``); in a
+batch that mixes samples with and without masks only the ``<SEG>``s that have a target mask count
+(``pair_with_targets``), and a batch without any mask adds an exact 0 that still reaches every
+trainable grounding parameter (``GroundingHead.zero_loss``, for DDP).
+
+MedPLIB's weights: stage III CE 1, BCE 1, Dice 5; stage IV CE 1, BCE 2, Dice 0.5 (papers.md section 3).
+
+Evaluation (``test_step``): greedy generation; when the answer has ``<SEG>``, the mask decoder runs from
+that position's hidden state (:meth:`GroundedMultimodalLM.generate_with_masks`). A sample with a target
+mask gets per-image ``iou`` (MedPLIB: sigmoid(logit) > ``mask_threshold``, IoU 0 for an empty union or
+no mask), ``dice`` = 2 IoU / (1 + IoU) and ``pixel_dice`` (MONAI's per-image Dice, None for an empty
+target) in its prediction row; ``seg_produced`` False marks the no-``<SEG>`` fallback (an empty mask,
+i.e. IoU 0), counted in ``no_seg_count``. The first ``overlay_count`` grounding samples are drawn to
+``overlay_dir`` (prediction red, target green, overlap yellow) for MLflow.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from lightningmodules.losses import mask_losses
+from lightningmodules.metrics.segmentation import binarize, dice_from_iou, mask_iou
+from lightningmodules.models.grounding import pair_with_targets
+from lightningmodules.vlm_module import VLMModule, model_inputs
+
+GROUNDING_INPUTS = ("region_masks",)
+
+
+def grounded_inputs(batch: dict[str, Any], *, with_labels: bool = True) -> dict[str, Any]:
+    """The parent's model inputs plus the region masks (B x (H, W) bool | None)."""
+    return {**model_inputs(batch, with_labels=with_labels), **{k: batch.get(k) for k in GROUNDING_INPUTS}}
+
+
+def sam_inputs(batch: dict[str, Any]) -> dict[str, Any]:
+    return {"sam_pixel_values": batch.get("sam_pixel_values"), "image_sizes": batch.get("image_sizes"),
+            "sam_resized_sizes": batch.get("sam_resized_sizes")}
+
+
+def pixel_dice(pred: torch.Tensor | None, target: torch.Tensor) -> float | None:
+    """MONAI DiceMetric's per-image value: 2|A and B| / (|A| + |B|); None for an empty target (MONAI: NaN)."""
+    target = target.bool()
+    if not bool(target.any()):
+        return None
+    if pred is None:
+        return 0.0
+    intersection = int((pred & target).sum())
+    return 2.0 * intersection / (int(pred.sum()) + int(target.sum()))
+
+
+class GroundingVLMModule(VLMModule):
+    def __init__(self, *, ce_weight: float = 1.0, bce_weight: float = 1.0, dice_weight: float = 1.0,
+                 focal_weight: float = 0.0, focal_gamma: float = 2.0, mask_threshold: float = 0.1,
+                 overlay_count: int = 8, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.save_hyperparameters(ignore=["model", "tokenizer"])
+        self.overlay_dir: Path | None = None  # set by the evaluation before testing
+        self.overlays: list[Path] = []
+        self.no_seg_count = 0
+
+    # -- losses ------------------------------------------------------------------------------------
+    def losses(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """``loss`` (weighted total), ``ce``, ``bce``, ``dice``, ``focal`` and ``masks`` (count) of one batch."""
+        hp = self.hparams
+        out = self.model(**grounded_inputs(batch))
+        predictions, targets = [], []
+        if batch.get("sam_pixel_values") is not None and bool((batch["input_ids"] == self.model.seg_token_id).any()):
+            masks, batch_index = self.model.segment(out.hidden_states, batch["input_ids"], **sam_inputs(batch))
+            sample_targets = batch.get("masks") or [None] * batch["input_ids"].shape[0]
+            predictions, targets, _unpaired = pair_with_targets(masks, batch_index, sample_targets)
+        terms = mask_losses(predictions, targets, bce_weight=hp.bce_weight, dice_weight=hp.dice_weight,
+                            focal_weight=hp.focal_weight, focal_gamma=hp.focal_gamma,
+                            zero=self.model.grounding.zero_loss())
+        loss = hp.ce_weight * out.loss + terms["loss"]
+        return {"loss": loss, "ce": out.loss.detach(), "bce": terms["bce"], "dice": terms["dice"],
+                "focal": terms["focal"], "masks": torch.tensor(float(len(predictions)))}
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        monitor = getattr(self, "moe", None)
+        if monitor is not None:
+            monitor.begin(batch["attention_mask"])  # MoE padding mask (no-op without MoE layers)
+        terms = self.losses(batch)
+        loss = terms["loss"]
+        aux = monitor.aux_loss() if monitor is not None else None
+        batch_size = batch["input_ids"].shape[0]
+        if aux is not None:
+            loss = loss + aux
+            self.log("train/aux_loss", aux, batch_size=batch_size)
+            self.log_dict(monitor.step_metrics(batch.get("records")), batch_size=batch_size)
+        self.stop_on_non_finite(loss)
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
+        self.log_dict({f"train/{k}": v for k, v in terms.items() if k != "loss"}, batch_size=batch_size)
+        if batch.get("truncated"):
+            self.log("data/truncated", float(batch["truncated"]), reduce_fx="sum", batch_size=batch_size)
+        return loss
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        if getattr(self, "moe", None) is not None:
+            self.moe.begin(batch["attention_mask"])
+        terms = self.losses(batch)
+        batch_size = batch["input_ids"].shape[0]
+        self.log("val/loss", terms["loss"], prog_bar=True, sync_dist=True, batch_size=batch_size)
+        self.log_dict({f"val/{k}": terms[k] for k in ("ce", "bce", "dice")}, sync_dist=True, batch_size=batch_size)
+
+    # -- evaluation ----------------------------------------------------------------------------------
+    def on_test_epoch_start(self) -> None:
+        super().on_test_epoch_start()
+        self.overlays = []
+        self.no_seg_count = 0
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        if self.tokenizer is None:
+            raise RuntimeError("GroundingVLMModule needs a tokenizer to generate")
+        if getattr(self, "moe", None) is not None:
+            self.moe.end()  # KV-cache steps route every token, whatever the last batch's mask
+        ids, masks = self.model.generate_with_masks(
+            **grounded_inputs(batch, with_labels=False), **sam_inputs(batch),
+            max_new_tokens=self.hparams.max_new_tokens, eos_token_id=self.tokenizer.eos_token_id,
+            pad_token_id=self.tokenizer.pad_token_id)
+        texts = [t.strip() for t in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
+        records = batch["records"]
+        for metric in self.test_metrics.values():
+            metric.update(texts, [r.answer for r in records], [r.answer_type for r in records])
+        targets = batch.get("masks") or [None] * len(records)
+        for index, (record, text) in enumerate(zip(records, texts)):
+            row = {"question_id": record.id, "prompt": record.question, "text": text, "answer": record.answer,
+                   "answer_type": record.answer_type, "task": record.task, "dataset": record.dataset,
+                   "modality": record.modality}
+            target = targets[index]
+            if target is not None:
+                row.update(self.score_mask(record, masks[index], target))
+            self.predictions.append(row)
+
+    def score_mask(self, record: Any, logits: torch.Tensor | None, target: torch.Tensor) -> dict[str, Any]:
+        """Per-image MedPLIB IoU / Dice and MONAI's pixel Dice; the no-``<SEG>`` fallback is an empty mask."""
+        pred = None if logits is None else binarize(logits.float().cpu(), self.hparams.mask_threshold)  # (H, W)
+        if pred is None:
+            self.no_seg_count += 1
+        iou = mask_iou(pred, target.cpu())
+        if self.overlay_dir is not None and len(self.overlays) < self.hparams.overlay_count:
+            self.overlays.append(draw_overlay(record, pred, target.cpu(), self.overlay_dir))
+        return {"seg_produced": pred is not None, "iou": iou, "dice": dice_from_iou(iou),
+                "pixel_dice": pixel_dice(pred, target.cpu())}
+
+
+def draw_overlay(record: Any, pred: torch.Tensor | None, target: torch.Tensor, out_dir: Path) -> Path:
+    """The image in grey with the target in green and the prediction in red (overlap yellow), as png."""
+    from PIL import Image
+
+    from datamodules.images import load_image
+
+    image = np.asarray(load_image(record.image_path, record.image_bytes, record=record.id).convert("L"),
+                       dtype=np.float32)  # (H, W)
+    rgb = np.repeat(image[..., None] * 0.6, 3, axis=-1)  # (H, W, 3)
+    truth = target.numpy().astype(bool)  # (H, W)
+    rgb[..., 1] = np.where(truth, 255.0, rgb[..., 1])
+    if pred is not None:
+        rgb[..., 0] = np.where(pred.numpy().astype(bool), 255.0, rgb[..., 0])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', record.id)}.png"
+    Image.fromarray(rgb.clip(0, 255).astype(np.uint8)).save(path)
+    return path
+
+
+def grounding_module_settings(cfg: Any, stage: Any = None) -> dict[str, Any]:
+    """GroundingVLMModule's loss weights and evaluation settings from an experiment config (empty without
+    ``model.grounding``): the stage's ``grounding_loss`` when set, else ``model.grounding.loss``."""
+    grounding = cfg.model.get("grounding")
+    if grounding is None:
+        return {}
+    loss = stage.grounding_loss if stage is not None and stage.get("grounding_loss") is not None else grounding.loss
+    return {"ce_weight": loss.ce, "bce_weight": loss.bce, "dice_weight": loss.dice, "focal_weight": loss.focal,
+            "focal_gamma": loss.focal_gamma, "mask_threshold": cfg.evaluation.mask_threshold,
+            "overlay_count": grounding.overlays}
+
+
+def vlm_module_class(cfg: Any, stage: Any = None) -> Any:
+    """The stage's LightningModule class: ``GroundingVLMModule`` (with its settings bound) for a grounded
+    model (``model.grounding``), else ``VLMModule``."""
+    settings = grounding_module_settings(cfg, stage)
+    return functools.partial(GroundingVLMModule, **settings) if settings else VLMModule
