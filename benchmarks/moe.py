@@ -6,6 +6,15 @@
         (its default eager experts loop; its grouped_mm implementation is reported too)
     (c) ours, top-2 of 8  vs  a naive MoE that runs every expert on every token and weights the outputs
 
+(a) is also reported with the experts forced onto torch's grouped matmul (``grouped_mm="always"``; the
+default ``"auto"`` uses the per-expert loop on CPU), same weights, as ``moe_over_dense_grouped_mm``.
+
+Threads: every kernel is a barrier of the intra-op thread pool. The MoE layer runs ~4x the dense FFN's
+kernels (router, sort, gather/scatter, per-expert matmuls, meta expert); on a machine whose cores are
+busy with other work, a descheduled second thread stalls every barrier, so at 2 threads on a loaded
+2-core machine the ratio measures contention more than compute (see ``load_average_1min``); compare
+with ``--threads 1``.
+
 Timing: each variant does one forward + backward (input and parameter grads) per call. After warm-up, every
 round runs the two variants of each comparison back to back, in alternating order between rounds, so drift
 on a shared machine hits both; a ratio is the median over rounds of the paired time ratios, the ms figures
@@ -134,6 +143,7 @@ def peak_mb(step: Callable[[], None]) -> float:
 
 COMPARISONS = (  # (key, ours, reference)
     ("moe_over_dense", "moe_top1of4_meta", "dense_same_active"),
+    ("moe_over_dense_grouped_mm", "moe_top1of4_meta_grouped_mm", "dense_same_active"),
     ("ours_over_hf_mixtral", "ours_top2of8", "hf_mixtral_eager"),
     ("ours_over_hf_mixtral_grouped_mm", "ours_top2of8", "hf_mixtral_grouped_mm"),
     ("ours_over_naive", "ours_top2of8", "naive_top2of8"),
@@ -188,6 +198,10 @@ def main() -> None:
     meta = dense_ffn(d, f)
     med_moe = MoEFeedForward.build(hidden_size=d, ffn_size=f, num_experts=4, top_k=1, gated=True, activation="silu",
                                    meta_expert=meta, renormalize=False)
+    med_moe_grouped = MoEFeedForward.build(hidden_size=d, ffn_size=f, num_experts=4, top_k=1, gated=True,
+                                           activation="silu", meta_expert=meta, renormalize=False,
+                                           grouped_mm="always")
+    med_moe_grouped.load_state_dict(med_moe.state_dict())
     dense_same_active = dense_ffn(d, 2 * f)
     # (b), (c) top-2 of 8 with the same weights
     hf_eager = mixtral_block(d, f, 8, 2, "eager")
@@ -206,7 +220,8 @@ def main() -> None:
     ours_top2(x)
     top2_load = ours_top2.last_stats.routed_counts.tolist()
 
-    modules = {"moe_top1of4_meta": med_moe, "dense_same_active": dense_same_active, "ours_top2of8": ours_top2,
+    modules = {"moe_top1of4_meta": med_moe, "moe_top1of4_meta_grouped_mm": med_moe_grouped,
+               "dense_same_active": dense_same_active, "ours_top2of8": ours_top2,
                "hf_mixtral_eager": hf_eager, "hf_mixtral_grouped_mm": hf_grouped, "naive_top2of8": naive_top2}
     steps = {name: train_step(module, x, upstream) for name, module in modules.items()}
     load_before = os.getloadavg()[0]
@@ -230,7 +245,8 @@ def main() -> None:
           f"1-min load average {load_before:.1f} -> {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
     for name in modules:
         print(f"  {name:24s} {1000 * seconds[name]:8.1f} ms   peak {memory[name]:7.1f} MB")
-    print(f"(a) top-1 of 4 + meta / dense FFN width {2 * f}: {result['moe_over_dense']:.3f}  (target <= 1.15)")
+    print(f"(a) top-1 of 4 + meta / dense FFN width {2 * f}: {result['moe_over_dense']:.3f}  (target <= 1.15); "
+          f"experts on grouped_mm: {result['moe_over_dense_grouped_mm']:.3f}")
     print(f"(b) ours / transformers Mixtral block (eager): {result['ours_over_hf_mixtral']:.3f}  (target <= 0.95); "
           f"vs its grouped_mm experts: {result['ours_over_hf_mixtral_grouped_mm']:.3f}")
     print(f"(c) ours / compute-every-expert: {result['ours_over_naive']:.3f}")

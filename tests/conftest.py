@@ -66,3 +66,20 @@ def tiny_med_moe_run(tmp_path_factory: pytest.TempPathFactory, tiny_llama: Path,
     from runs import run_tiny_med_moe
 
     return run_tiny_med_moe(tmp_path_factory.mktemp("tiny-med-moe"), "llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_cmoe_run(tmp_path_factory: pytest.TempPathFactory, tiny_med_moe_run):
+    """A tiny Uni-Med CMoE-connector run logged into the tiny Med-MoE run's MLflow store (experiment
+    ``uni-med-cmoe``), so one tracking URI holds both kinds of routing: (cfg, result)."""
+    from runs import run_tiny_cmoe
+
+    return run_tiny_cmoe(tmp_path_factory.mktemp("tiny-cmoe"), tracking_uri=tiny_med_moe_run[0].mlflow.tracking_uri)
+
+
+@pytest.fixture(scope="session")
+def tiny_grounding_run(tmp_path_factory: pytest.TempPathFactory, tiny_llama: Path, tiny_clip: Path):
+    """The tiny MedPLIB grounding run (stage III on lesions), shared by its test and notebook 04."""
+    from runs import run_tiny_grounding
+
+    return run_tiny_grounding(tmp_path_factory.mktemp("medplib-grounding"))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -10,7 +9,6 @@ import torch
 from torch import nn
 
 from pipeline.gradient_conflict import GradientConflict, conflict_matrix, group_parameters
-
 
 
 def test_conflict_matrix_hand_values() -> None:
@@ -82,7 +80,7 @@ def test_group_parameters_only_trainable_matches() -> None:
 def test_grad_conflict_logged_to_mlflow_during_a_multitask_stage(tiny_conflict_run) -> None:
     from mlflow.tracking import MlflowClient
 
-    cfg, result, tmp = tiny_conflict_run
+    _, result, tmp = tiny_conflict_run
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp}/mlflow.db")
     instruct = client.get_run(result.stages[-1].run_id)
     history = client.get_metric_history(instruct.info.run_id, "grad_conflict/connector/caption.vs.vqa")

@@ -28,7 +28,7 @@ def mlflow_server(tmp_path: Path):
     """`mlflow server` on 127.0.0.1 (free port, sqlite backend, proxied artifacts in a temp dir)."""
     port = free_port()
     mlflow_bin = shutil.which("mlflow", path=str(Path(sys.executable).parent)) or "mlflow"
-    log = open(tmp_path / "server.log", "w")
+    log = open(tmp_path / "server.log", "w")  # noqa: SIM115 (open for the server's lifetime, closed below)
     server = subprocess.Popen(
         [mlflow_bin, "server", "--host", "127.0.0.1", "--port", str(port),
          "--backend-store-uri", f"sqlite:///{tmp_path}/server.db",

@@ -189,6 +189,40 @@ def test_every_expert_gets_a_grad_even_with_zero_tokens() -> None:
     assert all(p.grad is not None for p in layer.experts.parameters())
 
 
+@pytest.mark.parametrize("gated, bias, activation", [(True, False, "silu"), (False, True, "gelu_new")])
+def test_loop_backward_equals_autograd_of_the_per_expert_reference(gated: bool, bias: bool, activation: str) -> None:
+    """The hand-written loop backward (one activation backward over all rows) against plain autograd through
+    ``expert_forward`` per token, top-2 of 4 with an expert that gets no token."""
+    torch.manual_seed(0)
+    layer = _layer(num_experts=4, top_k=2, gated=gated, bias=bias, activation=activation, grouped_mm="never")
+    with torch.no_grad():
+        layer.router.linear.bias.copy_(torch.tensor([2.0, 0.0, -50.0, 1.0]))  # expert 2: never chosen
+    x = torch.randn(2, 7, HIDDEN, requires_grad=True)
+    upstream = torch.randn(2, 7, HIDDEN)
+    (layer(x) * upstream).sum().backward()
+    assert layer.last_stats.routed_counts[2] == 0
+    ours = {n: p.grad.clone() for n, p in layer.named_parameters()}
+    ours_x = x.grad.clone()
+
+    layer.zero_grad()
+    x.grad = None
+    flat = x.reshape(-1, HIDDEN)  # (N, D)
+    routing = layer.router(flat)
+    out = torch.zeros_like(flat)  # (N, D)
+    for k in range(2):
+        for e in range(4):
+            rows = (routing.indices[:, k] == e).nonzero().squeeze(1)  # (n,)
+            if rows.numel():
+                y = routing.weights[rows, k : k + 1] * layer.experts.expert_forward(e, flat[rows])  # (n, D)
+                out = out.index_add(0, rows, y)
+    (out.view(2, 7, HIDDEN) * upstream).sum().backward()
+    for name, param in layer.named_parameters():
+        reference = param.grad if param.grad is not None else torch.zeros_like(param)
+        torch.testing.assert_close(ours[name], reference, rtol=1e-5, atol=1e-6, msg=name)
+    torch.testing.assert_close(ours_x, x.grad, rtol=1e-5, atol=1e-6)
+    assert torch.all(ours["experts.w_in"][2] == 0)
+
+
 def test_capacity_factor_drops_and_counts() -> None:
     layer = _layer(num_experts=4, top_k=1, capacity_factor=1.0)
     x = torch.empty(8, HIDDEN)

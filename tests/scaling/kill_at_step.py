@@ -9,7 +9,7 @@ import sys
 
 import lightning as L
 
-import pipeline.runner as runner
+from pipeline import runner
 from pipeline.cli import main
 
 

@@ -139,7 +139,9 @@ class GroupedExperts(nn.Module):
     ``grouped_mm``: ``"auto"`` uses ``torch.nn.functional.grouped_mm`` on CUDA (sm80+) in bf16/fp16, where it
     is one fast kernel, and the per-expert loop elsewhere: torch 2.13 has a CPU grouped_mm, but on this
     project's CPU benchmark it was slower than the loop (forward 95 vs 55 ms, forward+backward 208 vs 182 ms
-    at 4096 tokens, d 256, ffn 688, 4 experts, 1 thread). ``"always"`` / ``"never"`` force one path.
+    at 4096 tokens, d 256, ffn 688, 4 experts, 1 thread), and in a later run within noise of it
+    (``benchmarks/moe.py``, top-1 of 4 + meta: 181 vs 184 ms at 2 threads, 350 vs 354 ms at 1) with a higher
+    peak (118 vs 103 MB: autograd keeps its projections). ``"always"`` / ``"never"`` force one path.
     """
 
     def __init__(self, *, num_experts: int, hidden_size: int, ffn_size: int, gated: bool, bias: bool,

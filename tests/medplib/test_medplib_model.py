@@ -1,0 +1,190 @@
+"""The grounded model wired from the config: tokens, region splice, <SEG> selection, fallback, losses."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from lightningmodules.grounding_module import GroundingVLMModule, draw_overlay, grounding_module_settings
+from lightningmodules.losses import mask_losses
+from lightningmodules.metrics.grounding_summary import grounding_summary, region_vqa_summary
+from lightningmodules.models.grounded import GROUNDING_TOKENS, GroundedMultimodalLM
+from lightningmodules.models.region import region_grid_weights
+from medplib_helpers import batch_of
+
+
+def _module(cfg, built, stage: str = "grounding_expert") -> GroundingVLMModule:
+    return GroundingVLMModule(model=built.model, tokenizer=built.tokenizer,
+                              **grounding_module_settings(cfg, cfg.stages[stage]))
+
+
+def test_special_tokens_added_and_embeddings_resized(grounded) -> None:
+    _, built, dm = grounded
+    tokenizer, model = built.tokenizer, built.model
+    assert isinstance(model, GroundedMultimodalLM)
+    for token in GROUNDING_TOKENS:
+        ids = tokenizer(f"a {token} b", add_special_tokens=False)["input_ids"]
+        assert tokenizer.convert_tokens_to_ids(token) in ids, token  # one id, not split into pieces
+    assert model.input_embeddings().num_embeddings == len(tokenizer)
+    assert model.lm_head().weight.shape[0] == len(tokenizer)
+    region = batch_of(dm, "train", lambda r: r.task == "region", n=1)
+    ids = region["input_ids"][0].tolist()
+    start = ids.index(tokenizer.convert_tokens_to_ids("<region>"))
+    assert ids[start + 1:start + 3] == [model.region_token_id, tokenizer.convert_tokens_to_ids("</region>")]
+    grounding = batch_of(dm, "train", lambda r: r.task == "grounding", n=1)
+    assert int((grounding["labels"][0] == model.seg_token_id).sum()) == 1  # <SEG> is a supervised target
+
+
+def test_region_token_is_the_adapted_weighted_mean_of_patch_features(grounded) -> None:
+    _, built, dm = grounded
+    model = built.model
+    batch = batch_of(dm, "train", lambda r: r.task == "region", n=2)
+    with torch.no_grad():
+        embeds = model.embed(batch["input_ids"], batch["pixel_values"], batch["image_task_ids"], batch["region_masks"])
+        features = model.vision(batch["pixel_values"])  # (2, 64, D_vision)
+    positions = (batch["input_ids"] == model.region_token_id).nonzero()  # (2, 2): one placeholder per sample
+    assert positions[:, 0].tolist() == [0, 1]
+    for b, t in positions.tolist():
+        mask = batch["region_masks"][b].numpy()  # (128, 128) at the original resolution
+        weights = region_grid_weights(mask, grid_size=8, image_transform=built.transform).flatten()  # (64,)
+        # the 128 px image is resized to 64 px and cut into 8 px patches: a patch covers 16x16 original pixels
+        block_mean = mask.reshape(8, 16, 8, 16).mean(axis=(1, 3)).flatten()  # (64,)
+        np.testing.assert_allclose(weights.numpy(), block_mean, atol=0.08)
+        pooled = (weights[:, None] * features[b]).sum(0) / weights.sum()  # (D_vision,)
+        by_hand = pooled @ model.region.adapter.weight.T + model.region.adapter.bias  # (d_llm,)
+        torch.testing.assert_close(embeds[b, t], by_hand, atol=1e-5, rtol=1e-4)
+
+
+def test_seg_selection_in_generation_and_no_seg_fallback(grounded, monkeypatch) -> None:
+    _, built, dm = grounded
+    model, tokenizer = built.model, built.tokenizer
+    model.eval()
+    batch = batch_of(dm, "test", lambda r: r.task == "grounding", n=2, generation=True)
+    word = tokenizer("it", add_special_tokens=False)["input_ids"][0]
+    eos, pad, seg = tokenizer.eos_token_id, tokenizer.pad_token_id, model.seg_token_id
+    generated = torch.tensor([[word, seg, word, eos], [word, word, eos, pad]])  # sample 1 has no <SEG>
+    monkeypatch.setattr(model.llm, "generate", lambda **_: generated)
+    seen = {}
+    original = model.grounding.predict
+
+    def spy(**kwargs):
+        seen.update(kwargs)
+        return original(**kwargs)
+
+    monkeypatch.setattr(model.grounding, "predict", spy)
+    model.grounding.no_seg_count = 0
+    ids, masks = model.generate_with_masks(batch["input_ids"], batch["attention_mask"], batch["pixel_values"],
+                                           batch["image_task_ids"], sam_pixel_values=batch["sam_pixel_values"],
+                                           image_sizes=batch["image_sizes"],
+                                           sam_resized_sizes=batch["sam_resized_sizes"], max_new_tokens=4)
+    assert masks[1] is None and model.grounding.no_seg_count == 1  # fallback, counted
+    assert masks[0].shape == tuple(batch["image_sizes"][0])  # (H, W) original resolution
+    assert seen["batch_index"].tolist() == [0]
+    # the hidden state that produced <SEG>: teacher forcing over sample 0's prompt + "it" (no padding)
+    real = batch["attention_mask"][0].bool()
+    prompt = batch["input_ids"][0][real]
+    sequence = torch.cat([prompt, torch.tensor([word, seg])])[None]  # (1, T0 + 2)
+    with torch.no_grad():
+        out = model(sequence, torch.ones_like(sequence), pixel_values=batch["pixel_values"][:1])
+    expected = out.hidden_states[0, len(prompt)]  # position of "it", whose next token is <SEG>
+    torch.testing.assert_close(seen["seg_embeddings"][0], expected, atol=1e-4, rtol=1e-4)
+
+
+def test_test_step_scores_masks_and_counts_the_fallback(grounded, monkeypatch, tmp_path) -> None:
+    cfg, built, dm = grounded
+    module = _module(cfg, built)
+    batch = batch_of(dm, "test", lambda r: r.task == "grounding", n=3, generation=True)
+    eos = built.tokenizer.eos_token_id
+    monkeypatch.setattr(built.model.llm, "generate", lambda **_: torch.full((3, 2), eos))  # never <SEG>
+    module.overlay_dir = tmp_path / "overlays"
+    module.on_test_epoch_start()
+    module.test_step(batch, 0)
+    rows = module.predictions
+    assert [r["seg_produced"] for r in rows] == [False] * 3 and module.no_seg_count == 3
+    assert all(r["iou"] == 0.0 and r["dice"] == 0.0 for r in rows)
+    summary = grounding_summary(rows)
+    assert summary["seg/no_mask"] == 3 and summary["seg/mdice"] == 0.0 and summary["seg/count"] == 3
+    assert len(module.overlays) == 3 and all(p.suffix == ".png" and p.is_file() for p in module.overlays)
+
+
+def test_grounding_summary_by_hand() -> None:
+    rows = [{"iou": 0.5, "pixel_dice": 0.7, "seg_produced": True, "modality": "CT"},
+            {"iou": 0.0, "pixel_dice": None, "seg_produced": False, "modality": "MRI"},
+            {"iou": 1.0, "pixel_dice": 1.0, "seg_produced": True, "modality": "CT"},
+            {"text": "no mask row"}]
+    out = grounding_summary(rows)
+    assert out["seg/miou"] == pytest.approx(0.5)
+    assert out["seg/mdice"] == pytest.approx((2 * 0.5 / 1.5 + 0.0 + 1.0) / 3)
+    assert out["seg/mdice/CT"] == pytest.approx((2 * 0.5 / 1.5 + 1.0) / 2) and out["seg/count/MRI"] == 1
+    assert out["seg/monai_dice"] == pytest.approx(0.85) and out["seg/no_mask"] == 1
+
+
+def test_region_vqa_summary_uses_medplibs_exact_match() -> None:
+    rows = [{"task": "region", "text": "Liver.", "answer": "liver", "answer_type": "open"},
+            {"task": "region", "text": "Yes, there is", "answer": "Yes", "answer_type": "closed"},
+            {"task": "region", "text": "no", "answer": "No", "answer_type": "closed"},
+            {"task": "vqa", "text": "x", "answer": "y", "answer_type": "closed"}]
+    out = region_vqa_summary(rows)
+    assert out["region/closed_count"] == 2 and out["region/open_count"] == 1
+    assert out["region/closed_accuracy"] == 0.5  # "yes, there is" != "yes": exact match, not substring
+    assert out["region/open_recall"] == 1.0
+    assert region_vqa_summary(rows[3:]) == {}
+
+
+def test_overlay_colours(tmp_path) -> None:
+    from PIL import Image
+
+    from datamodules.records import Record
+
+    image = tmp_path / "img.png"
+    Image.fromarray(np.full((4, 6), 100, np.uint8)).save(image)
+    record = Record(id="a/b", dataset="d", split="test", question="q", answer="a", answer_type="open",
+                    image_path=str(image))
+    target = torch.zeros(4, 6, dtype=torch.bool)
+    target[0, :3] = True
+    pred = torch.zeros(4, 6, dtype=torch.bool)
+    pred[0, 2:5] = True
+    pixels = np.asarray(Image.open(draw_overlay(record, pred, target, tmp_path / "o")))  # (4, 6, 3)
+    assert pixels[0, 0].tolist() == [60, 255, 60]  # target only: green
+    assert pixels[0, 2].tolist() == [255, 255, 60]  # both: yellow
+    assert pixels[0, 4].tolist() == [255, 60, 60]  # prediction only: red
+    assert pixels[3, 5].tolist() == [60, 60, 60]  # neither: grey
+
+
+def test_loss_is_the_weighted_sum_on_a_mixed_batch(grounded) -> None:
+    cfg, built, dm = grounded
+    module = _module(cfg, built)
+    assert (module.hparams.ce_weight, module.hparams.bce_weight, module.hparams.dice_weight) == (1.0, 1.0, 5.0)
+    region = batch_of(dm, "train", lambda r: r.task == "region", n=2)
+    dataset = dm.dataset("train", with_answers=True)
+    pick = ([i for i, r in enumerate(dataset.records) if r.task == "grounding"][:3]
+            + [i for i, r in enumerate(dataset.records) if r.task == "region"][:3])
+    items = [dataset[i] for i in sorted(pick, key=lambda i: i % 5)]  # interleaved
+    batch = dm._collator(False)(items)
+    n_masks = sum(m is not None for m in batch["masks"])
+    assert 0 < n_masks < len(items)  # samples with and without masks
+    torch.manual_seed(0)
+    built.model.eval()  # no dropout: the two forwards below are the same computation
+    terms = module.losses(batch)
+    out = built.model(**{k: batch[k] for k in ("input_ids", "attention_mask", "labels", "pixel_values",
+                                               "image_task_ids", "region_masks")})
+    masks, index = built.model.segment(out.hidden_states, batch["input_ids"], sam_pixel_values=batch["sam_pixel_values"],
+                                       image_sizes=batch["image_sizes"], sam_resized_sizes=batch["sam_resized_sizes"])
+    assert len(masks) == n_masks == int(terms["masks"])
+    targets = [batch["masks"][b] for b in index.tolist()]
+    parts = mask_losses(masks, targets, bce_weight=1.0, dice_weight=1.0)
+    expected = 1.0 * out.loss + 1.0 * parts["bce"] + 5.0 * parts["dice"]
+    torch.testing.assert_close(terms["loss"], expected, atol=1e-5, rtol=1e-5)
+    without = module.losses(region)  # no mask at all: CE only, exactly
+    assert int(without["masks"]) == 0
+    torch.testing.assert_close(without["loss"], without["ce"], atol=1e-6, rtol=0)
+
+
+def test_stage_loss_weights_from_the_recipe(grounded) -> None:
+    cfg, _, _ = grounded
+    iii = grounding_module_settings(cfg, cfg.stages["grounding_expert"])
+    iv = grounding_module_settings(cfg, cfg.stages["moe"])
+    assert (iii["ce_weight"], iii["bce_weight"], iii["dice_weight"]) == (1.0, 1.0, 5.0)
+    assert (iv["ce_weight"], iv["bce_weight"], iv["dice_weight"]) == (1.0, 2.0, 0.5)
+    assert iii["mask_threshold"] == 0.1
