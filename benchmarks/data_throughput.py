@@ -110,8 +110,7 @@ def index_peak(records: int) -> dict:
         path = Path(tmp) / "train.json"
         with open(path, "w") as f:  # written row by row: the parent's memory is not the figure
             f.write("[\n")
-            for i, row in enumerate(rows):
-                f.write(("," if i else "") + json.dumps(row) + "\n")
+            f.writelines(("," if i else "") + json.dumps(row) + "\n" for i, row in enumerate(rows))
             f.write("]\n")
         size_mb = path.stat().st_size / 2**20
         out = subprocess.run([sys.executable, "-c", INDEX_CHILD.format(repo=str(REPO), root=tmp)],

@@ -19,8 +19,8 @@ from datamodules.dataset import Collator, VQADataset
 from datamodules.encoding import ConversationEncoder
 from datamodules.images import ImageTransform
 from datamodules.mixture import MixtureSampler, mixture_groups
-from datamodules.prompts import PromptTemplates
 from datamodules.problems import ProblemLog
+from datamodules.prompts import PromptTemplates
 from datamodules.readers import read_split
 from datamodules.records import Record
 from datamodules.sharding import world_of
@@ -71,7 +71,7 @@ class VQADataModule(L.LightningDataModule):
         self.task_ids: dict[str, int] = {}
 
     def connect(self, tokenizer: Any, transform: ImageTransform, *, num_image_tokens: int,
-                task_ids: dict[str, int] | None = None, sam_transform: Any = None) -> "VQADataModule":
+                task_ids: dict[str, int] | None = None, sam_transform: Any = None) -> VQADataModule:
         self.tokenizer = tokenizer
         self.sam_transform = sam_transform  # grounding models: items also carry SAM's input
         self.transform = transform

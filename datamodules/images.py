@@ -95,7 +95,7 @@ class ImageTransform:
     pad_square: bool = False
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, *, pad_square: bool = False) -> "ImageTransform":
+    def from_pretrained(cls, path: str | Path, *, pad_square: bool = False) -> ImageTransform:
         file = Path(path) / "preprocessor_config.json"
         if not file.is_file():
             raise FileNotFoundError(f"{file}: the vision checkpoint has no preprocessor_config.json")

@@ -19,8 +19,8 @@ wrap it in another distributed sampler, or refuse a custom batch sampler) and ca
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Iterator, Sequence
 
 import numpy as np
 from torch.utils.data import DistributedSampler
@@ -71,7 +71,7 @@ class SampleIndex(int):
 
     epoch: int
 
-    def __new__(cls, index: int, epoch: int) -> "SampleIndex":
+    def __new__(cls, index: int, epoch: int) -> SampleIndex:
         value = super().__new__(cls, index)
         value.epoch = epoch
         return value

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Optional
 
 FORMATS = ("vqa_rad", "slake", "pathvqa", "conversation", "mecovqa")
 # Uni-Med's task tags, plus MedPLIB's region-prompt and pixel-grounding tasks (MeCoVQA).
@@ -28,7 +27,7 @@ class SyntheticSpec:
     """Write a phantom dataset in the format's release layout at ``path`` when it is absent."""
 
     kind: str = "vqa"  # vqa | caption | cls | qa (the last three: conversation format only)
-    layout: Optional[str] = None  # LAYOUTS[format]; None = the first
+    layout: str | None = None  # LAYOUTS[format]; None = the first
     train_images: int = 240
     val_images: int = 30
     test_images: int = 60
@@ -44,16 +43,16 @@ class DatasetSpec:
     path: str = "???"
     # split name in our pipeline -> split name in the release (null: the release has none,
     # e.g. VQA-RAD and MeCoVQA have no validation split)
-    train_split: Optional[str] = "train"
-    val_split: Optional[str] = "validate"
-    test_split: Optional[str] = "test"
-    languages: List[str] = field(default_factory=lambda: ["en"])  # slake: q_lang values kept
-    image_root: Optional[str] = None  # conversation / mecovqa: folder image (and mask) paths are relative to
+    train_split: str | None = "train"
+    val_split: str | None = "validate"
+    test_split: str | None = "test"
+    languages: list[str] = field(default_factory=lambda: ["en"])  # slake: q_lang values kept
+    image_root: str | None = None  # conversation / mecovqa: folder image (and mask) paths are relative to
     task: str = "vqa"  # TASKS; slake: refer / identify build box records from detection.json
-    subsets: Optional[List[str]] = None  # mecovqa: complex, region, grounding (default: all)
+    subsets: list[str] | None = None  # mecovqa: complex, region, grounding (default: all)
     allow_pickle: bool = False  # pathvqa: read the original pickle release (unpickling runs code)
     # relative sampling probability in a mixture (Uni-Med's sample ratio): dataset d is drawn with
     # probability weight_d / sum(weights); weights proportional to sizes reproduce concatenation
     weight: float = 1.0
-    max_samples: Optional[int] = None
-    synthetic: Optional[SyntheticSpec] = None
+    max_samples: int | None = None
+    synthetic: SyntheticSpec | None = None

@@ -8,7 +8,7 @@ Each distinct image and mask is decoded once. Problems go to the :class:`Problem
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 from datamodules.images import load_image, load_mask
 from datamodules.problems import DataError, ProblemLog

@@ -19,6 +19,7 @@ from lightningmodules.metrics.vqa_metrics import bleu1, closed_accuracy, open_re
 from lightningmodules.moe_monitor import MoEMonitor
 from lightningmodules.schedules import lr_lambda
 
+
 class NonFiniteLossError(RuntimeError):
     """The training loss became NaN or infinite."""
 

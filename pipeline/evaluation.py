@@ -94,8 +94,7 @@ def evaluate_model(cfg: DictConfig, built: Any, *, tracker: Any, run_id: str | N
     out_dir.mkdir(parents=True, exist_ok=True)
     predictions_file = out_dir / "predictions.jsonl"
     with open(predictions_file, "w") as f:
-        for p in predictions:
-            f.write(json.dumps(llava_med_prediction(p, cfg.name)) + "\n")
+        f.writelines(json.dumps(llava_med_prediction(p, cfg.name)) + "\n" for p in predictions)
     summary = {"split": split, "count": len(predictions), "padding_duplicates_removed": padding,
                "metrics": {k: metrics[k] for k in HEADLINE if k in metrics}, "majority_baseline": baseline,
                "all_metrics": metrics, "report": report}

@@ -17,15 +17,14 @@ from omegaconf import DictConfig, OmegaConf
 from datamodules.datamodule import VQADataModule
 from datamodules.specs import TASKS
 from lightningmodules.grounding_module import vlm_module_class
-from lightningmodules.vlm_module import VLMModule
-from lightningmodules.vlm_module import NonFiniteLossError
+from lightningmodules.vlm_module import NonFiniteLossError, VLMModule
 from pipeline.callbacks import LossHistory, RoutingHeatmap
+from pipeline.checkpointing import DataPosition, RngState, StageCheckpoint, last_checkpoint
 from pipeline.config import ConfigError
 from pipeline.evaluation import EvalResult, evaluate_model
 from pipeline.fingerprints import dataset_fingerprints, fingerprint_params
 from pipeline.gradient_conflict import GradientConflict
 from pipeline.handover import restore, save_handover
-from pipeline.checkpointing import DataPosition, RngState, StageCheckpoint, last_checkpoint
 from pipeline.model_factory import BuiltModel, build_model
 from pipeline.moe_stage import adjust_trainable, log_stage_artifacts, prepare_stage, stage_module
 from pipeline.plots import learning_curve

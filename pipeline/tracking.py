@@ -11,10 +11,11 @@ import functools
 import json
 import logging
 import os
-import re
 import platform
+import re
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -297,5 +298,5 @@ def _buffered_logger_class():
     return _Buffered
 
 
-def BufferedMLFlowLogger(**kwargs: Any) -> Any:  # noqa: N802 (a class factory: lightning imports lazily)
+def BufferedMLFlowLogger(**kwargs: Any) -> Any:
     return _buffered_logger_class()(**kwargs)

@@ -114,7 +114,6 @@ def torch_threads(count: int):
 def run_tiny_med_moe(tmp: Path, family: str = "llama"):
     """The tiny Med-MoE chain once, snapshotting each stage's weights as training starts (after the
     hand-over is restored and the MoE built): (cfg, result, {stage name: state dict}, tmp)."""
-    from pipeline import runner
     from pipeline.config import load_config
 
     cfg = load_config(MED_MOE_TINY, tiny_med_moe_overrides(tmp, family))

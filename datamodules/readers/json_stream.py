@@ -11,8 +11,9 @@ from __future__ import annotations
 import itertools
 import json
 import re
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator, TextIO
+from typing import Any, TextIO
 
 from datamodules.problems import FILE_LEVEL, DataError, Problem, file_error
 

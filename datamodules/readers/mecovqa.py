@@ -42,8 +42,8 @@ MODALITY_PREFIXES = {
     "ultrasound": "ultrasound", "us": "ultrasound", "pet": "PET", "fundus": "fundus",
     "dermoscopy": "dermoscopy", "endoscopy": "endoscopy",
 }
-REGION_TAG = re.compile(r"<region>(.*?)</region>", re.S)
-MASK_TAG = re.compile(r"\s*<mask>(.*?)</mask>", re.S)
+REGION_TAG = re.compile(r"<region>(.*?)</region>", re.DOTALL)
+MASK_TAG = re.compile(r"\s*<mask>(.*?)</mask>", re.DOTALL)
 SEG = "<SEG>"
 
 

@@ -120,7 +120,7 @@ def make_phantom(index: int, *, seed: int = 0, size: int = 128, modality: str | 
     style = _STYLE[modality]
     s = float(size)
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
-    jitter = lambda scale: 1.0 + rng.uniform(-scale, scale)  # noqa: E731
+    jitter = lambda scale: 1.0 + rng.uniform(-scale, scale)
     cx, cy = s / 2 + rng.uniform(-0.03, 0.03) * s, s / 2 + rng.uniform(-0.03, 0.03) * s
     img = np.zeros((size, size), np.float32)
     organs: dict[str, np.ndarray] = {}

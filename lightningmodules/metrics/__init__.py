@@ -17,8 +17,8 @@ from .text_scores import (
 )
 
 __all__ = [
-    "Box",
     "PROTOCOLS",
+    "Box",
     "answer_kind",
     "binarize",
     "box_iou",

@@ -13,9 +13,8 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from typing import Union
 
-__all__ = ["Box", "parse_box", "format_box", "box_iou", "rec_scores"]
+__all__ = ["Box", "box_iou", "format_box", "parse_box", "rec_scores"]
 
 Box = tuple[int, int, int, int]
 
@@ -66,7 +65,7 @@ def box_iou(a: Sequence[float], b: Sequence[float], inclusive: bool = False) -> 
     return inter / union if union > 0 else 0.0
 
 
-def rec_scores(preds: Sequence[str | None], gts: Sequence[Union[str, Sequence[int]]],
+def rec_scores(preds: Sequence[str | None], gts: Sequence[str | Sequence[int]],
                grid: int = 100, inclusive: bool = False) -> dict[str, float]:
     """Referring-expression comprehension: mean IoU and accuracy at IoU > 0.5 (strict).
 

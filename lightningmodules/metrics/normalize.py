@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["normalize_answer", "tokens", "CONTRACTIONS", "NUMBER_WORDS", "ARTICLES", "PUNCTUATION"]
+__all__ = ["ARTICLES", "CONTRACTIONS", "NUMBER_WORDS", "PUNCTUATION", "normalize_answer", "tokens"]
 
 # The standard VQA contraction map. Its capitalised keys (Im, Ive, Id've, I'dve) are left out:
 # the scripts look tokens up after lowercasing, so those keys can never match.

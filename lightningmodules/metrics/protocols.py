@@ -22,7 +22,7 @@ from typing import Any
 from .normalize import normalize_answer
 from .text_scores import cumulative_bleu, token_prf
 
-__all__ = ["PROTOCOLS", "closed_hit", "open_scores", "score_protocol", "answer_kind"]
+__all__ = ["PROTOCOLS", "answer_kind", "closed_hit", "open_scores", "score_protocol"]
 
 PROTOCOLS: tuple[str, ...] = ("default", "llava_med", "med_moe", "uni_med", "medplib")
 

@@ -13,7 +13,7 @@ from typing import Any, Union
 import numpy as np
 import torch
 
-__all__ = ["binarize", "mask_iou", "dice_from_iou", "segmentation_scores"]
+__all__ = ["binarize", "dice_from_iou", "mask_iou", "segmentation_scores"]
 
 MaskLike = Union[np.ndarray, torch.Tensor]
 
@@ -119,7 +119,7 @@ def monai_dice(preds: Sequence[MaskLike | None], gts: Sequence[MaskLike]) -> dic
         pred_arr = np.zeros_like(gt_arr) if pred is None else _pred_bool(pred, index)
         if pred_arr.shape != gt_arr.shape:
             raise ValueError(f"prediction {index} has shape {pred_arr.shape}, ground truth {gt_arr.shape}")
-        to_tensor = lambda a: torch.from_numpy(a.astype(np.float32))[None, None]  # noqa: E731  (1, 1, H, W)
+        to_tensor = lambda a: torch.from_numpy(a.astype(np.float32))[None, None]
         metric(y_pred=to_tensor(pred_arr), y=to_tensor(gt_arr))
     counted = sum(bool(_gt_bool(g).any()) for g in gts)
     value = float(metric.aggregate().item()) if counted else float("nan")

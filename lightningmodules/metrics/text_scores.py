@@ -17,15 +17,15 @@ from .normalize import normalize_answer, tokens
 
 __all__ = [
     "TextOrTokens",
-    "exact_match",
-    "token_recall",
-    "token_precision",
-    "token_f1",
-    "token_prf",
-    "sentence_bleu",
-    "cumulative_bleu",
     "corpus_bleu",
+    "cumulative_bleu",
+    "exact_match",
     "rouge_l",
+    "sentence_bleu",
+    "token_f1",
+    "token_precision",
+    "token_prf",
+    "token_recall",
 ]
 
 TextOrTokens = Union[str, Sequence[str]]

@@ -27,12 +27,17 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from lightningmodules.models.grounding import SEG_TOKEN, GroundingHead, seg_hidden_states
 from lightningmodules.models.multimodal import IGNORE_INDEX, MultimodalLM, MultimodalOutput
-from lightningmodules.models.region import (REGION_END, REGION_PLACEHOLDER, REGION_START, RegionEncoder,
-                                            region_grid_weights, splice_region_tokens)
+from lightningmodules.models.region import (
+    REGION_END,
+    REGION_PLACEHOLDER,
+    REGION_START,
+    RegionEncoder,
+    region_grid_weights,
+    splice_region_tokens,
+)
 
 MASK_START, MASK_END = "<mask>", "</mask>"
 # MedPLIB's added tokens, plus the placeholder the region token is written over
@@ -55,7 +60,7 @@ class GroundedMultimodalLM(MultimodalLM):
         self.region_token_id = None if region_token_id is None else int(region_token_id)
         self.image_transform = image_transform
 
-    def train(self, mode: bool = True) -> "GroundedMultimodalLM":
+    def train(self, mode: bool = True) -> GroundedMultimodalLM:
         super().train(mode)
         self.grounding.train(mode)  # keeps SAM's frozen encoders in eval mode
         return self

@@ -86,7 +86,7 @@ class SamImageTransform:
         self.image_std = tuple(float(s) for s in image_std)
 
     @classmethod
-    def from_pretrained(cls, path: str | Path) -> "SamImageTransform":
+    def from_pretrained(cls, path: str | Path) -> SamImageTransform:
         """Size from ``preprocessor_config.json`` (``size.longest_edge``) when present, else the
         model's ``vision_config.image_size``; mean/std from the preprocessor config or ImageNet's."""
         path = Path(path)
@@ -210,7 +210,7 @@ class GroundingHead(nn.Module):
             decoder.output_hypernetworks_mlps[1:].requires_grad_(False)
         self.no_seg_count = 0  # samples whose generated answer had no <SEG> (see predict)
 
-    def train(self, mode: bool = True) -> "GroundingHead":
+    def train(self, mode: bool = True) -> GroundingHead:
         """Train mode for the projection and mask decoder; the frozen encoders stay in eval mode."""
         super().train(mode)
         self.sam.vision_encoder.eval()

@@ -36,7 +36,7 @@ class MultimodalLM(nn.Module):
         self.image_token_id = image_token_id
         self.num_image_tokens = num_image_tokens
 
-    def train(self, mode: bool = True) -> "MultimodalLM":
+    def train(self, mode: bool = True) -> MultimodalLM:
         """Train mode for the learning parts; a frozen vision tower stays in eval mode."""
         super().train(mode)
         if getattr(self.vision, "frozen", False):

@@ -17,7 +17,7 @@ import json
 import logging
 import re
 from collections.abc import Mapping
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import torch
@@ -67,7 +67,7 @@ class SamConversionError(RuntimeError):
     """A checkpoint cannot be loaded faithfully into ``SamModel``."""
 
 
-@lru_cache(maxsize=None)
+@cache
 def _template_regex(template: str) -> re.Pattern:
     pattern = re.escape(template).replace(r"\{i\}", r"(?P<i>\d+)").replace(r"\{n\}", r"(?P<n>\d+)")
     return re.compile("^" + pattern)

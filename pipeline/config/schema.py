@@ -8,10 +8,9 @@ paths. Defaults here are the shared defaults; experiments/defaults.yaml only doc
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any
 
 from datamodules.specs import DatasetSpec
-from lightningmodules.schedules import SCHEDULERS
 
 CONNECTOR_TYPES = ("linear", "mlp", "cmoe")
 STAGE_KINDS = ("vlm", "router")  # router: Med-MoE's modality classifier on pooled LLM hidden states
@@ -34,7 +33,7 @@ class VisionConfig:
     pad_square: bool = False  # LLaVA's expand2square with the mean colour before resizing
     # path "timm:<model name>" (e.g. timm:eva_giant_patch14_clip_224, Uni-Med's EVA-CLIP ViT-g/14; needs the
     # optional extra medpipe[timm]) loads its weights from this local file; never downloaded
-    checkpoint: Optional[str] = None
+    checkpoint: str | None = None
 
 
 @dataclass
@@ -49,16 +48,16 @@ class ConnectorConfig:
     top_k: int = 2  # experts per token for sparse
     router_hidden_ratio: float = 4.0  # router hidden width / router input width (paper: 4)
     num_tasks: int = 6  # learned task embeddings (task ids 0..num_tasks-1)
-    task_embed_dim: Optional[int] = None  # None: min(768, connector input width); 768 as in Uni-Med
+    task_embed_dim: int | None = None  # None: min(768, connector input width); 768 as in Uni-Med
 
 
 @dataclass
 class LLMConfig:
     path: str = "tiny:llama"
     dtype: str = "float32"
-    chat_template: Optional[str] = None  # jinja; used when given or when the tokenizer has none
-    system_prompt: Optional[str] = None
-    attn_implementation: Optional[str] = None
+    chat_template: str | None = None  # jinja; used when given or when the tokenizer has none
+    system_prompt: str | None = None
+    attn_implementation: str | None = None
     trust_remote_code: bool = False  # never on unless set: remote code runs from the checkpoint
     gradient_checkpointing: bool = False
 
@@ -68,7 +67,7 @@ class ModelConfig:
     vision: VisionConfig = field(default_factory=VisionConfig)
     connector: ConnectorConfig = field(default_factory=ConnectorConfig)
     llm: LLMConfig = field(default_factory=LLMConfig)
-    grounding: Optional["GroundingConfig"] = None  # MedPLIB: <SEG> -> SAM mask decoder, region prompts
+    grounding: GroundingConfig | None = None  # MedPLIB: <SEG> -> SAM mask decoder, region prompts
 
 
 @dataclass
@@ -101,14 +100,14 @@ class LoraConfig:
     alpha: int = 16
     dropout: float = 0.05
     # "all-linear" = every Linear of the LLM except lm_head (peft's convention)
-    target_modules: List[str] = field(default_factory=lambda: ["all-linear"])
+    target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
 
 
 @dataclass
 class OptimConfig:
     lr: float = 2e-4
     weight_decay: float = 0.0
-    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     warmup_ratio: float = 0.03
     scheduler: str = "cosine"
     min_lr_ratio: float = 0.0
@@ -119,42 +118,42 @@ class MoEConfig:
     """Stage-level LLM mixture of experts (Med-MoE stage 3; MedPLIB stage IV with ``sources``)."""
 
     layers: Any = "every_other"  # every_other (0, 2, 4, ...) | all | list of decoder layer indices
-    num_experts: Optional[int] = None  # default 4; with sources: len(sources)
+    num_experts: int | None = None  # default 4; with sources: len(sources)
     top_k: int = 1
     meta_expert: bool = True  # the dense FFN stays always on: out = moe(x) + ffn(x)
     renormalize: bool = False  # Med-MoE: combine weight = softmax prob of the chosen expert, not renormalised
     router_init: str = "random"  # random | modality_classifier (Med-MoE)
-    router_stage: Optional[str] = None  # the router stage for modality_classifier; default: the last earlier one
+    router_stage: str | None = None  # the router stage for modality_classifier; default: the last earlier one
     router_trainable: bool = False  # Med-MoE: frozen
-    capacity_factor: Optional[float] = None  # null = dropless
+    capacity_factor: float | None = None  # null = dropless
     aux_loss_coef: float = 0.0  # Switch load balancing (padding masked out); 0 as Med-MoE released
     z_loss_coef: float = 0.0  # router z-loss
     jitter: float = 0.0  # multiplicative router input noise while training
-    sources: Optional[List[str]] = None  # earlier stages whose FFNs become the experts (MedPLIB stage IV)
+    sources: list[str] | None = None  # earlier stages whose FFNs become the experts (MedPLIB stage IV)
 
 
 @dataclass
 class RouterStageConfig:
     """Labels of a ``kind: router`` stage: each sample's modality, as a class index of ``modalities``."""
 
-    modalities: List[str] = field(default_factory=list)  # class c = modalities[c] = MoE expert c
+    modalities: list[str] = field(default_factory=list)  # class c = modalities[c] = MoE expert c
     # records without a modality (PathVQA has none): the dataset's modality, e.g. {pathvqa: Pathology}
-    dataset_modality: Dict[str, str] = field(default_factory=dict)
+    dataset_modality: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
 class StageConfig:
     kind: str = "vlm"
-    train: List[str] = field(default_factory=lambda: ["connector"])  # parameter groups that learn
-    lora: Optional[LoraConfig] = None  # LoRA adapters for this stage, merged into the weights after it
+    train: list[str] = field(default_factory=lambda: ["connector"])  # parameter groups that learn
+    lora: LoraConfig | None = None  # LoRA adapters for this stage, merged into the weights after it
     optim: OptimConfig = field(default_factory=OptimConfig)
     max_epochs: int = 1
     max_steps: int = -1
-    init_from: Optional[str] = None  # a stage name or a hand-over file; default: the previous stage
-    datasets: Optional[List[str]] = None  # subset of data.datasets; default: all
-    moe: Optional[MoEConfig] = None  # turn decoder FFNs into MoE layers before this stage trains
-    router: Optional[RouterStageConfig] = None  # kind: router only
-    grounding_loss: Optional[GroundingLossConfig] = None  # grounded models: this stage's weights (else model's)
+    init_from: str | None = None  # a stage name or a hand-over file; default: the previous stage
+    datasets: list[str] | None = None  # subset of data.datasets; default: all
+    moe: MoEConfig | None = None  # turn decoder FFNs into MoE layers before this stage trains
+    router: RouterStageConfig | None = None  # kind: router only
+    grounding_loss: GroundingLossConfig | None = None  # grounded models: this stage's weights (else model's)
 
 
 @dataclass
@@ -162,12 +161,12 @@ class MixtureConfig:
     """How training draws from several datasets (weights: data.datasets.<name>.weight)."""
 
     one_task_per_batch: bool = False  # every batch from one (dataset, task) group, drawn by weight
-    samples_per_epoch: Optional[int] = None  # over all ranks; default: the train records' total
+    samples_per_epoch: int | None = None  # over all ranks; default: the train records' total
 
 
 @dataclass
 class DataConfig:
-    datasets: Dict[str, DatasetSpec] = field(default_factory=dict)
+    datasets: dict[str, DatasetSpec] = field(default_factory=dict)
     batch_size: int = 8
     eval_batch_size: int = 16
     num_workers: int = 0
@@ -187,21 +186,21 @@ class TrainerConfig:
     strategy: str = "auto"
     precision: str = "32-true"
     accumulate_grad_batches: int = 1
-    gradient_clip_val: Optional[float] = 1.0
+    gradient_clip_val: float | None = 1.0
     log_every_n_steps: int = 10
-    val_check_interval: Optional[float] = None
-    limit_val_batches: Optional[float] = None
+    val_check_interval: float | None = None
+    limit_val_batches: float | None = None
     enable_progress_bar: bool = True
     deterministic: bool = False
     save_checkpoints: bool = True  # <output_dir>/stages/<stage>/checkpoints/last.ckpt, what resume=true continues from
-    checkpoint_every_n_steps: Optional[int] = None  # None: at the end of every epoch
+    checkpoint_every_n_steps: int | None = None  # None: at the end of every epoch
 
 
 @dataclass
 class EvaluationConfig:
     enabled: bool = True
     after_each_stage: bool = False  # also evaluate every stage's model (shows the gain per stage)
-    datasets: Optional[List[str]] = None  # subset of data.datasets to evaluate on; default: all
+    datasets: list[str] | None = None  # subset of data.datasets to evaluate on; default: all
     split: str = "test"
     max_new_tokens: int = 16
     batch_size: int = 32
@@ -210,9 +209,9 @@ class EvaluationConfig:
 
 @dataclass
 class GradConflictConfig:
-    every_n_steps: Optional[int] = None  # None: off; else per-task gradient cosine every N optimiser steps
+    every_n_steps: int | None = None  # None: off; else per-task gradient cosine every N optimiser steps
     samples_per_task: int = 8  # fixed probe batch per task
-    groups: List[str] = field(default_factory=lambda: ["connector", "experts"])  # or any parameter-name substring
+    groups: list[str] = field(default_factory=lambda: ["connector", "experts"])  # or any parameter-name substring
 
 
 @dataclass
@@ -224,12 +223,12 @@ class AnalysisConfig:
 class MlflowConfig:
     tracking_uri: str = "sqlite:///mlflow.db"
     experiment_name: str = "medpipe"
-    run_name: Optional[str] = None
-    tags: Dict[str, str] = field(default_factory=dict)
+    run_name: str | None = None
+    tags: dict[str, str] = field(default_factory=dict)
     system_metrics: bool = True  # MLflow's CPU / memory / GPU sampling (needs psutil)
     system_metrics_interval: float = 10.0  # seconds
     register_model: bool = True  # log the final hand-over + config and register a model version
-    model_name: Optional[str] = None  # registry name; default medpipe-<name>
+    model_name: str | None = None  # registry name; default medpipe-<name>
 
 
 @dataclass
@@ -237,12 +236,12 @@ class ExperimentConfig:
     name: str = "experiment"
     seed: int = 0
     output_dir: str = "outputs/${name}"
-    cache_dir: Optional[str] = None  # tiny models; default $MEDPIPE_CACHE or ~/.cache/medpipe
-    ckpt: Optional[str] = None  # hand-over file to evaluate (medpipe evaluate)
+    cache_dir: str | None = None  # tiny models; default $MEDPIPE_CACHE or ~/.cache/medpipe
+    ckpt: str | None = None  # hand-over file to evaluate (medpipe evaluate)
     resume: bool = False  # continue the run in output_dir (same MLflow runs) from its last checkpoint
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    stages: Dict[str, StageConfig] = field(default_factory=dict)
+    stages: dict[str, StageConfig] = field(default_factory=dict)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)

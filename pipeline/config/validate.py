@@ -8,15 +8,15 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from datamodules.problems import ON_BAD_RECORD
-from lightningmodules.models.aggregation import AGGREGATIONS
-from lightningmodules.models.cmoe import ROUTER_INPUTS, WEIGHTINGS
 from datamodules.readers import SPLIT_NAMES
 from datamodules.readers.mecovqa import SUBSETS as MECOVQA_SUBSETS
 from datamodules.specs import FORMATS, LAYOUTS, SYNTHETIC_KINDS, TASK_IDS, TASKS
-from pipeline.config.errors import ConfigError
-from pipeline.strategies import strategy_problem
+from lightningmodules.models.aggregation import AGGREGATIONS
+from lightningmodules.models.cmoe import ROUTER_INPUTS, WEIGHTINGS
 from lightningmodules.schedules import SCHEDULERS
+from pipeline.config.errors import ConfigError
 from pipeline.config.schema import CONNECTOR_TYPES, MOE_LAYER_CHOICES, ROUTER_INITS, STAGE_KINDS, TRAINABLE_GROUPS
+from pipeline.strategies import strategy_problem
 
 PRECISIONS = ("32-true", "32", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true")
 

@@ -5,9 +5,18 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lightningmodules.models.sam_convert import (SamConversionError, convert_sam_checkpoint, expected_shapes,
-                                                 load_sam_med2d, missing_keys, pixel_statistics,
-                                                 sam_med2d_config, save_hf_checkpoint, to_hf_key, to_original_keys)
+from lightningmodules.models.sam_convert import (
+    SamConversionError,
+    convert_sam_checkpoint,
+    expected_shapes,
+    load_sam_med2d,
+    missing_keys,
+    pixel_statistics,
+    sam_med2d_config,
+    save_hf_checkpoint,
+    to_hf_key,
+    to_original_keys,
+)
 
 # original segment-anything key -> SamModel key (names as in the released sam_vit_b checkpoint)
 KNOWN_PAIRS = {

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from lightningmodules.models.modality_router import ModalityClassifier, masked_mean
-from lightningmodules.models.moe import MoEFeedForward, count_parameters, moe_layers, token_mask
+from lightningmodules.models.moe import count_parameters, moe_layers, token_mask
 from pipeline.config import ConfigError, load_config
 from pipeline.handover import load_handover, restore, save_handover
 from pipeline.model_factory import build_model

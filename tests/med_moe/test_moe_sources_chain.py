@@ -63,8 +63,9 @@ SOURCES = ("expert_b", "expert_a")  # expert e = stage SOURCES[e]
 
 @pytest.fixture(scope="module")
 def sources_chain(tmp_path_factory, tiny_llama, tiny_clip):
-    from pipeline.config import load_config
     from runs import run_with_snapshots
+
+    from pipeline.config import load_config
 
     tmp = tmp_path_factory.mktemp("moe-sources")
     config = tmp / "sources.yaml"

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from medplib_helpers import tiny_cfg
 
 
@@ -28,7 +27,7 @@ def chain_overrides() -> list[str]:
 @pytest.fixture(scope="module")
 def chain(tmp_path_factory: pytest.TempPathFactory, tiny_llama: Path, tiny_clip: Path):
     """Run the tiny chain once: (result, {stage index: (model, state at the start of training)})."""
-    import pipeline.runner as runner
+    from pipeline import runner
 
     cfg = tiny_cfg(tmp_path_factory.mktemp("medplib-chain"), *chain_overrides())
     starts: dict[int, tuple[torch.nn.Module, dict[str, torch.Tensor]]] = {}

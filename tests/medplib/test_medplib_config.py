@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-
 from medplib_helpers import REPO
+
 from pipeline.config import ConfigError, load_config
 
 RECIPE = REPO / "experiments" / "medplib" / "medplib.yaml"

@@ -5,13 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from medplib_helpers import batch_of
 
 from lightningmodules.grounding_module import GroundingVLMModule, draw_overlay, grounding_module_settings
 from lightningmodules.losses import mask_losses
 from lightningmodules.metrics.grounding_summary import grounding_summary, region_vqa_summary
 from lightningmodules.models.grounded import GROUNDING_TOKENS, GroundedMultimodalLM
 from lightningmodules.models.region import region_grid_weights
-from medplib_helpers import batch_of
 
 
 def _module(cfg, built, stage: str = "grounding_expert") -> GroundingVLMModule:

@@ -16,8 +16,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-import pipeline.runner as runner  # noqa: E402
-from pipeline.config import load_config  # noqa: E402
+from pipeline import runner
+from pipeline.config import load_config
 
 
 def main() -> int:

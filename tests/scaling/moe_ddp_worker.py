@@ -13,8 +13,8 @@ records the largest gradient and weight difference, and which experts got a non-
 from __future__ import annotations
 
 import json
-from datetime import timedelta
 import sys
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -23,7 +23,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from lightningmodules.models.moe.layer import MoEFeedForward  # noqa: E402
+from lightningmodules.models.moe.layer import MoEFeedForward
 
 D, E = 6, 3
 

@@ -11,8 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from launch import WORKER, REPO, VENV_BIN, free_port, rank_logs, run, torchrun, write_experiment
+from launch import REPO, VENV_BIN, WORKER, free_port, rank_logs, run, torchrun, write_experiment
 
 pytestmark = pytest.mark.slow
 
@@ -50,7 +49,7 @@ def overrides(out: Path, *extra: str) -> list[str]:
 
 
 def run_in_process(experiment: Path, out: Path, *extra: str):
-    import pipeline.runner as runner
+    from pipeline import runner
     from pipeline.config import load_config
 
     cfg = load_config(experiment, overrides(out, *extra))

@@ -29,7 +29,7 @@ def test_unknown_and_spawn_strategies_are_config_errors() -> None:
 
 
 def test_deepspeed_without_deepspeed_installed_names_key_file_and_fix(tmp_path: Path, monkeypatch) -> None:
-    import pipeline.strategies as strategies
+    from pipeline import strategies
 
     monkeypatch.setattr(strategies, "deepspeed_available", lambda: False)
     exp = tmp_path / "exp.yaml"
