@@ -98,20 +98,14 @@ def prepare_stage(cfg: DictConfig, name: str, model: nn.Module, handovers: dict[
 
 def adjust_trainable(cfg: DictConfig, name: str, model: nn.Module, trainable: dict[str, int]) -> dict[str, int]:
     """MoE routers: frozen unless ``moe.router_trainable`` (then they train even if no group lists them)."""
-    from pipeline.trainable import freeze_moe_routers, moe_parameter_groups
+    from pipeline.trainable import set_moe_routers_trainable
 
     moe = cfg.stages[name].moe
     if moe is None:
         return trainable
     if moe.router_trainable:
-        names = set(moe_parameter_groups(model)["moe_router"])
-        count = 0
-        for param_name, param in model.named_parameters():
-            if param_name in names:
-                param.requires_grad_(True)
-                count += param.numel()
-        return {**trainable, "moe_router": count}
-    frozen = freeze_moe_routers(model)
+        return {**trainable, "moe_router": set_moe_routers_trainable(model, True)}
+    frozen = set_moe_routers_trainable(model, False)
     log.info("stage %s: %d router parameters frozen (moe.router_trainable: false)", name, frozen)
     return {group: (count - frozen if group == "llm" else count) for group, count in trainable.items()}
 

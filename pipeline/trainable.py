@@ -75,15 +75,16 @@ def moe_parameter_groups(model: MultimodalLM) -> dict[str, list[str]]:
     return groups
 
 
-def freeze_moe_routers(model: MultimodalLM) -> int:
-    """Freeze every MoE token router (Med-MoE keeps the classifier-initialised routers fixed); returns params."""
+def set_moe_routers_trainable(model: MultimodalLM, trainable: bool) -> int:
+    """Train or freeze every MoE token router (Med-MoE keeps the classifier-initialised routers fixed);
+    returns the number of router parameters."""
     names = set(moe_parameter_groups(model)["moe_router"])
-    frozen = 0
+    count = 0
     for name, param in model.named_parameters():
         if name in names:
-            param.requires_grad_(False)
-            frozen += param.numel()
-    return frozen
+            param.requires_grad_(trainable)
+            count += param.numel()
+    return count
 
 
 def grounding_parameter_groups(model: MultimodalLM) -> dict[str, list[str]]:

@@ -16,7 +16,7 @@ from pipeline.config import ConfigError, load_config
 from pipeline.handover import load_handover, restore, save_handover
 from pipeline.model_factory import build_model
 from pipeline.structure import add_modality_classifier, add_moe, model_structure
-from pipeline.trainable import freeze_moe_routers, parameter_groups, set_trainable
+from pipeline.trainable import parameter_groups, set_moe_routers_trainable, set_trainable
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "experiments" / "med_moe" / "tiny.yaml"
@@ -97,7 +97,7 @@ def test_trainable_groups_for_stage3() -> None:
     assert dense_ffn and all(".mlp." in n for n in dense_ffn)  # the non-MoE layers' FFNs
     assert not any("self_attn" in n or "norm" in n or "embed" in n for n in groups["ffn"])
     counts = set_trainable(model, ["connector", "ffn"])
-    frozen = freeze_moe_routers(model)
+    frozen = set_moe_routers_trainable(model, False)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == set(groups["connector"]) | set(groups["ffn"])
     assert frozen == sum(p.numel() for n, p in model.named_parameters() if n in set(groups["moe_router"]))
