@@ -8,17 +8,30 @@ import lightning as L
 
 
 class LossHistory(L.Callback):
-    """Keeps the training loss of every optimiser step (for the results table and learning tests)."""
+    """Keeps the training loss of every optimiser step and its mean over each epoch (for the results table and
+    the learning tests: an epoch covers the whole training split once, so its mean is free of the batch-to-batch
+    noise that single steps carry)."""
 
     def __init__(self) -> None:
         self.losses: list[float] = []
+        self.epoch_losses: list[float] = []
         self.val_losses: list[float] = []
+        self._epoch_start = 0
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.fit_loop.epoch_loop.batch_progress.current.ready:  # not an epoch resumed mid-way
+            self._epoch_start = len(self.losses)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any,
                            batch: Any, batch_idx: int) -> None:
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
         if loss is not None:
             self.losses.append(float(loss.detach()))
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        epoch = self.losses[self._epoch_start:]
+        if epoch:
+            self.epoch_losses.append(sum(epoch) / len(epoch))
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         value = trainer.callback_metrics.get("val/loss")
@@ -27,11 +40,14 @@ class LossHistory(L.Callback):
 
     # kept in checkpoints, so a resumed stage's learning curve and results table cover every step
     def state_dict(self) -> dict[str, Any]:
-        return {"losses": list(self.losses), "val_losses": list(self.val_losses)}
+        return {"losses": list(self.losses), "epoch_losses": list(self.epoch_losses),
+                "val_losses": list(self.val_losses), "epoch_start": self._epoch_start}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.losses = list(state_dict["losses"])
+        self.epoch_losses = list(state_dict.get("epoch_losses", []))
         self.val_losses = list(state_dict["val_losses"])
+        self._epoch_start = int(state_dict.get("epoch_start", len(self.losses)))
 
     def mean(self, part: str, fraction: float = 0.1) -> float:
         """Mean loss over the first or last ``fraction`` of the steps."""

@@ -25,6 +25,7 @@ class StageState:
     handover: str | None = None
     losses: list[float] = field(default_factory=list)
     val_losses: list[float] = field(default_factory=list)
+    epoch_losses: list[float] = field(default_factory=list)
     trainable: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
 

@@ -28,6 +28,7 @@ from pipeline.handover import restore, save_handover
 from pipeline.model_factory import BuiltModel, build_model
 from pipeline.moe_stage import adjust_trainable, log_stage_artifacts, prepare_stage, stage_module
 from pipeline.plots import learning_curve
+from pipeline.reproducibility import apply_cpu_kernels, intra_op_threads, kernel_fingerprint
 from pipeline.run_state import RunState, StageState, describe, save_run_state, state_for_resume
 from pipeline.tracking import Tracker, check_tracking_uri, hardware_tags
 from pipeline.trainable import add_lora, merge_lora, set_trainable
@@ -46,6 +47,7 @@ class StageResult:
     val_losses: list[float]
     trainable: dict[str, int]
     evaluation: EvalResult | None = None
+    epoch_losses: list[float] = field(default_factory=list)  # mean training loss of each epoch
 
 
 @dataclass
@@ -176,9 +178,10 @@ def run_stage(cfg: DictConfig, name: str, *, init: Path | None, tracker: Tracker
     handover = save_handover(built.model, out_dir / "stages" / name / "handover.pt", stage=name,
                              meta={"trainable": trainable})
     result = StageResult(name=name, handover=handover, run_id=run_id, seconds=0.0, losses=history.losses,
-                         val_losses=history.val_losses, trainable=trainable)
+                         val_losses=history.val_losses, trainable=trainable, epoch_losses=history.epoch_losses)
     stage_state.handover, stage_state.trainable = str(handover), dict(trainable)
     stage_state.losses, stage_state.val_losses = list(history.losses), list(history.val_losses)
+    stage_state.epoch_losses = list(history.epoch_losses)
     if cfg.evaluation.enabled and cfg.evaluation.after_each_stage and stage.kind != "router":  # LLM unchanged
         result.evaluation = evaluate_model(cfg, built, tracker=tracker, run_id=run_id,
                                            out_dir=out_dir / "stages" / name / "eval", module=module)
@@ -195,6 +198,7 @@ def finished_stage(name: str, stage_state: StageState) -> StageResult | None:
         return None
     return StageResult(name=name, handover=Path(stage_state.handover), run_id=stage_state.run_id,
                        seconds=stage_state.seconds, losses=stage_state.losses, val_losses=stage_state.val_losses,
+                       epoch_losses=stage_state.epoch_losses,
                        trainable=stage_state.trainable)
 
 
@@ -237,12 +241,19 @@ def register_final_model(cfg: DictConfig, tracker: Tracker, run_id: str | None, 
 
 def run_experiment(cfg: DictConfig) -> ExperimentResult:
     """Train every stage in order, each starting from the previous one's hand-over, then evaluate."""
+    apply_cpu_kernels(cfg.trainer.cpu_kernels)  # before the first tensor operation of the run
+    with intra_op_threads(cfg.trainer.num_threads):
+        return _run_experiment(cfg)
+
+
+def _run_experiment(cfg: DictConfig) -> ExperimentResult:
     start = time.perf_counter()
     out_dir = Path(cfg.output_dir)
     check_tracking_uri(cfg.mlflow.tracking_uri)
     check_writable(out_dir)
     tracker = Tracker(tracking_uri=cfg.mlflow.tracking_uri, experiment_name=cfg.mlflow.experiment_name)
-    tags = {"recipe": cfg.name, **git_tags(), **package_tags(), **hardware_tags(), **dict(cfg.mlflow.tags)}
+    tags = {"recipe": cfg.name, **git_tags(), **package_tags(), **hardware_tags(),
+            **{f"repro.{k}": v for k, v in kernel_fingerprint().items()}, **dict(cfg.mlflow.tags)}
     if cfg.resume:
         state = state_for_resume(out_dir, cfg.name)
         parent = tracker.resume_parent(state.parent_run_id) if state.parent_run_id else None
@@ -288,6 +299,13 @@ def run_experiment(cfg: DictConfig) -> ExperimentResult:
 def evaluate_handover(cfg: DictConfig, handover: str | Path, *, tracker: Tracker, out_dir: Path,
                       run_name: str = "evaluate") -> EvalResult:
     """Build the model from the config, load a hand-over file and evaluate it in a nested run."""
+    apply_cpu_kernels(cfg.trainer.cpu_kernels)
+    with intra_op_threads(cfg.trainer.num_threads):
+        return _evaluate_handover(cfg, handover, tracker=tracker, out_dir=out_dir, run_name=run_name)
+
+
+def _evaluate_handover(cfg: DictConfig, handover: str | Path, *, tracker: Tracker, out_dir: Path,
+                       run_name: str) -> EvalResult:
     start = time.perf_counter()
     built = build_model(cfg.model, cache_dir=cfg.cache_dir)
     restore(built.model, handover)

@@ -8,11 +8,26 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
+# The same numbers on every machine of a kind: AVX2 kernels in torch / MKL / oneDNN (set before torch's first
+# kernel; subprocesses inherit them) and one intra-op thread (below), whatever OMP_NUM_THREADS says.
+# pipeline/reproducibility.py has the why; the learning tests keep margins for what is left.
+from pipeline.reproducibility import use_portable_cpu_kernels  # imports no torch
+
+use_portable_cpu_kernels()
+TEST_THREADS = 1
 os.environ.setdefault("MEDPIPE_CACHE", str(REPO / ".cache" / "medpipe"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "false")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def fixed_intra_op_threads():
+    import torch
+
+    torch.set_num_threads(TEST_THREADS)
+    yield
 
 
 @pytest.fixture(scope="session")

@@ -11,13 +11,16 @@ tiny pipeline can learn in minutes, standing in for the real models' pretraining
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
 import logging
 import math
 import os
 import shutil
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 
@@ -28,10 +31,21 @@ from torch import nn
 
 log = logging.getLogger(__name__)
 
-TINY_VERSION = "v3"
+TINY_VERSION = "v4"  # bump when a build changes in a way the source digest below cannot see
 SPECIAL_TOKENS = ["<s>", "</s>", "<unk>", "<pad>", "<image>"]
 VISION_IMAGE_SIZE = 64
 VISION_PATCH = 8
+# Builds pretrain on one intra-op thread: the result depends on the thread count (reductions split
+# differently), so a fixed count makes the cache the same on every machine with the same kernels.
+BUILD_THREADS = 1
+_REPO = Path(__file__).resolve().parents[2]
+# what each build reads besides this file (the tokenizer's sources are every LM's too)
+_CORPUS = ("datamodules/synthetic/phantoms.py", "datamodules/synthetic/questions.py")
+BUILD_SOURCES: dict[str, tuple[str, ...]] = {
+    "tokenizer": _CORPUS, "llama": _CORPUS, "qwen2": _CORPUS, "phi": _CORPUS, "stablelm": _CORPUS,
+    "clip": ("datamodules/synthetic/phantoms.py", "datamodules/images.py"),
+    "sam": (), "medsam": ("datamodules/synthetic/phantoms.py", "lightningmodules/models/grounding.py"),
+}
 
 
 def default_cache_dir() -> Path:
@@ -45,11 +59,37 @@ def resolve_model_path(path: str, cache_dir: str | Path | None = None) -> Path:
     return Path(path).expanduser()
 
 
+def build_inputs(name: str) -> dict[str, str]:
+    """Everything that decides the bytes of a tiny build: recipe version, the sources it runs, the library
+    versions, the CPU kernels torch dispatches to and the thread count. Two machines agreeing on all of
+    these build the same weights."""
+    import tokenizers
+    import transformers
+
+    from lightningmodules.models.language import DEFAULT_CHAT_TEMPLATE
+
+    sources = hashlib.sha256(Path(__file__).read_bytes())
+    for relative in BUILD_SOURCES[name]:
+        sources.update((_REPO / relative).read_bytes())
+    sources.update(DEFAULT_CHAT_TEMPLATE.encode())
+    return {"recipe": TINY_VERSION, "sources": sources.hexdigest()[:16], "torch": torch.__version__,
+            "transformers": transformers.__version__, "tokenizers": tokenizers.__version__,
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "mkl_cbwr": os.environ.get("MKL_CBWR", "auto"),
+            "onednn_isa": os.environ.get("ONEDNN_MAX_CPU_ISA", "auto"), "build_threads": str(BUILD_THREADS)}
+
+
+def cache_key(name: str) -> str:
+    inputs = build_inputs(name)
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:12]
+
+
 def ensure_tiny(name: str, cache_dir: str | Path | None = None) -> Path:
+    """``<cache>/tiny/<name>-<key>``, built on first use; the key changes with anything that changes the build."""
     if name not in BUILDERS:
         raise ValueError(f"unknown tiny model {name!r}; available: {sorted(BUILDERS)}")
-    root = Path(cache_dir or default_cache_dir()) / "tiny" / TINY_VERSION
-    target = root / name
+    cache = Path(cache_dir or default_cache_dir())
+    root = cache / "tiny"
+    target = root / f"{name}-{cache_key(name)}"
     if (target / ".complete").is_file():
         return target
     root.mkdir(parents=True, exist_ok=True)
@@ -57,13 +97,26 @@ def ensure_tiny(name: str, cache_dir: str | Path | None = None) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     start = time.perf_counter()
-    BUILDERS[name](tmp, root)
+    log.info("building tiny:%s into %s (once per cache key)", name, target)
+    with _build_threads():
+        BUILDERS[name](tmp, cache)
+    (tmp / "build_inputs.json").write_text(json.dumps(build_inputs(name), indent=1, sort_keys=True) + "\n")
     (tmp / ".complete").write_text(f"built in {time.perf_counter() - start:.1f}s\n")
     try:
         os.replace(tmp, target)  # atomic: concurrent builders never see half a checkpoint
     except OSError:
         shutil.rmtree(tmp, ignore_errors=True)  # another process finished first
     return target
+
+
+@contextmanager
+def _build_threads():
+    saved = torch.get_num_threads()
+    torch.set_num_threads(BUILD_THREADS)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
 
 
 # -- synthetic corpus ---------------------------------------------------------------------------
@@ -89,7 +142,7 @@ def synthetic_corpus(n_phantoms: int = 1500, seed: int = 123) -> list[tuple[str,
     return pairs
 
 
-def _build_tokenizer(out: Path, _root: Path) -> None:
+def _build_tokenizer(out: Path, _cache: Path) -> None:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -110,10 +163,10 @@ def _build_tokenizer(out: Path, _root: Path) -> None:
     fast.save_pretrained(out)
 
 
-def _load_tiny_tokenizer(root: Path):
+def _load_tiny_tokenizer(cache: Path):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(ensure_tiny("tokenizer", root.parent.parent))
+    return AutoTokenizer.from_pretrained(ensure_tiny("tokenizer", cache))
 
 
 # -- language models ----------------------------------------------------------------------------
@@ -199,10 +252,10 @@ def _pretrain_lm(model: nn.Module, tokenizer, *, steps: int, seed: int = 0, peak
 
 
 def _lm_builder(family: str, pretrain_steps: int) -> Callable[[Path, Path], None]:
-    def build(out: Path, root: Path) -> None:
+    def build(out: Path, cache: Path) -> None:
         from transformers import AutoModelForCausalLM
 
-        tokenizer = _load_tiny_tokenizer(root)
+        tokenizer = _load_tiny_tokenizer(cache)
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_config(_lm_config(family, len(tokenizer)))
         if pretrain_steps > 0:
@@ -252,7 +305,7 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-def _build_clip(out: Path, _root: Path, pretrain_steps: int = 1000) -> None:
+def _build_clip(out: Path, _cache: Path, pretrain_steps: int = 1000) -> None:
     from transformers import CLIPVisionConfig, CLIPVisionModel
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
@@ -322,7 +375,7 @@ SAM_IMAGE_SIZE = 64
 SAM_PATCH = 8
 
 
-def _build_sam(out: Path, _root: Path, width: int = 32, image_size: int = SAM_IMAGE_SIZE) -> None:
+def _build_sam(out: Path, _cache: Path, width: int = 32, image_size: int = SAM_IMAGE_SIZE) -> None:
     """Tiny SAM (random weights) in the real checkpoint layout: 64 px input, 8x8 embedding grid,
     32-d prompts, 32x32 low-res masks, plus the SAM image processor config (ImageNet mean/std)."""
     from transformers import SamConfig, SamModel
@@ -403,21 +456,16 @@ def _pretrain_sam(model: nn.Module, *, steps: int, batch_size: int = 16, seed: i
     return dice
 
 
-def _build_medsam(out: Path, _root: Path, pretrain_steps: int = 400) -> None:
+def _build_medsam(out: Path, _cache: Path, pretrain_steps: int = 400) -> None:
     """``tiny:medsam``: a tiny SAM (128 px input, 16x16 grid) pretrained on phantom masks (``_pretrain_sam``,
     a phantom stream disjoint from the synthetic datasets'); it stands in for SAM-Med2D (trained on
     SA-Med2D-20M) in the MedPLIB recipe's tiny runs. ``tiny:sam`` (64 px) stays random."""
     from transformers import SamModel
 
-    _build_sam(out, _root, image_size=2 * SAM_IMAGE_SIZE)  # 128 px: the phantoms' own size, 64x64 masks
+    _build_sam(out, _cache, image_size=2 * SAM_IMAGE_SIZE)  # 128 px: the phantoms' own size, 64x64 masks
     torch.manual_seed(0)
     model = SamModel.from_pretrained(out)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matmuls: one thread is faster, and much faster on a busy machine
-    try:
-        dice = _pretrain_sam(model, steps=pretrain_steps)
-    finally:
-        torch.set_num_threads(threads)
+    dice = _pretrain_sam(model, steps=pretrain_steps)  # on BUILD_THREADS, like every build
     model.save_pretrained(out)
     (out / "pretraining.txt").write_text(f"promptable phantom segmentation, {pretrain_steps} steps, "
                                          f"final running Dice {dice:.3f}\n")

@@ -191,7 +191,11 @@ class TrainerConfig:
     val_check_interval: float | None = None
     limit_val_batches: float | None = None
     enable_progress_bar: bool = True
-    deterministic: bool = False
+    deterministic: bool = False  # torch.use_deterministic_algorithms (Lightning's Trainer(deterministic=...))
+    # intra-op CPU threads for the run (torch.set_num_threads); None: torch's default (OMP_NUM_THREADS or the cores).
+    # Results depend on it: a fixed count makes a seed reproduce the same numbers (pipeline/reproducibility.py)
+    num_threads: int | None = None
+    cpu_kernels: str = "native"  # native | portable: AVX2 kernels, the same numbers on every x86-64 CPU
     save_checkpoints: bool = True  # <output_dir>/stages/<stage>/checkpoints/last.ckpt, what resume=true continues from
     checkpoint_every_n_steps: int | None = None  # None: at the end of every epoch
 

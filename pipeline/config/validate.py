@@ -16,6 +16,7 @@ from lightningmodules.models.cmoe import ROUTER_INPUTS, WEIGHTINGS
 from lightningmodules.schedules import SCHEDULERS
 from pipeline.config.errors import ConfigError
 from pipeline.config.schema import CONNECTOR_TYPES, MOE_LAYER_CHOICES, ROUTER_INITS, STAGE_KINDS, TRAINABLE_GROUPS
+from pipeline.reproducibility import CPU_KERNELS
 from pipeline.strategies import strategy_problem
 
 PRECISIONS = ("32-true", "32", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true")
@@ -87,6 +88,9 @@ def check_semantics(cfg: DictConfig, *, provenance: dict[str, str], default_sour
     c.choice("model.llm.dtype", cfg.model.llm.dtype, ("float32", "bfloat16", "float16"))
     c.choice("data.on_bad_record", cfg.data.on_bad_record, ON_BAD_RECORD)
     c.choice("trainer.precision", str(cfg.trainer.precision), PRECISIONS)
+    c.choice("trainer.cpu_kernels", cfg.trainer.cpu_kernels, CPU_KERNELS)
+    if cfg.trainer.num_threads is not None:
+        c.positive("trainer.num_threads", cfg.trainer.num_threads)
     check_trainer(c, cfg.trainer)
     if cfg.analysis.grad_conflict.every_n_steps is not None:
         c.positive("analysis.grad_conflict.every_n_steps", cfg.analysis.grad_conflict.every_n_steps)
