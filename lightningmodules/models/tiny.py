@@ -111,12 +111,19 @@ def ensure_tiny(name: str, cache_dir: str | Path | None = None) -> Path:
 
 @contextmanager
 def _build_threads():
-    saved = torch.get_num_threads()
+    """BUILD_THREADS for the build, and the caller's random state untouched: a run that builds its tiny models
+    (cold cache) must initialise everything after that exactly as a run that finds them built."""
+    import random
+
+    saved_threads, saved_random, saved_numpy = torch.get_num_threads(), random.getstate(), np.random.get_state()
     torch.set_num_threads(BUILD_THREADS)
     try:
-        yield
+        with torch.random.fork_rng(devices=[]):
+            yield
     finally:
-        torch.set_num_threads(saved)
+        torch.set_num_threads(saved_threads)
+        random.setstate(saved_random)
+        np.random.set_state(saved_numpy)
 
 
 # -- synthetic corpus ---------------------------------------------------------------------------

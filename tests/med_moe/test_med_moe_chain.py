@@ -15,6 +15,13 @@ import pytest
 import torch
 
 
+# Last epoch's mean training loss / first epoch's must stay below these. Measured (portable kernels, one
+# thread): llama 0.59 / 0.60 / 0.36 / 0.82, phi 0.984 / 0.84 / 0.62 / 0.990 for stage1 / stage2 / router /
+# stage3. The tiny Phi is not pretrained (loss ~6), so its stage 1 and 3 only have to fall at all.
+LOSS_FALL = {"llama": {"stage1": 0.75, "stage2": 0.8, "router": 0.6, "stage3": 0.92},
+             "phi": {"stage1": 1.0, "stage2": 0.92, "router": 0.8, "stage3": 1.0}}
+
+
 @pytest.fixture(scope="module", params=["llama", "phi"])
 def chain(request, tmp_path_factory):
     """(family, cfg, result, snapshots); the Llama run is the session's (the notebook test reads it too)."""
@@ -107,9 +114,11 @@ def test_frozen_router_unchanged_and_experts_trained(chain) -> None:
 def test_the_chain_learns(chain) -> None:
     family, cfg, result, _ = chain
     for stage in result.stages:
-        first, last = stage.losses[:3], stage.losses[-3:]
-        assert len(stage.losses) >= 6, stage.name
-        assert sum(last) < sum(first), (family, stage.name, first, last)
+        # an epoch covers the stage's whole training split once, so its mean loss carries none of the
+        # batch-to-batch spread (single tiny batches differ 10x); the last epoch must clearly beat the first
+        epochs = stage.epoch_losses
+        assert len(epochs) >= 2, (stage.name, epochs)
+        assert epochs[-1] < LOSS_FALL[family][stage.name] * epochs[0], (family, stage.name, epochs)
     router_dir = Path(cfg.output_dir) / "stages" / "router"
     report = json.loads((router_dir / "confusion_matrix.json").read_text())
     assert report["modalities"] == ["CT", "MRI", "X-Ray"] and report["count"] > 0

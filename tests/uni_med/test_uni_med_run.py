@@ -42,7 +42,8 @@ def test_loss_falls_for_every_task_and_on_validation(uni_med_tiny_run) -> None:
         falling += last < first
     assert falling >= 4, dict(by_task)  # one noisy task (2-3 batches) may not show it
     referring = by_task[TASK_IDS["refer"]]  # boxes are new to the LM: the clearest learning curve
-    assert referring[-1] < 0.8 * referring[0], referring
+    half = len(referring) // 2  # halves, not single batches: one tiny batch's loss varies too much
+    assert sum(referring[half:]) / (len(referring) - half) < 0.8 * sum(referring[:half]) / half, referring
     val = uni_med_tiny_run.result.stages[0].val_losses
     assert len(val) == 3 and val[-1] < 0.85 * val[0], val
 
@@ -63,7 +64,10 @@ def test_routing_is_logged_per_task_and_differs_between_tasks(uni_med_tiny_run) 
     assert len(client.get_metric_history(stage.info.run_id, "routing/vqa/expert_0")) == 3
     distances = [sum(abs(a - b) for a, b in zip(table[s], table[t])) for s in IMAGE_TASKS for t in IMAGE_TASKS
                  if s < t]
-    assert max(distances) > 0.1, table  # task embeddings steer the router: tasks route differently
+    # task embeddings steer the router: tasks route differently. Identical rows (task ids not reaching the
+    # router, one table logged for every task) give 0; the tiny run gives about 0.09-0.15 (Uni-Med's task
+    # embeddings start at std 0.02 and train for 36 steps), so 0.03 leaves a margin for other CPUs' kernels
+    assert max(distances) > 0.03, table
     artifacts = {a.path for a in client.list_artifacts(stage.info.run_id, "plots/routing")}
     assert artifacts == {f"plots/routing/epoch_{e:03d}.png" for e in range(3)}
     assert "plots/routing_heatmap.png" in {a.path for a in client.list_artifacts(stage.info.run_id, "plots")}
