@@ -251,7 +251,12 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.config import ConfigError
 
     try:
-        return args.func(args)
+        status = args.func(args)
+        if status == 0:
+            from pipeline.strategies import shutdown_distributed
+
+            shutdown_distributed()  # torchrun / srun ranks exit cleanly
+        return status
     except KeyboardInterrupt:
         print("medpipe: interrupted", file=sys.stderr)
         return 130

@@ -18,6 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from pipeline import runner
 from pipeline.config import load_config
+from pipeline.strategies import shutdown_distributed
 
 
 def main() -> int:
@@ -33,6 +34,7 @@ def main() -> int:
 
     runner.save_handover = save_per_rank
     runner.run_experiment(cfg)
+    shutdown_distributed()  # as `medpipe train` does after a successful run
     return 0
 
 

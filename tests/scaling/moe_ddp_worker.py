@@ -12,7 +12,6 @@ records the largest gradient and weight difference, and which experts got a non-
 
 from __future__ import annotations
 
-import gc
 import json
 import sys
 from datetime import timedelta
@@ -25,6 +24,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from lightningmodules.models.moe.layer import MoEFeedForward
+from pipeline.strategies import shutdown_distributed
 
 D, E = 6, 3
 
@@ -101,8 +101,7 @@ def main() -> int:
     # the group's last reference. Destroyed the other way round (the reducer freeing the group after
     # destroy_process_group), about 1 run in 8 aborted at exit: "terminate called without an active exception".
     del ddp, opt
-    gc.collect()
-    dist.destroy_process_group()
+    shutdown_distributed()  # gc.collect(), then destroy_process_group()
     return 0
 
 

@@ -108,3 +108,24 @@ def test_fsdp_strategy_wraps_each_decoder_and_encoder_layer(tiny_llama: Path, ti
     n_llm_layers = model.llm.config.num_hidden_layers
     assert sum(isinstance(m, classes) for m in model.llm.modules()) == n_llm_layers
     assert build_strategy("ddp", "cpu") == "ddp"
+
+
+def test_shutdown_distributed_destroys_the_group_a_ddp_wrapper_still_holds(monkeypatch) -> None:
+    """What `medpipe train` does after a successful run: the group goes even while a (finished) DDP wrapper
+    still references it, and a second call, or a process without a group, is a no-op."""
+    import torch
+    import torch.distributed as dist
+
+    from launch import free_port
+    from pipeline.strategies import shutdown_distributed
+
+    shutdown_distributed()  # no group: nothing to do
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    ddp = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(3, 1))
+    ddp(torch.randn(2, 3)).sum().backward()
+    shutdown_distributed()
+    assert not dist.is_initialized()
+    shutdown_distributed()
+    assert ddp.module.weight.grad is not None
