@@ -86,7 +86,7 @@ def test_demo_resolves() -> None:
     assert cfg.data.datasets.phantom_captions.synthetic.kind == "caption"
     assert list(cfg.stages.instruct.train) == ["connector", "lora"]
     assert cfg.stages.instruct.lora.r == 16 and cfg.stages.instruct.lora.alpha == 32
-    assert cfg.stages.instruct.max_epochs == 6
+    assert cfg.stages.instruct.max_epochs == 14
     assert cfg.model.vision.path == "tiny:clip" and cfg.model.llm.path == "tiny:llama"
     assert cfg.model.vision.select_layer == -2
     assert cfg.evaluation.after_each_stage is True and cfg.evaluation.batch_size == 32

@@ -463,10 +463,12 @@ def _pretrain_sam(model: nn.Module, *, steps: int, batch_size: int = 16, seed: i
     return dice
 
 
-def _build_medsam(out: Path, _cache: Path, pretrain_steps: int = 400) -> None:
+def _build_medsam(out: Path, _cache: Path, pretrain_steps: int = 1600) -> None:
     """``tiny:medsam``: a tiny SAM (128 px input, 16x16 grid) pretrained on phantom masks (``_pretrain_sam``,
     a phantom stream disjoint from the synthetic datasets'); it stands in for SAM-Med2D (trained on
-    SA-Med2D-20M) in the MedPLIB recipe's tiny runs. ``tiny:sam`` (64 px) stays random."""
+    SA-Med2D-20M) in the MedPLIB recipe's tiny runs. ``tiny:sam`` (64 px) stays random. 1600 steps (~1 min): with
+    400 (final running Dice 0.30) the tiny grounding run's test mDice sat at 0.58-0.62 whatever its own length;
+    with 1600 (Dice 0.53) it reaches 0.74."""
     from transformers import SamModel
 
     _build_sam(out, _cache, image_size=2 * SAM_IMAGE_SIZE)  # 128 px: the phantoms' own size, 64x64 masks
