@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -98,19 +97,6 @@ def tiny_med_moe_overrides(tmp: Path, family: str) -> list[str]:
     ]
 
 
-@contextmanager
-def torch_threads(count: int):
-    """Tiny models: one intra-op thread. Their matmuls are too small to split, and on a machine whose
-    cores are busy a second (spin-waiting) OpenMP thread makes each step 5-50x slower (measured on this
-    project's 2-core runner: a tiny forward took 41 ms on 1 thread and 186-1962 ms on 2)."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(saved)
-
-
 def run_tiny_med_moe(tmp: Path, family: str = "llama"):
     """The tiny Med-MoE chain once, snapshotting each stage's weights as training starts (after the
     hand-over is restored and the MoE built): (cfg, result, {stage name: state dict}, tmp)."""
@@ -136,8 +122,7 @@ def run_with_snapshots(cfg):
 
     runner.set_trainable = snapshot_then_set
     try:
-        with torch_threads(1):
-            result = runner.run_experiment(cfg)
+        result = runner.run_experiment(cfg)  # one thread: tiny.yaml's trainer.num_threads
     finally:
         runner.set_trainable = original
     return result, snapshots
@@ -167,8 +152,7 @@ def run_tiny_cmoe(tmp: Path, *, tracking_uri: str, experiment: str = "uni-med-cm
     from pipeline.runner import run_experiment
 
     cfg = load_config(UNI_MED_TINY, tiny_cmoe_overrides(tmp, tracking_uri=tracking_uri, experiment=experiment))
-    with torch_threads(1):
-        return cfg, run_experiment(cfg)
+    return cfg, run_experiment(cfg)  # one thread: cpu_tiny.yaml's trainer.num_threads
 
 
 MEDPLIB_TINY = REPO / "experiments" / "medplib" / "tiny.yaml"
@@ -214,10 +198,4 @@ def run_tiny_grounding(tmp: Path):
         del cfg.data.datasets["mecovqa_complex"]
         del cfg.data.datasets["mecovqa_region"]
     OmegaConf.set_readonly(cfg, True)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matmuls: faster on one thread, and far faster on a busy machine
-    try:
-        result = run_experiment(cfg)
-    finally:
-        torch.set_num_threads(threads)
-    return cfg, result, counts
+    return cfg, run_experiment(cfg), counts  # one thread: tiny.yaml's trainer.num_threads

@@ -1,7 +1,7 @@
 """The tiny Med-MoE chain end to end: stage 1 -> stage 2 -> router -> stage 3 (MoE), then evaluation.
 
 One run per LLM family (tiny Llama: gated FFN; tiny Phi: ungated with biases), made by
-``tests/runs.py::run_tiny_med_moe`` (one intra-op thread, see ``torch_threads``). Each stage's starting
+``tests/runs.py::run_tiny_med_moe`` (one intra-op thread: ``trainer.num_threads`` in tiny.yaml). Each stage's starting
 weights are snapshotted (when the runner sets the trainable groups, after restore and MoE conversion)
 and compared by value with the previous stage's hand-over.
 """

@@ -38,13 +38,10 @@ def chain(tmp_path_factory: pytest.TempPathFactory, tiny_llama: Path, tiny_clip:
         return original(model, groups)
 
     runner.set_trainable = snapshot_then_set
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matmuls: faster on one thread, and far faster on a busy machine
     try:
-        result = runner.run_experiment(cfg)
+        result = runner.run_experiment(cfg)  # one thread: tiny.yaml's trainer.num_threads
     finally:
         runner.set_trainable = original
-        torch.set_num_threads(threads)
     return result, starts
 
 
