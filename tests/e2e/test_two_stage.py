@@ -129,6 +129,7 @@ def test_run_records_hardware_fingerprints_plots_and_registered_model(two_stage)
     from mlflow.tracking import MlflowClient
 
     from pipeline.registry import load_registered
+    from pipeline.reproducibility import is_x86_64
 
     cfg, result, _, tmp = two_stage
     uri = f"sqlite:///{tmp}/mlflow.db"
@@ -136,6 +137,10 @@ def test_run_records_hardware_fingerprints_plots_and_registered_model(two_stage)
     parent = client.get_run(result.parent_run_id)
     assert parent.data.tags["hardware.cpu_count"].isdigit()
     assert parent.data.tags["git_commit"] and parent.data.tags["git_dirty"] in ("true", "false")
+    # what decides the numbers besides seed and code: the demo's one thread and (on x86-64) portable kernels
+    assert parent.data.tags["repro.intra_op_threads"] == str(cfg.trainer.num_threads) == "1"
+    if is_x86_64():
+        assert (parent.data.tags["repro.cpu_capability"], parent.data.tags["repro.mkl_cbwr"]) == ("AVX2", "AVX2")
     child = next(r for r in client.search_runs([parent.info.experiment_id])
                  if r.info.run_name == "instruct")
     # dataset fingerprint: counts as params, hashes of the annotation files as an artifact
