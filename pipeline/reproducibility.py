@@ -2,17 +2,18 @@
 
 Two runs with one seed still differ in the last bits of every float when (a) the intra-op thread count
 differs (reductions are split differently) or (b) the CPU differs (torch picks AVX-512 or AVX2
-kernels at run time, MKL picks its own GEMM code path per CPU, oneDNN its convolution ISA). Training
+kernels at run time, MKL and oneDNN pick their own code paths per CPU; oneDNN also runs some Linear and
+LayerNorm work on CPU). Training
 amplifies those bits into different models. ``trainer.num_threads`` fixes (a); ``trainer.cpu_kernels:
 portable`` fixes (b) on every x86-64 CPU with AVX2 by pinning all three libraries to their AVX2 code:
 
 - ``ATEN_CPU_CAPABILITY=avx2``: torch's own vectorised kernels (read once, at the first kernel),
 - ``MKL_CBWR=AVX2``: MKL's conditional numerical reproducibility mode (read when MKL initialises),
-- ``ONEDNN_MAX_CPU_ISA=AVX2``: oneDNN (convolutions, e.g. a ViT's patch embedding).
+- ``ONEDNN_MAX_CPU_ISA=AVX2``: oneDNN (convolutions such as a ViT's patch embedding, some Linear work).
 
-Each is read once per process, before the first kernel, so :func:`use_portable_cpu_kernels` must run
-before any tensor work (the CLI calls it right after loading the config; the test suite in conftest);
-:func:`check_cpu_kernels` says clearly when that was too late. GPU kernels are unaffected.
+Each is read once per process, at the library's first kernel, so :func:`use_portable_cpu_kernels` must run
+before any tensor work (the runner does it first thing through :func:`cpu_numerics`; the test suite in
+conftest); :func:`check_cpu_kernels` says clearly when that was too late. GPU kernels are unaffected.
 """
 
 from __future__ import annotations
@@ -76,10 +77,19 @@ def intra_op_threads(count: int | None) -> Iterator[None]:
         torch.set_num_threads(saved)
 
 
+@contextmanager
+def cpu_numerics(trainer_cfg) -> Iterator[None]:
+    """The ``trainer`` section's ``cpu_kernels`` (applied first) and ``num_threads`` for the block."""
+    apply_cpu_kernels(trainer_cfg.cpu_kernels)
+    with intra_op_threads(trainer_cfg.num_threads):
+        yield
+
+
 def kernel_fingerprint() -> dict[str, str]:
-    """What, besides the seed and the code, decides a CPU run's numbers (logged as MLflow tags)."""
+    """What, besides the seed, the code and the package versions (tagged apart), decides a CPU run's numbers
+    (logged as MLflow tags)."""
     import torch
 
-    return {"torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+    return {"cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "mkl_cbwr": os.environ.get("MKL_CBWR", "auto"), "onednn_isa": os.environ.get("ONEDNN_MAX_CPU_ISA", "auto"),
             "intra_op_threads": str(torch.get_num_threads())}

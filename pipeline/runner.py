@@ -28,7 +28,7 @@ from pipeline.handover import restore, save_handover
 from pipeline.model_factory import BuiltModel, build_model
 from pipeline.moe_stage import adjust_trainable, log_stage_artifacts, prepare_stage, stage_module
 from pipeline.plots import learning_curve
-from pipeline.reproducibility import apply_cpu_kernels, intra_op_threads, kernel_fingerprint
+from pipeline.reproducibility import cpu_numerics, kernel_fingerprint
 from pipeline.run_state import RunState, StageState, describe, save_run_state, state_for_resume
 from pipeline.tracking import Tracker, check_tracking_uri, hardware_tags
 from pipeline.trainable import add_lora, merge_lora, set_trainable
@@ -241,8 +241,7 @@ def register_final_model(cfg: DictConfig, tracker: Tracker, run_id: str | None, 
 
 def run_experiment(cfg: DictConfig) -> ExperimentResult:
     """Train every stage in order, each starting from the previous one's hand-over, then evaluate."""
-    apply_cpu_kernels(cfg.trainer.cpu_kernels)  # before the first tensor operation of the run
-    with intra_op_threads(cfg.trainer.num_threads):
+    with cpu_numerics(cfg.trainer):  # before the first tensor operation of the run
         return _run_experiment(cfg)
 
 
@@ -299,8 +298,7 @@ def _run_experiment(cfg: DictConfig) -> ExperimentResult:
 def evaluate_handover(cfg: DictConfig, handover: str | Path, *, tracker: Tracker, out_dir: Path,
                       run_name: str = "evaluate") -> EvalResult:
     """Build the model from the config, load a hand-over file and evaluate it in a nested run."""
-    apply_cpu_kernels(cfg.trainer.cpu_kernels)
-    with intra_op_threads(cfg.trainer.num_threads):
+    with cpu_numerics(cfg.trainer):
         return _evaluate_handover(cfg, handover, tracker=tracker, out_dir=out_dir, run_name=run_name)
 
 

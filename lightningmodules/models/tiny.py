@@ -78,9 +78,12 @@ def build_inputs(name: str) -> dict[str, str]:
             "onednn_isa": os.environ.get("ONEDNN_MAX_CPU_ISA", "auto"), "build_threads": str(BUILD_THREADS)}
 
 
-def cache_key(name: str) -> str:
-    inputs = build_inputs(name)
+def _digest(inputs: dict[str, str]) -> str:
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def cache_key(name: str) -> str:
+    return _digest(build_inputs(name))
 
 
 def ensure_tiny(name: str, cache_dir: str | Path | None = None) -> Path:
@@ -89,7 +92,8 @@ def ensure_tiny(name: str, cache_dir: str | Path | None = None) -> Path:
         raise ValueError(f"unknown tiny model {name!r}; available: {sorted(BUILDERS)}")
     cache = Path(cache_dir or default_cache_dir())
     root = cache / "tiny"
-    target = root / f"{name}-{cache_key(name)}"
+    inputs = build_inputs(name)
+    target = root / f"{name}-{_digest(inputs)}"
     if (target / ".complete").is_file():
         return target
     root.mkdir(parents=True, exist_ok=True)
@@ -100,7 +104,7 @@ def ensure_tiny(name: str, cache_dir: str | Path | None = None) -> Path:
     log.info("building tiny:%s into %s (once per cache key)", name, target)
     with _build_threads():
         BUILDERS[name](tmp, cache)
-    (tmp / "build_inputs.json").write_text(json.dumps(build_inputs(name), indent=1, sort_keys=True) + "\n")
+    (tmp / "build_inputs.json").write_text(json.dumps(inputs, indent=1, sort_keys=True) + "\n")
     (tmp / ".complete").write_text(f"built in {time.perf_counter() - start:.1f}s\n")
     try:
         os.replace(tmp, target)  # atomic: concurrent builders never see half a checkpoint
