@@ -37,7 +37,7 @@ from torch import nn
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from lightningmodules.models.cmoe import CMoEConnector
+from lightningmodules.models.cmoe import CMoEConnector  # noqa: E402 (after sys.path)
 
 TARGETS = {"cmoe_soft_over_parts": 1.10, "cmoe_sparse_over_parts": 1.30}
 
@@ -58,14 +58,15 @@ def step(modules: list[nn.Module], inputs: list[torch.Tensor], grads: list[torch
     def run() -> None:
         for p in params:
             p.grad = None
-        outputs = [m(x) for m, x in zip(modules, inputs)]
+        outputs = [m(x) for m, x in zip(modules, inputs, strict=True)]
         torch.autograd.backward(outputs, grads)
 
     return run
 
 
-def cmoe_step(cmoe: CMoEConnector, features: torch.Tensor, task_ids: torch.Tensor,
-              grad: torch.Tensor) -> Callable[[], None]:
+def cmoe_step(
+    cmoe: CMoEConnector, features: torch.Tensor, task_ids: torch.Tensor, grad: torch.Tensor
+) -> Callable[[], None]:
     def run() -> None:
         for p in cmoe.parameters():
             p.grad = None
@@ -89,8 +90,15 @@ def build_variants(args: argparse.Namespace) -> dict[str, Callable[[], None]]:
     logit_grad = torch.randn(num_tokens, e, generator=g)  # (N*P, E)
 
     def cmoe(weighting: str, ratio: float) -> Callable[[], None]:
-        module = CMoEConnector(in_dim=in_dim, out_dim=d, num_experts=e, weighting=weighting, top_k=2,
-                               router_hidden_ratio=ratio, task_embed_dim=task_dim)
+        module = CMoEConnector(
+            in_dim=in_dim,
+            out_dim=d,
+            num_experts=e,
+            weighting=weighting,
+            top_k=2,
+            router_hidden_ratio=ratio,
+            task_embed_dim=task_dim,
+        )
         return cmoe_step(module, features, task_ids, out_grad)
 
     def experts(count: int) -> Callable[[], None]:
@@ -100,10 +108,14 @@ def build_variants(args: argparse.Namespace) -> dict[str, Callable[[], None]]:
         return step([router_mlp(in_dim + task_dim, ratio, e)], [router_in], [logit_grad])
 
     return {
-        "cmoe_soft": cmoe("soft", 4.0), "cmoe_sparse": cmoe("sparse", 4.0),
-        "cmoe_soft_small": cmoe("soft", args.small_ratio), "cmoe_sparse_small": cmoe("sparse", args.small_ratio),
-        "experts_all": experts(e), "experts_top2": experts(2),
-        "router": router(4.0), "router_small": router(args.small_ratio),
+        "cmoe_soft": cmoe("soft", 4.0),
+        "cmoe_sparse": cmoe("sparse", 4.0),
+        "cmoe_soft_small": cmoe("soft", args.small_ratio),
+        "cmoe_sparse_small": cmoe("sparse", args.small_ratio),
+        "experts_all": experts(e),
+        "experts_top2": experts(2),
+        "router": router(4.0),
+        "router_small": router(args.small_ratio),
     }
 
 
@@ -160,9 +172,17 @@ def main() -> None:
         "small_router": {"router_hidden_ratio": args.small_ratio, **{k: round(v, 3) for k, v in small.items()}},
         "targets": TARGETS,
         "times_ms": {k: round(v * 1e3, 1) for k, v in t.items()},
-        "shape": {"images": args.images, "tokens": args.tokens, "in_dim": args.in_dim, "d_llm": args.d_llm,
-                  "task_embed_dim": args.task_dim, "router_hidden_ratio": 4.0, "top_k": 2,
-                  "threads": args.threads, "rounds": args.rounds},
+        "shape": {
+            "images": args.images,
+            "tokens": args.tokens,
+            "in_dim": args.in_dim,
+            "d_llm": args.d_llm,
+            "task_embed_dim": args.task_dim,
+            "router_hidden_ratio": 4.0,
+            "top_k": 2,
+            "threads": args.threads,
+            "rounds": args.rounds,
+        },
         # 1-minute load average before / after: the machine may be shared, and every CPU op is a
         # parallel region that waits for its slowest thread
         "load_average": [round(load_before, 2), round(load_after, 2)],
@@ -170,9 +190,11 @@ def main() -> None:
     if args.json:
         print(json.dumps(result))
         return
-    print(f"CMoE E={args.experts}, {args.images}x{args.tokens} tokens, in {args.in_dim} -> d {args.d_llm}, "
-          f"forward+backward medians of {args.rounds} rounds, {args.threads} threads, "
-          f"load average {result['load_average'][0]} -> {result['load_average'][1]}")
+    print(
+        f"CMoE E={args.experts}, {args.images}x{args.tokens} tokens, in {args.in_dim} -> d {args.d_llm}, "
+        f"forward+backward medians of {args.rounds} rounds, {args.threads} threads, "
+        f"load average {result['load_average'][0]} -> {result['load_average'][1]}"
+    )
     for name, ms in result["times_ms"].items():
         print(f"  {name:<18} {ms:9.1f} ms")
     for label, figures in (("paper router (x4)", paper), (f"small router (x{args.small_ratio})", small)):

@@ -39,8 +39,9 @@ def build():
     from pipeline.model_factory import build_model
     from pipeline.runner import build_datamodule, connect
 
-    cfg = load_config(REPO / "experiments" / "demo.yaml", [f"output_dir={REPO}/outputs/bench-data",
-                                                           f"data.batch_size={BATCH}"])
+    cfg = load_config(
+        REPO / "experiments" / "demo.yaml", [f"output_dir={REPO}/outputs/bench-data", f"data.batch_size={BATCH}"]
+    )
     built = build_model(cfg.model, cache_dir=cfg.cache_dir)
     dm = connect(build_datamodule(cfg, ["phantom_slake"]), built)
     dm.prepare_data()
@@ -54,9 +55,13 @@ def loader_rate(dm, *, num_workers: int, batches: int) -> float:
     from datamodules.dataset import Collator
 
     dataset = dm.dataset("train", with_answers=True)
-    loader = DataLoader(dataset, batch_size=BATCH, sampler=RandomSampler(dataset, num_samples=BATCH * (batches + 1)),
-                        num_workers=num_workers, collate_fn=Collator(pad_token_id=dm.tokenizer.pad_token_id,
-                                                                     padding_side="right"))
+    loader = DataLoader(
+        dataset,
+        batch_size=BATCH,
+        sampler=RandomSampler(dataset, num_samples=BATCH * (batches + 1)),
+        num_workers=num_workers,
+        collate_fn=Collator(pad_token_id=dm.tokenizer.pad_token_id, padding_side="right"),
+    )
     it = iter(loader)
     next(it)  # worker start-up and first-touch costs are not throughput
     start = time.perf_counter()
@@ -102,21 +107,41 @@ print(len(records), (status('VmHWM:') - before) / 2**20, seconds)
 def index_peak(records: int) -> dict:
     """Peak RSS growth (MB) of a fresh process indexing a ``records``-long SLAKE-style train.json."""
     with tempfile.TemporaryDirectory() as tmp:
-        rows = ({"img_id": i % 642, "img_name": f"xmlab{i % 642}/source.jpg",
-                 "question": f"Which organ is the largest in image {i}?", "answer": ["Liver", "Yes", "No", "CT"][i % 4],
-                 "q_lang": "en", "location": "Abdomen", "modality": "CT",
-                 "answer_type": "OPEN" if i % 4 in (0, 3) else "CLOSED", "base_type": "vqa",
-                 "content_type": "Organ", "triple": ["vhead", "_", "_"], "qid": i} for i in range(records))
+        rows = (
+            {
+                "img_id": i % 642,
+                "img_name": f"xmlab{i % 642}/source.jpg",
+                "question": f"Which organ is the largest in image {i}?",
+                "answer": ["Liver", "Yes", "No", "CT"][i % 4],
+                "q_lang": "en",
+                "location": "Abdomen",
+                "modality": "CT",
+                "answer_type": "OPEN" if i % 4 in (0, 3) else "CLOSED",
+                "base_type": "vqa",
+                "content_type": "Organ",
+                "triple": ["vhead", "_", "_"],
+                "qid": i,
+            }
+            for i in range(records)
+        )
         path = Path(tmp) / "train.json"
         with open(path, "w") as f:  # written row by row: the parent's memory is not the figure
             f.write("[\n")
             f.writelines(("," if i else "") + json.dumps(row) + "\n" for i, row in enumerate(rows))
             f.write("]\n")
         size_mb = path.stat().st_size / 2**20
-        out = subprocess.run([sys.executable, "-c", INDEX_CHILD.format(repo=str(REPO), root=tmp)],
-                             capture_output=True, text=True, check=True).stdout.split()
-    return {"index_records": int(out[0]), "index_peak_rss_mb": float(out[1]), "index_seconds": float(out[2]),
-            "index_file_mb": size_mb}
+        out = subprocess.run(
+            [sys.executable, "-c", INDEX_CHILD.format(repo=str(REPO), root=tmp)],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.split()
+    return {
+        "index_records": int(out[0]),
+        "index_peak_rss_mb": float(out[1]),
+        "index_seconds": float(out[2]),
+        "index_file_mb": size_mb,
+    }
 
 
 def main() -> None:
@@ -151,10 +176,14 @@ def main() -> None:
     print(f"loader (workers 0)      {loader[0]:8.1f} samples/s")
     print(f"loader (workers 2)      {loader[2]:8.1f} samples/s")
     print(f"training step consumes  {consumption:8.1f} samples/s")
-    print(f"loader_over_consumption = {result['loader_over_consumption']:.2f} (workers 0), "
-          f"{result['loader_over_consumption_workers2']:.2f} (workers 2)  (target >= 5)")
-    print(f"index_peak_rss_mb = {result['index_peak_rss_mb']:.1f} for {result['index_records']:,} records "
-          f"({result['index_file_mb']:.1f} MB file, {result['index_seconds']:.2f} s)")
+    print(
+        f"loader_over_consumption = {result['loader_over_consumption']:.2f} (workers 0), "
+        f"{result['loader_over_consumption_workers2']:.2f} (workers 2)  (target >= 5)"
+    )
+    print(
+        f"index_peak_rss_mb = {result['index_peak_rss_mb']:.1f} for {result['index_records']:,} records "
+        f"({result['index_file_mb']:.1f} MB file, {result['index_seconds']:.2f} s)"
+    )
 
 
 if __name__ == "__main__":

@@ -51,11 +51,16 @@ def run(built, items, batch_size: int, max_new_tokens: int, forced: bool = False
     tokens = 0
     start = time.perf_counter()
     for i in range(0, len(items), batch_size):
-        batch = collate(items[i:i + batch_size])
-        out = built.model.generate(batch["input_ids"], batch["attention_mask"], batch["pixel_values"],
-                                   max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens if forced else 0,
-                                   eos_token_id=tok.eos_token_id,
-                                   pad_token_id=tok.pad_token_id)
+        batch = collate(items[i : i + batch_size])
+        out = built.model.generate(
+            batch["input_ids"],
+            batch["attention_mask"],
+            batch["pixel_values"],
+            max_new_tokens=max_new_tokens,
+            min_new_tokens=max_new_tokens if forced else 0,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+        )
         tokens += int((out != tok.pad_token_id).sum())
     return time.perf_counter() - start, tokens
 
@@ -80,9 +85,12 @@ def main() -> None:
     rates: dict[str, list[float]] = {"batched": [], "sequential": [], "batched_forced": [], "sequential_forced": []}
     tokens: dict[str, int] = {}
     for _ in range(args.rounds):
-        for name, batch_size, forced in (("batched", args.batch_size, False), ("sequential", 1, False),
-                                         ("batched_forced", args.batch_size, True),
-                                         ("sequential_forced", 1, True)):
+        for name, batch_size, forced in (
+            ("batched", args.batch_size, False),
+            ("sequential", 1, False),
+            ("batched_forced", args.batch_size, True),
+            ("sequential_forced", 1, True),
+        ):
             seconds, tokens[name] = run(built, items, batch_size, args.max_new_tokens, forced)
             rates[name].append(tokens[name] / seconds)
     median = {k: statistics.median(v) for k, v in rates.items()}
@@ -90,12 +98,15 @@ def main() -> None:
         "batched_over_sequential": median["batched"] / median["sequential"],
         "batched_tokens_per_s": median["batched"],
         "sequential_tokens_per_s": median["sequential"],
-        "generated_tokens": tokens["batched"], "generated_tokens_sequential": tokens["sequential"],
+        "generated_tokens": tokens["batched"],
+        "generated_tokens_sequential": tokens["sequential"],
         # every sequence forced to max_new_tokens: the decode-bound case (long answers, reports)
         "forced_batched_over_sequential": median["batched_forced"] / median["sequential_forced"],
         "forced_batched_tokens_per_s": median["batched_forced"],
         "forced_sequential_tokens_per_s": median["sequential_forced"],
-        "batch_size": args.batch_size, "samples": len(items), "rounds": args.rounds,
+        "batch_size": args.batch_size,
+        "samples": len(items),
+        "rounds": args.rounds,
         "threads": torch.get_num_threads(),
     }
     if args.json:
@@ -104,9 +115,11 @@ def main() -> None:
         print(f"batched (batch {args.batch_size})  {result['batched_tokens_per_s']:.0f} tokens/s")
         print(f"one at a time        {result['sequential_tokens_per_s']:.0f} tokens/s")
         print(f"batched_over_sequential = {result['batched_over_sequential']:.2f}  (target >= 3)")
-        print(f"forced to {args.max_new_tokens} new tokens: batched {result['forced_batched_tokens_per_s']:.0f}, "
-              f"one at a time {result['forced_sequential_tokens_per_s']:.0f} tokens/s, "
-              f"ratio {result['forced_batched_over_sequential']:.2f}")
+        print(
+            f"forced to {args.max_new_tokens} new tokens: batched {result['forced_batched_tokens_per_s']:.0f}, "
+            f"one at a time {result['forced_sequential_tokens_per_s']:.0f} tokens/s, "
+            f"ratio {result['forced_batched_over_sequential']:.2f}"
+        )
 
 
 if __name__ == "__main__":

@@ -45,7 +45,7 @@ from torch import nn
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from lightningmodules.models.moe import MoEFeedForward
+from lightningmodules.models.moe import MoEFeedForward  # noqa: E402 (after sys.path)
 
 
 def dense_ffn(hidden: int, ffn: int) -> nn.Module:
@@ -60,23 +60,36 @@ def mixtral_block(hidden: int, ffn: int, num_experts: int, top_k: int, implement
     from transformers import MixtralConfig
     from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
 
-    config = MixtralConfig(hidden_size=hidden, intermediate_size=ffn, num_local_experts=num_experts,
-                           num_experts_per_tok=top_k, hidden_act="silu", router_jitter_noise=0.0)
+    config = MixtralConfig(
+        hidden_size=hidden,
+        intermediate_size=ffn,
+        num_local_experts=num_experts,
+        num_experts_per_tok=top_k,
+        hidden_act="silu",
+        router_jitter_noise=0.0,
+    )
     config._experts_implementation = implementation
     block = MixtralSparseMoeBlock(config)
     with torch.no_grad():
-        block.gate.weight.normal_(std=hidden ** -0.5)
-        block.experts.gate_up_proj.normal_(std=hidden ** -0.5)
-        block.experts.down_proj.normal_(std=ffn ** -0.5)
+        block.gate.weight.normal_(std=hidden**-0.5)
+        block.experts.gate_up_proj.normal_(std=hidden**-0.5)
+        block.experts.down_proj.normal_(std=ffn**-0.5)
     return block
 
 
 def ours_like_mixtral(block: nn.Module) -> MoEFeedForward:
     """Our layer with the Mixtral block's weights: router bias 0, renormalised top-k."""
     experts = block.experts
-    ours = MoEFeedForward.build(hidden_size=experts.hidden_dim, ffn_size=experts.intermediate_dim,
-                                num_experts=experts.num_experts, top_k=block.top_k, gated=True, bias=False,
-                                activation="silu", renormalize=True)
+    ours = MoEFeedForward.build(
+        hidden_size=experts.hidden_dim,
+        ffn_size=experts.intermediate_dim,
+        num_experts=experts.num_experts,
+        top_k=block.top_k,
+        gated=True,
+        bias=False,
+        activation="silu",
+        renormalize=True,
+    )
     with torch.no_grad():
         ours.router.linear.weight.copy_(block.gate.weight)  # (E, D)
         ours.router.linear.bias.zero_()
@@ -98,17 +111,19 @@ class NaiveMoE(nn.Module):
         dense_weights = torch.zeros_like(routing.probs).scatter(1, routing.indices, routing.weights)  # (N, E)
         out = torch.zeros_like(x)  # (N, D)
         for e in range(self.moe.num_experts):
-            out = out + dense_weights[:, e:e + 1].to(x.dtype) * self.moe.experts.expert_forward(e, x)
+            out = out + dense_weights[:, e : e + 1].to(x.dtype) * self.moe.experts.expert_forward(e, x)
         return out.view(hidden_states.shape)
 
 
 def train_step(module: nn.Module, x: torch.Tensor, upstream: torch.Tensor) -> Callable[[], None]:
     """One forward + backward of ``module`` on ``x`` (which needs grad), parameter grads reset first."""
+
     def step() -> None:
         for p in module.parameters():
             p.grad = None
         x.grad = None
         module(x).backward(upstream)
+
     return step
 
 
@@ -132,8 +147,9 @@ def peak_mb(step: Callable[[], None]) -> float:
 
     with _stdout_to_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         step()
-    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
-                    key=lambda e: e.start_ns())
+    events = sorted(
+        (e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"), key=lambda e: e.start_ns()
+    )
     current = peak = 0
     for event in events:
         current += event.nbytes()
@@ -150,8 +166,9 @@ COMPARISONS = (  # (key, ours, reference)
 )
 
 
-def time_pairs(steps: dict[str, Callable[[], None]], *, rounds: int,
-               warmup: int) -> tuple[dict[str, float], dict[str, float]]:
+def time_pairs(
+    steps: dict[str, Callable[[], None]], *, rounds: int, warmup: int
+) -> tuple[dict[str, float], dict[str, float]]:
     """Per round, each comparison's two variants back to back (order alternating between rounds).
 
     Returns the median over rounds of each comparison's time ratio, and each variant's median seconds.
@@ -171,8 +188,10 @@ def time_pairs(steps: dict[str, Callable[[], None]], *, rounds: int,
                 took[name] = time.perf_counter() - start
                 seconds[name].append(took[name])
             ratios[key].append(took[ours] / took[reference])
-    return ({key: statistics.median(values) for key, values in ratios.items()},
-            {name: statistics.median(values) for name, values in seconds.items()})
+    return (
+        {key: statistics.median(values) for key, values in ratios.items()},
+        {name: statistics.median(values) for name, values in seconds.items()},
+    )
 
 
 def main() -> None:
@@ -196,11 +215,27 @@ def main() -> None:
 
     # (a) Med-MoE layer vs a dense FFN of the same active width
     meta = dense_ffn(d, f)
-    med_moe = MoEFeedForward.build(hidden_size=d, ffn_size=f, num_experts=4, top_k=1, gated=True, activation="silu",
-                                   meta_expert=meta, renormalize=False)
-    med_moe_grouped = MoEFeedForward.build(hidden_size=d, ffn_size=f, num_experts=4, top_k=1, gated=True,
-                                           activation="silu", meta_expert=meta, renormalize=False,
-                                           grouped_mm="always")
+    med_moe = MoEFeedForward.build(
+        hidden_size=d,
+        ffn_size=f,
+        num_experts=4,
+        top_k=1,
+        gated=True,
+        activation="silu",
+        meta_expert=meta,
+        renormalize=False,
+    )
+    med_moe_grouped = MoEFeedForward.build(
+        hidden_size=d,
+        ffn_size=f,
+        num_experts=4,
+        top_k=1,
+        gated=True,
+        activation="silu",
+        meta_expert=meta,
+        renormalize=False,
+        grouped_mm="always",
+    )
     med_moe_grouped.load_state_dict(med_moe.state_dict())
     dense_same_active = dense_ffn(d, 2 * f)
     # (b), (c) top-2 of 8 with the same weights
@@ -220,9 +255,15 @@ def main() -> None:
     ours_top2(x)
     top2_load = ours_top2.last_stats.routed_counts.tolist()
 
-    modules = {"moe_top1of4_meta": med_moe, "moe_top1of4_meta_grouped_mm": med_moe_grouped,
-               "dense_same_active": dense_same_active, "ours_top2of8": ours_top2,
-               "hf_mixtral_eager": hf_eager, "hf_mixtral_grouped_mm": hf_grouped, "naive_top2of8": naive_top2}
+    modules = {
+        "moe_top1of4_meta": med_moe,
+        "moe_top1of4_meta_grouped_mm": med_moe_grouped,
+        "dense_same_active": dense_same_active,
+        "ours_top2of8": ours_top2,
+        "hf_mixtral_eager": hf_eager,
+        "hf_mixtral_grouped_mm": hf_grouped,
+        "naive_top2of8": naive_top2,
+    }
     steps = {name: train_step(module, x, upstream) for name, module in modules.items()}
     load_before = os.getloadavg()[0]
     ratios, seconds = time_pairs(steps, rounds=args.rounds, warmup=args.warmup)
@@ -232,26 +273,42 @@ def main() -> None:
         **ratios,
         **{f"ms_{name}": 1000 * s for name, s in seconds.items()},
         **{f"peak_mb_{name}": mb for name, mb in memory.items()},
-        "max_abs_diff_ours_vs_hf": diff_hf, "max_abs_diff_ours_vs_naive": diff_naive,
-        "expert_tokens_top1of4": top1_load, "expert_assignments_top2of8": top2_load,
-        "tokens": n, "hidden": d, "ffn": f, "dense_ffn": 2 * f, "rounds": args.rounds,
-        "threads": torch.get_num_threads(), "load_average_1min": [load_before, os.getloadavg()[0]],
-        "torch": torch.__version__, "memory_method": "torch.profiler profile_memory: peak net CPU allocation per call",
+        "max_abs_diff_ours_vs_hf": diff_hf,
+        "max_abs_diff_ours_vs_naive": diff_naive,
+        "expert_tokens_top1of4": top1_load,
+        "expert_assignments_top2of8": top2_load,
+        "tokens": n,
+        "hidden": d,
+        "ffn": f,
+        "dense_ffn": 2 * f,
+        "rounds": args.rounds,
+        "threads": torch.get_num_threads(),
+        "load_average_1min": [load_before, os.getloadavg()[0]],
+        "torch": torch.__version__,
+        "memory_method": "torch.profiler profile_memory: peak net CPU allocation per call",
     }
     if args.json:
         print(json.dumps(result))
         return
-    print(f"forward+backward, {n} tokens, d {d}, ffn {f}, {args.threads} threads, median of {args.rounds} rounds, "
-          f"1-min load average {load_before:.1f} -> {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
+    print(
+        f"forward+backward, {n} tokens, d {d}, ffn {f}, {args.threads} threads, median of {args.rounds} rounds, "
+        f"1-min load average {load_before:.1f} -> {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs"
+    )
     for name in modules:
         print(f"  {name:24s} {1000 * seconds[name]:8.1f} ms   peak {memory[name]:7.1f} MB")
-    print(f"(a) top-1 of 4 + meta / dense FFN width {2 * f}: {result['moe_over_dense']:.3f}  (target <= 1.15); "
-          f"experts on grouped_mm: {result['moe_over_dense_grouped_mm']:.3f}")
-    print(f"(b) ours / transformers Mixtral block (eager): {result['ours_over_hf_mixtral']:.3f}  (target <= 0.95); "
-          f"vs its grouped_mm experts: {result['ours_over_hf_mixtral_grouped_mm']:.3f}")
+    print(
+        f"(a) top-1 of 4 + meta / dense FFN width {2 * f}: {result['moe_over_dense']:.3f}  (target <= 1.15); "
+        f"experts on grouped_mm: {result['moe_over_dense_grouped_mm']:.3f}"
+    )
+    print(
+        f"(b) ours / transformers Mixtral block (eager): {result['ours_over_hf_mixtral']:.3f}  (target <= 0.95); "
+        f"vs its grouped_mm experts: {result['ours_over_hf_mixtral_grouped_mm']:.3f}"
+    )
     print(f"(c) ours / compute-every-expert: {result['ours_over_naive']:.3f}")
-    print(f"outputs: max |ours - HF| {diff_hf:.2e}, max |ours - naive| {diff_naive:.2e}; "
-          f"load top-1 of 4 {top1_load}, top-2 of 8 {top2_load}")
+    print(
+        f"outputs: max |ours - HF| {diff_hf:.2e}, max |ours - naive| {diff_naive:.2e}; "
+        f"load top-1 of 4 {top1_load}, top-2 of 8 {top2_load}"
+    )
 
 
 if __name__ == "__main__":

@@ -31,8 +31,10 @@ def build(batch_size: int):
     from pipeline.runner import build_datamodule, connect
     from pipeline.trainable import add_lora, set_trainable
 
-    cfg = load_config(REPO / "experiments" / "demo.yaml", [f"output_dir={REPO}/outputs/bench-overhead",
-                                                           f"data.batch_size={batch_size}"])
+    cfg = load_config(
+        REPO / "experiments" / "demo.yaml",
+        [f"output_dir={REPO}/outputs/bench-overhead", f"data.batch_size={batch_size}"],
+    )
     built = build_model(cfg.model, cache_dir=cfg.cache_dir)
     add_lora(built.model, cfg.stages.instruct.lora)
     set_trainable(built.model, ["connector", "lora"])
@@ -49,8 +51,9 @@ def plain_steps(model, batch, steps: int, lr: float) -> float:
 
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_lambda(s, total_steps=steps, warmup_steps=1,
-                                                                       scheduler="cosine", min_lr_ratio=0.0))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: lr_lambda(s, total_steps=steps, warmup_steps=1, scheduler="cosine", min_lr_ratio=0.0)
+    )
     model.train()
     inputs = model_inputs(batch)
     start = 0.0
@@ -100,9 +103,19 @@ def lightning_steps(model, tokenizer, batch, steps: int, lr: float) -> float:
     module = VLMModule(model=model, tokenizer=tokenizer, lr=lr, warmup_ratio=0.0, scheduler="cosine")
     clock = _StepClock(steps)
     loader = DataLoader([batch] * (steps + 2), batch_size=None, shuffle=False)  # the same batch each step
-    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=steps + 2, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                        limit_val_batches=0, gradient_clip_val=1.0, callbacks=[clock.callback])
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=steps + 2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        gradient_clip_val=1.0,
+        callbacks=[clock.callback],
+    )
     trainer.fit(module, train_dataloaders=loader)
     return clock.per_step()
 
@@ -135,8 +148,11 @@ def main() -> None:
         "lightning_over_plain": statistics.median(lightning) / statistics.median(plain),
         "plain_ms_per_step": 1000 * statistics.median(plain),
         "lightning_ms_per_step": 1000 * statistics.median(lightning),
-        "steps": args.steps, "rounds": args.rounds, "batch_size": args.batch_size,
-        "tokens_per_sample": int(batch["input_ids"].shape[1]), "threads": torch.get_num_threads(),
+        "steps": args.steps,
+        "rounds": args.rounds,
+        "batch_size": args.batch_size,
+        "tokens_per_sample": int(batch["input_ids"].shape[1]),
+        "threads": torch.get_num_threads(),
     }
     if args.json:
         print(json.dumps(result))

@@ -41,11 +41,24 @@ class VQADataModule(L.LightningDataModule):
     ``on_bad_record: skip`` corrupt files are skipped and counted instead of failing a batch.
     """
 
-    def __init__(self, *, datasets: dict[str, DatasetSpec], batch_size: int = 8, eval_batch_size: int = 16,
-                 num_workers: int = 0, max_length: int = 512, on_bad_record: str = "error",
-                 system_prompt: str | None = None, task_prefix: bool = False, pad_square: bool = False,
-                 seed: int = 0, one_task_per_batch: bool = False, samples_per_epoch: int | None = None,
-                 verify_images: bool = False, prompt_templates: bool = False) -> None:
+    def __init__(
+        self,
+        *,
+        datasets: dict[str, DatasetSpec],
+        batch_size: int = 8,
+        eval_batch_size: int = 16,
+        num_workers: int = 0,
+        max_length: int = 512,
+        on_bad_record: str = "error",
+        system_prompt: str | None = None,
+        task_prefix: bool = False,
+        pad_square: bool = False,
+        seed: int = 0,
+        one_task_per_batch: bool = False,
+        samples_per_epoch: int | None = None,
+        verify_images: bool = False,
+        prompt_templates: bool = False,
+    ) -> None:
         super().__init__()
         if not datasets:
             raise ValueError("no datasets configured (data.datasets is empty)")
@@ -70,15 +83,26 @@ class VQADataModule(L.LightningDataModule):
         self.encoder: ConversationEncoder | None = None
         self.task_ids: dict[str, int] = {}
 
-    def connect(self, tokenizer: Any, transform: ImageTransform, *, num_image_tokens: int,
-                task_ids: dict[str, int] | None = None, sam_transform: Any = None) -> VQADataModule:
+    def connect(
+        self,
+        tokenizer: Any,
+        transform: ImageTransform,
+        *,
+        num_image_tokens: int,
+        task_ids: dict[str, int] | None = None,
+        sam_transform: Any = None,
+    ) -> VQADataModule:
         self.tokenizer = tokenizer
         self.sam_transform = sam_transform  # grounding models: items also carry SAM's input
         self.transform = transform
         self.task_ids = dict(TASK_IDS if task_ids is None else task_ids)  # task tag -> id in the batch
-        self.encoder = ConversationEncoder(tokenizer, num_image_tokens=num_image_tokens,
-                                           max_length=self.max_length, system_prompt=self.system_prompt,
-                                           task_prefix=self.task_prefix)
+        self.encoder = ConversationEncoder(
+            tokenizer,
+            num_image_tokens=num_image_tokens,
+            max_length=self.max_length,
+            system_prompt=self.system_prompt,
+            task_prefix=self.task_prefix,
+        )
         return self
 
     # -- data ------------------------------------------------------------------------------------
@@ -120,20 +144,34 @@ class VQADataModule(L.LightningDataModule):
 
     def dataset(self, split: str, *, with_answers: bool) -> VQADataset:
         self._require_connected()
-        return VQADataset(self.split_records(split), encoder=self.encoder, transform=self.transform,
-                          with_answers=with_answers, task_ids=self.task_ids, prompts=self.prompts,
-                          random_prompts=split == "train" and with_answers,
-                          sam_transform=getattr(self, "sam_transform", None))
+        return VQADataset(
+            self.split_records(split),
+            encoder=self.encoder,
+            transform=self.transform,
+            with_answers=with_answers,
+            task_ids=self.task_ids,
+            prompts=self.prompts,
+            random_prompts=split == "train" and with_answers,
+            sam_transform=getattr(self, "sam_transform", None),
+        )
 
     def train_sampler(self, *, world_size: int | None = None, rank: int | None = None) -> MixtureSampler:
         """The training sampler for one rank (default: this process's rank in the attached trainer)."""
         if world_size is None or rank is None:
             world_size, rank = world_of(self.trainer)
-        groups = mixture_groups(self.split_records("train"), {n: s.weight for n, s in self.datasets.items()},
-                                by_task=self.one_task_per_batch)
-        return MixtureSampler(groups, samples_per_epoch=self.samples_per_epoch,
-                              block_size=self.batch_size if self.one_task_per_batch else 1, seed=self.seed,
-                              num_replicas=world_size, rank=rank)
+        groups = mixture_groups(
+            self.split_records("train"),
+            {n: s.weight for n, s in self.datasets.items()},
+            by_task=self.one_task_per_batch,
+        )
+        return MixtureSampler(
+            groups,
+            samples_per_epoch=self.samples_per_epoch,
+            block_size=self.batch_size if self.one_task_per_batch else 1,
+            seed=self.seed,
+            num_replicas=world_size,
+            rank=rank,
+        )
 
     def train_collator(self) -> Collator:
         """The collate function of the training loader (right padding, answers as labels)."""
@@ -148,9 +186,16 @@ class VQADataModule(L.LightningDataModule):
         if len(dataset) == 0:
             raise ValueError(f"split {split!r} has no records in datasets {sorted(self.datasets)}")
         sampler = self.train_sampler() if train else None
-        return DataLoader(dataset, batch_size=self.batch_size if train else self.eval_batch_size, sampler=sampler,
-                          shuffle=False, num_workers=self.num_workers, collate_fn=self._collator(generation),
-                          persistent_workers=self.num_workers > 0, drop_last=False)
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size if train else self.eval_batch_size,
+            sampler=sampler,
+            shuffle=False,
+            num_workers=self.num_workers,
+            collate_fn=self._collator(generation),
+            persistent_workers=self.num_workers > 0,
+            drop_last=False,
+        )
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", train=True)

@@ -14,8 +14,10 @@ from datamodules.problems import DataError
 from datamodules.prompts import PromptTemplates
 from datamodules.records import Record
 
-LOAD_HINT = ("found while loading a sample; run `medpipe data check --format FORMAT PATH` (or set "
-             "data.verify_images=true) to find every such file before training")
+LOAD_HINT = (
+    "found while loading a sample; run `medpipe data check --format FORMAT PATH` (or set "
+    "data.verify_images=true) to find every such file before training"
+)
 
 
 class VQADataset(Dataset):
@@ -29,10 +31,18 @@ class VQADataset(Dataset):
     files up front, where ``skip`` applies.
     """
 
-    def __init__(self, records: list[Record], *, encoder: ConversationEncoder, transform: ImageTransform,
-                 with_answers: bool, task_ids: dict[str, int] | None = None,
-                 prompts: PromptTemplates | None = None, random_prompts: bool = False,
-                 sam_transform: Any = None) -> None:
+    def __init__(
+        self,
+        records: list[Record],
+        *,
+        encoder: ConversationEncoder,
+        transform: ImageTransform,
+        with_answers: bool,
+        task_ids: dict[str, int] | None = None,
+        prompts: PromptTemplates | None = None,
+        random_prompts: bool = False,
+        sam_transform: Any = None,
+    ) -> None:
         self.records = records
         self.encoder = encoder
         self.transform = transform
@@ -54,8 +64,14 @@ class VQADataset(Dataset):
             rng = random.Random(f"{getattr(index, 'epoch', 0)}:{int(index)}") if self.random_prompts else None
             prompted = self.prompts.apply(record, rng)
         encoded = self.encoder.encode(prompted, with_answers=self.with_answers)
-        item = {"record": record, "input_ids": encoded.input_ids, "labels": encoded.labels,
-                "truncated": encoded.truncated, "pixel_values": None, "task_id": self.task_ids.get(record.task, 0)}
+        item = {
+            "record": record,
+            "input_ids": encoded.input_ids,
+            "labels": encoded.labels,
+            "truncated": encoded.truncated,
+            "pixel_values": None,
+            "task_id": self.task_ids.get(record.task, 0),
+        }
         if not record.has_image:
             return item
         try:
@@ -67,8 +83,10 @@ class VQADataset(Dataset):
             if record.mask_path is not None or isinstance(record.region, str):
                 width, height = image.size
                 item["image_size"] = (height, width)
-                for key, field_name, path in (("mask", "mask_path", record.mask_path),
-                                              ("region_mask", "region", record.region)):
+                for key, field_name, path in (
+                    ("mask", "mask_path", record.mask_path),
+                    ("region_mask", "region", record.region),
+                ):
                     if isinstance(path, str):
                         item[key] = _original_mask(path, record.id, field_name, (height, width))
         except DataError as e:
@@ -80,8 +98,10 @@ def _original_mask(path: str, record_id: str, field_name: str, image_hw: tuple[i
     """(H, W) bool tensor at the original resolution; its size must be the image's."""
     mask = load_mask(path, record=record_id, field_name=field_name)  # (H, W) bool
     if mask.shape != image_hw:
-        raise DataError(f"{path}: record {record_id}: field '{field_name}': mask is {mask.shape[1]}x{mask.shape[0]}"
-                        f" but its image is {image_hw[1]}x{image_hw[0]}")
+        raise DataError(
+            f"{path}: record {record_id}: field '{field_name}': mask is {mask.shape[1]}x{mask.shape[0]}"
+            f" but its image is {image_hw[1]}x{image_hw[0]}"
+        )
     return torch.from_numpy(mask)
 
 

@@ -33,8 +33,15 @@ class ConversationEncoder:
     placeholder is expanded to ``num_image_tokens`` copies for the model to fill with visual tokens.
     """
 
-    def __init__(self, tokenizer: Any, *, num_image_tokens: int, max_length: int = 512,
-                 system_prompt: str | None = None, task_prefix: bool = False) -> None:
+    def __init__(
+        self,
+        tokenizer: Any,
+        *,
+        num_image_tokens: int,
+        max_length: int = 512,
+        system_prompt: str | None = None,
+        task_prefix: bool = False,
+    ) -> None:
         self.tokenizer = tokenizer
         self.num_image_tokens = num_image_tokens
         self.max_length = max_length
@@ -86,9 +93,11 @@ class ConversationEncoder:
             is_user_end = msg["role"] == "user"
             text = self._render(msgs[: k + 1], generation_prompt=is_user_end)
             if not text.startswith(rendered):
-                raise ValueError("the chat template does not render conversations prefix by prefix; "
-                                 "set model.llm.chat_template to one that does")
-            piece, rendered = text[len(rendered):], text
+                raise ValueError(
+                    "the chat template does not render conversations prefix by prefix; "
+                    "set model.llm.chat_template to one that does"
+                )
+            piece, rendered = text[len(rendered) :], text
             ids = self._ids(piece)
             input_ids += ids
             labels += ids if msg["role"] == "assistant" else [IGNORE_INDEX] * len(ids)
@@ -97,8 +106,10 @@ class ConversationEncoder:
             # answers may be cut (counted as truncated); the first prompt may not: it holds the image
             first_target = next((i for i, t in enumerate(labels) if t != IGNORE_INDEX), len(labels))
             if not with_answers or first_target >= self.max_length:
-                raise ValueError(f"record {record.id}: the prompt is {first_target} tokens, longer than "
-                                 f"data.max_length={self.max_length}; raise max_length")
+                raise ValueError(
+                    f"record {record.id}: the prompt is {first_target} tokens, longer than "
+                    f"data.max_length={self.max_length}; raise max_length"
+                )
             input_ids, labels = input_ids[: self.max_length], labels[: self.max_length]
         return EncodedSample(input_ids=input_ids, labels=labels, truncated=truncated)
 
@@ -118,5 +129,5 @@ def pad_batch(sequences: list[list[int]], pad_value: int, side: str) -> torch.Te
         if side == "right":
             out[i, : len(s)] = torch.tensor(s, dtype=torch.long)
         else:
-            out[i, longest - len(s):] = torch.tensor(s, dtype=torch.long)
+            out[i, longest - len(s) :] = torch.tensor(s, dtype=torch.long)
     return out

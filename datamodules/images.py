@@ -103,10 +103,16 @@ class ImageTransform:
         size = cfg.get("size", {"shortest_edge": 224})
         if isinstance(size, int):
             size = {"shortest_edge": size}
-        return cls(size=size, crop_size=cfg.get("crop_size"), image_mean=tuple(cfg["image_mean"]),
-                   image_std=tuple(cfg["image_std"]), resample=int(cfg.get("resample", 3)),
-                   do_center_crop=bool(cfg.get("do_center_crop", False)),
-                   rescale_factor=float(cfg.get("rescale_factor", 1 / 255)), pad_square=pad_square)
+        return cls(
+            size=size,
+            crop_size=cfg.get("crop_size"),
+            image_mean=tuple(cfg["image_mean"]),
+            image_std=tuple(cfg["image_std"]),
+            resample=int(cfg.get("resample", 3)),
+            do_center_crop=bool(cfg.get("do_center_crop", False)),
+            rescale_factor=float(cfg.get("rescale_factor", 1 / 255)),
+            pad_square=pad_square,
+        )
 
     @property
     def output_size(self) -> tuple[int, int]:

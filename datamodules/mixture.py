@@ -50,8 +50,13 @@ def mixture_groups(records: Sequence[Record], weights: dict[str, float], *, by_t
         if dataset not in weights:
             raise ValueError(f"records of dataset {dataset!r} have no mixture weight")
         share = len(idx) / sizes[dataset]  # a dataset's tasks split its weight by their sizes
-        groups.append(Group(name=f"{dataset}/{task}" if by_task else dataset,
-                            indices=np.asarray(idx, dtype=np.int64), weight=weights[dataset] * share))
+        groups.append(
+            Group(
+                name=f"{dataset}/{task}" if by_task else dataset,
+                indices=np.asarray(idx, dtype=np.int64),
+                weight=weights[dataset] * share,
+            )
+        )
     return groups
 
 
@@ -83,8 +88,16 @@ class SampleIndex(int):
 class MixtureSampler(DistributedSampler):
     """Index sampler over weighted groups; see the module docstring for the stream it yields."""
 
-    def __init__(self, groups: list[Group], *, samples_per_epoch: int | None = None, block_size: int = 1,
-                 seed: int = 0, num_replicas: int = 1, rank: int = 0) -> None:
+    def __init__(
+        self,
+        groups: list[Group],
+        *,
+        samples_per_epoch: int | None = None,
+        block_size: int = 1,
+        seed: int = 0,
+        num_replicas: int = 1,
+        rank: int = 0,
+    ) -> None:
         # DistributedSampler.__init__ wants a dataset and, without explicit ranks, a process group;
         # everything it would set is set here.
         groups = [g for g in groups if g.weight > 0]
@@ -130,7 +143,7 @@ class MixtureSampler(DistributedSampler):
 
     def __iter__(self) -> Iterator[int]:
         blocks = self.global_stream().reshape(self.blocks, self.block_size)  # (blocks, B)
-        mine = blocks[self.rank:: self.num_replicas]  # (blocks / world, B): every world-th block
+        mine = blocks[self.rank :: self.num_replicas]  # (blocks / world, B): every world-th block
         skip, self.skip_samples = self.skip_samples, 0  # one-shot: only the resumed epoch starts late
         return (SampleIndex(i, self.epoch) for i in mine.reshape(-1)[skip:].tolist())
 
@@ -143,4 +156,4 @@ def _group_stream(size: int, *, start: int, count: int, seed: tuple[int, int]) -
     perms = [np.random.default_rng([seed[0], seed[1], k]).permutation(size) for k in range(first, last + 1)]
     joined = np.concatenate(perms)  # ((last - first + 1) * size,)
     offset = start - first * size
-    return joined[offset: offset + count]
+    return joined[offset : offset + count]

@@ -24,8 +24,9 @@ class VQARADDataModule(VQADataModule):
 class SlakeDataModule(VQADataModule):
     """SLAKE 1.0; ``languages`` filters q_lang; ``task`` refer / identify builds box records."""
 
-    def __init__(self, path: str | Path, *, languages: tuple[str, ...] = ("en",), task: str = "vqa",
-                 **options: Any) -> None:
+    def __init__(
+        self, path: str | Path, *, languages: tuple[str, ...] = ("en",), task: str = "vqa", **options: Any
+    ) -> None:
         spec = DatasetSpec(format="slake", path=str(path), languages=list(languages), task=task)
         super().__init__(datasets={"slake": spec}, **options)
 
@@ -41,18 +42,41 @@ class PathVQADataModule(VQADataModule):
 class ConversationDataModule(VQADataModule):
     """LLaVA-style conversation JSON files (``<split>.json``) with images under ``image_root``."""
 
-    def __init__(self, path: str | Path, *, image_root: str | Path | None = None, task: str = "vqa",
-                 val_split: str | None = "validate", **options: Any) -> None:
-        spec = DatasetSpec(format="conversation", path=str(path), image_root=str(image_root) if image_root else None,
-                           task=task, val_split=val_split)
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        image_root: str | Path | None = None,
+        task: str = "vqa",
+        val_split: str | None = "validate",
+        **options: Any,
+    ) -> None:
+        spec = DatasetSpec(
+            format="conversation",
+            path=str(path),
+            image_root=str(image_root) if image_root else None,
+            task=task,
+            val_split=val_split,
+        )
         super().__init__(datasets={"conversation": spec}, **options)
 
 
 class MeCoVQADataModule(VQADataModule):
     """MeCoVQA Complex / Region / Grounding (train / test; no validation split)."""
 
-    def __init__(self, path: str | Path, *, subsets: list[str] | None = None, image_root: str | Path | None = None,
-                 **options: Any) -> None:
-        spec = DatasetSpec(format="mecovqa", path=str(path), val_split=None, subsets=subsets,
-                           image_root=str(image_root) if image_root else None)
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        subsets: list[str] | None = None,
+        image_root: str | Path | None = None,
+        **options: Any,
+    ) -> None:
+        spec = DatasetSpec(
+            format="mecovqa",
+            path=str(path),
+            val_split=None,
+            subsets=subsets,
+            image_root=str(image_root) if image_root else None,
+        )
         super().__init__(datasets={"mecovqa": spec}, **options)

@@ -31,8 +31,7 @@ class Problem:
 
     def as_dict(self) -> dict[str, str]:
         """The ``medpipe data check --json`` shape: file, record, field, reason (kind first)."""
-        return {"file": self.file, "record": self.record, "field": self.field,
-                "reason": f"{self.kind}: {self.reason}"}
+        return {"file": self.file, "record": self.record, "field": self.field, "reason": f"{self.kind}: {self.reason}"}
 
 
 class DataError(ValueError):

@@ -25,24 +25,20 @@ from datamodules.records import Record, Turn
 BOX_IN_TEXT = re.compile(r"\{<\d+><\d+><\d+><\d+>\}")
 
 TEMPLATES: dict[str, tuple[str, ...]] = {
-    "vqa": ("{question}",
-            "Based on the image, respond to this question with a short answer: {question}",
-            "Answer this question about the scan: {question}"),
-    "refer": ("Where is the {object}?",
-              "Give me the location of the {object}.",
-              "Find the {object} in this image."),
-    "identify": ("What is in {box}?",
-                 "What object is in this part of the image {box}?",
-                 "Identify the object at {box}."),
-    "caption": ("Describe this image.",
-                "Write a short report of this scan.",
-                "What does this image show?"),
-    "cls": ("What is the category of this image?",
-            "Classify this image.",
-            "Which class does this scan belong to?"),
-    "qa": ("{question}",
-           "Answer the question: {question}",
-           "Please answer: {question}"),
+    "vqa": (
+        "{question}",
+        "Based on the image, respond to this question with a short answer: {question}",
+        "Answer this question about the scan: {question}",
+    ),
+    "refer": ("Where is the {object}?", "Give me the location of the {object}.", "Find the {object} in this image."),
+    "identify": (
+        "What is in {box}?",
+        "What object is in this part of the image {box}?",
+        "Identify the object at {box}.",
+    ),
+    "caption": ("Describe this image.", "Write a short report of this scan.", "What does this image show?"),
+    "cls": ("What is the category of this image?", "Classify this image.", "Which class does this scan belong to?"),
+    "qa": ("{question}", "Answer the question: {question}", "Please answer: {question}"),
 }
 
 

@@ -50,15 +50,20 @@ def _image_ok(record: Record, sizes: dict, problems: ProblemLog) -> bool:
     if isinstance(found, DataError):
         missing = "not found" in str(found)
         source = record.image_path or f"{record.extra.get('file', record.dataset)} (embedded image)"
-        problems.report(source, record.id, "image",
-                        "file not found" if missing else _reason(found),
-                        "missing_image" if missing else "corrupt_image")
+        problems.report(
+            source,
+            record.id,
+            "image",
+            "file not found" if missing else _reason(found),
+            "missing_image" if missing else "corrupt_image",
+        )
         return False
     return True
 
 
-def _mask_ok(record: Record, field_name: str, path: str, image_size: tuple[int, int] | None, masks: dict,
-             problems: ProblemLog) -> bool:
+def _mask_ok(
+    record: Record, field_name: str, path: str, image_size: tuple[int, int] | None, masks: dict, problems: ProblemLog
+) -> bool:
     if path not in masks:
         try:
             mask = load_mask(path, record=record.id, field_name=field_name)
@@ -68,13 +73,23 @@ def _mask_ok(record: Record, field_name: str, path: str, image_size: tuple[int, 
     found = masks[path]
     if isinstance(found, DataError):
         missing = "not found" in str(found)
-        problems.report(path, record.id, field_name, "file not found" if missing else _reason(found),
-                        "missing_mask" if missing else "corrupt_mask")
+        problems.report(
+            path,
+            record.id,
+            field_name,
+            "file not found" if missing else _reason(found),
+            "missing_mask" if missing else "corrupt_mask",
+        )
         return False
     if image_size is not None and found != image_size:
-        problems.report(path, record.id, field_name, f"mask is {found[0]}x{found[1]} but its image is "
-                        f"{image_size[0]}x{image_size[1]} (masks are scored at the image's resolution)",
-                        "mask_size_mismatch")
+        problems.report(
+            path,
+            record.id,
+            field_name,
+            f"mask is {found[0]}x{found[1]} but its image is "
+            f"{image_size[0]}x{image_size[1]} (masks are scored at the image's resolution)",
+            "mask_size_mismatch",
+        )
         return False
     return True
 
@@ -83,4 +98,4 @@ def _reason(error: DataError) -> str:
     """The reason part of a ``file: record r: field 'f': reason`` message."""
     message = str(error)
     cut = message.find("': ")
-    return message[cut + 3:] if cut >= 0 else message
+    return message[cut + 3 :] if cut >= 0 else message

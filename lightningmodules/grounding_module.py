@@ -42,8 +42,11 @@ def grounded_inputs(batch: dict[str, Any], *, with_labels: bool = True) -> dict[
 
 
 def sam_inputs(batch: dict[str, Any]) -> dict[str, Any]:
-    return {"sam_pixel_values": batch.get("sam_pixel_values"), "image_sizes": batch.get("image_sizes"),
-            "sam_resized_sizes": batch.get("sam_resized_sizes")}
+    return {
+        "sam_pixel_values": batch.get("sam_pixel_values"),
+        "image_sizes": batch.get("image_sizes"),
+        "sam_resized_sizes": batch.get("sam_resized_sizes"),
+    }
 
 
 def pixel_dice(pred: torch.Tensor | None, target: torch.Tensor) -> float | None:
@@ -58,9 +61,18 @@ def pixel_dice(pred: torch.Tensor | None, target: torch.Tensor) -> float | None:
 
 
 class GroundingVLMModule(VLMModule):
-    def __init__(self, *, ce_weight: float = 1.0, bce_weight: float = 1.0, dice_weight: float = 1.0,
-                 focal_weight: float = 0.0, focal_gamma: float = 2.0, mask_threshold: float = 0.1,
-                 overlay_count: int = 8, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *,
+        ce_weight: float = 1.0,
+        bce_weight: float = 1.0,
+        dice_weight: float = 1.0,
+        focal_weight: float = 0.0,
+        focal_gamma: float = 2.0,
+        mask_threshold: float = 0.1,
+        overlay_count: int = 8,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(**kwargs)
         self.save_hyperparameters(ignore=["model", "tokenizer"])
         self.overlay_dir: Path | None = None  # set by the evaluation before testing
@@ -77,12 +89,24 @@ class GroundingVLMModule(VLMModule):
             masks, batch_index = self.model.segment(out.hidden_states, batch["input_ids"], **sam_inputs(batch))
             sample_targets = batch.get("masks") or [None] * batch["input_ids"].shape[0]
             predictions, targets, _unpaired = pair_with_targets(masks, batch_index, sample_targets)
-        terms = mask_losses(predictions, targets, bce_weight=hp.bce_weight, dice_weight=hp.dice_weight,
-                            focal_weight=hp.focal_weight, focal_gamma=hp.focal_gamma,
-                            zero=self.model.grounding.zero_loss())
+        terms = mask_losses(
+            predictions,
+            targets,
+            bce_weight=hp.bce_weight,
+            dice_weight=hp.dice_weight,
+            focal_weight=hp.focal_weight,
+            focal_gamma=hp.focal_gamma,
+            zero=self.model.grounding.zero_loss(),
+        )
         loss = hp.ce_weight * out.loss + terms["loss"]
-        return {"loss": loss, "ce": out.loss.detach(), "bce": terms["bce"], "dice": terms["dice"],
-                "focal": terms["focal"], "masks": torch.tensor(float(len(predictions)))}
+        return {
+            "loss": loss,
+            "ce": out.loss.detach(),
+            "bce": terms["bce"],
+            "dice": terms["dice"],
+            "focal": terms["focal"],
+            "masks": torch.tensor(float(len(predictions))),
+        }
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         monitor = getattr(self, "moe", None)
@@ -123,18 +147,28 @@ class GroundingVLMModule(VLMModule):
         if getattr(self, "moe", None) is not None:
             self.moe.end()  # KV-cache steps route every token, whatever the last batch's mask
         ids, masks = self.model.generate_with_masks(
-            **grounded_inputs(batch, with_labels=False), **sam_inputs(batch),
-            max_new_tokens=self.hparams.max_new_tokens, eos_token_id=self.tokenizer.eos_token_id,
-            pad_token_id=self.tokenizer.pad_token_id)
+            **grounded_inputs(batch, with_labels=False),
+            **sam_inputs(batch),
+            max_new_tokens=self.hparams.max_new_tokens,
+            eos_token_id=self.tokenizer.eos_token_id,
+            pad_token_id=self.tokenizer.pad_token_id,
+        )
         texts = [t.strip() for t in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
         records = batch["records"]
         for metric in self.test_metrics.values():
             metric.update(texts, [r.answer for r in records], [r.answer_type for r in records])
         targets = batch.get("masks") or [None] * len(records)
-        for index, (record, text) in enumerate(zip(records, texts)):
-            row = {"question_id": record.id, "prompt": record.question, "text": text, "answer": record.answer,
-                   "answer_type": record.answer_type, "task": record.task, "dataset": record.dataset,
-                   "modality": record.modality}
+        for index, (record, text) in enumerate(zip(records, texts, strict=True)):
+            row = {
+                "question_id": record.id,
+                "prompt": record.question,
+                "text": text,
+                "answer": record.answer,
+                "answer_type": record.answer_type,
+                "task": record.task,
+                "dataset": record.dataset,
+                "modality": record.modality,
+            }
             target = targets[index]
             if target is not None:
                 row.update(self.score_mask(record, masks[index], target))
@@ -148,8 +182,12 @@ class GroundingVLMModule(VLMModule):
         iou = mask_iou(pred, target.cpu())
         if self.overlay_dir is not None and len(self.overlays) < self.hparams.overlay_count:
             self.overlays.append(draw_overlay(record, pred, target.cpu(), self.overlay_dir))
-        return {"seg_produced": pred is not None, "iou": iou, "dice": dice_from_iou(iou),
-                "pixel_dice": pixel_dice(pred, target.cpu())}
+        return {
+            "seg_produced": pred is not None,
+            "iou": iou,
+            "dice": dice_from_iou(iou),
+            "pixel_dice": pixel_dice(pred, target.cpu()),
+        }
 
 
 def draw_overlay(record: Any, pred: torch.Tensor | None, target: torch.Tensor, out_dir: Path) -> Path:
@@ -158,8 +196,9 @@ def draw_overlay(record: Any, pred: torch.Tensor | None, target: torch.Tensor, o
 
     from datamodules.images import load_image
 
-    image = np.asarray(load_image(record.image_path, record.image_bytes, record=record.id).convert("L"),
-                       dtype=np.float32)  # (H, W)
+    image = np.asarray(
+        load_image(record.image_path, record.image_bytes, record=record.id).convert("L"), dtype=np.float32
+    )  # (H, W)
     rgb = np.repeat(image[..., None] * 0.6, 3, axis=-1)  # (H, W, 3)
     truth = target.numpy().astype(bool)  # (H, W)
     rgb[..., 1] = np.where(truth, 255.0, rgb[..., 1])
@@ -178,9 +217,15 @@ def grounding_module_settings(cfg: Any, stage: Any = None) -> dict[str, Any]:
     if grounding is None:
         return {}
     loss = stage.grounding_loss if stage is not None and stage.get("grounding_loss") is not None else grounding.loss
-    return {"ce_weight": loss.ce, "bce_weight": loss.bce, "dice_weight": loss.dice, "focal_weight": loss.focal,
-            "focal_gamma": loss.focal_gamma, "mask_threshold": cfg.evaluation.mask_threshold,
-            "overlay_count": grounding.overlays}
+    return {
+        "ce_weight": loss.ce,
+        "bce_weight": loss.bce,
+        "dice_weight": loss.dice,
+        "focal_weight": loss.focal,
+        "focal_gamma": loss.focal_gamma,
+        "mask_threshold": cfg.evaluation.mask_threshold,
+        "overlay_count": grounding.overlays,
+    }
 
 
 def vlm_module_class(cfg: Any, stage: Any = None) -> Any:

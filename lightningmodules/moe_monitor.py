@@ -94,8 +94,9 @@ class MoEMonitor:
             record = layer.last_routing
             group_ids = self._modality_ids(records, record.indices.shape[0]) if record is not None else None
             if group_ids is not None:
-                counts = expert_load_by_group(record, group_ids, num_groups=len(self.modalities),
-                                              num_experts=layer.num_experts).cpu()  # (G, E)
+                counts = expert_load_by_group(
+                    record, group_ids, num_groups=len(self.modalities), num_experts=layer.num_experts
+                ).cpu()  # (G, E)
                 previous = self.load_by_modality.get(label)
                 if previous is not None and previous.shape[0] < counts.shape[0]:
                     grown = previous.new_zeros(counts.shape)  # (G, E) a new modality appeared
@@ -124,8 +125,17 @@ class MoEMonitor:
 
     def summary(self) -> dict[str, Any]:
         """JSON-able counts per layer and modality (the expert-load artifact)."""
-        return {"modalities": list(self.modalities), "dropped_total": self.dropped_total,
-                "layers": {label: {"experts": layer.num_experts, "top_k": layer.top_k,
-                                   "by_modality": {self.modalities[g]: row.tolist()
-                                                   for g, row in enumerate(self.load_by_modality.get(label, []))}}
-                           for label, layer in self.layers}}
+        return {
+            "modalities": list(self.modalities),
+            "dropped_total": self.dropped_total,
+            "layers": {
+                label: {
+                    "experts": layer.num_experts,
+                    "top_k": layer.top_k,
+                    "by_modality": {
+                        self.modalities[g]: row.tolist() for g, row in enumerate(self.load_by_modality.get(label, []))
+                    },
+                }
+                for label, layer in self.layers
+            },
+        }

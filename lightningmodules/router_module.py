@@ -26,12 +26,24 @@ class ModalityLabelError(ValueError):
 class RouterModule(L.LightningModule):
     routing = None  # no connector routing statistics (the runner asks every stage module)
 
-    def __init__(self, *, model: nn.Module, modalities: list[str], dataset_modality: dict[str, str] | None = None,
-                 lr: float = 1e-3, weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.999),
-                 warmup_ratio: float = 0.03, scheduler: str = "cosine", min_lr_ratio: float = 0.0) -> None:
+    def __init__(
+        self,
+        *,
+        model: nn.Module,
+        modalities: list[str],
+        dataset_modality: dict[str, str] | None = None,
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        betas: tuple[float, float] = (0.9, 0.999),
+        warmup_ratio: float = 0.03,
+        scheduler: str = "cosine",
+        min_lr_ratio: float = 0.0,
+    ) -> None:
         super().__init__()
         if not hasattr(model, "modality_classifier"):
-            raise ValueError("RouterModule needs model.modality_classifier (pipeline.structure.add_modality_classifier)")
+            raise ValueError(
+                "RouterModule needs model.modality_classifier (pipeline.structure.add_modality_classifier)"
+            )
         self.model = model
         self.modalities = list(modalities)
         self.dataset_modality = dict(dataset_modality or {})
@@ -57,12 +69,16 @@ class RouterModule(L.LightningModule):
         for record in records:
             name = getattr(record, "modality", None) or self.dataset_modality.get(getattr(record, "dataset", None))
             if name is None:
-                raise ModalityLabelError(f"record {record.id} (dataset {record.dataset}): field 'modality' is empty; "
-                                         f"set the stage's router.dataset_modality.{record.dataset}")
+                raise ModalityLabelError(
+                    f"record {record.id} (dataset {record.dataset}): field 'modality' is empty; "
+                    f"set the stage's router.dataset_modality.{record.dataset}"
+                )
             index = self._lookup.get(str(name).lower())
             if index is None:
-                raise ModalityLabelError(f"record {record.id} (dataset {record.dataset}): field 'modality' is "
-                                         f"{name!r}, not one of router.modalities {self.modalities}")
+                raise ModalityLabelError(
+                    f"record {record.id} (dataset {record.dataset}): field 'modality' is "
+                    f"{name!r}, not one of router.modalities {self.modalities}"
+                )
             out.append(index)
         return torch.tensor(out, dtype=torch.long, device=self.device)
 
@@ -70,8 +86,12 @@ class RouterModule(L.LightningModule):
         """(B, C) classifier logits on the frozen model's last hidden states."""
         self.moe.begin(batch["attention_mask"])
         with torch.no_grad():
-            out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                             pixel_values=batch.get("pixel_values"), image_task_ids=batch.get("image_task_ids"))
+            out = self.model(
+                input_ids=batch["input_ids"],
+                attention_mask=batch["attention_mask"],
+                pixel_values=batch.get("pixel_values"),
+                image_task_ids=batch.get("image_task_ids"),
+            )
         return self.classifier(out.hidden_states.detach(), batch["attention_mask"])  # (B, C)
 
     def _step(self, batch: dict[str, Any], split: str) -> torch.Tensor:
@@ -84,8 +104,13 @@ class RouterModule(L.LightningModule):
         confusion += torch.bincount(target * n + pred, minlength=n * n).view(n, n)  # (C, C) rows = true
         batch_size = target.shape[0]
         self.log(f"{split}/loss", loss, prog_bar=True, batch_size=batch_size, sync_dist=split == "val")
-        self.log(f"{split}/accuracy", (pred == target).float().mean(), prog_bar=True, batch_size=batch_size,
-                 sync_dist=split == "val")
+        self.log(
+            f"{split}/accuracy",
+            (pred == target).float().mean(),
+            prog_bar=True,
+            batch_size=batch_size,
+            sync_dist=split == "val",
+        )
         return loss
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
@@ -111,15 +136,19 @@ class RouterModule(L.LightningModule):
     def configure_optimizers(self) -> dict[str, Any]:
         params = [p for p in self.classifier.parameters() if p.requires_grad]
         if not params:
-            raise RuntimeError("the modality classifier is frozen: a router stage trains it (train: "
-                               "[modality_classifier])")
+            raise RuntimeError(
+                "the modality classifier is frozen: a router stage trains it (train: [modality_classifier])"
+            )
         hp = self.hparams
         optimizer = torch.optim.AdamW(params, lr=hp.lr, betas=tuple(hp.betas), weight_decay=hp.weight_decay)
         total = max(1, int(self.trainer.estimated_stepping_batches))
         warmup = int(math.ceil(hp.warmup_ratio * total))
         schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: lr_lambda(step, total_steps=total, warmup_steps=warmup, scheduler=hp.scheduler,
-                                              min_lr_ratio=hp.min_lr_ratio))
+            optimizer,
+            lambda step: lr_lambda(
+                step, total_steps=total, warmup_steps=warmup, scheduler=hp.scheduler, min_lr_ratio=hp.min_lr_ratio
+            ),
+        )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
 
@@ -127,7 +156,13 @@ def confusion_report(confusion: torch.Tensor, modalities: list[str], *, split: s
     """JSON-able confusion matrix (rows = true modality, columns = predicted) with accuracy and per-class recall."""
     total = int(confusion.sum())
     rows = confusion.sum(dim=1)  # (C,)
-    return {"split": split, "modalities": list(modalities), "matrix": confusion.tolist(), "count": total,
-            "accuracy": float(confusion.diag().sum()) / total if total else 0.0,
-            "recall": {m: (float(confusion[i, i]) / int(rows[i]) if int(rows[i]) else None)
-                       for i, m in enumerate(modalities)}}
+    return {
+        "split": split,
+        "modalities": list(modalities),
+        "matrix": confusion.tolist(),
+        "count": total,
+        "accuracy": float(confusion.diag().sum()) / total if total else 0.0,
+        "recall": {
+            m: (float(confusion[i, i]) / int(rows[i]) if int(rows[i]) else None) for i, m in enumerate(modalities)
+        },
+    }

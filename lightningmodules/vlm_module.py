@@ -33,25 +33,41 @@ def model_inputs(batch: dict[str, Any], *, with_labels: bool = True) -> dict[str
 
 
 class VLMModule(L.LightningModule):
-    def __init__(self, *, model: nn.Module, tokenizer: Any = None, lr: float = 2e-4, weight_decay: float = 0.0,
-                 betas: tuple[float, float] = (0.9, 0.999), warmup_ratio: float = 0.03,
-                 scheduler: str = "cosine", min_lr_ratio: float = 0.0, max_new_tokens: int = 16,
-                 closed_protocol: str = "default", task_names: list[str] | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        model: nn.Module,
+        tokenizer: Any = None,
+        lr: float = 2e-4,
+        weight_decay: float = 0.0,
+        betas: tuple[float, float] = (0.9, 0.999),
+        warmup_ratio: float = 0.03,
+        scheduler: str = "cosine",
+        min_lr_ratio: float = 0.0,
+        max_new_tokens: int = 16,
+        closed_protocol: str = "default",
+        task_names: list[str] | None = None,
+    ) -> None:
         super().__init__()
         self.model = model
         self.tokenizer = tokenizer
         self.save_hyperparameters(ignore=["model", "tokenizer"])
-        self.test_metrics = nn.ModuleDict({
-            "closed_accuracy": closed_accuracy(closed_protocol),
-            "open_recall": open_recall(),
-            "bleu1": bleu1(),
-        })
+        self.test_metrics = nn.ModuleDict(
+            {
+                "closed_accuracy": closed_accuracy(closed_protocol),
+                "open_recall": open_recall(),
+                "bleu1": bleu1(),
+            }
+        )
         self.predictions: list[dict[str, Any]] = []
         # connector mixture-of-experts (CMoE): per-task mean routing weights over each validation epoch
         connector = getattr(model, "connector", None)
         self.task_names = list(task_names or [])
-        self.routing = (RoutingByTask(num_tasks=connector.num_tasks, num_experts=connector.num_experts)
-                        if hasattr(connector, "last_routing") else None)
+        self.routing = (
+            RoutingByTask(num_tasks=connector.num_tasks, num_experts=connector.num_experts)
+            if hasattr(connector, "last_routing")
+            else None
+        )
         self.routing_table: torch.Tensor | None = None  # (tasks, E) of the last validation epoch
         self.moe = MoEMonitor(model)  # no-op without MoE layers
 
@@ -85,8 +101,10 @@ class VLMModule(L.LightningModule):
             bad = self.trainer.strategy.reduce_boolean_decision(bad, all=False)  # every rank stops together
         if bad:
             step = self.trainer.global_step if self._trainer is not None else -1
-            raise NonFiniteLossError(f"training loss is {float(loss.detach())} at step {step}: stopping; the last good "
-                                     "checkpoint is kept (lower optim.lr, or set trainer.gradient_clip_val)")
+            raise NonFiniteLossError(
+                f"training loss is {float(loss.detach())} at step {step}: stopping; the last good "
+                "checkpoint is kept (lower optim.lr, or set trainer.gradient_clip_val)"
+            )
 
     def on_train_epoch_end(self) -> None:
         if self.moe.enabled:
@@ -120,10 +138,12 @@ class VLMModule(L.LightningModule):
         if self.tokenizer is None:
             raise RuntimeError("VLMModule needs a tokenizer to generate")
         self.moe.end()  # KV-cache steps route every token, whatever the last batch's mask
-        ids = self.model.generate(**model_inputs(batch, with_labels=False),
-                                  max_new_tokens=self.hparams.max_new_tokens,
-                                  eos_token_id=self.tokenizer.eos_token_id,
-                                  pad_token_id=self.tokenizer.pad_token_id)
+        ids = self.model.generate(
+            **model_inputs(batch, with_labels=False),
+            max_new_tokens=self.hparams.max_new_tokens,
+            eos_token_id=self.tokenizer.eos_token_id,
+            pad_token_id=self.tokenizer.pad_token_id,
+        )
         return [t.strip() for t in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
@@ -133,10 +153,19 @@ class VLMModule(L.LightningModule):
         kinds = [r.answer_type for r in records]
         for metric in self.test_metrics.values():
             metric.update(texts, answers, kinds)
-        for record, text in zip(records, texts):
-            self.predictions.append({"question_id": record.id, "prompt": record.question, "text": text,
-                                     "answer": record.answer, "answer_type": record.answer_type,
-                                     "task": record.task, "dataset": record.dataset, "modality": record.modality})
+        for record, text in zip(records, texts, strict=True):
+            self.predictions.append(
+                {
+                    "question_id": record.id,
+                    "prompt": record.question,
+                    "text": text,
+                    "answer": record.answer,
+                    "answer_type": record.answer_type,
+                    "task": record.task,
+                    "dataset": record.dataset,
+                    "modality": record.modality,
+                }
+            )
 
     def on_test_epoch_start(self) -> None:
         self.predictions = []
@@ -147,7 +176,6 @@ class VLMModule(L.LightningModule):
             metric.reset()
         self.predictions = gather_predictions(self.predictions)
 
-
     # -- optimisation ----------------------------------------------------------------------------
     def configure_optimizers(self) -> dict[str, Any]:
         decay, no_decay = [], []
@@ -157,14 +185,19 @@ class VLMModule(L.LightningModule):
         if not decay and not no_decay:
             raise RuntimeError("no trainable parameters: check the stage's `train` groups")
         hp = self.hparams
-        optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": hp.weight_decay},
-                                       {"params": no_decay, "weight_decay": 0.0}],
-                                      lr=hp.lr, betas=tuple(hp.betas))
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=hp.lr,
+            betas=tuple(hp.betas),
+        )
         total = max(1, int(self.trainer.estimated_stepping_batches))
         warmup = int(math.ceil(hp.warmup_ratio * total))
         schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: lr_lambda(step, total_steps=total, warmup_steps=warmup,
-                                              scheduler=hp.scheduler, min_lr_ratio=hp.min_lr_ratio))
+            optimizer,
+            lambda step: lr_lambda(
+                step, total_steps=total, warmup_steps=warmup, scheduler=hp.scheduler, min_lr_ratio=hp.min_lr_ratio
+            ),
+        )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
 

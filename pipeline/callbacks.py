@@ -22,14 +22,15 @@ class LossHistory(L.Callback):
         if not trainer.fit_loop.epoch_loop.batch_progress.current.ready:  # not an epoch resumed mid-way
             self._epoch_start = len(self.losses)
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any,
-                           batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
         if loss is not None:
             self.losses.append(float(loss.detach()))
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        epoch = self.losses[self._epoch_start:]
+        epoch = self.losses[self._epoch_start :]
         if epoch:
             self.epoch_losses.append(sum(epoch) / len(epoch))
 
@@ -40,8 +41,12 @@ class LossHistory(L.Callback):
 
     # kept in checkpoints, so a resumed stage's learning curve and results table cover every step
     def state_dict(self) -> dict[str, Any]:
-        return {"losses": list(self.losses), "epoch_losses": list(self.epoch_losses),
-                "val_losses": list(self.val_losses), "epoch_start": self._epoch_start}
+        return {
+            "losses": list(self.losses),
+            "epoch_losses": list(self.epoch_losses),
+            "val_losses": list(self.val_losses),
+            "epoch_start": self._epoch_start,
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.losses = list(state_dict["losses"])
@@ -74,15 +79,21 @@ class RoutingHeatmap(L.Callback):
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         table = getattr(pl_module, "routing_table", None)
-        if (table is None or trainer.sanity_checking or not trainer.is_global_zero or self.run_id is None
-                or not getattr(self.tracker, "enabled", False)):
+        if (
+            table is None
+            or trainer.sanity_checking
+            or not trainer.is_global_zero
+            or self.run_id is None
+            or not getattr(self.tracker, "enabled", False)
+        ):
             return
         import matplotlib.pyplot as plt
 
         from pipeline.plots import routing_heatmap
 
-        figure = routing_heatmap(table.numpy(), self.task_names,
-                                 title=f"{self.title}: mean routing weight, epoch {trainer.current_epoch}")
+        figure = routing_heatmap(
+            table.numpy(), self.task_names, title=f"{self.title}: mean routing weight, epoch {trainer.current_epoch}"
+        )
         self.tracker.log_figure(self.run_id, figure, f"plots/routing/epoch_{trainer.current_epoch:03d}.png")
         self.tracker.log_figure(self.run_id, figure, "plots/routing_heatmap.png")
         plt.close(figure)

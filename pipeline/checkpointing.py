@@ -39,9 +39,16 @@ class StageCheckpoint(ModelCheckpoint):
     """``<dirpath>/last.ckpt`` every ``every_n_steps`` optimiser steps (None: at every epoch end)."""
 
     def __init__(self, dirpath: str | Path, *, every_n_steps: int | None) -> None:
-        super().__init__(dirpath=str(dirpath), filename="last", save_top_k=0, save_last=True,
-                         every_n_train_steps=every_n_steps, every_n_epochs=None if every_n_steps else 1,
-                         save_on_train_epoch_end=True, enable_version_counter=False)
+        super().__init__(
+            dirpath=str(dirpath),
+            filename="last",
+            save_top_k=0,
+            save_last=True,
+            every_n_train_steps=every_n_steps,
+            every_n_epochs=None if every_n_steps else 1,
+            save_on_train_epoch_end=True,
+            enable_version_counter=False,
+        )
 
     def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
         tmp = f"{filepath}.tmp"
@@ -80,8 +87,10 @@ class DataPosition(L.Callback):
         done = progress.processed % batches
         sampler = _train_sampler(trainer)
         if sampler is None:
-            raise RuntimeError("resuming mid-epoch needs the train loader's MixtureSampler (skip_samples); "
-                               f"got {type(getattr(trainer.train_dataloader, 'sampler', None)).__name__}")
+            raise RuntimeError(
+                "resuming mid-epoch needs the train loader's MixtureSampler (skip_samples); "
+                f"got {type(getattr(trainer.train_dataloader, 'sampler', None)).__name__}"
+            )
         batch_size = trainer.train_dataloader.batch_size
         sampler.skip_samples = done * batch_size
         log.info("resuming epoch %d at batch %d of %d", trainer.current_epoch, done, batches)
@@ -91,8 +100,11 @@ def _rng_states() -> dict[str, Any]:
     # plain lists and ints: the checkpoint must load with torch.load(weights_only=True)
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     version, internal, gauss = random.getstate()
-    return {"torch": torch.get_rng_state(), "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)],
-            "python": [version, list(internal), gauss]}
+    return {
+        "torch": torch.get_rng_state(),
+        "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)],
+        "python": [version, list(internal), gauss],
+    }
 
 
 def _set_rng_states(state: dict[str, Any]) -> None:
@@ -115,8 +127,9 @@ class RngState(L.Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._pending = state_dict
 
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
-                             batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         if self._pending is not None:
             _set_rng_states(self._pending)
             self._pending = None

@@ -27,9 +27,16 @@ def _quiet_libraries() -> None:
     warnings.filterwarnings("ignore", message=r".*(torch.tensor results are registered|sync_dist=True).*")
     warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
     warnings.filterwarnings("ignore", category=FutureWarning)
-    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero",
-                 "lightning.pytorch.accelerators.cuda", "mlflow", "alembic", "transformers", "httpx",
-                 "urllib3"):
+    for name in (
+        "lightning.pytorch.utilities.rank_zero",
+        "lightning.fabric.utilities.rank_zero",
+        "lightning.pytorch.accelerators.cuda",
+        "mlflow",
+        "alembic",
+        "transformers",
+        "httpx",
+        "urllib3",
+    ):
         logging.getLogger(name).setLevel(logging.ERROR)
     try:
         from transformers.utils import logging as hf_logging
@@ -94,8 +101,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     if cfg.ckpt is None:
-        raise ConfigError(f"{args.config}: key 'ckpt': set the hand-over file to evaluate, e.g. ckpt=outputs/"
-                          f"{cfg.name}/stages/<stage>/handover.pt, or a registered model: ckpt=models:/NAME/VERSION")
+        raise ConfigError(
+            f"{args.config}: key 'ckpt': set the hand-over file to evaluate, e.g. ckpt=outputs/"
+            f"{cfg.name}/stages/<stage>/handover.pt, or a registered model: ckpt=models:/NAME/VERSION"
+        )
     _quiet_libraries()
     check_tracking_uri(cfg.mlflow.tracking_uri)
     ckpt = cfg.ckpt
@@ -109,9 +118,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         tracker.finish(parent, "FAILED")
         raise
     tracker.finish(parent)
-    print(f"{result.count} questions on {result.split}: " +
-          ", ".join(f"{k} {v:.3f}" for k, v in result.metrics.items()) +
-          f"\npredictions: {result.predictions_file}")
+    print(
+        f"{result.count} questions on {result.split}: "
+        + ", ".join(f"{k} {v:.3f}" for k, v in result.metrics.items())
+        + f"\npredictions: {result.predictions_file}"
+    )
     return 0
 
 
@@ -125,8 +136,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
         overrides = [f"output_dir={out}", f"mlflow.tracking_uri=sqlite:///{out / 'mlflow.db'}", *overrides]
     cfg = load_config(args.config or DEMO_CONFIG, overrides)
     _quiet_libraries()
-    log.info("demo: synthetic phantom VQA in SLAKE layout, tiny CLIP + tiny Llama, stages %s",
-             " -> ".join(cfg.stages.keys()))
+    log.info(
+        "demo: synthetic phantom VQA in SLAKE layout, tiny CLIP + tiny Llama, stages %s", " -> ".join(cfg.stages.keys())
+    )
     result = run_experiment(cfg)
     _print_results(result, cfg.mlflow.tracking_uri)
     return 0
@@ -135,8 +147,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_score(args: argparse.Namespace) -> int:
     from pipeline.score import render, score_files
 
-    report = score_files(args.predictions, args.references, protocol=args.protocol,
-                         languages=tuple(args.languages.split(",")))
+    report = score_files(
+        args.predictions, args.references, protocol=args.protocol, languages=tuple(args.languages.split(","))
+    )
     print(render(report, args.json), end="" if not args.json else "\n")
     return 0
 
@@ -147,15 +160,26 @@ def cmd_memory(args: argparse.Namespace) -> int:
     from pipeline.memory import RECIPES, format_memory, recipe_memory
 
     names = sorted(RECIPES) if args.recipe == "all" else [args.recipe]
-    tables = {name: recipe_memory(name, devices=args.devices, strategy=args.strategy, precision=args.precision,
-                                  micro_batch=args.micro_batch, seq_len=args.seq_len,
-                                  gradient_checkpointing=args.gradient_checkpointing) for name in names}
+    tables = {
+        name: recipe_memory(
+            name,
+            devices=args.devices,
+            strategy=args.strategy,
+            precision=args.precision,
+            micro_batch=args.micro_batch,
+            seq_len=args.seq_len,
+            gradient_checkpointing=args.gradient_checkpointing,
+        )
+        for name in names
+    }
     if args.json:
         print(json.dumps(tables))
     else:
-        print(f"per-GPU memory estimate: {args.devices} GPUs, {args.strategy}, {args.precision}, micro-batch "
-              f"{args.micro_batch}, sequence {args.seq_len}, gradient checkpointing "
-              f"{'on' if args.gradient_checkpointing else 'off'}\n")
+        print(
+            f"per-GPU memory estimate: {args.devices} GPUs, {args.strategy}, {args.precision}, micro-batch "
+            f"{args.micro_batch}, sequence {args.seq_len}, gradient checkpointing "
+            f"{'on' if args.gradient_checkpointing else 'off'}\n"
+        )
         print("\n\n".join(format_memory(name, table) for name, table in tables.items()))
     return 0
 
@@ -173,7 +197,8 @@ def cmd_params(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="medpipe", description="Medical multimodal-LLM experiment pipeline (Uni-Med, Med-MoE, MedPLIB recipes).")
+        prog="medpipe", description="Medical multimodal-LLM experiment pipeline (Uni-Med, Med-MoE, MedPLIB recipes)."
+    )
     parser.add_argument("--verbose", action="store_true", help="debug logging")
     parser.add_argument("--traceback", action="store_true", help="show the full traceback on errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -191,20 +216,24 @@ def build_parser() -> argparse.ArgumentParser:
     add("evaluate", cmd_evaluate, "Evaluate a hand-over checkpoint (ckpt=...) on the configured split.")
     params = add("params", cmd_params, "Total parameters and parameters active per token (MoE), on the meta device.")
     params.add_argument("--stage", help="count the model as it is after this stage (default: the last)")
-    params.add_argument("--json", action="store_true", help='print one JSON object: {"total": N, '
-                        '"active_per_token": N, ...}')
-    demo = add("demo", cmd_demo, "Train and evaluate the tiny demo on synthetic data (no downloads).",
-               config=False)
+    params.add_argument(
+        "--json", action="store_true", help='print one JSON object: {"total": N, "active_per_token": N, ...}'
+    )
+    demo = add("demo", cmd_demo, "Train and evaluate the tiny demo on synthetic data (no downloads).", config=False)
     demo.add_argument("--out", help="put outputs and the MLflow database in this directory")
     demo.add_argument("--config", help=argparse.SUPPRESS)
     demo.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
 
-    score = sub.add_parser("score", help="Rescore a prediction file under every paper's protocol.",
-                           description="Rescore a prediction file (LLaVA-Med JSONL: question_id, text) against "
-                                       "references (conversation JSON, a SLAKE or VQA-RAD file, or our "
-                                       "predictions.jsonl), pairing by id.")
-    score.add_argument("--protocol", default="all",
-                       choices=["all", "default", "llava_med", "med_moe", "uni_med", "medplib"])
+    score = sub.add_parser(
+        "score",
+        help="Rescore a prediction file under every paper's protocol.",
+        description="Rescore a prediction file (LLaVA-Med JSONL: question_id, text) against "
+        "references (conversation JSON, a SLAKE or VQA-RAD file, or our "
+        "predictions.jsonl), pairing by id.",
+    )
+    score.add_argument(
+        "--protocol", default="all", choices=["all", "default", "llava_med", "med_moe", "uni_med", "medplib"]
+    )
     score.add_argument("--predictions", required=True, help="JSONL (or JSON list) with question_id and text")
     score.add_argument("--references", required=True, help="reference file")
     score.add_argument("--languages", default="en", help="SLAKE q_lang values to keep (comma-separated)")
@@ -215,17 +244,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_data_command(sub)  # medpipe data check
 
-    memory = sub.add_parser("memory", help="Per-GPU memory of each recipe stage at the papers' model sizes.",
-                            description="Per-GPU memory (weights, gradients, optimizer state, activations) of each "
-                                        "stage of the papers' recipes, computed from the models' configs on the "
-                                        "meta device (no GPU, no download). See docs/scaling.md.")
-    memory.add_argument("--recipe", default="all", choices=["all", "uni_med", "med_moe_phi2", "med_moe_stablelm",
-                                                             "medplib"])
+    memory = sub.add_parser(
+        "memory",
+        help="Per-GPU memory of each recipe stage at the papers' model sizes.",
+        description="Per-GPU memory (weights, gradients, optimizer state, activations) of each "
+        "stage of the papers' recipes, computed from the models' configs on the "
+        "meta device (no GPU, no download). See docs/scaling.md.",
+    )
+    memory.add_argument(
+        "--recipe", default="all", choices=["all", "uni_med", "med_moe_phi2", "med_moe_stablelm", "medplib"]
+    )
     memory.add_argument("--devices", type=int, default=8)
-    memory.add_argument("--strategy", default="ddp",
-                        choices=["ddp", "fsdp", "deepspeed_stage_1", "deepspeed_stage_2", "deepspeed_stage_3"])
-    memory.add_argument("--precision", default="bf16-mixed", choices=["bf16-mixed", "16-mixed", "32-true",
-                                                                       "bf16-true"])
+    memory.add_argument(
+        "--strategy",
+        default="ddp",
+        choices=["ddp", "fsdp", "deepspeed_stage_1", "deepspeed_stage_2", "deepspeed_stage_3"],
+    )
+    memory.add_argument("--precision", default="bf16-mixed", choices=["bf16-mixed", "16-mixed", "32-true", "bf16-true"])
     memory.add_argument("--micro-batch", type=int, default=4)
     memory.add_argument("--seq-len", type=int, default=2048)
     memory.add_argument("--gradient-checkpointing", action="store_true")
@@ -235,8 +270,9 @@ def build_parser() -> argparse.ArgumentParser:
     config = sub.add_parser("config", help="Inspect experiment configs.", description="Inspect experiment configs.")
     config_sub = config.add_subparsers(dest="config_command", metavar="SUBCOMMAND")
     config_sub.required = True
-    show = config_sub.add_parser("show", help="Print the resolved, validated config.",
-                                 description="Print the resolved, validated config.")
+    show = config_sub.add_parser(
+        "show", help="Print the resolved, validated config.", description="Print the resolved, validated config."
+    )
     show.add_argument("config")
     show.add_argument("overrides", nargs="*", metavar="key=value")
     show.add_argument("--no-path-check", action="store_true", help="do not require paths to exist")

@@ -36,8 +36,15 @@ class EvalResult:
 
 
 def reference_of(record: Record) -> Reference:
-    return Reference(id=record.id, answer=record.answer, answer_type=record.answer_type, task=record.task,
-                     modality=record.modality, dataset=record.dataset, question=record.question)
+    return Reference(
+        id=record.id,
+        answer=record.answer,
+        answer_type=record.answer_type,
+        task=record.task,
+        modality=record.modality,
+        dataset=record.dataset,
+        question=record.question,
+    )
 
 
 def llava_med_prediction(p: dict[str, Any], model_id: str) -> dict[str, Any]:
@@ -45,8 +52,15 @@ def llava_med_prediction(p: dict[str, Any], model_id: str) -> dict[str, Any]:
     then ours. ``answer_id`` is a stable hash instead of LLaVA-Med's random shortuuid."""
     answer_id = hashlib.sha1(f"{p['question_id']}\0{p['text']}".encode()).hexdigest()[:22]
     ours = {k: v for k, v in p.items() if k not in ("question_id", "prompt", "text")}
-    return {"question_id": p["question_id"], "prompt": p["prompt"], "text": p["text"], "answer_id": answer_id,
-            "model_id": model_id, "metadata": {}, **ours}
+    return {
+        "question_id": p["question_id"],
+        "prompt": p["prompt"],
+        "text": p["text"],
+        "answer_id": answer_id,
+        "model_id": model_id,
+        "metadata": {},
+        **ours,
+    }
 
 
 def score_records(texts_by_id: dict[str, str], records: list[Record]) -> dict[str, Any]:
@@ -55,8 +69,9 @@ def score_records(texts_by_id: dict[str, str], records: list[Record]) -> dict[st
     return evaluation_report(pairs)
 
 
-def evaluate_model(cfg: DictConfig, built: Any, *, tracker: Any, run_id: str | None, out_dir: Path,
-                   module: VLMModule | None = None) -> EvalResult:
+def evaluate_model(
+    cfg: DictConfig, built: Any, *, tracker: Any, run_id: str | None, out_dir: Path, module: VLMModule | None = None
+) -> EvalResult:
     """Generate answers for ``cfg.evaluation.split`` and score them (and the majority baseline).
 
     ``module`` is the stage's module when evaluating right after training (same run, same hparams).
@@ -70,15 +85,15 @@ def evaluate_model(cfg: DictConfig, built: Any, *, tracker: Any, run_id: str | N
     if module is None:
         from lightningmodules.grounding_module import vlm_module_class
 
-        module = vlm_module_class(cfg)(model=built.model, tokenizer=built.tokenizer,
-                                       max_new_tokens=cfg.evaluation.max_new_tokens)
+        module = vlm_module_class(cfg)(
+            model=built.model, tokenizer=built.tokenizer, max_new_tokens=cfg.evaluation.max_new_tokens
+        )
     if hasattr(module, "overlay_dir"):  # grounded model: predicted / true mask overlays
         module.overlay_dir = out_dir / "overlays"
     trainer = build_trainer(cfg.trainer, logger=tracker.lightning_logger(run_id), root_dir=out_dir)
     trainer.test(module, dataloaders=dm.generation_dataloader(split), verbose=False)
     if not trainer.is_global_zero:
-        return EvalResult(split=split, metrics={}, baseline={}, predictions_file=out_dir / "predictions.jsonl",
-                          count=0)
+        return EvalResult(split=split, metrics={}, baseline={}, predictions_file=out_dir / "predictions.jsonl", count=0)
 
     predictions = dedupe_by_id(module.predictions)  # DistributedSampler padding repeats samples
     padding = len(module.predictions) - len(predictions)
@@ -88,31 +103,60 @@ def evaluate_model(cfg: DictConfig, built: Any, *, tracker: Any, run_id: str | N
     metrics.update(grounding_summary(predictions))  # seg/mdice, seg/miou per modality (grounded models)
     metrics.update(region_vqa_summary(predictions))  # region/...: MeCoVQA-Region under MedPLIB's protocol
     baseline_texts = majority_predictions(dm.split_records("train"), records)
-    baseline_report = score_records({r.id: t for r, t in zip(records, baseline_texts)}, records)
+    baseline_report = score_records({r.id: t for r, t in zip(records, baseline_texts, strict=True)}, records)
     baseline = {k: v for k, v in flat_metrics(baseline_report).items() if k in HEADLINE}
 
     out_dir.mkdir(parents=True, exist_ok=True)
     predictions_file = out_dir / "predictions.jsonl"
     with open(predictions_file, "w") as f:
         f.writelines(json.dumps(llava_med_prediction(p, cfg.name)) + "\n" for p in predictions)
-    summary = {"split": split, "count": len(predictions), "padding_duplicates_removed": padding,
-               "metrics": {k: metrics[k] for k in HEADLINE if k in metrics}, "majority_baseline": baseline,
-               "all_metrics": metrics, "report": report}
+    summary = {
+        "split": split,
+        "count": len(predictions),
+        "padding_duplicates_removed": padding,
+        "metrics": {k: metrics[k] for k in HEADLINE if k in metrics},
+        "majority_baseline": baseline,
+        "all_metrics": metrics,
+        "report": report,
+    }
     (out_dir / "metrics.json").write_text(json.dumps(summary, indent=2))
     (out_dir / "report.md").write_text(format_report(report))
-    tracker.log_metrics(run_id, {**{f"eval/{k}": v for k, v in metrics.items()},
-                                 **{f"baseline/{k}": v for k, v in baseline.items()}})
+    tracker.log_metrics(
+        run_id, {**{f"eval/{k}": v for k, v in metrics.items()}, **{f"baseline/{k}": v for k, v in baseline.items()}}
+    )
     for name in ("predictions.jsonl", "metrics.json", "report.md"):
         tracker.log_file(run_id, out_dir / name, "evaluation")
     for overlay in getattr(module, "overlays", []):  # png: prediction red, target green, overlap yellow
         tracker.log_file(run_id, overlay, "evaluation/overlays")
     by_id = {r.id: r for r in records}
-    tracker.log_table(run_id, [{"question_id": p["question_id"], "question": p["prompt"], "prediction": p["text"],
-                                "answer": by_id[p["question_id"]].answer, "answer_type": p["answer_type"],
-                                "modality": p["modality"] or "", "dataset": p["dataset"]} for p in predictions],
-                      "evaluation/predictions_table.json")
-    log.info("evaluation on %s (%d questions): %s | majority baseline: %s", split, len(predictions),
-             ", ".join(f"{k} {metrics[k]:.3f}" for k in HEADLINE if k in metrics),
-             ", ".join(f"{k} {v:.3f}" for k, v in baseline.items()))
-    return EvalResult(split=split, metrics=metrics, baseline=baseline, predictions_file=predictions_file,
-                      count=len(predictions), report=report)
+    tracker.log_table(
+        run_id,
+        [
+            {
+                "question_id": p["question_id"],
+                "question": p["prompt"],
+                "prediction": p["text"],
+                "answer": by_id[p["question_id"]].answer,
+                "answer_type": p["answer_type"],
+                "modality": p["modality"] or "",
+                "dataset": p["dataset"],
+            }
+            for p in predictions
+        ],
+        "evaluation/predictions_table.json",
+    )
+    log.info(
+        "evaluation on %s (%d questions): %s | majority baseline: %s",
+        split,
+        len(predictions),
+        ", ".join(f"{k} {metrics[k]:.3f}" for k in HEADLINE if k in metrics),
+        ", ".join(f"{k} {v:.3f}" for k, v in baseline.items()),
+    )
+    return EvalResult(
+        split=split,
+        metrics=metrics,
+        baseline=baseline,
+        predictions_file=predictions_file,
+        count=len(predictions),
+        report=report,
+    )

@@ -34,9 +34,14 @@ def dataset_fingerprints(datamodule: Any) -> dict[str, Any]:
     for name, spec in datamodule.datasets.items():
         root = Path(spec.path)
         counts = {split: sum(r.dataset == name for r in records) for split, records in datamodule.records.items()}
-        out[name] = {"path": str(root), "format": spec.format, "records": counts,
-                     "files": {str(p.relative_to(root) if root.is_dir() else p.name): file_sha256(p)
-                               for p in annotation_files(root)}}
+        out[name] = {
+            "path": str(root),
+            "format": spec.format,
+            "records": counts,
+            "files": {
+                str(p.relative_to(root) if root.is_dir() else p.name): file_sha256(p) for p in annotation_files(root)
+            },
+        }
     return out
 
 

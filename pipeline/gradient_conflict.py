@@ -23,8 +23,7 @@ import torch.nn.functional as F
 
 log = logging.getLogger("medpipe")
 
-GROUP_PATTERNS = {"connector": ("connector.",), "experts": (".experts.", "experts."),
-                  "router": ("router.", ".gate.")}
+GROUP_PATTERNS = {"connector": ("connector.",), "experts": (".experts.", "experts."), "router": ("router.", ".gate.")}
 
 
 def group_parameters(model: torch.nn.Module, groups: list[str]) -> dict[str, list[tuple[str, torch.nn.Parameter]]]:
@@ -38,8 +37,9 @@ def group_parameters(model: torch.nn.Module, groups: list[str]) -> dict[str, lis
     return out
 
 
-def task_gradients(model: torch.nn.Module, batch: dict[str, Any],
-                   params: dict[str, list[tuple[str, torch.nn.Parameter]]]) -> dict[str, torch.Tensor]:
+def task_gradients(
+    model: torch.nn.Module, batch: dict[str, Any], params: dict[str, list[tuple[str, torch.nn.Parameter]]]
+) -> dict[str, torch.Tensor]:
     """Loss gradient of one batch, flattened per group: group -> (P_group,)."""
     from lightningmodules.vlm_module import model_inputs
 
@@ -48,8 +48,10 @@ def task_gradients(model: torch.nn.Module, batch: dict[str, Any],
     grads = torch.autograd.grad(loss, flat, allow_unused=True)
     out, i = {}, 0
     for group, named in params.items():
-        parts = [(g if g is not None else torch.zeros_like(p)).reshape(-1) for (_, p), g in
-                 zip(named, grads[i: i + len(named)], strict=True)]
+        parts = [
+            (g if g is not None else torch.zeros_like(p)).reshape(-1)
+            for (_, p), g in zip(named, grads[i : i + len(named)], strict=True)
+        ]
         out[group] = torch.cat(parts).float()  # (P_group,)
         i += len(named)
     return out
@@ -64,8 +66,15 @@ def conflict_matrix(grads: dict[str, dict[str, torch.Tensor]], group: str) -> tu
 
 
 class GradientConflict(L.Callback):
-    def __init__(self, *, every_n_steps: int, samples_per_task: int = 8, groups: list[str] | None = None,
-                 tracker: Any = None, run_id: str | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        every_n_steps: int,
+        samples_per_task: int = 8,
+        groups: list[str] | None = None,
+        tracker: Any = None,
+        run_id: str | None = None,
+    ) -> None:
         self.every_n_steps = every_n_steps
         self.samples_per_task = samples_per_task
         self.groups = list(groups or ["connector", "experts"])
@@ -92,8 +101,9 @@ class GradientConflict(L.Callback):
         if missing:
             log.info("gradient conflict: no trainable parameters in group(s) %s", missing)
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         if not self.probes or trainer.global_step % self.every_n_steps != 0:
             return
         metrics = self.measure(pl_module)
@@ -109,8 +119,10 @@ class GradientConflict(L.Callback):
         model.eval()  # no dropout: the gradient of the loss itself
         try:
             with torch.random.fork_rng(devices=[]), torch.enable_grad():
-                grads = {task: task_gradients(model, pl_module.transfer_batch_to_device(
-                    batch, pl_module.device, 0), params) for task, batch in self.probes.items()}
+                grads = {
+                    task: task_gradients(model, pl_module.transfer_batch_to_device(batch, pl_module.device, 0), params)
+                    for task, batch in self.probes.items()
+                }
         finally:
             model.train(was_training)
         metrics: dict[str, float] = {}
@@ -136,7 +148,8 @@ class GradientConflict(L.Callback):
 
         self.tracker.log_text(self.run_id, json.dumps(self.history, indent=1), "analysis/grad_conflict.json")
         for group, last in self.history[-1]["groups"].items():
-            figure = similarity_figure(last["cos"], last["tasks"], title=f"task gradient cosine, {group} "
-                                                                         f"(step {self.history[-1]['step']})")
+            figure = similarity_figure(
+                last["cos"], last["tasks"], title=f"task gradient cosine, {group} (step {self.history[-1]['step']})"
+            )
             self.tracker.log_figure(self.run_id, figure, f"plots/grad_conflict_{group}.png")
             plt.close(figure)

@@ -55,10 +55,14 @@ def restore(model: nn.Module, path: str | Path) -> dict[str, Any]:
     own = model.state_dict()
     for key, value in data["state_dict"].items():
         if key in own and own[key].shape != value.shape:
-            raise ValueError(f"{path}: weights do not fit the model built from the config: {key} has shape "
-                             f"{tuple(value.shape)} in the file and {tuple(own[key].shape)} in the model")
+            raise ValueError(
+                f"{path}: weights do not fit the model built from the config: {key} has shape "
+                f"{tuple(value.shape)} in the file and {tuple(own[key].shape)} in the model"
+            )
     result = model.load_state_dict(data["state_dict"], strict=False)
     if result.missing_keys or result.unexpected_keys:
-        raise ValueError(f"{path}: weights do not fit the model built from the config: "
-                         f"missing {result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}")
+        raise ValueError(
+            f"{path}: weights do not fit the model built from the config: "
+            f"missing {result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}"
+        )
     return data

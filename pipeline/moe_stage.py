@@ -86,14 +86,29 @@ def prepare_stage(cfg: DictConfig, name: str, model: nn.Module, handovers: dict[
             raise ValueError(f"stages.{name}.moe.router_stage: stage {router_name!r} has no hand-over yet")
         router_init = classifier_from_handover(handovers[router_name])
     layers = moe.layers if isinstance(moe.layers, str) else list(moe.layers)
-    entry = add_moe(model, layers=layers, num_experts=moe.num_experts or len(sources) or DEFAULT_NUM_EXPERTS,
-                    top_k=moe.top_k, meta_expert=moe.meta_expert, renormalize=moe.renormalize,
-                    capacity_factor=moe.capacity_factor, aux_loss_coef=moe.aux_loss_coef,
-                    z_loss_coef=moe.z_loss_coef, jitter=moe.jitter, router_init=router_init,
-                    sources=source_llms(cfg, sources, handovers) if sources else None)
-    log.info("stage %s: MoE in decoder layers %s, %d experts%s, top-%d, routers %s", name, entry["layers"],
-             entry["num_experts"], f" from stages {sources}" if sources else " (upcycled)", entry["top_k"],
-             "from the modality classifier" if router_init is not None else "random")
+    entry = add_moe(
+        model,
+        layers=layers,
+        num_experts=moe.num_experts or len(sources) or DEFAULT_NUM_EXPERTS,
+        top_k=moe.top_k,
+        meta_expert=moe.meta_expert,
+        renormalize=moe.renormalize,
+        capacity_factor=moe.capacity_factor,
+        aux_loss_coef=moe.aux_loss_coef,
+        z_loss_coef=moe.z_loss_coef,
+        jitter=moe.jitter,
+        router_init=router_init,
+        sources=source_llms(cfg, sources, handovers) if sources else None,
+    )
+    log.info(
+        "stage %s: MoE in decoder layers %s, %d experts%s, top-%d, routers %s",
+        name,
+        entry["layers"],
+        entry["num_experts"],
+        f" from stages {sources}" if sources else " (upcycled)",
+        entry["top_k"],
+        "from the modality classifier" if router_init is not None else "random",
+    )
 
 
 def adjust_trainable(cfg: DictConfig, name: str, model: nn.Module, trainable: dict[str, int]) -> dict[str, int]:
@@ -118,10 +133,17 @@ def stage_module(cfg: DictConfig, name: str, model: nn.Module) -> Any | None:
     from lightningmodules.router_module import RouterModule
 
     optim = stage.optim
-    return RouterModule(model=model, modalities=list(stage.router.modalities),
-                        dataset_modality=OmegaConf.to_container(stage.router.dataset_modality),
-                        lr=optim.lr, weight_decay=optim.weight_decay, betas=tuple(optim.betas),
-                        warmup_ratio=optim.warmup_ratio, scheduler=optim.scheduler, min_lr_ratio=optim.min_lr_ratio)
+    return RouterModule(
+        model=model,
+        modalities=list(stage.router.modalities),
+        dataset_modality=OmegaConf.to_container(stage.router.dataset_modality),
+        lr=optim.lr,
+        weight_decay=optim.weight_decay,
+        betas=tuple(optim.betas),
+        warmup_ratio=optim.warmup_ratio,
+        scheduler=optim.scheduler,
+        min_lr_ratio=optim.min_lr_ratio,
+    )
 
 
 def log_stage_artifacts(tracker: Any, run_id: str | None, module: Any, name: str, out_dir: Path) -> dict[str, Any]:
@@ -140,16 +162,24 @@ def log_stage_artifacts(tracker: Any, run_id: str | None, module: Any, name: str
         (out_dir / "confusion_matrix.json").write_text(json.dumps(report, indent=2))
         tracker.log_text(run_id, json.dumps(report, indent=2), "router/confusion_matrix.json")
         tracker.log_metrics(run_id, {f"router/{split}_accuracy_final": report["accuracy"]})
-        figure = confusion_matrix_figure(report["matrix"], report["modalities"],
-                                         title=f"stage {name}: modality router ({split}, acc {report['accuracy']:.3f})")
+        figure = confusion_matrix_figure(
+            report["matrix"],
+            report["modalities"],
+            title=f"stage {name}: modality router ({split}, acc {report['accuracy']:.3f})",
+        )
         figure.savefig(out_dir / "confusion_matrix.png")
         tracker.log_figure(run_id, figure, "router/confusion_matrix.png")
         import matplotlib.pyplot as plt
 
         plt.close(figure)
         logged["confusion_matrix"] = report
-        log.info("stage %s: modality router %s accuracy %.3f over %d samples", name, split, report["accuracy"],
-                 report["count"])
+        log.info(
+            "stage %s: modality router %s accuracy %.3f over %d samples",
+            name,
+            split,
+            report["accuracy"],
+            report["count"],
+        )
     monitor = getattr(module, "moe", None)
     if monitor is not None and monitor.enabled and not confusion:
         summary = monitor.summary()

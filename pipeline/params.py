@@ -37,14 +37,16 @@ def _meta_multimodal(cfg: DictConfig) -> nn.Module:
     vision_dir = resolve_model_path(model_cfg.vision.path, cfg.cache_dir)
     llm_dir = resolve_model_path(model_cfg.llm.path, cfg.cache_dir)
     remote = model_cfg.llm.trust_remote_code
-    tokenizer = load_tokenizer(llm_dir, extra_special_tokens=[IMAGE_TOKEN], chat_template=model_cfg.llm.chat_template,
-                               trust_remote_code=remote)
+    tokenizer = load_tokenizer(
+        llm_dir, extra_special_tokens=[IMAGE_TOKEN], chat_template=model_cfg.llm.chat_template, trust_remote_code=remote
+    )
     llm_config = AutoConfig.from_pretrained(llm_dir, trust_remote_code=remote)
     vision_config = AutoConfig.from_pretrained(vision_dir)
     vision_type = getattr(vision_config, "model_type", "")
     with torch.device("meta"):
-        llm = AutoModelForCausalLM.from_config(llm_config, trust_remote_code=remote,
-                                               dtype=torch_dtype(model_cfg.llm.dtype))
+        llm = AutoModelForCausalLM.from_config(
+            llm_config, trust_remote_code=remote, dtype=torch_dtype(model_cfg.llm.dtype)
+        )
         if llm.get_input_embeddings().num_embeddings < len(tokenizer):
             llm.resize_token_embeddings(len(tokenizer), mean_resizing=False)
         if vision_type in ("clip", "clip_vision_model"):
@@ -53,13 +55,23 @@ def _meta_multimodal(cfg: DictConfig) -> nn.Module:
             encoder = SiglipVisionModel(getattr(vision_config, "vision_config", vision_config))
         else:
             encoder = AutoModel.from_config(vision_config)
-        vision = VisionTower(encoder=encoder, select_layer=model_cfg.vision.select_layer,
-                             select_feature=model_cfg.vision.select_feature, frozen=True)
+        vision = VisionTower(
+            encoder=encoder,
+            select_layer=model_cfg.vision.select_layer,
+            select_feature=model_cfg.vision.select_feature,
+            frozen=True,
+        )
         aggregation = TokenAggregation(mode=model_cfg.connector.aggregation, pool=model_cfg.connector.pool)
         num_tokens, in_dim = aggregation.output_shape(vision.num_tokens, vision.hidden_size)
         connector = build_connector(model_cfg.connector, in_dim=in_dim, out_dim=llm.config.hidden_size)
-        return MultimodalLM(vision=vision, aggregation=aggregation, connector=connector, llm=llm,
-                            image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN), num_image_tokens=num_tokens)
+        return MultimodalLM(
+            vision=vision,
+            aggregation=aggregation,
+            connector=connector,
+            llm=llm,
+            image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+            num_image_tokens=num_tokens,
+        )
 
 
 def apply_stage_structures(cfg: DictConfig, model: nn.Module, *, until: str | None = None) -> list[str]:
@@ -80,9 +92,17 @@ def apply_stage_structures(cfg: DictConfig, model: nn.Module, *, until: str | No
         if stage.moe is not None:
             moe = stage.moe
             experts = moe.num_experts or len(moe.sources or []) or DEFAULT_NUM_EXPERTS
-            add_moe(model, layers=moe.layers if isinstance(moe.layers, str) else list(moe.layers),
-                    num_experts=experts, top_k=moe.top_k, meta_expert=moe.meta_expert, renormalize=moe.renormalize,
-                    capacity_factor=moe.capacity_factor, aux_loss_coef=moe.aux_loss_coef, z_loss_coef=moe.z_loss_coef)
+            add_moe(
+                model,
+                layers=moe.layers if isinstance(moe.layers, str) else list(moe.layers),
+                num_experts=experts,
+                top_k=moe.top_k,
+                meta_expert=moe.meta_expert,
+                renormalize=moe.renormalize,
+                capacity_factor=moe.capacity_factor,
+                aux_loss_coef=moe.aux_loss_coef,
+                z_loss_coef=moe.z_loss_coef,
+            )
         seen.append(name)
         if name == until:
             break
@@ -117,13 +137,17 @@ def experiment_params(cfg: DictConfig, *, stage: str | None = None) -> dict[str,
 
 
 def format_params(result: dict[str, Any]) -> str:
-    lines = [f"model after stage {result['stage']} (built on {result['device']})",
-             f"  total parameters        {result['total']:>16,}",
-             f"  active per token        {result['active_per_token']:>16,}  ({100 * result['active_fraction']:.1f}%)"]
+    lines = [
+        f"model after stage {result['stage']} (built on {result['device']})",
+        f"  total parameters        {result['total']:>16,}",
+        f"  active per token        {result['active_per_token']:>16,}  ({100 * result['active_fraction']:.1f}%)",
+    ]
     if result["moe_layers"]:
-        lines.append(f"  MoE layers {result['moe_layers']}: experts {result['experts_total']:,} "
-                     f"(active {result['experts_active']:,}), meta experts {result['meta_experts']:,}, "
-                     f"routers {result['routers']:,}")
+        lines.append(
+            f"  MoE layers {result['moe_layers']}: experts {result['experts_total']:,} "
+            f"(active {result['experts_active']:,}), meta experts {result['meta_experts']:,}, "
+            f"routers {result['routers']:,}"
+        )
     lines.append("  parts: " + ", ".join(f"{k} {v:,}" for k, v in result["parts"].items()))
     return "\n".join(lines)
 

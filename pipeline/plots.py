@@ -63,13 +63,19 @@ def routing_heatmap(table: Any, task_names: list[str], *, title: str) -> Any:
     values = values[rows]  # (tasks with images, E)
     labels = [task_names[t] if t < len(task_names) else f"task{t}" for t in rows]
     fig, ax = plt.subplots(figsize=(1.2 + 0.7 * values.shape[1], 1.0 + 0.45 * max(1, len(rows))))
-    image = ax.imshow(values, cmap="viridis", vmin=0.0, vmax=max(1e-6, float(values.max(initial=0.0))),
-                      aspect="auto")
+    image = ax.imshow(values, cmap="viridis", vmin=0.0, vmax=max(1e-6, float(values.max(initial=0.0))), aspect="auto")
     ax.set_xticks(range(values.shape[1]), [f"expert {e}" for e in range(values.shape[1])], rotation=45, ha="right")
     ax.set_yticks(range(len(rows)), labels)
     for (i, j), w in np.ndenumerate(values):
-        ax.text(j, i, f"{w:.2f}", ha="center", va="center", fontsize=8,
-                color="white" if w < 0.6 * values.max(initial=1.0) else "black")
+        ax.text(
+            j,
+            i,
+            f"{w:.2f}",
+            ha="center",
+            va="center",
+            fontsize=8,
+            color="white" if w < 0.6 * values.max(initial=1.0) else "black",
+        )
     ax.set_title(title)
     fig.colorbar(image, ax=ax, label="mean routing weight")
     fig.tight_layout()

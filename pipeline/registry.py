@@ -21,7 +21,9 @@ def download_model(uri: str, *, tracking_uri: str, dst: str | Path | None = None
     dst = Path(dst or tempfile.mkdtemp(prefix="medpipe-model-"))
     local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst)))
     if not (local / "handover.pt").is_file():
-        raise FileNotFoundError(f"{uri}: no handover.pt in the registered model (found {sorted(p.name for p in local.iterdir())})")
+        raise FileNotFoundError(
+            f"{uri}: no handover.pt in the registered model (found {sorted(p.name for p in local.iterdir())})"
+        )
     return local
 
 

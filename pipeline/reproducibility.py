@@ -49,9 +49,12 @@ def check_cpu_kernels(mode: str) -> None:
 
     capability = torch.backends.cpu.get_cpu_capability()
     if capability not in ("AVX2", "DEFAULT"):
-        raise RuntimeError(f"trainer.cpu_kernels=portable: torch already runs {capability} kernels in this process "
-                           "(they are chosen at the first tensor operation); start it with "
-                           + " ".join(f"{k}={v}" for k, v in PORTABLE_ENV.items()) + " in the environment")
+        raise RuntimeError(
+            f"trainer.cpu_kernels=portable: torch already runs {capability} kernels in this process "
+            "(they are chosen at the first tensor operation); start it with "
+            + " ".join(f"{k}={v}" for k, v in PORTABLE_ENV.items())
+            + " in the environment"
+        )
 
 
 def apply_cpu_kernels(mode: str) -> None:
@@ -90,6 +93,9 @@ def kernel_fingerprint() -> dict[str, str]:
     (logged as MLflow tags)."""
     import torch
 
-    return {"cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            "mkl_cbwr": os.environ.get("MKL_CBWR", "auto"), "onednn_isa": os.environ.get("ONEDNN_MAX_CPU_ISA", "auto"),
-            "intra_op_threads": str(torch.get_num_threads())}
+    return {
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "mkl_cbwr": os.environ.get("MKL_CBWR", "auto"),
+        "onednn_isa": os.environ.get("ONEDNN_MAX_CPU_ISA", "auto"),
+        "intra_op_threads": str(torch.get_num_threads()),
+    }

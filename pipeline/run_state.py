@@ -72,14 +72,19 @@ def state_for_resume(out_dir: str | Path, experiment: str) -> RunState:
     """The state ``resume=true`` continues; a clear error when there is nothing to continue."""
     state = load_run_state(out_dir)
     if state is None:
-        raise ConfigError(f"resume=true but {state_path(out_dir)} does not exist: no run to continue in "
-                          f"output_dir {out_dir} (start without resume=true)")
+        raise ConfigError(
+            f"resume=true but {state_path(out_dir)} does not exist: no run to continue in "
+            f"output_dir {out_dir} (start without resume=true)"
+        )
     if state.name != experiment:
-        raise ConfigError(f"resume=true: {state_path(out_dir)} belongs to experiment {state.name!r}, not "
-                          f"{experiment!r}")
+        raise ConfigError(
+            f"resume=true: {state_path(out_dir)} belongs to experiment {state.name!r}, not {experiment!r}"
+        )
     if state.status == "finished":
-        raise ConfigError(f"resume=true: the run in {out_dir} already finished (MLflow run {state.parent_run_id}); "
-                          "nothing to continue")
+        raise ConfigError(
+            f"resume=true: the run in {out_dir} already finished (MLflow run {state.parent_run_id}); "
+            "nothing to continue"
+        )
     return state
 
 

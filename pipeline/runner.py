@@ -67,32 +67,48 @@ def check_writable(directory: Path) -> None:
         probe.write_text("ok")
         probe.unlink()
     except OSError as e:
-        raise ConfigError(f"output_dir {directory} is not writable ({e.strerror or e}); checkpoints and hand-overs "
-                          "go there: set output_dir to a writable folder") from None
+        raise ConfigError(
+            f"output_dir {directory} is not writable ({e.strerror or e}); checkpoints and hand-overs "
+            "go there: set output_dir to a writable folder"
+        ) from None
 
 
 def build_datamodule(cfg: DictConfig, dataset_names: list[str] | None = None) -> VQADataModule:
     names = dataset_names or list(cfg.data.datasets.keys())
     specs = {n: OmegaConf.to_object(cfg.data.datasets[n]) for n in names}
-    return VQADataModule(datasets=specs, batch_size=cfg.data.batch_size, eval_batch_size=cfg.evaluation.batch_size,
-                         num_workers=cfg.data.num_workers, max_length=cfg.data.max_length,
-                         on_bad_record=cfg.data.on_bad_record, system_prompt=cfg.model.llm.system_prompt,
-                         task_prefix=cfg.data.task_prefix, pad_square=cfg.model.vision.pad_square, seed=cfg.seed,
-                         one_task_per_batch=cfg.data.mixture.one_task_per_batch,
-                         samples_per_epoch=cfg.data.mixture.samples_per_epoch, verify_images=cfg.data.verify_images,
-                         prompt_templates=cfg.data.prompt_templates)
+    return VQADataModule(
+        datasets=specs,
+        batch_size=cfg.data.batch_size,
+        eval_batch_size=cfg.evaluation.batch_size,
+        num_workers=cfg.data.num_workers,
+        max_length=cfg.data.max_length,
+        on_bad_record=cfg.data.on_bad_record,
+        system_prompt=cfg.model.llm.system_prompt,
+        task_prefix=cfg.data.task_prefix,
+        pad_square=cfg.model.vision.pad_square,
+        seed=cfg.seed,
+        one_task_per_batch=cfg.data.mixture.one_task_per_batch,
+        samples_per_epoch=cfg.data.mixture.samples_per_epoch,
+        verify_images=cfg.data.verify_images,
+        prompt_templates=cfg.data.prompt_templates,
+    )
 
 
 def connect(dm: VQADataModule, built: BuiltModel) -> VQADataModule:
-    return dm.connect(built.tokenizer, built.transform, num_image_tokens=built.model.num_image_tokens,
-                      **({"sam_transform": built.sam_transform} if getattr(built, "sam_transform", None) else {}))
+    return dm.connect(
+        built.tokenizer,
+        built.transform,
+        num_image_tokens=built.model.num_image_tokens,
+        **({"sam_transform": built.sam_transform} if getattr(built, "sam_transform", None) else {}),
+    )
 
 
 def git_tags() -> dict[str, str]:
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5).stdout.strip()
-        dirty = bool(subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True,
-                                    timeout=5).stdout.strip())
+        dirty = bool(
+            subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True, timeout=5).stdout.strip()
+        )
     except (OSError, subprocess.SubprocessError):
         return {}
     return {"git_commit": commit, "git_dirty": str(dirty).lower()} if commit else {}
@@ -118,8 +134,16 @@ def stage_init(cfg: DictConfig, index: int, name: str, done: list[StageResult]) 
     return by_name.get(init, Path(init))
 
 
-def run_stage(cfg: DictConfig, name: str, *, init: Path | None, tracker: Tracker, out_dir: Path,
-              handovers: dict[str, Path] | None = None, state: RunState | None = None) -> StageResult:
+def run_stage(
+    cfg: DictConfig,
+    name: str,
+    *,
+    init: Path | None,
+    tracker: Tracker,
+    out_dir: Path,
+    handovers: dict[str, Path] | None = None,
+    state: RunState | None = None,
+) -> StageResult:
     stage = cfg.stages[name]
     start = time.perf_counter()
     L.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -136,10 +160,17 @@ def run_stage(cfg: DictConfig, name: str, *, init: Path | None, tracker: Tracker
     dm = connect(build_datamodule(cfg, list(stage.datasets) if stage.datasets else None), built)
     optim = stage.optim
     module = stage_module(cfg, name, built.model) or vlm_module_class(cfg, stage)(  # router: RouterModule
-                       model=built.model, tokenizer=built.tokenizer, lr=optim.lr, weight_decay=optim.weight_decay,
-                       betas=tuple(optim.betas), warmup_ratio=optim.warmup_ratio, scheduler=optim.scheduler,
-                       min_lr_ratio=optim.min_lr_ratio, max_new_tokens=cfg.evaluation.max_new_tokens,
-                       task_names=list(TASKS))
+        model=built.model,
+        tokenizer=built.tokenizer,
+        lr=optim.lr,
+        weight_decay=optim.weight_decay,
+        betas=tuple(optim.betas),
+        warmup_ratio=optim.warmup_ratio,
+        scheduler=optim.scheduler,
+        min_lr_ratio=optim.min_lr_ratio,
+        max_new_tokens=cfg.evaluation.max_new_tokens,
+        task_names=list(TASKS),
+    )
     state = state or RunState(name=cfg.name)
     stage_state = state.stage(name)
     ckpt_dir = out_dir / "stages" / name / "checkpoints"
@@ -156,35 +187,59 @@ def run_stage(cfg: DictConfig, name: str, *, init: Path | None, tracker: Tracker
     callbacks = [history, *routing_callbacks(module, tracker=tracker, run_id=run_id, stage=name)]
     conflict = cfg.analysis.grad_conflict
     if conflict.every_n_steps and stage.kind != "router":
-        callbacks.append(GradientConflict(every_n_steps=conflict.every_n_steps, samples_per_task=conflict.samples_per_task,
-                                          groups=list(conflict.groups), tracker=tracker, run_id=run_id))
+        callbacks.append(
+            GradientConflict(
+                every_n_steps=conflict.every_n_steps,
+                samples_per_task=conflict.samples_per_task,
+                groups=list(conflict.groups),
+                tracker=tracker,
+                run_id=run_id,
+            )
+        )
     if cfg.trainer.save_checkpoints:
-        callbacks += [StageCheckpoint(ckpt_dir, every_n_steps=cfg.trainer.checkpoint_every_n_steps), DataPosition(),
-                      RngState()]
-    trainer = build_trainer(cfg.trainer, max_epochs=stage.max_epochs, max_steps=stage.max_steps,
-                            logger=tracker.lightning_logger(run_id), callbacks=callbacks,
-                            root_dir=out_dir / "stages" / name, enable_checkpointing=cfg.trainer.save_checkpoints)
-    with tracker.system_metrics(run_id, cfg.mlflow.system_metrics, cfg.mlflow.system_metrics_interval,
-                                resume=resuming):
+        callbacks += [
+            StageCheckpoint(ckpt_dir, every_n_steps=cfg.trainer.checkpoint_every_n_steps),
+            DataPosition(),
+            RngState(),
+        ]
+    trainer = build_trainer(
+        cfg.trainer,
+        max_epochs=stage.max_epochs,
+        max_steps=stage.max_steps,
+        logger=tracker.lightning_logger(run_id),
+        callbacks=callbacks,
+        root_dir=out_dir / "stages" / name,
+        enable_checkpointing=cfg.trainer.save_checkpoints,
+    )
+    with tracker.system_metrics(run_id, cfg.mlflow.system_metrics, cfg.mlflow.system_metrics_interval, resume=resuming):
         try:
             trainer.fit(module, datamodule=dm, ckpt_path=str(ckpt) if ckpt else None)
         except NonFiniteLossError as e:
             kept = last_checkpoint(ckpt_dir)
-            raise NonFiniteLossError(f"stage {name}: {e}; last good checkpoint: "
-                                     f"{kept or 'none written yet'}") from None
+            raise NonFiniteLossError(f"stage {name}: {e}; last good checkpoint: {kept or 'none written yet'}") from None
     log_stage_records(tracker, run_id, dm, history, name)
     log_stage_artifacts(tracker, run_id, module, name, out_dir / "stages" / name)
     merge_lora(built.model)
-    handover = save_handover(built.model, out_dir / "stages" / name / "handover.pt", stage=name,
-                             meta={"trainable": trainable})
-    result = StageResult(name=name, handover=handover, run_id=run_id, seconds=0.0, losses=history.losses,
-                         val_losses=history.val_losses, trainable=trainable, epoch_losses=history.epoch_losses)
+    handover = save_handover(
+        built.model, out_dir / "stages" / name / "handover.pt", stage=name, meta={"trainable": trainable}
+    )
+    result = StageResult(
+        name=name,
+        handover=handover,
+        run_id=run_id,
+        seconds=0.0,
+        losses=history.losses,
+        val_losses=history.val_losses,
+        trainable=trainable,
+        epoch_losses=history.epoch_losses,
+    )
     stage_state.handover, stage_state.trainable = str(handover), dict(trainable)
     stage_state.losses, stage_state.val_losses = list(history.losses), list(history.val_losses)
     stage_state.epoch_losses = list(history.epoch_losses)
     if cfg.evaluation.enabled and cfg.evaluation.after_each_stage and stage.kind != "router":  # LLM unchanged
-        result.evaluation = evaluate_model(cfg, built, tracker=tracker, run_id=run_id,
-                                           out_dir=out_dir / "stages" / name / "eval", module=module)
+        result.evaluation = evaluate_model(
+            cfg, built, tracker=tracker, run_id=run_id, out_dir=out_dir / "stages" / name / "eval", module=module
+        )
     result.seconds = stage_state.seconds = time.perf_counter() - start
     stage_state.status = "done"
     save_run_state(state, out_dir, is_writer=tracker.enabled)
@@ -196,10 +251,16 @@ def finished_stage(name: str, stage_state: StageState) -> StageResult | None:
     """A stage a resumed run already finished (its hand-over on disk), as a result without re-training."""
     if stage_state.status != "done" or not stage_state.handover or not Path(stage_state.handover).is_file():
         return None
-    return StageResult(name=name, handover=Path(stage_state.handover), run_id=stage_state.run_id,
-                       seconds=stage_state.seconds, losses=stage_state.losses, val_losses=stage_state.val_losses,
-                       epoch_losses=stage_state.epoch_losses,
-                       trainable=stage_state.trainable)
+    return StageResult(
+        name=name,
+        handover=Path(stage_state.handover),
+        run_id=stage_state.run_id,
+        seconds=stage_state.seconds,
+        losses=stage_state.losses,
+        val_losses=stage_state.val_losses,
+        epoch_losses=stage_state.epoch_losses,
+        trainable=stage_state.trainable,
+    )
 
 
 def routing_callbacks(module: VLMModule, *, tracker: Tracker, run_id: str | None, stage: str) -> list[L.Callback]:
@@ -209,11 +270,15 @@ def routing_callbacks(module: VLMModule, *, tracker: Tracker, run_id: str | None
     return [RoutingHeatmap(tracker=tracker, run_id=run_id, task_names=list(TASKS), title=f"stage {stage}")]
 
 
-def log_stage_records(tracker: Tracker, run_id: str | None, dm: VQADataModule, history: LossHistory,
-                      name: str) -> None:
+def log_stage_records(tracker: Tracker, run_id: str | None, dm: VQADataModule, history: LossHistory, name: str) -> None:
     """Skipped-record counts, dataset fingerprints and the learning curve of one stage."""
-    tracker.log_metrics(run_id, {"data/skipped": len(dm.problems.problems),
-                                 **{f"data/skipped_{k}": v for k, v in dm.problems.counts().items()}})
+    tracker.log_metrics(
+        run_id,
+        {
+            "data/skipped": len(dm.problems.problems),
+            **{f"data/skipped_{k}": v for k, v in dm.problems.counts().items()},
+        },
+    )
     if not tracker.enabled or run_id is None:
         return
     fingerprints = dataset_fingerprints(dm)
@@ -227,13 +292,17 @@ def log_stage_records(tracker: Tracker, run_id: str | None, dm: VQADataModule, h
         plt.close(figure)
 
 
-def register_final_model(cfg: DictConfig, tracker: Tracker, run_id: str | None, handover: Path,
-                         out_dir: Path) -> str | None:
+def register_final_model(
+    cfg: DictConfig, tracker: Tracker, run_id: str | None, handover: Path, out_dir: Path
+) -> str | None:
     """Log the last hand-over with the resolved config and register it in the model registry."""
     config_file = out_dir / "config.yaml"
     config_file.write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    uri = tracker.register_model(run_id, name=cfg.mlflow.model_name or f"medpipe-{cfg.name}",
-                                 files={"handover.pt": handover, "config.yaml": config_file})
+    uri = tracker.register_model(
+        run_id,
+        name=cfg.mlflow.model_name or f"medpipe-{cfg.name}",
+        files={"handover.pt": handover, "config.yaml": config_file},
+    )
     if uri:
         log.info("registered %s (load it with pipeline.registry.load_registered)", uri)
     return uri
@@ -251,8 +320,14 @@ def _run_experiment(cfg: DictConfig) -> ExperimentResult:
     check_tracking_uri(cfg.mlflow.tracking_uri)
     check_writable(out_dir)
     tracker = Tracker(tracking_uri=cfg.mlflow.tracking_uri, experiment_name=cfg.mlflow.experiment_name)
-    tags = {"recipe": cfg.name, **git_tags(), **package_tags(), **hardware_tags(),
-            **{f"repro.{k}": v for k, v in kernel_fingerprint().items()}, **dict(cfg.mlflow.tags)}
+    tags = {
+        "recipe": cfg.name,
+        **git_tags(),
+        **package_tags(),
+        **hardware_tags(),
+        **{f"repro.{k}": v for k, v in kernel_fingerprint().items()},
+        **dict(cfg.mlflow.tags),
+    }
     if cfg.resume:
         state = state_for_resume(out_dir, cfg.name)
         parent = tracker.resume_parent(state.parent_run_id) if state.parent_run_id else None
@@ -272,13 +347,23 @@ def _run_experiment(cfg: DictConfig) -> ExperimentResult:
                 result.stages.append(done)
                 continue
             init = stage_init(cfg, index, name, result.stages)
-            result.stages.append(run_stage(cfg, name, init=init, tracker=tracker, out_dir=out_dir,
-                                           handovers={s.name: s.handover for s in result.stages}, state=state))
+            result.stages.append(
+                run_stage(
+                    cfg,
+                    name,
+                    init=init,
+                    tracker=tracker,
+                    out_dir=out_dir,
+                    handovers={s.name: s.handover for s in result.stages},
+                    state=state,
+                )
+            )
         if cfg.evaluation.enabled and not cfg.evaluation.after_each_stage:
             if not result.stages:
                 raise ValueError("nothing to evaluate: the experiment has no stages (use `medpipe evaluate`)")
-            result.evaluation = evaluate_handover(cfg, result.stages[-1].handover, tracker=tracker,
-                                                  out_dir=out_dir / "eval")
+            result.evaluation = evaluate_handover(
+                cfg, result.stages[-1].handover, tracker=tracker, out_dir=out_dir / "eval"
+            )
         elif result.stages:
             result.evaluation = result.stages[-1].evaluation
         if cfg.mlflow.register_model and result.stages:
@@ -295,15 +380,17 @@ def _run_experiment(cfg: DictConfig) -> ExperimentResult:
     return result
 
 
-def evaluate_handover(cfg: DictConfig, handover: str | Path, *, tracker: Tracker, out_dir: Path,
-                      run_name: str = "evaluate") -> EvalResult:
+def evaluate_handover(
+    cfg: DictConfig, handover: str | Path, *, tracker: Tracker, out_dir: Path, run_name: str = "evaluate"
+) -> EvalResult:
     """Build the model from the config, load a hand-over file and evaluate it in a nested run."""
     with cpu_numerics(cfg.trainer):
         return _evaluate_handover(cfg, handover, tracker=tracker, out_dir=out_dir, run_name=run_name)
 
 
-def _evaluate_handover(cfg: DictConfig, handover: str | Path, *, tracker: Tracker, out_dir: Path,
-                       run_name: str) -> EvalResult:
+def _evaluate_handover(
+    cfg: DictConfig, handover: str | Path, *, tracker: Tracker, out_dir: Path, run_name: str
+) -> EvalResult:
     start = time.perf_counter()
     built = build_model(cfg.model, cache_dir=cfg.cache_dir)
     restore(built.model, handover)
@@ -318,29 +405,52 @@ def results_rows(result: ExperimentResult) -> list[dict[str, Any]]:
     rows = []
     for stage in result.stages:
         ev = stage.evaluation
-        rows.append({"stage": stage.name, "split": ev.split if ev else "-",
-                     "closed_acc": ev.metrics.get("closed_accuracy") if ev else None,
-                     "open_recall": ev.metrics.get("open_recall") if ev else None,
-                     "bleu1": ev.metrics.get("bleu1") if ev else None,
-                     "majority_closed": ev.baseline.get("closed_accuracy") if ev else None,
-                     "majority_open": ev.baseline.get("open_recall") if ev else None,
-                     "loss_first": stage.losses[0] if stage.losses else None,
-                     "loss_last": stage.losses[-1] if stage.losses else None,
-                     "seconds": stage.seconds})
+        rows.append(
+            {
+                "stage": stage.name,
+                "split": ev.split if ev else "-",
+                "closed_acc": ev.metrics.get("closed_accuracy") if ev else None,
+                "open_recall": ev.metrics.get("open_recall") if ev else None,
+                "bleu1": ev.metrics.get("bleu1") if ev else None,
+                "majority_closed": ev.baseline.get("closed_accuracy") if ev else None,
+                "majority_open": ev.baseline.get("open_recall") if ev else None,
+                "loss_first": stage.losses[0] if stage.losses else None,
+                "loss_last": stage.losses[-1] if stage.losses else None,
+                "seconds": stage.seconds,
+            }
+        )
     if result.evaluation is not None and all(s.evaluation is None for s in result.stages):
         ev = result.evaluation
-        rows.append({"stage": "evaluate", "split": ev.split, "closed_acc": ev.metrics.get("closed_accuracy"),
-                     "open_recall": ev.metrics.get("open_recall"), "bleu1": ev.metrics.get("bleu1"),
-                     "majority_closed": ev.baseline.get("closed_accuracy"),
-                     "majority_open": ev.baseline.get("open_recall"), "loss_first": None, "loss_last": None,
-                     "seconds": ev.seconds})
+        rows.append(
+            {
+                "stage": "evaluate",
+                "split": ev.split,
+                "closed_acc": ev.metrics.get("closed_accuracy"),
+                "open_recall": ev.metrics.get("open_recall"),
+                "bleu1": ev.metrics.get("bleu1"),
+                "majority_closed": ev.baseline.get("closed_accuracy"),
+                "majority_open": ev.baseline.get("open_recall"),
+                "loss_first": None,
+                "loss_last": None,
+                "seconds": ev.seconds,
+            }
+        )
     return rows
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
-    headers = [("stage", "stage"), ("split", "split"), ("closed_acc", "closed acc"), ("open_recall", "open recall"),
-               ("bleu1", "BLEU-1"), ("majority_closed", "majority closed"), ("majority_open", "majority open"),
-               ("loss_first", "loss first"), ("loss_last", "loss last"), ("seconds", "time s")]
+    headers = [
+        ("stage", "stage"),
+        ("split", "split"),
+        ("closed_acc", "closed acc"),
+        ("open_recall", "open recall"),
+        ("bleu1", "BLEU-1"),
+        ("majority_closed", "majority closed"),
+        ("majority_open", "majority open"),
+        ("loss_first", "loss first"),
+        ("loss_last", "loss last"),
+        ("seconds", "time s"),
+    ]
 
     def cell(v: Any) -> str:
         if v is None:
@@ -349,6 +459,6 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
     table = [[h for _, h in headers]] + [[cell(r.get(k)) for k, _ in headers] for r in rows]
     widths = [max(len(row[i]) for row in table) for i in range(len(headers))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in table]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in table]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)

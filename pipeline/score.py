@@ -81,37 +81,64 @@ def load_references(path: str | Path, *, languages: tuple[str, ...] = ("en",)) -
                 raise DataError(f"{path}: record {row.get('id', index)}: field 'conversations': no gpt answer")
             rid = str(row.get("id", index))
             answer = answers[0].strip()
-            refs.append(Reference(id=rid, answer=answer, answer_type=_answer_type(row.get("answer_type"), answer,
-                                                                                  path, rid),
-                                  modality=row.get("modality"), dataset=path.stem))
+            refs.append(
+                Reference(
+                    id=rid,
+                    answer=answer,
+                    answer_type=_answer_type(row.get("answer_type"), answer, path, rid),
+                    modality=row.get("modality"),
+                    dataset=path.stem,
+                )
+            )
         elif "phrase_type" in first:  # VQA-RAD release
             if row.get("phrase_type") not in VQA_RAD_TEST_PHRASES:
                 continue
             rid, answer = str(row["qid"]), str(row["answer"]).strip()
-            refs.append(Reference(id=rid, answer=answer, answer_type=_answer_type(row.get("answer_type"), answer,
-                                                                                  path, rid),
-                                  modality=row.get("image_organ"), dataset="vqa_rad"))
+            refs.append(
+                Reference(
+                    id=rid,
+                    answer=answer,
+                    answer_type=_answer_type(row.get("answer_type"), answer, path, rid),
+                    modality=row.get("image_organ"),
+                    dataset="vqa_rad",
+                )
+            )
         elif "qid" in first:  # SLAKE split file
             if row.get("q_lang", "en") not in languages:
                 continue
             rid, answer = str(row["qid"]), str(row["answer"]).strip()
-            refs.append(Reference(id=rid, answer=answer, answer_type=_answer_type(row.get("answer_type"), answer,
-                                                                                  path, rid),
-                                  modality=row.get("modality"), dataset="slake"))
+            refs.append(
+                Reference(
+                    id=rid,
+                    answer=answer,
+                    answer_type=_answer_type(row.get("answer_type"), answer, path, rid),
+                    modality=row.get("modality"),
+                    dataset="slake",
+                )
+            )
         elif "question_id" in first and "answer" in first:  # our predictions.jsonl
             rid, answer = str(row["question_id"]), str(row["answer"])
-            refs.append(Reference(id=rid, answer=answer, answer_type=_answer_type(row.get("answer_type"), answer,
-                                                                                  path, rid),
-                                  task=row.get("task") or "vqa", modality=row.get("modality"),
-                                  dataset=row.get("dataset")))
+            refs.append(
+                Reference(
+                    id=rid,
+                    answer=answer,
+                    answer_type=_answer_type(row.get("answer_type"), answer, path, rid),
+                    task=row.get("task") or "vqa",
+                    modality=row.get("modality"),
+                    dataset=row.get("dataset"),
+                )
+            )
         else:
-            raise DataError(f"{path}: cannot tell the reference format (expected conversation JSON, a SLAKE or "
-                            "VQA-RAD file, or predictions with answers)")
+            raise DataError(
+                f"{path}: cannot tell the reference format (expected conversation JSON, a SLAKE or "
+                "VQA-RAD file, or predictions with answers)"
+            )
     return refs
 
 
-def score_files(predictions: str | Path, references: str | Path, *, protocol: str = "all",
-                languages: tuple[str, ...] = ("en",)) -> dict[str, Any]:
+def score_files(
+    predictions: str | Path, references: str | Path, *, protocol: str = "all", languages: tuple[str, ...] = ("en",)
+) -> dict[str, Any]:
     """The evaluation report restricted to the requested protocol(s)."""
     if protocol != "all" and protocol not in PROTOCOLS:
         raise ValueError(f"unknown protocol {protocol!r}; choose from all, {', '.join(PROTOCOLS)}")

@@ -14,8 +14,13 @@ from typing import Any
 # trainer.devices=N launches the other ranks itself (re-running the same command), and torchrun / srun
 # start them from outside; both keep `medpipe train` unchanged.
 PLAIN_STRATEGIES = ("auto", "ddp", "ddp_find_unused_parameters_true", "fsdp")
-DEEPSPEED_STRATEGIES = ("deepspeed_stage_1", "deepspeed_stage_2", "deepspeed_stage_2_offload",
-                        "deepspeed_stage_3", "deepspeed_stage_3_offload")
+DEEPSPEED_STRATEGIES = (
+    "deepspeed_stage_1",
+    "deepspeed_stage_2",
+    "deepspeed_stage_2_offload",
+    "deepspeed_stage_3",
+    "deepspeed_stage_3_offload",
+)
 STRATEGIES = PLAIN_STRATEGIES + DEEPSPEED_STRATEGIES
 
 
@@ -23,25 +28,31 @@ def deepspeed_available() -> bool:
     return importlib.util.find_spec("deepspeed") is not None
 
 
-FSDP_NEEDS_GPU = ("'fsdp' needs CUDA GPUs: Lightning (2.6) refuses FSDPStrategy with accelerator={accelerator!r} "
-                  "(lightning.pytorch.trainer.connectors.accelerator_connector, _check_strategy_and_fallback); "
-                  "use trainer.strategy=ddp on CPU (see docs/scaling.md)")
+FSDP_NEEDS_GPU = (
+    "'fsdp' needs CUDA GPUs: Lightning (2.6) refuses FSDPStrategy with accelerator={accelerator!r} "
+    "(lightning.pytorch.trainer.connectors.accelerator_connector, _check_strategy_and_fallback); "
+    "use trainer.strategy=ddp on CPU (see docs/scaling.md)"
+)
 
 
 def strategy_problem(name: str, accelerator: str = "auto") -> str | None:
     """Why ``trainer.strategy: name`` cannot run with ``trainer.accelerator``, or None (``auto`` is
     checked again when the Trainer is built, once it is known whether there is a GPU)."""
     if name == "ddp_spawn":
-        return ("'ddp_spawn' is not supported: spawned ranks train copies of the model that the runner never "
-                "sees; use 'ddp' (with trainer.devices=N Lightning starts the ranks itself) or launch with "
-                "torchrun / srun")
+        return (
+            "'ddp_spawn' is not supported: spawned ranks train copies of the model that the runner never "
+            "sees; use 'ddp' (with trainer.devices=N Lightning starts the ranks itself) or launch with "
+            "torchrun / srun"
+        )
     if name not in STRATEGIES:
         return f"{name!r} is not one of {', '.join(STRATEGIES)}"
     if name == "fsdp" and accelerator in ("cpu", "mps"):
         return FSDP_NEEDS_GPU.format(accelerator=accelerator)
     if name in DEEPSPEED_STRATEGIES and not deepspeed_available():
-        return (f"{name!r} needs DeepSpeed, which is not installed: pip install deepspeed (or choose one of "
-                f"{', '.join(PLAIN_STRATEGIES)})")
+        return (
+            f"{name!r} needs DeepSpeed, which is not installed: pip install deepspeed (or choose one of "
+            f"{', '.join(PLAIN_STRATEGIES)})"
+        )
     return None
 
 
@@ -70,8 +81,9 @@ def build_strategy(name: str, accelerator: str = "auto") -> Any:
     # freed after, so only one layer is ever unsharded. use_orig_params (Lightning's default) lets frozen
     # and trainable parameters share a unit (vision tower frozen, LoRA next to frozen weights). The full
     # state dict is gathered to rank 0 on save.
-    return FSDPStrategy(auto_wrap_policy=decoder_layer_classes(), state_dict_type="full",
-                        sharding_strategy="FULL_SHARD")
+    return FSDPStrategy(
+        auto_wrap_policy=decoder_layer_classes(), state_dict_type="full", sharding_strategy="FULL_SHARD"
+    )
 
 
 def shutdown_distributed() -> None:

@@ -48,8 +48,10 @@ def add_modality_classifier(model: nn.Module, modalities: Sequence[str]) -> Moda
     if hasattr(model, CLASSIFIER_ATTR):
         existing = getattr(model, CLASSIFIER_ATTR)
         if existing.modalities != list(modalities):
-            raise ValueError(f"the model already has a modality classifier for {existing.modalities}, the stage "
-                             f"asks for {list(modalities)}")
+            raise ValueError(
+                f"the model already has a modality classifier for {existing.modalities}, the stage "
+                f"asks for {list(modalities)}"
+            )
         return existing
     reference = model.llm.get_input_embeddings().weight
     classifier = ModalityClassifier(hidden_size=_llm_hidden_size(model), modalities=list(modalities))
@@ -58,19 +60,47 @@ def add_modality_classifier(model: nn.Module, modalities: Sequence[str]) -> Moda
     return classifier
 
 
-def moe_entry(*, layers: list[int], num_experts: int, top_k: int, meta_expert: bool, renormalize: bool,
-              capacity_factor: float | None, aux_loss_coef: float, z_loss_coef: float,
-              jitter: float = 0.0) -> dict[str, Any]:
-    return {"kind": "moe", "layers": [int(i) for i in layers], "num_experts": int(num_experts), "top_k": int(top_k),
-            "meta_expert": bool(meta_expert), "renormalize": bool(renormalize),
-            "capacity_factor": None if capacity_factor is None else float(capacity_factor),
-            "aux_loss_coef": float(aux_loss_coef), "z_loss_coef": float(z_loss_coef), "jitter": float(jitter)}
+def moe_entry(
+    *,
+    layers: list[int],
+    num_experts: int,
+    top_k: int,
+    meta_expert: bool,
+    renormalize: bool,
+    capacity_factor: float | None,
+    aux_loss_coef: float,
+    z_loss_coef: float,
+    jitter: float = 0.0,
+) -> dict[str, Any]:
+    return {
+        "kind": "moe",
+        "layers": [int(i) for i in layers],
+        "num_experts": int(num_experts),
+        "top_k": int(top_k),
+        "meta_expert": bool(meta_expert),
+        "renormalize": bool(renormalize),
+        "capacity_factor": None if capacity_factor is None else float(capacity_factor),
+        "aux_loss_coef": float(aux_loss_coef),
+        "z_loss_coef": float(z_loss_coef),
+        "jitter": float(jitter),
+    }
 
 
-def add_moe(model: nn.Module, *, layers: Any = "every_other", num_experts: int = 4, top_k: int = 1,
-            meta_expert: bool = True, renormalize: bool = False, capacity_factor: float | None = None,
-            aux_loss_coef: float = 0.0, z_loss_coef: float = 0.0, jitter: float = 0.0,
-            router_init: nn.Linear | None = None, sources: Sequence[nn.Module] | None = None) -> dict[str, Any]:
+def add_moe(
+    model: nn.Module,
+    *,
+    layers: Any = "every_other",
+    num_experts: int = 4,
+    top_k: int = 1,
+    meta_expert: bool = True,
+    renormalize: bool = False,
+    capacity_factor: float | None = None,
+    aux_loss_coef: float = 0.0,
+    z_loss_coef: float = 0.0,
+    jitter: float = 0.0,
+    router_init: nn.Linear | None = None,
+    sources: Sequence[nn.Module] | None = None,
+) -> dict[str, Any]:
     """Turn the selected decoder FFNs of ``model.llm`` into MoE layers and record the entry.
 
     Without ``sources`` the experts are ``num_experts`` copies of each dense FFN (Med-MoE upcycling);
@@ -80,18 +110,33 @@ def add_moe(model: nn.Module, *, layers: Any = "every_other", num_experts: int =
     """
     from lightningmodules.models.moe import convert_from_sources, convert_to_moe
 
-    common = {"top_k": top_k, "meta_expert": meta_expert, "renormalize": renormalize, "router_init": router_init,
-              "capacity_factor": capacity_factor, "load_balance_coef": aux_loss_coef, "z_loss_coef": z_loss_coef,
-              "jitter": jitter}
+    common = {
+        "top_k": top_k,
+        "meta_expert": meta_expert,
+        "renormalize": renormalize,
+        "router_init": router_init,
+        "capacity_factor": capacity_factor,
+        "load_balance_coef": aux_loss_coef,
+        "z_loss_coef": z_loss_coef,
+        "jitter": jitter,
+    }
     layers = list(layers) if not isinstance(layers, str) else layers
     if sources:
         num_experts = len(sources)
         replaced = convert_from_sources(model.llm, list(sources), layers=layers, **common)
     else:
         replaced = convert_to_moe(model.llm, layers=layers, num_experts=num_experts, **common)
-    entry = moe_entry(layers=replaced, num_experts=num_experts, top_k=top_k, meta_expert=meta_expert,
-                      renormalize=renormalize, capacity_factor=capacity_factor, aux_loss_coef=aux_loss_coef,
-                      z_loss_coef=z_loss_coef, jitter=jitter)
+    entry = moe_entry(
+        layers=replaced,
+        num_experts=num_experts,
+        top_k=top_k,
+        meta_expert=meta_expert,
+        renormalize=renormalize,
+        capacity_factor=capacity_factor,
+        aux_loss_coef=aux_loss_coef,
+        z_loss_coef=z_loss_coef,
+        jitter=jitter,
+    )
     return _record(model, entry)
 
 
@@ -101,10 +146,18 @@ def apply_entry(model: nn.Module, entry: dict[str, Any]) -> None:
     if kind == "modality_classifier":
         add_modality_classifier(model, entry["modalities"])
     elif kind == "moe":
-        add_moe(model, layers=entry["layers"], num_experts=entry["num_experts"], top_k=entry["top_k"],
-                meta_expert=entry["meta_expert"], renormalize=entry["renormalize"],
-                capacity_factor=entry["capacity_factor"], aux_loss_coef=entry["aux_loss_coef"],
-                z_loss_coef=entry["z_loss_coef"], jitter=entry.get("jitter", 0.0))
+        add_moe(
+            model,
+            layers=entry["layers"],
+            num_experts=entry["num_experts"],
+            top_k=entry["top_k"],
+            meta_expert=entry["meta_expert"],
+            renormalize=entry["renormalize"],
+            capacity_factor=entry["capacity_factor"],
+            aux_loss_coef=entry["aux_loss_coef"],
+            z_loss_coef=entry["z_loss_coef"],
+            jitter=entry.get("jitter", 0.0),
+        )
     else:
         raise ValueError(f"unknown model structure entry {entry!r} (this medpipe knows modality_classifier, moe)")
 
@@ -117,6 +170,6 @@ def apply_structure(model: nn.Module, entries: Sequence[dict[str, Any]], *, sour
     entries = [dict(e) for e in entries]
     if have != entries[: len(have)]:
         raise ValueError(f"{source}: its model structure {entries} does not extend the model's {have}")
-    for entry in entries[len(have):]:
+    for entry in entries[len(have) :]:
         apply_entry(model, entry)
     return len(entries) - len(have)

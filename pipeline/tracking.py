@@ -42,19 +42,25 @@ def check_tracking_uri(uri: str, timeout: float = 5.0) -> None:
     try:
         response = requests.post(url, json={"max_results": 1}, timeout=timeout)
     except requests.RequestException as e:
-        raise TrackingError(f"MLflow tracking server {uri} is unreachable ({type(e).__name__}); start it or set "
-                            "mlflow.tracking_uri") from None
+        raise TrackingError(
+            f"MLflow tracking server {uri} is unreachable ({type(e).__name__}); start it or set mlflow.tracking_uri"
+        ) from None
     if response.status_code >= 400:
-        raise TrackingError(f"MLflow tracking server {uri} answered HTTP {response.status_code}: "
-                            f"{response.text.strip()[:200]}")
+        raise TrackingError(
+            f"MLflow tracking server {uri} answered HTTP {response.status_code}: {response.text.strip()[:200]}"
+        )
 
 
 def hardware_tags() -> dict[str, str]:
     import torch
 
-    tags = {"hardware.platform": platform.platform(), "hardware.python": platform.python_version(),
-            "hardware.cpu_count": str(os.cpu_count()), "hardware.torch_threads": str(torch.get_num_threads()),
-            "hardware.cuda_devices": str(torch.cuda.device_count() if torch.cuda.is_available() else 0)}
+    tags = {
+        "hardware.platform": platform.platform(),
+        "hardware.python": platform.python_version(),
+        "hardware.cpu_count": str(os.cpu_count()),
+        "hardware.torch_threads": str(torch.get_num_threads()),
+        "hardware.cuda_devices": str(torch.cuda.device_count() if torch.cuda.is_available() else 0),
+    }
     if torch.cuda.is_available():
         tags["hardware.gpu"] = torch.cuda.get_device_name(0)
     try:
@@ -70,8 +76,11 @@ def is_rank_zero() -> bool:
     """Global rank 0, from the launcher's environment (torchrun / SLURM set RANK / SLURM_PROCID; when
     Lightning launches the ranks itself, only LOCAL_RANK and NODE_RANK are set)."""
     env = os.environ
-    return (int(env.get("RANK", env.get("SLURM_PROCID", 0))) == 0 and int(env.get("LOCAL_RANK", 0)) == 0
-            and int(env.get("NODE_RANK", env.get("GROUP_RANK", 0))) == 0)
+    return (
+        int(env.get("RANK", env.get("SLURM_PROCID", 0))) == 0
+        and int(env.get("LOCAL_RANK", 0)) == 0
+        and int(env.get("NODE_RANK", env.get("GROUP_RANK", 0))) == 0
+    )
 
 
 def flatten_config(cfg: DictConfig) -> dict[str, str]:
@@ -112,8 +121,9 @@ class Tracker:
     def _experiment(self) -> str:
         if self.experiment_id is None:
             found = self.client.get_experiment_by_name(self.experiment_name)
-            self.experiment_id = (found.experiment_id if found is not None
-                                  else self.client.create_experiment(self.experiment_name))
+            self.experiment_id = (
+                found.experiment_id if found is not None else self.client.create_experiment(self.experiment_name)
+            )
         return self.experiment_id
 
     def start_parent(self, *, run_name: str, cfg: DictConfig, tags: dict[str, str]) -> str | None:
@@ -150,8 +160,9 @@ class Tracker:
         """Lightning logger writing into ``run_id`` (None on ranks other than 0)."""
         if not self.enabled or run_id is None:
             return False
-        return BufferedMLFlowLogger(experiment_name=self.experiment_name, tracking_uri=self.tracking_uri,
-                                    run_id=run_id, log_model=False)
+        return BufferedMLFlowLogger(
+            experiment_name=self.experiment_name, tracking_uri=self.tracking_uri, run_id=run_id, log_model=False
+        )
 
     def log_config(self, run_id: str, cfg: DictConfig) -> None:
         self.log_params(run_id, flatten_config(cfg))
@@ -164,7 +175,7 @@ class Tracker:
 
         batch = [Param(k, str(v)[:MAX_PARAM_LENGTH]) for k, v in params.items()]
         for i in range(0, len(batch), 100):  # MLflow accepts at most 100 params per batch
-            self.client.log_batch(run_id, params=batch[i:i + 100])
+            self.client.log_batch(run_id, params=batch[i : i + 100])
 
     def log_metrics(self, run_id: str | None, metrics: dict[str, float], step: int | None = None) -> None:
         if not self.enabled or run_id is None:
@@ -176,7 +187,7 @@ class Tracker:
         now = int(time.time() * 1000)
         batch = [Metric(mlflow_metric_name(k), float(v), now, step or 0) for k, v in metrics.items()]
         for i in range(0, len(batch), 1000):
-            self.client.log_batch(run_id, metrics=batch[i:i + 1000])
+            self.client.log_batch(run_id, metrics=batch[i : i + 1000])
 
     def log_text(self, run_id: str | None, text: str, artifact_file: str) -> None:
         if not self.enabled or run_id is None:
@@ -207,8 +218,9 @@ class Tracker:
             self.client.set_tag(run_id, key, value)
 
     @contextlib.contextmanager
-    def system_metrics(self, run_id: str | None, enabled: bool, interval: float = 10.0,
-                       resume: bool = False) -> Iterator[None]:
+    def system_metrics(
+        self, run_id: str | None, enabled: bool, interval: float = 10.0, resume: bool = False
+    ) -> Iterator[None]:
         """MLflow's CPU / memory / GPU sampling into ``run_id`` while the block runs (psutil needed).
 
         ``resume`` continues the run's system-metric steps instead of starting again at 0."""
@@ -217,8 +229,9 @@ class Tracker:
             try:
                 from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
-                monitor = SystemMetricsMonitor(run_id, sampling_interval=interval, resume_logging=resume,
-                                               tracking_uri=self.tracking_uri)
+                monitor = SystemMetricsMonitor(
+                    run_id, sampling_interval=interval, resume_logging=resume, tracking_uri=self.tracking_uri
+                )
                 monitor.start()
             except Exception as e:  # psutil missing or an unsupported platform: tracking goes on without
                 log.warning("MLflow system metrics unavailable: %s", e)
@@ -238,7 +251,7 @@ class Tracker:
             return None
         from mlflow.exceptions import MlflowException
 
-        for artifact_name, path in files.items():
+        for _artifact_name, path in files.items():
             self.client.log_artifact(run_id, str(path), "model")
         try:
             self.client.create_registered_model(name)
@@ -250,7 +263,6 @@ class Tracker:
     def finish(self, run_id: str | None, status: str = "FINISHED") -> None:
         if self.enabled and run_id is not None:
             self.client.set_terminated(run_id, status)
-
 
 
 @functools.cache

@@ -12,9 +12,13 @@ def add_lora(model: MultimodalLM, cfg: DictConfig) -> None:
     from peft import LoraConfig, get_peft_model
 
     targets = list(cfg.target_modules)
-    config = LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
-                        target_modules="all-linear" if targets == ["all-linear"] else targets,
-                        task_type="CAUSAL_LM")
+    config = LoraConfig(
+        r=cfg.r,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        target_modules="all-linear" if targets == ["all-linear"] else targets,
+        task_type="CAUSAL_LM",
+    )
     model.llm = get_peft_model(model.llm, config)
 
 
@@ -55,7 +59,7 @@ def moe_parameter_groups(model: MultimodalLM) -> dict[str, list[str]]:
 
     groups: dict[str, list[str]] = {"ffn": [], "experts": [], "moe_router": [], "modality_classifier": []}
     ffn_modules: list[str] = []
-    for name, module in model.named_modules():
+    for name, _module in model.named_modules():
         parent, _, child = name.rpartition(".")
         if child == "mlp" and parent.rpartition(".")[0].endswith("layers") and name.startswith("llm."):
             ffn_modules.append(name + ".")
@@ -95,8 +99,12 @@ def grounding_parameter_groups(model: MultimodalLM) -> dict[str, list[str]]:
     grounding = model.grounding_parameter_names() if hasattr(model, "grounding_parameter_names") else []
     region = [n for n, _ in model.named_parameters() if n.startswith("region.")]
     llm = model.llm
-    table = {id(p) for part in (llm.get_input_embeddings(), llm.get_output_embeddings()) if part is not None
-             for p in part.parameters()}
+    table = {
+        id(p)
+        for part in (llm.get_input_embeddings(), llm.get_output_embeddings())
+        if part is not None
+        for p in part.parameters()
+    }
     embeddings = [n for n, p in model.named_parameters() if id(p) in table]
     return {"grounding": grounding, "region": region, "embeddings": embeddings}
 

@@ -11,9 +11,16 @@ from omegaconf import DictConfig
 from pipeline.strategies import build_strategy
 
 
-def build_trainer(trainer_cfg: DictConfig, *, max_epochs: int = 1, max_steps: int = -1, logger: Any = False,
-                  callbacks: list | None = None, root_dir: str | Path = ".",
-                  enable_checkpointing: bool = False) -> L.Trainer:
+def build_trainer(
+    trainer_cfg: DictConfig,
+    *,
+    max_epochs: int = 1,
+    max_steps: int = -1,
+    logger: Any = False,
+    callbacks: list | None = None,
+    root_dir: str | Path = ".",
+    enable_checkpointing: bool = False,
+) -> L.Trainer:
     devices = trainer_cfg.devices
     return L.Trainer(
         accelerator=trainer_cfg.accelerator,

@@ -11,7 +11,7 @@ REPO = Path(__file__).resolve().parent.parent
 # The same numbers on every machine of a kind: AVX2 kernels in torch / MKL / oneDNN (set before torch's first
 # kernel; subprocesses inherit them) and one intra-op thread (below), whatever OMP_NUM_THREADS says.
 # pipeline/reproducibility.py has the why; the learning tests keep margins for what is left.
-from pipeline.reproducibility import use_portable_cpu_kernels  # imports no torch
+from pipeline.reproducibility import use_portable_cpu_kernels  # noqa: E402 (imports no torch)
 
 use_portable_cpu_kernels()
 TEST_THREADS = 1

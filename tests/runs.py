@@ -53,19 +53,27 @@ def run_tiny_demo(tmp: Path):
 def tiny_conflict_overrides(tmp: Path) -> list[str]:
     """Stage 2 mixes captions (task caption) and VQA (task vqa) and logs their gradient conflict."""
     return [
-        f"output_dir={tmp}/out", f"mlflow.tracking_uri=sqlite:///{tmp}/mlflow.db",
-        "mlflow.experiment_name=conflict", "mlflow.system_metrics=false", "mlflow.register_model=false",
+        f"output_dir={tmp}/out",
+        f"mlflow.tracking_uri=sqlite:///{tmp}/mlflow.db",
+        "mlflow.experiment_name=conflict",
+        "mlflow.system_metrics=false",
+        "mlflow.register_model=false",
         "data.datasets.phantom_captions.task=caption",
         "data.datasets.phantom_captions.synthetic.train_images=16",
         "data.datasets.phantom_captions.synthetic.val_images=4",
         "data.datasets.phantom_slake.synthetic.train_images=8",
         "data.datasets.phantom_slake.synthetic.val_images=4",
         "data.datasets.phantom_slake.synthetic.test_images=4",
-        "data.batch_size=8", "stages.align.max_steps=1", "stages.instruct.max_epochs=1",
-        "stages.instruct.datasets=[phantom_captions,phantom_slake]", "evaluation.enabled=false",
-        "analysis.grad_conflict.every_n_steps=2", "analysis.grad_conflict.samples_per_task=4",
+        "data.batch_size=8",
+        "stages.align.max_steps=1",
+        "stages.instruct.max_epochs=1",
+        "stages.instruct.datasets=[phantom_captions,phantom_slake]",
+        "evaluation.enabled=false",
+        "analysis.grad_conflict.every_n_steps=2",
+        "analysis.grad_conflict.samples_per_task=4",
         "analysis.grad_conflict.groups=[connector,lora]",
-        "trainer.enable_progress_bar=false", "trainer.log_every_n_steps=1",
+        "trainer.enable_progress_bar=false",
+        "trainer.log_every_n_steps=1",
     ]
 
 
@@ -85,14 +93,19 @@ def tiny_med_moe_overrides(tmp: Path, family: str) -> list[str]:
     steps, the load-balancing loss exercised (Med-MoE released 0). 24 SLAKE images is the floor for the
     router: with 16 the (untrained) tiny Phi's pooled features gave 0.46-0.75 validation accuracy."""
     return [
-        f"output_dir={tmp}/out", f"mlflow.tracking_uri=sqlite:///{tmp}/mlflow.db", "mlflow.experiment_name=med-moe",
-        "mlflow.system_metrics=false", "mlflow.register_model=false", f"model.llm.path=tiny:{family}",
+        f"output_dir={tmp}/out",
+        f"mlflow.tracking_uri=sqlite:///{tmp}/mlflow.db",
+        "mlflow.experiment_name=med-moe",
+        "mlflow.system_metrics=false",
+        "mlflow.register_model=false",
+        f"model.llm.path=tiny:{family}",
         "data.datasets.phantom_captions.synthetic.train_images=32",
         "data.datasets.phantom_slake.synthetic.train_images=24",
         "data.datasets.phantom_slake.synthetic.questions_per_image=3",
         "data.datasets.phantom_slake.synthetic.val_images=8",
         "data.datasets.phantom_slake.synthetic.test_images=4",
-        "data.batch_size=8", "stages.stage1.max_epochs=3",
+        "data.batch_size=8",
+        "stages.stage1.max_epochs=3",
         "stages.stage3.moe.aux_loss_coef=0.01",
     ]
 
@@ -129,20 +142,37 @@ def run_with_snapshots(cfg):
 
 
 UNI_MED_TINY = REPO / "experiments" / "uni_med" / "tiny.yaml"
-UNI_MED_FOLDERS = {"vqa": "phantom_slake", "refer": "phantom_slake", "identify": "phantom_slake",
-                   "caption": "phantom_reports", "cls": "phantom_cls", "qa": "phantom_qa"}
+UNI_MED_FOLDERS = {
+    "vqa": "phantom_slake",
+    "refer": "phantom_slake",
+    "identify": "phantom_slake",
+    "caption": "phantom_reports",
+    "cls": "phantom_cls",
+    "qa": "phantom_qa",
+}
 
 
 def tiny_cmoe_overrides(tmp: Path, *, tracking_uri: str, experiment: str) -> list[str]:
     """Uni-Med's CMoE connector on its six tiny tasks, as short as still logs per-task routing: 2 epochs
     of 6 one-task batches, 2 validation images per task, no evaluation."""
-    out = [f"output_dir={tmp}/out", f"mlflow.tracking_uri={tracking_uri}", f"mlflow.experiment_name={experiment}",
-           "mlflow.register_model=false", "mlflow.system_metrics=false", "data.mixture.samples_per_epoch=48",
-           "stages.uni_med.max_epochs=2", "evaluation.enabled=false"]
+    out = [
+        f"output_dir={tmp}/out",
+        f"mlflow.tracking_uri={tracking_uri}",
+        f"mlflow.experiment_name={experiment}",
+        "mlflow.register_model=false",
+        "mlflow.system_metrics=false",
+        "data.mixture.samples_per_epoch=48",
+        "stages.uni_med.max_epochs=2",
+        "evaluation.enabled=false",
+    ]
     for name, folder in UNI_MED_FOLDERS.items():
         key = f"data.datasets.{name}"
-        out += [f"{key}.path={tmp}/data/{folder}", f"{key}.synthetic.train_images=8",
-                f"{key}.synthetic.val_images=2", f"{key}.synthetic.test_images=0"]
+        out += [
+            f"{key}.path={tmp}/data/{folder}",
+            f"{key}.synthetic.train_images=8",
+            f"{key}.synthetic.val_images=2",
+            f"{key}.synthetic.test_images=0",
+        ]
     return out
 
 
@@ -184,12 +214,21 @@ def run_tiny_grounding(tmp: Path):
 
     root = tmp / "mecovqa"
     counts = write_lesion_grounding(root, n_train=240, n_test=60)
-    cfg = load_config(MEDPLIB_TINY, [
-        f"output_dir={tmp}/out", f"mlflow.tracking_uri=sqlite:///{tmp}/mlflow.db",
-        f"data.datasets.mecovqa_grounding.path={root}", "data.batch_size=16",
-        "stages.grounding_expert.max_epochs=48", "stages.grounding_expert.optim.lr=3.0e-3",
-        "evaluation.datasets=[mecovqa_grounding]", "evaluation.batch_size=32",
-        "mlflow.system_metrics=false", "mlflow.register_model=false"])
+    cfg = load_config(
+        MEDPLIB_TINY,
+        [
+            f"output_dir={tmp}/out",
+            f"mlflow.tracking_uri=sqlite:///{tmp}/mlflow.db",
+            f"data.datasets.mecovqa_grounding.path={root}",
+            "data.batch_size=16",
+            "stages.grounding_expert.max_epochs=48",
+            "stages.grounding_expert.optim.lr=3.0e-3",
+            "evaluation.datasets=[mecovqa_grounding]",
+            "evaluation.batch_size=32",
+            "mlflow.system_metrics=false",
+            "mlflow.register_model=false",
+        ],
+    )
     OmegaConf.set_readonly(cfg, False)
     with open_dict(cfg):
         for name in ("alignment", "language_expert", "moe"):

@@ -37,7 +37,9 @@ def config_error(path, overrides=(), **kwargs) -> str:
 @pytest.fixture
 def chain(tmp_path: Path) -> Path:
     """base (in a sub-folder) <- mid <- exp, each overriding some of the previous layer's keys."""
-    write(tmp_path / "shared" / "base.yaml", """\
+    write(
+        tmp_path / "shared" / "base.yaml",
+        """\
         name: base
         seed: 1
         data:
@@ -46,26 +48,34 @@ def chain(tmp_path: Path) -> Path:
           max_length: 100
         model:
           connector: {type: linear}
-        """)
-    write(tmp_path / "mid.yaml", """\
+        """,
+    )
+    write(
+        tmp_path / "mid.yaml",
+        """\
         defaults: [shared/base.yaml]
         seed: 2
         data: {batch_size: 6}
-        """)
+        """,
+    )
     (tmp_path / "toy_data").mkdir()
-    return write(tmp_path / "exp.yaml", f"""\
+    return write(
+        tmp_path / "exp.yaml",
+        f"""\
         defaults: [mid.yaml]
         name: exp
         data:
           max_length: 200
           datasets:
-            toy: {{format: slake, path: {tmp_path / 'toy_data'}}}
+            toy: {{format: slake, path: {tmp_path / "toy_data"}}}
         stages:
           s1: {{train: [connector], optim: {{lr: 0.01, scheduler: linear}}}}
-        """)
+        """,
+    )
 
 
 # -- resolved values -------------------------------------------------------------------------------
+
 
 def test_demo_resolves() -> None:
     cfg = load_config(DEMO)
@@ -102,8 +112,7 @@ def test_demo_result_is_read_only() -> None:
 
 
 def test_demo_overrides_and_interpolation_follow_cli() -> None:
-    cfg = load_config(DEMO, ["name=other", "data.batch_size=3", "stages.instruct.lora.r=4",
-                             "trainer.devices=2"])
+    cfg = load_config(DEMO, ["name=other", "data.batch_size=3", "stages.instruct.lora.r=4", "trainer.devices=2"])
     assert cfg.output_dir == "outputs/other"  # interpolation sees the command-line name
     assert cfg.data.datasets.phantom_slake.path == "outputs/other/data/phantom_slake"
     assert cfg.data.batch_size == 3
@@ -147,14 +156,18 @@ def test_defaults_are_relative_to_the_including_file(tmp_path: Path, monkeypatch
 
 # -- unknown keys ------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("body, key", [
-    ("colour: red\n", "colour"),
-    ("model:\n  vision:\n    patch: 3\n", "model.vision.patch"),
-    ("model:\n  nonsense: 1\n", "model.nonsense"),
-    ("stages:\n  s1:\n    epochs: 3\n", "stages.s1.epochs"),
-    ("stages:\n  s1:\n    optim: {learning_rate: 0.1}\n", "stages.s1.optim.learning_rate"),
-    ("data:\n  datasets:\n    toy: {path: /tmp, colour: red}\n", "data.datasets.toy.colour"),
-])
+
+@pytest.mark.parametrize(
+    "body, key",
+    [
+        ("colour: red\n", "colour"),
+        ("model:\n  vision:\n    patch: 3\n", "model.vision.patch"),
+        ("model:\n  nonsense: 1\n", "model.nonsense"),
+        ("stages:\n  s1:\n    epochs: 3\n", "stages.s1.epochs"),
+        ("stages:\n  s1:\n    optim: {learning_rate: 0.1}\n", "stages.s1.optim.learning_rate"),
+        ("data:\n  datasets:\n    toy: {path: /tmp, colour: red}\n", "data.datasets.toy.colour"),
+    ],
+)
 def test_unknown_key_in_file(tmp_path: Path, body: str, key: str) -> None:
     path = write(tmp_path / "exp.yaml", body)
     message = config_error(path)
@@ -170,12 +183,15 @@ def test_unknown_key_in_defaults_file_names_that_file(chain: Path) -> None:
     assert "'trainer.gpus'" in message
 
 
-@pytest.mark.parametrize("override, key", [
-    ("colour=red", "colour"),
-    ("model.llm.size=7b", "model.llm.size"),
-    ("stages.align.epochs=2", "stages.align.epochs"),
-    ("data.datasets.phantom_slake.colour=red", "data.datasets.phantom_slake.colour"),
-])
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("colour=red", "colour"),
+        ("model.llm.size=7b", "model.llm.size"),
+        ("stages.align.epochs=2", "stages.align.epochs"),
+        ("data.datasets.phantom_slake.colour=red", "data.datasets.phantom_slake.colour"),
+    ],
+)
 def test_unknown_key_on_command_line(override: str, key: str) -> None:
     message = config_error(DEMO, [override])
     assert message.startswith(f"{CLI}: ")
@@ -184,13 +200,17 @@ def test_unknown_key_on_command_line(override: str, key: str) -> None:
 
 # -- wrong types ---------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("override, key", [
-    ("data.batch_size=abc", "data.batch_size"),
-    ("data.batch_size=2.5", "data.batch_size"),
-    ("stages.align.optim.lr=x", "stages.align.optim.lr"),
-    ("data.task_prefix=maybe", "data.task_prefix"),
-    ("stages.instruct.lora.r=big", "stages.instruct.lora.r"),
-])
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("data.batch_size=abc", "data.batch_size"),
+        ("data.batch_size=2.5", "data.batch_size"),
+        ("stages.align.optim.lr=x", "stages.align.optim.lr"),
+        ("data.task_prefix=maybe", "data.task_prefix"),
+        ("stages.instruct.lora.r=big", "stages.instruct.lora.r"),
+    ],
+)
 def test_wrong_type_on_command_line(override: str, key: str) -> None:
     message = config_error(DEMO, [override])
     assert message.startswith(f"{CLI}: key '{key}': ")
@@ -219,14 +239,18 @@ def test_section_given_a_scalar_message_is_useful(tmp_path: Path) -> None:
 
 # -- semantic checks: choices -------------------------------------------------------------------------
 
-@pytest.mark.parametrize("override, key, bad", [
-    ("model.connector.type=conv", "model.connector.type", "conv"),
-    ("model.connector.aggregation=sum", "model.connector.aggregation", "sum"),
-    ("stages.align.optim.scheduler=step", "stages.align.optim.scheduler", "step"),
-    ("stages.align.train=[connector,head]", "stages.align.train", "head"),
-    ("data.on_bad_record=ignore", "data.on_bad_record", "ignore"),
-    ("trainer.precision=8-bit", "trainer.precision", "8-bit"),
-])
+
+@pytest.mark.parametrize(
+    "override, key, bad",
+    [
+        ("model.connector.type=conv", "model.connector.type", "conv"),
+        ("model.connector.aggregation=sum", "model.connector.aggregation", "sum"),
+        ("stages.align.optim.scheduler=step", "stages.align.optim.scheduler", "step"),
+        ("stages.align.train=[connector,head]", "stages.align.train", "head"),
+        ("data.on_bad_record=ignore", "data.on_bad_record", "ignore"),
+        ("trainer.precision=8-bit", "trainer.precision", "8-bit"),
+    ],
+)
 def test_bad_choice_on_command_line(override: str, key: str, bad: str) -> None:
     message = config_error(DEMO, [override])
     assert message.startswith(f"{CLI}: key '{key}': ")
@@ -274,6 +298,7 @@ def test_non_positive_values(tmp_path: Path) -> None:
 
 # -- semantic checks: paths ---------------------------------------------------------------------------
 
+
 def test_missing_dataset_folder_without_synthetic(tmp_path: Path) -> None:
     missing = tmp_path / "no_such_dataset"
     path = write(tmp_path / "exp.yaml", f"data:\n  datasets:\n    toy: {{path: {missing}}}\n")
@@ -282,13 +307,15 @@ def test_missing_dataset_folder_without_synthetic(tmp_path: Path) -> None:
     assert str(missing) in message
     # fine with check_paths=False, or with a synthetic section (written on first use)
     assert load_config(path, check_paths=False).data.datasets.toy.path == str(missing)
-    assert load_config(path, ["data.datasets.toy.synthetic.train_images=3"]).data.datasets.toy.synthetic \
-        .train_images == 3
+    assert (
+        load_config(path, ["data.datasets.toy.synthetic.train_images=3"]).data.datasets.toy.synthetic.train_images == 3
+    )
 
 
 def test_missing_dataset_folder_from_command_line(tmp_path: Path) -> None:
-    message = config_error(DEMO, ["data.datasets.phantom_slake.synthetic=null",
-                                  f"data.datasets.phantom_slake.path={tmp_path / 'gone'}"])
+    message = config_error(
+        DEMO, ["data.datasets.phantom_slake.synthetic=null", f"data.datasets.phantom_slake.path={tmp_path / 'gone'}"]
+    )
     assert message.startswith(f"{CLI}: key 'data.datasets.phantom_slake.path': ")
 
 
@@ -337,6 +364,7 @@ def test_missing_init_from(tmp_path: Path) -> None:
 
 
 # -- file-level errors ----------------------------------------------------------------------------------
+
 
 def test_missing_defaults_file(tmp_path: Path) -> None:
     path = write(tmp_path / "exp.yaml", "defaults: [nope.yaml]\n")
@@ -402,6 +430,7 @@ def test_unresolvable_interpolation(tmp_path: Path) -> None:
 
 # -- CLI --------------------------------------------------------------------------------------------
 
+
 def test_cli_config_show(capsys) -> None:
     from pipeline.cli import main
 
@@ -441,8 +470,9 @@ def test_cli_missing_config_file(capsys, tmp_path: Path) -> None:
     assert len(err) == 1 and err[0].startswith("medpipe: error: ") and "nope.yaml" in err[0]
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["train", "--help"], ["evaluate", "--help"],
-                                  ["config", "show", "--help"], ["demo", "--help"]])
+@pytest.mark.parametrize(
+    "argv", [["--help"], ["train", "--help"], ["evaluate", "--help"], ["config", "show", "--help"], ["demo", "--help"]]
+)
 def test_cli_help_exits_zero(argv, capsys) -> None:
     from pipeline.cli import main
 

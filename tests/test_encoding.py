@@ -24,15 +24,22 @@ def enc(tok) -> ConversationEncoder:
     return ConversationEncoder(tok, num_image_tokens=N_IMG, max_length=256)
 
 
-def record(question="Is there a lesion?", answer="Yes", *, image=True, turns=None, rid="rec-1",
-           task="vqa") -> Record:
-    return Record(id=rid, dataset="toy", split="train", question=question, answer=answer,
-                  answer_type="closed", task=task, image_path="img.png" if image else None,
-                  turns=turns or [])
+def record(question="Is there a lesion?", answer="Yes", *, image=True, turns=None, rid="rec-1", task="vqa") -> Record:
+    return Record(
+        id=rid,
+        dataset="toy",
+        split="train",
+        question=question,
+        answer=answer,
+        answer_type="closed",
+        task=task,
+        image_path="img.png" if image else None,
+        turns=turns or [],
+    )
 
 
 def supervised(ids: list[int], labels: list[int]) -> list[int]:
-    return [t for t, lab in zip(ids, labels) if lab != IGNORE_INDEX]
+    return [t for t, lab in zip(ids, labels, strict=True) if lab != IGNORE_INDEX]
 
 
 def test_tokenizer_has_image_token(tok, enc) -> None:
@@ -107,12 +114,14 @@ def test_multi_turn_labels_both_answers(tok, enc) -> None:
     rec = record(turns=[Turn("Is there a lesion?", "Yes"), Turn("Which organ?", "the liver")])
     sample = enc.encode(rec, with_answers=True)
     text = tok.decode(sample.input_ids)
-    assert text == ("<s>USER: " + "<image>" * N_IMG + "\nIs there a lesion?\nASSISTANT: Yes</s>"
-                    "USER: Which organ?\nASSISTANT: the liver</s>")
+    assert text == (
+        "<s>USER: " + "<image>" * N_IMG + "\nIs there a lesion?\nASSISTANT: Yes</s>"
+        "USER: Which organ?\nASSISTANT: the liver</s>"
+    )
     assert sample.input_ids.count(enc.image_token_id) == N_IMG  # one image, first turn only
     # the supervised spans, in order, are exactly the two answers
     spans, current = [], []
-    for t, lab in zip(sample.input_ids, sample.labels):
+    for t, lab in zip(sample.input_ids, sample.labels, strict=True):
         if lab != IGNORE_INDEX:
             assert lab == t
             current.append(t)
@@ -187,9 +196,16 @@ def test_overlong_text_prompt_raises_in_training(tok) -> None:
 
 # -- Collator --------------------------------------------------------------------------------------
 
+
 def item(ids, labels, *, image=None, task_id=0, truncated=False, rid="r"):
-    return {"record": rid, "input_ids": ids, "labels": labels, "truncated": truncated,
-            "pixel_values": image, "task_id": task_id}
+    return {
+        "record": rid,
+        "input_ids": ids,
+        "labels": labels,
+        "truncated": truncated,
+        "pixel_values": image,
+        "task_id": task_id,
+    }
 
 
 PAD = 3
@@ -197,9 +213,11 @@ PAD = 3
 
 def test_collator_right_padding_for_training() -> None:
     img_a, img_c = torch.full((3, 4, 4), 1.0), torch.full((3, 4, 4), 3.0)
-    items = [item([10, 11, 12], [-100, 11, 12], image=img_a, task_id=2, rid="a"),
-             item([20], [20], task_id=1, rid="b", truncated=True),
-             item([30, 31], [-100, 31], image=img_c, task_id=5, rid="c")]
+    items = [
+        item([10, 11, 12], [-100, 11, 12], image=img_a, task_id=2, rid="a"),
+        item([20], [20], task_id=1, rid="b", truncated=True),
+        item([30, 31], [-100, 31], image=img_c, task_id=5, rid="c"),
+    ]
     batch = Collator(pad_token_id=PAD, padding_side="right")(items)
     assert batch["input_ids"].tolist() == [[10, 11, 12], [20, PAD, PAD], [30, 31, PAD]]
     assert batch["labels"].tolist() == [[-100, 11, 12], [20, -100, -100], [-100, 31, -100]]
@@ -214,8 +232,7 @@ def test_collator_right_padding_for_training() -> None:
 
 
 def test_collator_left_padding_for_generation() -> None:
-    items = [item([10, 11, 12], [-100] * 3, task_id=0),
-             item([20], [-100], image=torch.zeros(3, 2, 2), task_id=7)]
+    items = [item([10, 11, 12], [-100] * 3, task_id=0), item([20], [-100], image=torch.zeros(3, 2, 2), task_id=7)]
     batch = Collator(pad_token_id=PAD, padding_side="left")(items)
     assert batch["input_ids"].tolist() == [[10, 11, 12], [PAD, PAD, 20]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [0, 0, 1]]
@@ -239,8 +256,10 @@ def test_collator_on_encoded_records(tok, enc) -> None:
     """Real encodings: padded rows keep their tokens, and labels survive padding unchanged."""
     recs = [record(), record("What organ is shown in this image?", "the liver", image=False)]
     encoded = [enc.encode(r, with_answers=True) for r in recs]
-    items = [item(e.input_ids, e.labels, image=torch.zeros(3, 2, 2) if r.has_image else None)
-             for e, r in zip(encoded, recs)]
+    items = [
+        item(e.input_ids, e.labels, image=torch.zeros(3, 2, 2) if r.has_image else None)
+        for e, r in zip(encoded, recs, strict=True)
+    ]
     batch = Collator(pad_token_id=tok.pad_token_id, padding_side="right")(items)
     for row, e in enumerate(encoded):
         n = len(e.input_ids)

@@ -57,14 +57,17 @@ def test_from_pretrained_without_config(tmp_path: Path) -> None:
 
 # Sizes whose resized long side minus the crop is even or 1 mod 4: both crop rules agree there.
 # (resized long side = int(64 * long / short), crop 64)
-@pytest.mark.parametrize("w, h", [
-    (80, 120),   # -> 64 x 96, excess 32
-    (97, 64),    # -> 97 x 64, excess 33 (33 / 2 = 16.5 rounds to 16 = floor)
-    (130, 70),   # -> 118 x 64, excess 54
-    (200, 90),   # -> 142 x 64, excess 78
-    (64, 64),    # square, no crop
-    (33, 50),    # upscaled: -> 64 x 96, excess 32
-])
+@pytest.mark.parametrize(
+    "w, h",
+    [
+        (80, 120),  # -> 64 x 96, excess 32
+        (97, 64),  # -> 97 x 64, excess 33 (33 / 2 = 16.5 rounds to 16 = floor)
+        (130, 70),  # -> 118 x 64, excess 54
+        (200, 90),  # -> 142 x 64, excess 78
+        (64, 64),  # square, no crop
+        (33, 50),  # upscaled: -> 64 x 96, excess 32
+    ],
+)
 def test_transform_matches_hf_clip_processor(transform, hf_processor, w, h) -> None:
     img = random_image(w, h, seed=w * 1000 + h)
     ours = transform(img)
@@ -82,14 +85,17 @@ def test_transform_matches_hf_when_excess_is_odd(transform, hf_processor) -> Non
 def test_transform_normalisation_on_constant_image(transform) -> None:
     img = Image.new("RGB", (70, 90), (255, 0, 128))
     out = transform(img)
-    expected = [(1.0 - transform.image_mean[0]) / transform.image_std[0],
-                (0.0 - transform.image_mean[1]) / transform.image_std[1],
-                (128 / 255 - transform.image_mean[2]) / transform.image_std[2]]
+    expected = [
+        (1.0 - transform.image_mean[0]) / transform.image_std[0],
+        (0.0 - transform.image_mean[1]) / transform.image_std[1],
+        (128 / 255 - transform.image_mean[2]) / transform.image_std[2],
+    ]
     for c in range(3):
         assert torch.allclose(out[c], torch.full((64, 64), expected[c]), atol=1e-5)
 
 
 # -- pad to square ----------------------------------------------------------------------------------
+
 
 def test_pad_to_square_centres_image() -> None:
     img = Image.new("RGB", (6, 2), (10, 20, 30))
@@ -121,8 +127,7 @@ def test_pad_square_transform_uses_mean_colour(tiny_clip, transform) -> None:
         white = (1.0 - t.image_mean[c]) / t.image_std[c]
         assert torch.allclose(out[c, 24:40], torch.full((16, 64), white), atol=1e-5)
     # without pad_square the same image is resized up and cropped: all white
-    assert torch.allclose(plain(img)[0], torch.full((64, 64), (1.0 - t.image_mean[0]) / t.image_std[0]),
-                          atol=1e-5)
+    assert torch.allclose(plain(img)[0], torch.full((64, 64), (1.0 - t.image_mean[0]) / t.image_std[0]), atol=1e-5)
 
 
 def test_pad_square_fill_matches_llava(tiny_clip, monkeypatch) -> None:
@@ -142,6 +147,7 @@ def test_pad_square_fill_matches_llava(tiny_clip, monkeypatch) -> None:
 
 
 # -- load_image -------------------------------------------------------------------------------------
+
 
 def png_bytes(img: Image.Image) -> bytes:
     buf = io.BytesIO()

@@ -46,7 +46,7 @@ def make_batch(model, tok, *, lengths=(12, 9), images=(True, False), seed=0):
     g = torch.Generator().manual_seed(seed)
     n_img = model.num_image_tokens
     rows, labels = [], []
-    for length, has_image in zip(lengths, images):
+    for length, has_image in zip(lengths, images, strict=True):
         text = torch.randint(5, len(tok) - 1, (length,), generator=g).tolist()
         ids = [tok.bos_token_id] + ([model.image_token_id] * n_img if has_image else []) + text
         lab = [-100] * (len(ids) - 3) + ids[-3:]
@@ -56,17 +56,22 @@ def make_batch(model, tok, *, lengths=(12, 9), images=(True, False), seed=0):
     input_ids = torch.full((len(rows), longest), tok.pad_token_id)
     label_t = torch.full((len(rows), longest), -100)
     mask = torch.zeros((len(rows), longest), dtype=torch.long)
-    for i, (ids, lab) in enumerate(zip(rows, labels)):
-        input_ids[i, :len(ids)] = torch.tensor(ids)
-        label_t[i, :len(lab)] = torch.tensor(lab)
-        mask[i, :len(ids)] = 1
+    for i, (ids, lab) in enumerate(zip(rows, labels, strict=True)):
+        input_ids[i, : len(ids)] = torch.tensor(ids)
+        label_t[i, : len(lab)] = torch.tensor(lab)
+        mask[i, : len(ids)] = 1
     size = model.vision.image_size
     pixel_values = torch.randn(sum(images), 3, size, size, generator=g)
-    return {"input_ids": input_ids, "attention_mask": mask, "labels": label_t,
-            "pixel_values": pixel_values if sum(images) else None}
+    return {
+        "input_ids": input_ids,
+        "attention_mask": mask,
+        "labels": label_t,
+        "pixel_values": pixel_values if sum(images) else None,
+    }
 
 
 # -- save / load round trips --------------------------------------------------------------------------
+
 
 def test_causal_lm_round_trip(tiny_llama, tok, tmp_path: Path) -> None:
     from lightningmodules.models.language import load_causal_lm
@@ -115,7 +120,7 @@ def test_vision_model_round_trip(tiny_clip, tmp_path: Path) -> None:
     with torch.no_grad():
         a = enc(pixel_values=px, output_hidden_states=True).hidden_states
         b = again(pixel_values=px, output_hidden_states=True).hidden_states
-    assert len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b))
+    assert len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
     tower = VisionTower(encoder=enc, select_layer=-2)
     with torch.no_grad():
         feats = tower(px)
@@ -129,11 +134,12 @@ def test_vision_model_round_trip(tiny_clip, tmp_path: Path) -> None:
 
 # -- factory --------------------------------------------------------------------------------------------
 
+
 def test_build_model_num_image_tokens(built) -> None:
     model = built.model
     vision = model.vision
     assert vision.grid_size == vision.image_size // vision.patch_size
-    assert model.num_image_tokens == vision.grid_size ** 2 == vision.num_patches
+    assert model.num_image_tokens == vision.grid_size**2 == vision.num_patches
     assert model.image_token_id == built.tokenizer.convert_tokens_to_ids("<image>")
     assert model.llm.get_input_embeddings().num_embeddings >= len(built.tokenizer)
     px = torch.randn(2, 3, vision.image_size, vision.image_size)
@@ -166,6 +172,7 @@ def test_build_model_linear_connector(cache_dir, tiny_llama, tiny_clip) -> None:
 
 
 # -- MultimodalLM ----------------------------------------------------------------------------------------
+
 
 def manual_loss(model, batch) -> torch.Tensor:
     """Cross-entropy from the LLM's full logits over the same inputs_embeds: shift, ignore -100."""
@@ -217,8 +224,8 @@ def test_visual_tokens_are_spliced_in_order(built) -> None:
         text = model.input_embeddings()(batch["input_ids"])
     n = model.num_image_tokens
     for i in range(2):
-        assert torch.equal(embeds[i, 1:1 + n], visual[i])  # sample i gets image i
-        assert torch.equal(embeds[i, 0], text[i, 0]) and torch.equal(embeds[i, 1 + n:], text[i, 1 + n:])
+        assert torch.equal(embeds[i, 1 : 1 + n], visual[i])  # sample i gets image i
+        assert torch.equal(embeds[i, 0], text[i, 0]) and torch.equal(embeds[i, 1 + n :], text[i, 1 + n :])
 
 
 def test_image_token_mismatch_raises(built) -> None:
@@ -234,6 +241,7 @@ def test_image_token_mismatch_raises(built) -> None:
 
 
 # -- TokenAggregation ------------------------------------------------------------------------------
+
 
 def grid_tokens() -> torch.Tensor:
     """(1, 16, 2): a 4 x 4 patch grid in raster order; channel 0 = index, channel 1 = -index."""
@@ -277,7 +285,7 @@ def test_aggregation_batch_independent() -> None:
     agg = TokenAggregation(mode="avgpool")
     out = agg(x)
     for i in range(3):
-        assert torch.allclose(out[i:i + 1], agg(x[i:i + 1]))
+        assert torch.allclose(out[i : i + 1], agg(x[i : i + 1]))
     # first pooled token of sample 1 by hand: mean of tokens 0, 1, 4, 5
     assert torch.allclose(out[1, 0], x[1, [0, 1, 4, 5]].mean(0), atol=1e-6)
 
@@ -397,14 +405,14 @@ def test_merged_model_has_the_plain_state_dict_keys(cache_dir, built) -> None:
 
 # -- hand-over --------------------------------------------------------------------------------------
 
+
 def test_handover_round_trip(cache_dir, built, tmp_path: Path) -> None:
     from pipeline.handover import load_handover, restore, save_handover
 
     with torch.no_grad():
         for p in built.model.connector.parameters():
             p.add_(1.0)  # differs from a freshly built model's connector
-    path = save_handover(built.model, tmp_path / "stages" / "align" / "handover.pt", stage="align",
-                         meta={"step": 7})
+    path = save_handover(built.model, tmp_path / "stages" / "align" / "handover.pt", stage="align", meta={"step": 7})
     assert path.is_file() and [p.name for p in path.parent.iterdir()] == ["handover.pt"]  # no temp file left
     fresh = build(cache_dir).model
     assert not torch.equal(fresh.connector.fc1.weight, built.model.connector.fc1.weight)

@@ -98,13 +98,26 @@ try:
 except RuntimeError as e:
     print("error", e)
 """
-    early = subprocess.run([sys.executable, "-c", code.format(before="")], cwd=REPO, env=env, capture_output=True,
-                           text=True, timeout=120)
+    early = subprocess.run(
+        [sys.executable, "-c", code.format(before="")], cwd=REPO, env=env, capture_output=True, text=True, timeout=120
+    )
     assert "capability AVX2" in early.stdout, early.stdout + early.stderr
-    native = subprocess.run([sys.executable, "-c", "import torch; print(torch.backends.cpu.get_cpu_capability())"],
-                            cwd=REPO, env=env, capture_output=True, text=True, timeout=120).stdout.strip()
-    late = subprocess.run([sys.executable, "-c", code.format(before="torch.ones(3).sum()")], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=120)
+    native = subprocess.run(
+        [sys.executable, "-c", "import torch; print(torch.backends.cpu.get_cpu_capability())"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    ).stdout.strip()
+    late = subprocess.run(
+        [sys.executable, "-c", code.format(before="torch.ones(3).sum()")],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     if native in ("AVX2", "DEFAULT"):  # nothing wider to fall back from on this CPU
         assert "capability" in late.stdout
     else:

@@ -13,13 +13,13 @@ from lightningmodules.schedules import lr_lambda
 
 # (prediction, ground truth, answer type); normalised forms in the comments
 ITEMS = [
-    ("Yes", "yes", "closed"),                   # C1 "yes" == "yes"                    hit
-    ("no.", "No", "CLOSED"),                    # C2 "no" == "no"                      hit
-    ("yes, it is", "yes", "yes/no"),            # C3 "yes it is" != "yes"              miss
-    ("No", "yes", "close"),                     # C4 "no" != "yes"                     miss
-    ("left lung", "The left lung", "open"),     # O1 gt [left lung], both in pred      recall 1
-    ("liver", "liver and spleen", "other"),     # O2 gt [liver and spleen], 1 of 3     recall 1/3
-    ("heart", "brain", "number"),               # O3 no overlap                        recall 0
+    ("Yes", "yes", "closed"),  # C1 "yes" == "yes"                    hit
+    ("no.", "No", "CLOSED"),  # C2 "no" == "no"                      hit
+    ("yes, it is", "yes", "yes/no"),  # C3 "yes it is" != "yes"              miss
+    ("No", "yes", "close"),  # C4 "no" != "yes"                     miss
+    ("left lung", "The left lung", "open"),  # O1 gt [left lung], both in pred      recall 1
+    ("liver", "liver and spleen", "other"),  # O2 gt [liver and spleen], 1 of 3     recall 1/3
+    ("heart", "brain", "number"),  # O3 no overlap                        recall 0
 ]
 PREDS = [p for p, _, _ in ITEMS]
 GTS = [g for _, g, _ in ITEMS]
@@ -39,8 +39,9 @@ def value(metric) -> float:
     return float(metric.compute())
 
 
-@pytest.mark.parametrize("factory, expected", [(closed_accuracy, CLOSED_ACC), (open_recall, OPEN_RECALL),
-                                               (bleu1, BLEU1)])
+@pytest.mark.parametrize(
+    "factory, expected", [(closed_accuracy, CLOSED_ACC), (open_recall, OPEN_RECALL), (bleu1, BLEU1)]
+)
 def test_metric_on_hand_scored_list(factory, expected) -> None:
     m = factory()
     m.update(PREDS, GTS, TYPES)
@@ -116,6 +117,7 @@ def test_closed_accuracy_protocol() -> None:
 
 # -- majority baseline ------------------------------------------------------------------------------
 
+
 @dataclass
 class QA:
     question: str
@@ -125,17 +127,16 @@ class QA:
 TRAIN = [
     QA("Is there a lesion?", "yes"),
     QA("Is there a lesion?", "yes"),
-    QA("is there a lesion? ", "no"),   # same question after strip + lower
+    QA("is there a lesion? ", "no"),  # same question after strip + lower
     QA("What organ?", "liver"),
-    QA("What organ?", "lung"),          # tie 1:1 -> the first seen ("liver") wins
+    QA("What organ?", "lung"),  # tie 1:1 -> the first seen ("liver") wins
     QA("Which side?", "left"),
 ]
 # overall counts: yes 2, no 1, liver 1, lung 1, left 1 -> "yes"
 
 
 def test_majority_predictions() -> None:
-    test = [QA("IS THERE A LESION?", "?"), QA("What organ?", "?"), QA("Which side?", "?"),
-            QA("How many?", "?")]
+    test = [QA("IS THERE A LESION?", "?"), QA("What organ?", "?"), QA("Which side?", "?"), QA("How many?", "?")]
     assert majority_predictions(TRAIN, test) == ["yes", "liver", "left", "yes"]
     table, overall = majority_answers(TRAIN)
     assert table == {"is there a lesion?": "yes", "what organ?": "liver", "which side?": "left"}
@@ -148,6 +149,7 @@ def test_majority_needs_training_records() -> None:
 
 
 # -- learning-rate schedule ----------------------------------------------------------------------------
+
 
 def lam(step: int, scheduler: str = "cosine", *, total: int = 100, warmup: int = 10, floor: float = 0.0) -> float:
     return lr_lambda(step, total_steps=total, warmup_steps=warmup, scheduler=scheduler, min_lr_ratio=floor)

@@ -23,20 +23,35 @@ SPLIT_NAMES = {
 }
 
 
-def read_split(spec: DatasetSpec, name: str, split: str, problems: ProblemLog, *,
-               check_images: bool = True) -> list[Record]:
+def read_split(
+    spec: DatasetSpec, name: str, split: str, problems: ProblemLog, *, check_images: bool = True
+) -> list[Record]:
     """Records of ``split`` (a release split name) of the dataset ``name`` described by ``spec``."""
     root = Path(spec.path)
     if spec.format == "slake":
         from datamodules.readers.slake import read_slake
 
-        records = read_slake(root, split, dataset=name, languages=tuple(spec.languages), problems=problems,
-                             check_images=check_images, task=spec.task)
+        records = read_slake(
+            root,
+            split,
+            dataset=name,
+            languages=tuple(spec.languages),
+            problems=problems,
+            check_images=check_images,
+            task=spec.task,
+        )
     elif spec.format == "conversation":
         from datamodules.readers.conversation import read_conversation
 
-        records = read_conversation(root, split, dataset=name, image_root=spec.image_root, problems=problems,
-                                    task=spec.task, check_images=check_images)
+        records = read_conversation(
+            root,
+            split,
+            dataset=name,
+            image_root=spec.image_root,
+            problems=problems,
+            task=spec.task,
+            check_images=check_images,
+        )
     elif spec.format == "vqa_rad":
         from datamodules.readers.vqa_rad import read_vqa_rad
 
@@ -44,13 +59,21 @@ def read_split(spec: DatasetSpec, name: str, split: str, problems: ProblemLog, *
     elif spec.format == "pathvqa":
         from datamodules.readers.pathvqa import read_pathvqa
 
-        records = read_pathvqa(root, split, dataset=name, problems=problems, allow_pickle=spec.allow_pickle,
-                               check_images=check_images)
+        records = read_pathvqa(
+            root, split, dataset=name, problems=problems, allow_pickle=spec.allow_pickle, check_images=check_images
+        )
     elif spec.format == "mecovqa":
         from datamodules.readers.mecovqa import read_mecovqa
 
-        records = read_mecovqa(root, split, dataset=name, subsets=spec.subsets, image_root=spec.image_root,
-                               problems=problems, check_images=check_images)
+        records = read_mecovqa(
+            root,
+            split,
+            dataset=name,
+            subsets=spec.subsets,
+            image_root=spec.image_root,
+            problems=problems,
+            check_images=check_images,
+        )
     else:
         raise ValueError(f"dataset {name!r}: unknown format {spec.format!r}")
     if spec.task != "vqa":  # the spec's task tags records the reader left at the default
@@ -68,8 +91,7 @@ def drop_duplicate_ids(records: list[Record], problems: ProblemLog, *, source: P
     kept: list[Record] = []
     for r in records:
         if r.id in seen:
-            problems.report(source, r.id, "id", f"duplicate record id {r.id!r} in split {r.split!r}",
-                            "duplicate_id")
+            problems.report(source, r.id, "id", f"duplicate record id {r.id!r} in split {r.split!r}", "duplicate_id")
             continue
         seen.add(r.id)
         kept.append(r)

@@ -12,8 +12,14 @@ from datamodules.readers.json_stream import iter_json_list
 from datamodules.records import closed_if_yes_no
 
 # answer_type spellings across the releases -> ours
-ANSWER_TYPE_ALIASES = {"open": "open", "closed": "closed", "close": "closed", "yes/no": "closed",
-                       "other": "open", "number": "open"}
+ANSWER_TYPE_ALIASES = {
+    "open": "open",
+    "closed": "closed",
+    "close": "closed",
+    "yes/no": "closed",
+    "other": "open",
+    "number": "open",
+}
 
 
 def record_label(index: int, rid: object | None = None) -> str:
@@ -26,12 +32,10 @@ def load_json_list(path: Path) -> list[Any]:
     return list(iter_json_list(path))
 
 
-def require_fields(item: Any, fields: tuple[str, ...], path: Path, record: str,
-                   problems: ProblemLog) -> bool:
+def require_fields(item: Any, fields: tuple[str, ...], path: Path, record: str, problems: ProblemLog) -> bool:
     """True when ``item`` is a dict with every field; otherwise report (or raise) and return False."""
     if not isinstance(item, dict):
-        problems.report(path, record, "<record>", f"expected an object, got {type(item).__name__}",
-                        "not_an_object")
+        problems.report(path, record, "<record>", f"expected an object, got {type(item).__name__}", "not_an_object")
         return False
     for name in fields:
         if name not in item or item[name] is None:
@@ -40,16 +44,18 @@ def require_fields(item: Any, fields: tuple[str, ...], path: Path, record: str,
     return True
 
 
-def answer_type_of(raw: Any, answer: str, path: Path, record: str, problems: ProblemLog,
-                   field_name: str = "answer_type") -> str | None:
+def answer_type_of(
+    raw: Any, answer: str, path: Path, record: str, problems: ProblemLog, field_name: str = "answer_type"
+) -> str | None:
     """``closed``/``open`` from a release's answer_type (any known spelling, stripped, any case);
     from the answer (yes/no -> closed) when the release has none; None (reported) when unknown."""
     if raw is None:
         return closed_if_yes_no(answer)
     kind = ANSWER_TYPE_ALIASES.get(str(raw).strip().lower())
     if kind is None:
-        problems.report(path, record, field_name, f"unknown answer_type {raw!r} (expected OPEN or CLOSED)",
-                        "unknown_answer_type")
+        problems.report(
+            path, record, field_name, f"unknown answer_type {raw!r} (expected OPEN or CLOSED)", "unknown_answer_type"
+        )
     return kind
 
 
@@ -84,8 +90,16 @@ class PathResolver:
         self.check_exists = check_exists
         self._seen: dict[str, tuple[str, str]] = {}  # relative -> (joined path, status)
 
-    def resolve(self, relative: str, *, file: Path, record: str, field_name: str, problems: ProblemLog,
-                missing_kind: str = "missing_image") -> str | None:
+    def resolve(
+        self,
+        relative: str,
+        *,
+        file: Path,
+        record: str,
+        field_name: str,
+        problems: ProblemLog,
+        missing_kind: str = "missing_image",
+    ) -> str | None:
         """The resolved path, or None after reporting why (escapes the root, or missing)."""
         found = self._seen.get(relative)
         if found is None:
@@ -99,8 +113,9 @@ class PathResolver:
             self._seen[relative] = found
         joined, status = found
         if status == "escapes":
-            problems.report(file, record, field_name, f"path {relative!r} escapes the dataset root {self.root}",
-                            "path_escapes_root")
+            problems.report(
+                file, record, field_name, f"path {relative!r} escapes the dataset root {self.root}", "path_escapes_root"
+            )
             return None
         if status == "missing":
             problems.report(file, record, field_name, f"file not found: {joined}", missing_kind)

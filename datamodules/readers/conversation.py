@@ -38,9 +38,16 @@ def conversation_messages(item: dict) -> list | None:
     return item.get("conversations", item.get("conversatons"))
 
 
-def read_conversation(root: str | Path, split: str, *, dataset: str = "conversation",
-                      image_root: str | Path | None = None, problems: ProblemLog | None = None,
-                      task: str = "vqa", check_images: bool = True) -> list[Record]:
+def read_conversation(
+    root: str | Path,
+    split: str,
+    *,
+    dataset: str = "conversation",
+    image_root: str | Path | None = None,
+    problems: ProblemLog | None = None,
+    task: str = "vqa",
+    check_images: bool = True,
+) -> list[Record]:
     root = Path(root)
     problems = problems or ProblemLog()
     path = conversation_file(root, split)
@@ -48,8 +55,7 @@ def read_conversation(root: str | Path, split: str, *, dataset: str = "conversat
     records: list[Record] = []
     for index, item in enumerate(iter_json_list(path)):
         if not isinstance(item, dict):
-            problems.report(path, index, "<record>", f"expected an object, got {type(item).__name__}",
-                            "not_an_object")
+            problems.report(path, index, "<record>", f"expected an object, got {type(item).__name__}", "not_an_object")
             continue
         label = record_label(index, item.get("id"))
         convs = conversation_messages(item)
@@ -70,27 +76,38 @@ def read_conversation(root: str | Path, split: str, *, dataset: str = "conversat
         answer_type = answer_type_of(item.get("answer_type"), turns[0].answer, path, label, problems)
         if answer_type is None:
             continue
-        records.append(Record(id=f"{dataset}/{item.get('id', index)}", dataset=dataset,
-                              split=split.removesuffix(".json"), question=turns[0].question,
-                              answer=turns[0].answer, answer_type=answer_type, task=task,
-                              modality=item.get("modality"), image_path=image_path, turns=turns,
-                              extra={"source_id": item.get("id", index)}))
+        records.append(
+            Record(
+                id=f"{dataset}/{item.get('id', index)}",
+                dataset=dataset,
+                split=split.removesuffix(".json"),
+                question=turns[0].question,
+                answer=turns[0].answer,
+                answer_type=answer_type,
+                task=task,
+                modality=item.get("modality"),
+                image_path=image_path,
+                turns=turns,
+                extra={"source_id": item.get("id", index)},
+            )
+        )
     return records
 
 
 def parse_turns(convs: list, path: Path, record: str, problems: ProblemLog) -> list[Turn] | None:
     """Pair human/gpt messages into turns; a broken alternation or empty answer is a bad record."""
     if len(convs) % 2:
-        problems.report(path, record, "conversations", f"odd number of messages ({len(convs)})",
-                        "bad_conversation")
+        problems.report(path, record, "conversations", f"odd number of messages ({len(convs)})", "bad_conversation")
         return None
     turns = []
     for k in range(0, len(convs), 2):
         human, gpt = convs[k], convs[k + 1]
-        if not (isinstance(human, dict) and isinstance(gpt, dict)) or human.get("from") not in HUMAN_ROLES \
-                or gpt.get("from") not in ASSISTANT_ROLES:
-            problems.report(path, record, f"conversations[{k}]", "expected human/gpt alternation",
-                            "bad_conversation")
+        if (
+            not (isinstance(human, dict) and isinstance(gpt, dict))
+            or human.get("from") not in HUMAN_ROLES
+            or gpt.get("from") not in ASSISTANT_ROLES
+        ):
+            problems.report(path, record, f"conversations[{k}]", "expected human/gpt alternation", "bad_conversation")
             return None
         question, answer = str(human.get("value", "")), str(gpt.get("value", "")).strip()
         if not answer:

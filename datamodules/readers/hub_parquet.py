@@ -32,16 +32,21 @@ def parquet_splits(root: Path, names: tuple[str, ...]) -> list[str]:
     return [s for s in names if parquet_files(root, s)]
 
 
-def read_hub_parquet(root: str | Path, split: str, *, dataset: str, problems: ProblemLog,
-                     check_images: bool = True) -> list[Record]:
+def read_hub_parquet(
+    root: str | Path, split: str, *, dataset: str, problems: ProblemLog, check_images: bool = True
+) -> list[Record]:
     """Records of one split; ids are ``<dataset>/<split>/<row>`` counted over the split's shards."""
     import pyarrow.parquet as pq
 
     root = Path(root)
     files = parquet_files(root, split)
     if not files:
-        raise file_error(root / "data" / f"{split}-*.parquet", "<file>",
-                         f"no parquet file for split {split!r} in {root / 'data'}", "missing_file")
+        raise file_error(
+            root / "data" / f"{split}-*.parquet",
+            "<file>",
+            f"no parquet file for split {split!r} in {root / 'data'}",
+            "missing_file",
+        )
     paths = PathResolver(root, check_exists=check_images)  # rows that carry only an image path
     shared: dict[bytes, bytes] = {}  # one bytes object per distinct image
     records: list[Record] = []
@@ -63,8 +68,9 @@ def read_hub_parquet(root: str | Path, split: str, *, dataset: str, problems: Pr
             try:
                 batch = next(batches, None)
             except (OSError, ValueError) as e:  # a corrupt page: the rest of the file is unreadable
-                raise file_error(file, "<parquet>", f"unreadable parquet data after row {in_file} ({e})",
-                                 "malformed_parquet") from None
+                raise file_error(
+                    file, "<parquet>", f"unreadable parquet data after row {in_file} ({e})", "malformed_parquet"
+                ) from None
             if batch is None:
                 break
             for item in batch.to_pylist():
@@ -72,15 +78,36 @@ def read_hub_parquet(root: str | Path, split: str, *, dataset: str, problems: Pr
                 label = record_label(in_file, rid)
                 row += 1
                 in_file += 1
-                record = _record(item, rid=rid, label=label, file=file, file_name=file_name, split=split,
-                                 dataset=dataset, problems=problems, paths=paths, shared=shared)
+                record = _record(
+                    item,
+                    rid=rid,
+                    label=label,
+                    file=file,
+                    file_name=file_name,
+                    split=split,
+                    dataset=dataset,
+                    problems=problems,
+                    paths=paths,
+                    shared=shared,
+                )
                 if record is not None:
                     records.append(record)
     return records
 
 
-def _record(item: dict, *, rid: str, label: str, file: Path, file_name: str, split: str, dataset: str,
-            problems: ProblemLog, paths: PathResolver, shared: dict[bytes, bytes]) -> Record | None:
+def _record(
+    item: dict,
+    *,
+    rid: str,
+    label: str,
+    file: Path,
+    file_name: str,
+    split: str,
+    dataset: str,
+    problems: ProblemLog,
+    paths: PathResolver,
+    shared: dict[bytes, bytes],
+) -> Record | None:
     for name in ("question", "answer"):
         if item.get(name) is None:
             problems.report(file, label, name, "missing field", "missing_field")
@@ -103,13 +130,22 @@ def _record(item: dict, *, rid: str, label: str, file: Path, file_name: str, spl
     if data:
         data = shared.setdefault(data, data)
     elif image.get("path"):  # an export that references files beside it instead of embedding them
-        image_path = paths.resolve(str(image["path"]), file=file, record=label, field_name="image.path",
-                                   problems=problems)
+        image_path = paths.resolve(
+            str(image["path"]), file=file, record=label, field_name="image.path", problems=problems
+        )
         if image_path is None:
             return None
     else:
         problems.report(file, label, "image", "no image bytes and no path", "missing_image")
         return None
-    return Record(id=rid, dataset=dataset, split=split, question=str(item["question"]), answer=answer,
-                  answer_type=answer_type, image_path=image_path, image_bytes=data or None,
-                  extra={"image_name": image.get("path"), "file": file_name})
+    return Record(
+        id=rid,
+        dataset=dataset,
+        split=split,
+        question=str(item["question"]),
+        answer=answer,
+        answer_type=answer_type,
+        image_path=image_path,
+        image_bytes=data or None,
+        extra={"image_name": image.get("path"), "file": file_name},
+    )

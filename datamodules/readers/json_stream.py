@@ -45,7 +45,7 @@ class _Buffer:
         self.lines_before += dropped.count("\n")
         last = dropped.rfind("\n")
         self.column_before = len(dropped) - last - 1 if last >= 0 else self.column_before + len(dropped)
-        self.text = self.text[self.pos:] + chunk
+        self.text = self.text[self.pos :] + chunk
         self.pos = 0
 
     def peek(self) -> str:
@@ -82,8 +82,13 @@ class _Buffer:
         line = self.lines_before + self.text.count("\n", 0, pos) + 1
         last = self.text.rfind("\n", 0, pos)
         column = pos - last if last >= 0 else self.column_before + pos + 1
-        problem = Problem(str(self.path), FILE_LEVEL if record is None else str(record), "<json>",
-                          f"malformed JSON at line {line} column {column}: {message}", "malformed_json")
+        problem = Problem(
+            str(self.path),
+            FILE_LEVEL if record is None else str(record),
+            "<json>",
+            f"malformed JSON at line {line} column {column}: {message}",
+            "malformed_json",
+        )
         return DataError(str(problem), problem)
 
 
@@ -100,8 +105,11 @@ def iter_json_list(path: Path, *, chunk_chars: int = 1 << 20) -> Iterator[Any]:
         try:
             first = buf.peek()
             if first != "[":
-                kind = "an empty file" if not first else _TOP_LEVEL.get(first, "a number" if first in "-0123456789"
-                                                                          else f"{first!r}")
+                kind = (
+                    "an empty file"
+                    if not first
+                    else _TOP_LEVEL.get(first, "a number" if first in "-0123456789" else f"{first!r}")
+                )
                 raise file_error(path, "<json>", f"expected a JSON list of records, got {kind}", "malformed_json")
             buf.pos += 1
             if buf.peek() == "]":
@@ -115,8 +123,9 @@ def iter_json_list(path: Path, *, chunk_chars: int = 1 << 20) -> Iterator[Any]:
                     if after == "]":
                         break
                     if after != ",":
-                        raise buf.malformed("Expecting ',' delimiter" if after else "Unexpected end of file",
-                                            buf.pos - 1, record=index)
+                        raise buf.malformed(
+                            "Expecting ',' delimiter" if after else "Unexpected end of file", buf.pos - 1, record=index
+                        )
             if buf.peek():
                 raise buf.malformed("Extra data", buf.pos)
         except UnicodeDecodeError as e:

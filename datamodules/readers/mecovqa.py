@@ -30,17 +30,32 @@ from datamodules.records import Record, Turn
 log = logging.getLogger(__name__)
 
 FILES = {
-    "train": {"complex": "MeCoVQA-Complex.json", "region": "MeCoVQA-Region.json",
-              "grounding": "MeCoVQA-Grounding.json"},
-    "test": {"complex": "MeCoVQA_Complex_VQA_test.json", "region": "MeCoVQA_Region_VQA_test.json",
-             "grounding": "MeCoVQA_Grounding_test.json"},
+    "train": {
+        "complex": "MeCoVQA-Complex.json",
+        "region": "MeCoVQA-Region.json",
+        "grounding": "MeCoVQA-Grounding.json",
+    },
+    "test": {
+        "complex": "MeCoVQA_Complex_VQA_test.json",
+        "region": "MeCoVQA_Region_VQA_test.json",
+        "grounding": "MeCoVQA_Grounding_test.json",
+    },
 }
 SUBSETS = ("complex", "region", "grounding")
 SUBSET_TASKS = {"complex": "vqa", "region": "region", "grounding": "grounding"}
 MODALITY_PREFIXES = {
-    "ct": "CT", "mr": "MRI", "mri": "MRI", "x": "X-ray", "xray": "X-ray", "x-ray": "X-ray",
-    "ultrasound": "ultrasound", "us": "ultrasound", "pet": "PET", "fundus": "fundus",
-    "dermoscopy": "dermoscopy", "endoscopy": "endoscopy",
+    "ct": "CT",
+    "mr": "MRI",
+    "mri": "MRI",
+    "x": "X-ray",
+    "xray": "X-ray",
+    "x-ray": "X-ray",
+    "ultrasound": "ultrasound",
+    "us": "ultrasound",
+    "pet": "PET",
+    "fundus": "fundus",
+    "dermoscopy": "dermoscopy",
+    "endoscopy": "endoscopy",
 }
 REGION_TAG = re.compile(r"<region>(.*?)</region>", re.DOTALL)
 MASK_TAG = re.compile(r"\s*<mask>(.*?)</mask>", re.DOTALL)
@@ -60,8 +75,9 @@ def available_splits(root: Path) -> list[str]:
 def subset_files(root: Path, split: str, subsets: list[str] | tuple[str, ...] | None) -> list[tuple[str, Path]]:
     """(subset, file) pairs to read. Explicit subsets must exist; by default every one present."""
     if split not in FILES:
-        raise DataError(f"{root}: MeCoVQA has no split {split!r}: it has {', '.join(FILES)} "
-                        "(set the dataset's val_split: null)")
+        raise DataError(
+            f"{root}: MeCoVQA has no split {split!r}: it has {', '.join(FILES)} (set the dataset's val_split: null)"
+        )
     for name in subsets or ():
         if name not in SUBSETS:
             raise DataError(f"{root}: unknown MeCoVQA subset {name!r}; expected some of {', '.join(SUBSETS)}")
@@ -73,32 +89,61 @@ def subset_files(root: Path, split: str, subsets: list[str] | tuple[str, ...] | 
             if not path.is_file():
                 raise file_error(path, "<file>", f"MeCoVQA {name} file for split {split!r} not found", "missing_file")
     elif not present:
-        raise file_error(root, "<file>", f"no MeCoVQA {split} files ({', '.join(FILES[split].values())})",
-                         "missing_file")
+        raise file_error(
+            root, "<file>", f"no MeCoVQA {split} files ({', '.join(FILES[split].values())})", "missing_file"
+        )
     elif len(present) < len(pairs):
-        log.info("%s: MeCoVQA %s: reading %s (the other subsets are not in the folder)", root, split,
-                 ", ".join(name for name, _ in present))
+        log.info(
+            "%s: MeCoVQA %s: reading %s (the other subsets are not in the folder)",
+            root,
+            split,
+            ", ".join(name for name, _ in present),
+        )
     return present
 
 
-def read_mecovqa(root: str | Path, split: str, *, dataset: str = "mecovqa", subsets: list[str] | None = None,
-                 image_root: str | Path | None = None, problems: ProblemLog | None = None,
-                 check_images: bool = True) -> list[Record]:
+def read_mecovqa(
+    root: str | Path,
+    split: str,
+    *,
+    dataset: str = "mecovqa",
+    subsets: list[str] | None = None,
+    image_root: str | Path | None = None,
+    problems: ProblemLog | None = None,
+    check_images: bool = True,
+) -> list[Record]:
     root = Path(root)
     problems = problems or ProblemLog()
     files = PathResolver(Path(image_root) if image_root else root, check_exists=check_images)
     records: list[Record] = []
     for subset, path in subset_files(root, split, subsets):
         for index, item in enumerate(iter_json_list(path)):
-            record = _record(item, index=index, subset=subset, path=path, split=split, dataset=dataset,
-                             files=files, problems=problems)
+            record = _record(
+                item,
+                index=index,
+                subset=subset,
+                path=path,
+                split=split,
+                dataset=dataset,
+                files=files,
+                problems=problems,
+            )
             if record is not None:
                 records.append(record)
     return records
 
 
-def _record(item: object, *, index: int, subset: str, path: Path, split: str, dataset: str,
-            files: PathResolver, problems: ProblemLog) -> Record | None:
+def _record(
+    item: object,
+    *,
+    index: int,
+    subset: str,
+    path: Path,
+    split: str,
+    dataset: str,
+    files: PathResolver,
+    problems: ProblemLog,
+) -> Record | None:
     if not isinstance(item, dict):
         problems.report(path, index, "<record>", f"expected an object, got {type(item).__name__}", "not_an_object")
         return None
@@ -123,10 +168,24 @@ def _record(item: object, *, index: int, subset: str, path: Path, split: str, da
     masks: list[str] = []
     clean: list[Turn] = []
     for t, turn in enumerate(turns):
-        question = _take_regions(turn.question, f"conversations[{2 * t}].value", regions, path=path, label=label,
-                                 files=files, problems=problems)
-        answer = _take_mask(turn.answer, f"conversations[{2 * t + 1}].value", masks, path=path, label=label,
-                            files=files, problems=problems)
+        question = _take_regions(
+            turn.question,
+            f"conversations[{2 * t}].value",
+            regions,
+            path=path,
+            label=label,
+            files=files,
+            problems=problems,
+        )
+        answer = _take_mask(
+            turn.answer,
+            f"conversations[{2 * t + 1}].value",
+            masks,
+            path=path,
+            label=label,
+            files=files,
+            problems=problems,
+        )
         if question is None or answer is None:
             return None
         clean.append(Turn(question=question, answer=answer))
@@ -138,40 +197,66 @@ def _record(item: object, *, index: int, subset: str, path: Path, split: str, da
         extra["regions"] = regions
     if len(masks) > 1:
         extra["mask_paths"] = masks
-    return Record(id=f"{dataset}/{subset}/{item.get('id', index)}", dataset=dataset, split=split,
-                  question=clean[0].question, answer=clean[0].answer, answer_type=answer_type,
-                  task=SUBSET_TASKS[subset], modality=modality_of(str(image)), image_path=image_path, turns=clean,
-                  mask_path=masks[0] if masks else None, region=regions[0] if regions else None, extra=extra)
+    return Record(
+        id=f"{dataset}/{subset}/{item.get('id', index)}",
+        dataset=dataset,
+        split=split,
+        question=clean[0].question,
+        answer=clean[0].answer,
+        answer_type=answer_type,
+        task=SUBSET_TASKS[subset],
+        modality=modality_of(str(image)),
+        image_path=image_path,
+        turns=clean,
+        mask_path=masks[0] if masks else None,
+        region=regions[0] if regions else None,
+        extra=extra,
+    )
 
 
-def _take_regions(text: str, field_name: str, regions: list[str], *, path: Path, label: str,
-                  files: PathResolver, problems: ProblemLog) -> str | None:
+def _take_regions(
+    text: str, field_name: str, regions: list[str], *, path: Path, label: str, files: PathResolver, problems: ProblemLog
+) -> str | None:
     """Collect ``<region>path</region>`` paths; the text keeps ``<region></region>``."""
     for relative in REGION_TAG.findall(text):
-        resolved = files.resolve(relative.strip(), file=path, record=label, field_name=field_name,
-                                 problems=problems, missing_kind="missing_mask")
+        resolved = files.resolve(
+            relative.strip(),
+            file=path,
+            record=label,
+            field_name=field_name,
+            problems=problems,
+            missing_kind="missing_mask",
+        )
         if resolved is None:
             return None
         regions.append(resolved)
     return REGION_TAG.sub("<region></region>", text)
 
 
-def _take_mask(text: str, field_name: str, masks: list[str], *, path: Path, label: str,
-               files: PathResolver, problems: ProblemLog) -> str | None:
+def _take_mask(
+    text: str, field_name: str, masks: list[str], *, path: Path, label: str, files: PathResolver, problems: ProblemLog
+) -> str | None:
     """Collect the ``<mask>path</mask>`` target of a ``<SEG>`` answer; the text keeps ``<SEG>``."""
     found = MASK_TAG.findall(text)
     if not found:
         return text
     if SEG not in text:
-        problems.report(path, label, field_name, "<mask> without <SEG> (a grounding target needs the <SEG> token)",
-                        "mask_without_seg")
+        problems.report(
+            path,
+            label,
+            field_name,
+            "<mask> without <SEG> (a grounding target needs the <SEG> token)",
+            "mask_without_seg",
+        )
         return None
     if len(found) > 1:
-        problems.report(path, label, field_name, f"{len(found)} <mask> targets in one turn (one is supported)",
-                        "bad_mask_tag")
+        problems.report(
+            path, label, field_name, f"{len(found)} <mask> targets in one turn (one is supported)", "bad_mask_tag"
+        )
         return None
-    resolved = files.resolve(found[0].strip(), file=path, record=label, field_name=field_name,
-                             problems=problems, missing_kind="missing_mask")
+    resolved = files.resolve(
+        found[0].strip(), file=path, record=label, field_name=field_name, problems=problems, missing_kind="missing_mask"
+    )
     if resolved is None:
         return None
     masks.append(resolved)

@@ -40,8 +40,12 @@ def pathvqa_layout(root: Path) -> str:
         return "parquet"
     if pickle_root(root) is not None:
         return "pickle"
-    raise file_error(root, "<layout>", "not a PathVQA folder: expected data/train-*.parquet (hub export) or "
-                     "pvqa/qas/train_vqa.pkl (original release)", "missing_file")
+    raise file_error(
+        root,
+        "<layout>",
+        "not a PathVQA folder: expected data/train-*.parquet (hub export) or pvqa/qas/train_vqa.pkl (original release)",
+        "missing_file",
+    )
 
 
 def available_splits(root: Path) -> list[str]:
@@ -52,8 +56,15 @@ def available_splits(root: Path) -> list[str]:
     return [s for s in PICKLE_SPLITS if (qas / f"{s}_vqa.pkl").is_file() or (qas / s / f"{s}_qa.pkl").is_file()]
 
 
-def read_pathvqa(root: str | Path, split: str, *, dataset: str = "pathvqa", problems: ProblemLog | None = None,
-                 allow_pickle: bool = False, check_images: bool = True) -> list[Record]:
+def read_pathvqa(
+    root: str | Path,
+    split: str,
+    *,
+    dataset: str = "pathvqa",
+    problems: ProblemLog | None = None,
+    allow_pickle: bool = False,
+    check_images: bool = True,
+) -> list[Record]:
     root = Path(root)
     problems = problems or ProblemLog()
     if pathvqa_layout(root) == "parquet":
@@ -68,12 +79,20 @@ def read_pathvqa(root: str | Path, split: str, *, dataset: str = "pathvqa", prob
     path = pvqa / "qas" / f"{name}_vqa.pkl"
     qa_path = pvqa / "qas" / name / f"{name}_qa.pkl"
     if not path.is_file() and qa_path.is_file():  # only the simpler {image, question, answer} pickles
-        return _read_qa_pickle(qa_path, pvqa / "images" / name, split=name, dataset=dataset, problems=problems,
-                               allow_pickle=allow_pickle, check_images=check_images)
+        return _read_qa_pickle(
+            qa_path,
+            pvqa / "images" / name,
+            split=name,
+            dataset=dataset,
+            problems=problems,
+            allow_pickle=allow_pickle,
+            check_images=check_images,
+        )
     items = load_pickle(path, allow_pickle=allow_pickle, dataset=dataset)
     if not isinstance(items, list):
-        raise file_error(path, "<pickle>", f"expected a list of records, got {type(items).__name__}",
-                         "malformed_pickle")
+        raise file_error(
+            path, "<pickle>", f"expected a list of records, got {type(items).__name__}", "malformed_pickle"
+        )
     images = PathResolver(pvqa / "images" / name, check_exists=check_images)
     records: list[Record] = []
     for index, item in enumerate(items):
@@ -86,27 +105,43 @@ def read_pathvqa(root: str | Path, split: str, *, dataset: str = "pathvqa", prob
             continue
         raw_type = str(item.get("answer_type", "")).strip().lower()
         closed = raw_type in CLOSED_TYPES or closed_if_yes_no(answer) == "closed"
-        image = images.resolve(f"{item['img_id']}.jpg", file=path, record=label, field_name="img_id",
-                               problems=problems)
+        image = images.resolve(f"{item['img_id']}.jpg", file=path, record=label, field_name="img_id", problems=problems)
         if image is None:
             continue
-        records.append(Record(id=f"{dataset}/{item['question_id']}", dataset=dataset, split=name,
-                              question=str(item["sent"]), answer=answer, answer_type="closed" if closed else "open",
-                              image_path=image, extra={"question_type": item.get("question_type"),
-                                                       "img_id": str(item["img_id"])}))
+        records.append(
+            Record(
+                id=f"{dataset}/{item['question_id']}",
+                dataset=dataset,
+                split=name,
+                question=str(item["sent"]),
+                answer=answer,
+                answer_type="closed" if closed else "open",
+                image_path=image,
+                extra={"question_type": item.get("question_type"), "img_id": str(item["img_id"])},
+            )
+        )
     return records
 
 
-def _read_qa_pickle(path: Path, image_dir: Path, *, split: str, dataset: str, problems: ProblemLog,
-                    allow_pickle: bool, check_images: bool) -> list[Record]:
+def _read_qa_pickle(
+    path: Path,
+    image_dir: Path,
+    *,
+    split: str,
+    dataset: str,
+    problems: ProblemLog,
+    allow_pickle: bool,
+    check_images: bool,
+) -> list[Record]:
     """``qas/{split}/{split}_qa.pkl``: a list of ``{image, question, answer}`` (image = the img_id).
 
     It has no question ids, so ids are ``<dataset>/<split>/<index>``; closed when the answer is yes/no.
     """
     items = load_pickle(path, allow_pickle=allow_pickle, dataset=dataset)
     if not isinstance(items, list):
-        raise file_error(path, "<pickle>", f"expected a list of records, got {type(items).__name__}",
-                         "malformed_pickle")
+        raise file_error(
+            path, "<pickle>", f"expected a list of records, got {type(items).__name__}", "malformed_pickle"
+        )
     images = PathResolver(image_dir, check_exists=check_images)
     records: list[Record] = []
     for index, item in enumerate(items):
@@ -119,13 +154,23 @@ def _read_qa_pickle(path: Path, image_dir: Path, *, split: str, dataset: str, pr
             problems.report(path, label, "answer", "empty answer", "empty_answer")
             continue
         name = str(item["image"])
-        image = images.resolve(name if Path(name).suffix else f"{name}.jpg", file=path, record=label,
-                               field_name="image", problems=problems)
+        image = images.resolve(
+            name if Path(name).suffix else f"{name}.jpg", file=path, record=label, field_name="image", problems=problems
+        )
         if image is None:
             continue
-        records.append(Record(id=rid, dataset=dataset, split=split, question=str(item["question"]), answer=answer,
-                              answer_type=closed_if_yes_no(answer), image_path=image,
-                              extra={"img_id": Path(name).stem}))
+        records.append(
+            Record(
+                id=rid,
+                dataset=dataset,
+                split=split,
+                question=str(item["question"]),
+                answer=answer,
+                answer_type=closed_if_yes_no(answer),
+                image_path=image,
+                extra={"img_id": Path(name).stem},
+            )
+        )
     return records
 
 

@@ -14,18 +14,37 @@ from typing import Any
 
 from datamodules.problems import file_error
 
-REFUSAL = ("is a Python pickle: loading it executes code stored in the file, so medpipe refuses it unless "
-           "you opt in with allow_pickle: true (e.g. data.datasets.{name}.allow_pickle=true) for a file you "
-           "trust; the hub parquet export needs no opt-in")
+REFUSAL = (
+    "is a Python pickle: loading it executes code stored in the file, so medpipe refuses it unless "
+    "you opt in with allow_pickle: true (e.g. data.datasets.{name}.allow_pickle=true) for a file you "
+    "trust; the hub parquet export needs no opt-in"
+)
 
 _ALLOWED = {
-    ("builtins", name) for name in ("dict", "list", "set", "frozenset", "tuple", "str", "int", "float", "bool",
-                                     "bytes", "bytearray", "complex")
+    ("builtins", name)
+    for name in (
+        "dict",
+        "list",
+        "set",
+        "frozenset",
+        "tuple",
+        "str",
+        "int",
+        "float",
+        "bool",
+        "bytes",
+        "bytearray",
+        "complex",
+    )
 } | {
-    ("collections", "OrderedDict"), ("collections", "defaultdict"),
-    ("numpy", "ndarray"), ("numpy", "dtype"),
-    ("numpy.core.multiarray", "_reconstruct"), ("numpy.core.multiarray", "scalar"),
-    ("numpy._core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "scalar"),
+    ("collections", "OrderedDict"),
+    ("collections", "defaultdict"),
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy.core.multiarray", "scalar"),
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "scalar"),
 }
 
 

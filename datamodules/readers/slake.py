@@ -47,17 +47,25 @@ def slake_split_file(root: Path, split: str) -> Path:
     for name in names:
         if (root / name).is_file():
             return root / name
-    raise file_error(root / names[0], "<file>", f"no {' or '.join(names)} in {root} for split {split!r}",
-                     "missing_file")
+    raise file_error(
+        root / names[0], "<file>", f"no {' or '.join(names)} in {root} for split {split!r}", "missing_file"
+    )
 
 
 def available_splits(root: Path) -> list[str]:
     return [s for s, names in SPLIT_FILES.items() if any((Path(root) / n).is_file() for n in names)]
 
 
-def read_slake(root: str | Path, split: str, *, dataset: str = "slake",
-               languages: tuple[str, ...] | list[str] = ("en",), problems: ProblemLog | None = None,
-               check_images: bool = True, task: str = "vqa") -> list[Record]:
+def read_slake(
+    root: str | Path,
+    split: str,
+    *,
+    dataset: str = "slake",
+    languages: tuple[str, ...] | list[str] = ("en",),
+    problems: ProblemLog | None = None,
+    check_images: bool = True,
+    task: str = "vqa",
+) -> list[Record]:
     """Read one split. English only by default (``languages``); empty answers are bad records."""
     root = Path(root)
     problems = problems or ProblemLog()
@@ -79,20 +87,31 @@ def read_slake(root: str | Path, split: str, *, dataset: str = "slake",
         answer_type = answer_type_of(item["answer_type"], answer, path, label, problems)
         if answer_type is None:
             continue
-        image = images.resolve(str(item["img_name"]), file=path, record=label, field_name="img_name",
-                               problems=problems)
+        image = images.resolve(str(item["img_name"]), file=path, record=label, field_name="img_name", problems=problems)
         if image is None:
             continue
         if image not in organ_masks:
             organ_masks[image] = os.path.join(os.path.dirname(image), "mask.png")
-        records.append(Record(
-            id=f"{dataset}/{item['qid']}", dataset=dataset, split=split_name, question=str(item["question"]),
-            answer=answer, answer_type=answer_type, task="vqa", modality=shared(item.get("modality")),
-            image_path=image,
-            extra={"location": shared(item.get("location")), "content_type": shared(item.get("content_type")),
-                   "q_lang": shared(item.get("q_lang", "en")), "img_id": item.get("img_id"),
-                   "organ_mask": organ_masks[image]},
-        ))
+        records.append(
+            Record(
+                id=f"{dataset}/{item['qid']}",
+                dataset=dataset,
+                split=split_name,
+                question=str(item["question"]),
+                answer=answer,
+                answer_type=answer_type,
+                task="vqa",
+                modality=shared(item.get("modality")),
+                image_path=image,
+                extra={
+                    "location": shared(item.get("location")),
+                    "content_type": shared(item.get("content_type")),
+                    "q_lang": shared(item.get("q_lang", "en")),
+                    "img_id": item.get("img_id"),
+                    "organ_mask": organ_masks[image],
+                },
+            )
+        )
     if task in BOX_TASKS:
         return box_records(records, task=task, dataset=dataset, problems=problems)
     return records
@@ -122,22 +141,35 @@ def box_records(qa_records: list[Record], *, task: str, dataset: str, problems: 
             continue
         for k, entry in enumerate(entries):
             if not (isinstance(entry, dict) and len(entry) == 1):
-                problems.report(detection, k, "<record>", "expected one {organ: [x, y, w, h]} object",
-                                "bad_detection")
+                problems.report(detection, k, "<record>", "expected one {organ: [x, y, w, h]} object", "bad_detection")
                 continue
-            (organ, box), = entry.items()
+            ((organ, box),) = entry.items()
             if not (isinstance(box, list) and len(box) == 4 and all(isinstance(v, (int, float)) for v in box)):
                 problems.report(detection, k, organ, f"expected [x, y, w, h], got {box!r}", "bad_detection")
                 continue
             x, y, w, h = (float(v) for v in box)
-            grid = tuple(min(100, max(0, round(v))) for v in (x / width * 100, y / height * 100,
-                                                               (x + w) / width * 100, (y + h) / height * 100))
+            grid = tuple(
+                min(100, max(0, round(v)))
+                for v in (x / width * 100, y / height * 100, (x + w) / width * 100, (y + h) / height * 100)
+            )
             box_text = format_box(grid)
             name = str(organ).strip()
-            question, answer = ((f"Where is the {name.lower()}?", box_text) if task == "refer"
-                                else (f"What is in {box_text}?", name))
-            out.append(Record(id=f"{dataset}/{task}/{qa.extra.get('img_id')}/{k}", dataset=dataset,
-                              split=qa.split, question=question, answer=answer, answer_type="open", task=task,
-                              modality=qa.modality, image_path=qa.image_path, box=(x, y, w, h),
-                              extra={"organ": name, "img_id": qa.extra.get("img_id")}))
+            question, answer = (
+                (f"Where is the {name.lower()}?", box_text) if task == "refer" else (f"What is in {box_text}?", name)
+            )
+            out.append(
+                Record(
+                    id=f"{dataset}/{task}/{qa.extra.get('img_id')}/{k}",
+                    dataset=dataset,
+                    split=qa.split,
+                    question=question,
+                    answer=answer,
+                    answer_type="open",
+                    task=task,
+                    modality=qa.modality,
+                    image_path=qa.image_path,
+                    box=(x, y, w, h),
+                    extra={"organ": name, "img_id": qa.extra.get("img_id")},
+                )
+            )
     return out

@@ -29,8 +29,12 @@ def vqa_rad_layout(root: Path) -> str:
         return "original"
     if has_parquet(root):
         return "parquet"
-    raise file_error(root, "<layout>", f"not a VQA-RAD folder: expected '{ANNOTATIONS}' (original release) or "
-                     "data/train-*.parquet (hub export)", "missing_file")
+    raise file_error(
+        root,
+        "<layout>",
+        f"not a VQA-RAD folder: expected '{ANNOTATIONS}' (original release) or data/train-*.parquet (hub export)",
+        "missing_file",
+    )
 
 
 def available_splits(root: Path) -> list[str]:
@@ -38,13 +42,20 @@ def available_splits(root: Path) -> list[str]:
     return list(SPLITS) if vqa_rad_layout(root) == "original" else parquet_splits(root, SPLITS)
 
 
-def read_vqa_rad(root: str | Path, split: str, *, dataset: str = "vqa_rad", problems: ProblemLog | None = None,
-                 check_images: bool = True) -> list[Record]:
+def read_vqa_rad(
+    root: str | Path,
+    split: str,
+    *,
+    dataset: str = "vqa_rad",
+    problems: ProblemLog | None = None,
+    check_images: bool = True,
+) -> list[Record]:
     root = Path(root)
     problems = problems or ProblemLog()
     if split not in SPLITS:
-        raise DataError(f"{root}: VQA-RAD has no split {split!r}: it has {', '.join(SPLITS)} "
-                        "(set the dataset's val_split: null)")
+        raise DataError(
+            f"{root}: VQA-RAD has no split {split!r}: it has {', '.join(SPLITS)} (set the dataset's val_split: null)"
+        )
     if vqa_rad_layout(root) == "parquet":
         return read_hub_parquet(root, split, dataset=dataset, problems=problems, check_images=check_images)
     path = root / ANNOTATIONS
@@ -56,8 +67,13 @@ def read_vqa_rad(root: str | Path, split: str, *, dataset: str = "vqa_rad", prob
             continue
         phrase = str(item["phrase_type"]).strip()
         if phrase not in PHRASE_SPLITS:
-            problems.report(path, label, "phrase_type", f"unknown phrase_type {item['phrase_type']!r} "
-                            f"(expected one of {', '.join(PHRASE_SPLITS)})", "unknown_phrase_type")
+            problems.report(
+                path,
+                label,
+                "phrase_type",
+                f"unknown phrase_type {item['phrase_type']!r} (expected one of {', '.join(PHRASE_SPLITS)})",
+                "unknown_phrase_type",
+            )
             continue
         if PHRASE_SPLITS[phrase] != split:
             continue
@@ -67,17 +83,33 @@ def read_vqa_rad(root: str | Path, split: str, *, dataset: str = "vqa_rad", prob
             continue
         kind = str(item["answer_type"]).strip().upper()
         if kind not in ("OPEN", "CLOSED"):
-            problems.report(path, label, "answer_type", f"unknown answer_type {item['answer_type']!r} "
-                            "(expected OPEN or CLOSED)", "unknown_answer_type")
+            problems.report(
+                path,
+                label,
+                "answer_type",
+                f"unknown answer_type {item['answer_type']!r} (expected OPEN or CLOSED)",
+                "unknown_answer_type",
+            )
             continue
-        image = images.resolve(str(item["image_name"]), file=path, record=label, field_name="image_name",
-                               problems=problems)
+        image = images.resolve(
+            str(item["image_name"]), file=path, record=label, field_name="image_name", problems=problems
+        )
         if image is None:
             continue
-        records.append(Record(
-            id=f"{dataset}/{item['qid']}", dataset=dataset, split=split, question=str(item["question"]),
-            answer=answer, answer_type=kind.lower(), image_path=image,
-            extra={"phrase_type": phrase, "question_type": item.get("question_type"),
-                   "image_organ": item.get("image_organ")},
-        ))
+        records.append(
+            Record(
+                id=f"{dataset}/{item['qid']}",
+                dataset=dataset,
+                split=split,
+                question=str(item["question"]),
+                answer=answer,
+                answer_type=kind.lower(),
+                image_path=image,
+                extra={
+                    "phrase_type": phrase,
+                    "question_type": item.get("question_type"),
+                    "image_organ": item.get("image_organ"),
+                },
+            )
+        )
     return records

@@ -27,13 +27,54 @@ LARGEST_ORGAN = {"Brain": "Brain", "Chest": "Lung", "Abdomen": "Liver"}
 
 # Intensities in [0, 1] per modality and tissue; lesions differ per modality like real contrast does.
 _STYLE = {
-    "CT": dict(body=0.42, fat=0.30, bone=0.97, lung=0.06, liver=0.56, kidney=0.62, spleen=0.50,
-               heart=0.50, brain=0.48, csf=0.30, lesion_solid=0.22, lesion_lung=0.62, noise=0.035, blur=0),
-    "MRI": dict(body=0.34, fat=0.85, bone=0.08, lung=0.02, liver=0.28, kidney=0.52, spleen=0.40,
-                heart=0.18, brain=0.58, csf=0.95, lesion_solid=0.92, lesion_lung=0.80, noise=0.05, blur=0),
-    "X-Ray": dict(body=0.55, fat=0.50, bone=1.00, lung=0.18, liver=0.62, kidney=0.62, spleen=0.60,
-                  heart=0.72, brain=0.60, csf=0.55, lesion_solid=0.85, lesion_lung=0.78, noise=0.02,
-                  blur=2),
+    "CT": dict(
+        body=0.42,
+        fat=0.30,
+        bone=0.97,
+        lung=0.06,
+        liver=0.56,
+        kidney=0.62,
+        spleen=0.50,
+        heart=0.50,
+        brain=0.48,
+        csf=0.30,
+        lesion_solid=0.22,
+        lesion_lung=0.62,
+        noise=0.035,
+        blur=0,
+    ),
+    "MRI": dict(
+        body=0.34,
+        fat=0.85,
+        bone=0.08,
+        lung=0.02,
+        liver=0.28,
+        kidney=0.52,
+        spleen=0.40,
+        heart=0.18,
+        brain=0.58,
+        csf=0.95,
+        lesion_solid=0.92,
+        lesion_lung=0.80,
+        noise=0.05,
+        blur=0,
+    ),
+    "X-Ray": dict(
+        body=0.55,
+        fat=0.50,
+        bone=1.00,
+        lung=0.18,
+        liver=0.62,
+        kidney=0.62,
+        spleen=0.60,
+        heart=0.72,
+        brain=0.60,
+        csf=0.55,
+        lesion_solid=0.85,
+        lesion_lung=0.78,
+        noise=0.02,
+        blur=2,
+    ),
 }
 
 
@@ -106,11 +147,18 @@ def _box_blur(img: np.ndarray, radius: int) -> np.ndarray:
     cs = padded.cumsum(0).cumsum(1)
     cs = np.pad(cs, ((1, 0), (1, 0)))
     h, w = img.shape
-    return (cs[k:k + h, k:k + w] - cs[:h, k:k + w] - cs[k:k + h, :w] + cs[:h, :w]) / (k * k)
+    return (cs[k : k + h, k : k + w] - cs[:h, k : k + w] - cs[k : k + h, :w] + cs[:h, :w]) / (k * k)
 
 
-def make_phantom(index: int, *, seed: int = 0, size: int = 128, modality: str | None = None,
-                 body_part: str | None = None, lesion_count: int | None = None) -> Phantom:
+def make_phantom(
+    index: int,
+    *,
+    seed: int = 0,
+    size: int = 128,
+    modality: str | None = None,
+    body_part: str | None = None,
+    lesion_count: int | None = None,
+) -> Phantom:
     """Render phantom number ``index`` of the stream defined by ``seed`` (same inputs, same pixels)."""
     rng = np.random.default_rng([seed, index])
     modality = modality or MODALITIES[rng.integers(len(MODALITIES))]
@@ -120,7 +168,10 @@ def make_phantom(index: int, *, seed: int = 0, size: int = 128, modality: str | 
     style = _STYLE[modality]
     s = float(size)
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
-    jitter = lambda scale: 1.0 + rng.uniform(-scale, scale)
+
+    def jitter(scale: float) -> float:
+        return 1.0 + rng.uniform(-scale, scale)
+
     cx, cy = s / 2 + rng.uniform(-0.03, 0.03) * s, s / 2 + rng.uniform(-0.03, 0.03) * s
     img = np.zeros((size, size), np.float32)
     organs: dict[str, np.ndarray] = {}
@@ -150,8 +201,9 @@ def make_phantom(index: int, *, seed: int = 0, size: int = 128, modality: str | 
         img[heart] = style["heart"]
         spine = _ellipse(yy, xx, cx, cy + ry * 0.72, 0.05 * s, 0.05 * s)
         img[spine] = style["bone"]
-        organs.update({"Left Lung": left_lung & ~heart, "Right Lung": right_lung & ~heart,
-                       "Heart": heart, "Spinal Cord": spine})
+        organs.update(
+            {"Left Lung": left_lung & ~heart, "Right Lung": right_lung & ~heart, "Heart": heart, "Spinal Cord": spine}
+        )
     else:  # Abdomen
         rx, ry = 0.44 * s * jitter(0.05), 0.34 * s * jitter(0.06)
         body = _ellipse(yy, xx, cx, cy, rx, ry)
@@ -166,8 +218,9 @@ def make_phantom(index: int, *, seed: int = 0, size: int = 128, modality: str | 
         img[spleen] = style["spleen"]
         img[kid_r | kid_l] = style["kidney"]
         img[spine] = style["bone"]
-        organs.update({"Liver": liver, "Spleen": spleen, "Right Kidney": kid_r, "Left Kidney": kid_l,
-                       "Spinal Cord": spine})
+        organs.update(
+            {"Liver": liver, "Spleen": spleen, "Right Kidney": kid_r, "Left Kidney": kid_l, "Spinal Cord": spine}
+        )
 
     lesions: list[Lesion] = []
     lesion_mask = np.zeros((size, size), bool)
@@ -178,15 +231,14 @@ def make_phantom(index: int, *, seed: int = 0, size: int = 128, modality: str | 
         value = style["lesion_lung"] if is_lung else style["lesion_solid"]
         ys, xs = np.nonzero(region)
         for _ in range(lesion_count):
-            radius = s * rng.uniform(0.065, 0.095) * (0.75 if organ.endswith("Kidney") or organ == "Spleen"
-                                                       else 1.0)
+            radius = s * rng.uniform(0.065, 0.095) * (0.75 if organ.endswith("Kidney") or organ == "Spleen" else 1.0)
             # place the lesion where it fits inside the organ, apart from earlier lesions
             for _attempt in range(50):
                 k = rng.integers(len(ys))
                 lx, ly = float(xs[k]) + 0.5, float(ys[k]) + 0.5
                 blob = _ellipse(yy, xx, lx, ly, radius, radius)
                 inside = (blob & region).sum() / max(blob.sum(), 1)
-                apart = all(np.hypot(lx - l.center[0], ly - l.center[1]) > 2.4 * radius for l in lesions)
+                apart = all(np.hypot(lx - other.center[0], ly - other.center[1]) > 2.4 * radius for other in lesions)
                 if inside > 0.8 and apart:
                     break
             blob &= region
@@ -198,5 +250,12 @@ def make_phantom(index: int, *, seed: int = 0, size: int = 128, modality: str | 
     img = img + rng.normal(0.0, style["noise"], img.shape).astype(np.float32)
     img = img * jitter(0.06)
     pixels = (np.clip(img, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
-    return Phantom(index=index, modality=modality, body_part=body_part, image=pixels,
-                   organ_masks=organs, lesions=lesions, lesion_mask=lesion_mask if lesions else None)
+    return Phantom(
+        index=index,
+        modality=modality,
+        body_part=body_part,
+        image=pixels,
+        organ_masks=organs,
+        lesions=lesions,
+        lesion_mask=lesion_mask if lesions else None,
+    )

@@ -31,29 +31,37 @@ def phantom_questions(p: Phantom, rng: np.random.Generator, per_image: int = 6) 
     other_mod = MODALITIES[rng.integers(len(MODALITIES))]
     other_part = BODY_PARTS[rng.integers(len(BODY_PARTS))]
     closed = [
-        QA(rng.choice(["Is there a lesion in this image?", "Does this image look abnormal?"]),
-           _yes_no(has_lesion), "CLOSED", "Abnormality"),
+        QA(
+            rng.choice(["Is there a lesion in this image?", "Does this image look abnormal?"]),
+            _yes_no(has_lesion),
+            "CLOSED",
+            "Abnormality",
+        ),
         QA("Does this image look normal?", _yes_no(not has_lesion), "CLOSED", "Abnormality"),
-        QA(f"Is this {_article(other_mod)} {other_mod} scan?", _yes_no(other_mod == p.modality), "CLOSED",
-           "Modality"),
-        QA(f"Is this a scan of the {other_part.lower()}?", _yes_no(other_part == p.body_part),
-           "CLOSED", "Organ"),
+        QA(f"Is this {_article(other_mod)} {other_mod} scan?", _yes_no(other_mod == p.modality), "CLOSED", "Modality"),
+        QA(f"Is this a scan of the {other_part.lower()}?", _yes_no(other_part == p.body_part), "CLOSED", "Organ"),
     ]
     opened = [
-        QA(rng.choice(["What modality is used to take this image?", "Which imaging modality is this?"]),
-           p.modality, "OPEN", "Modality"),
+        QA(
+            rng.choice(["What modality is used to take this image?", "Which imaging modality is this?"]),
+            p.modality,
+            "OPEN",
+            "Modality",
+        ),
         QA("Which part of the body does this image belong to?", p.body_part, "OPEN", "Organ"),
         QA("How many lesions are in this image?", str(p.lesion_count), "OPEN", "Quantity"),
         QA("Which organ is the largest in this image?", LARGEST_ORGAN[p.body_part], "OPEN", "Organ"),
     ]
     if has_lesion:
         side = rng.choice(["left", "right"])
-        closed.append(QA(f"Is the lesion on the {side} side of the body?",
-                         _yes_no(p.lesion_side == side), "CLOSED", "Position"))
+        closed.append(
+            QA(f"Is the lesion on the {side} side of the body?", _yes_no(p.lesion_side == side), "CLOSED", "Position")
+        )
         opened.append(QA("Where is the lesion located?", p.lesion_organ, "OPEN", "Position"))
         if p.lesion_side:
-            opened.append(QA("Which side of the body is the lesion on?", p.lesion_side.capitalize(), "OPEN",
-                             "Position"))
+            opened.append(
+                QA("Which side of the body is the lesion on?", p.lesion_side.capitalize(), "OPEN", "Position")
+            )
     n_closed = min(len(closed), per_image // 2 + int(rng.integers(0, 2)) * (per_image % 2))
     n_open = min(len(opened), per_image - n_closed)
     picks = [closed[i] for i in rng.choice(len(closed), n_closed, replace=False)]
@@ -84,5 +92,7 @@ def class_label(p: Phantom) -> str:
 def text_questions(p: Phantom, rng: np.random.Generator, per_report: int = 2) -> list[QA]:
     """Text-only QA: the phantom's report is in the question, so the answer follows from the text."""
     report = report_text(p)
-    return [QA(f"{report}\n{qa.question}", qa.answer, qa.answer_type, qa.content_type)
-            for qa in phantom_questions(p, rng, per_report)]
+    return [
+        QA(f"{report}\n{qa.question}", qa.answer, qa.answer_type, qa.content_type)
+        for qa in phantom_questions(p, rng, per_report)
+    ]

@@ -20,24 +20,51 @@ def ensure_synthetic(spec: DatasetSpec) -> bool:
     if spec.format == "slake":
         from datamodules.writers.slake import write_slake
 
-        counts = write_slake(root, n_train=syn.train_images, n_val=syn.val_images, n_test=syn.test_images,
-                             questions_per_image=syn.questions_per_image, zh_fraction=syn.zh_fraction,
-                             validation_name=f"{layout}.json", **common)
+        counts = write_slake(
+            root,
+            n_train=syn.train_images,
+            n_val=syn.val_images,
+            n_test=syn.test_images,
+            questions_per_image=syn.questions_per_image,
+            zh_fraction=syn.zh_fraction,
+            validation_name=f"{layout}.json",
+            **common,
+        )
     elif spec.format == "conversation":
         from datamodules.writers.conversation import write_conversation
 
-        counts = write_conversation(root, kind=syn.kind, n_train=syn.train_images, n_val=syn.val_images,
-                                    n_test=syn.test_images, questions_per_image=syn.questions_per_image, **common)
+        counts = write_conversation(
+            root,
+            kind=syn.kind,
+            n_train=syn.train_images,
+            n_val=syn.val_images,
+            n_test=syn.test_images,
+            questions_per_image=syn.questions_per_image,
+            **common,
+        )
     elif spec.format == "vqa_rad":
         from datamodules.writers.vqa_rad import write_vqa_rad
 
-        counts = write_vqa_rad(root, layout=layout, n_train=syn.train_images, n_test=syn.test_images,
-                               questions_per_image=syn.questions_per_image, **common)
+        counts = write_vqa_rad(
+            root,
+            layout=layout,
+            n_train=syn.train_images,
+            n_test=syn.test_images,
+            questions_per_image=syn.questions_per_image,
+            **common,
+        )
     elif spec.format == "pathvqa":
         from datamodules.writers.pathvqa import write_pathvqa
 
-        counts = write_pathvqa(root, layout=layout, n_train=syn.train_images, n_val=syn.val_images,
-                               n_test=syn.test_images, questions_per_image=syn.questions_per_image, **common)
+        counts = write_pathvqa(
+            root,
+            layout=layout,
+            n_train=syn.train_images,
+            n_val=syn.val_images,
+            n_test=syn.test_images,
+            questions_per_image=syn.questions_per_image,
+            **common,
+        )
     elif spec.format == "mecovqa":
         from datamodules.writers.mecovqa import write_mecovqa
 

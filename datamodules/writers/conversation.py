@@ -31,9 +31,18 @@ from datamodules.synthetic.questions import (
 KINDS = ("caption", "vqa", "cls", "qa")
 
 
-def write_conversation(root: str | Path, *, kind: str = "caption", n_train: int = 240, n_val: int = 30,
-                       n_test: int = 60, seed: int = 0, size: int = 128, questions_per_image: int = 6,
-                       first_index: int = 0) -> dict[str, int]:
+def write_conversation(
+    root: str | Path,
+    *,
+    kind: str = "caption",
+    n_train: int = 240,
+    n_val: int = 30,
+    n_test: int = 60,
+    seed: int = 0,
+    size: int = 128,
+    questions_per_image: int = 6,
+    first_index: int = 0,
+) -> dict[str, int]:
     """Write the three split files and their images; returns records per split.
 
     Phantom ``first_index + i`` of stream ``seed`` is image ``i``, so a caption set and a SLAKE set
@@ -53,27 +62,58 @@ def write_conversation(root: str | Path, *, kind: str = "caption", n_train: int 
             name = f"images/phantom_{index}.jpg"
             if kind == "qa":  # text only: no image file, no image key
                 for k, qa in enumerate(text_questions(p, rng, max(1, questions_per_image // 3))):
-                    records.append({"id": f"qa-{index}-{k}", "answer_type": qa.answer_type,
-                                    "conversations": [{"from": "human", "value": qa.question},
-                                                      {"from": "gpt", "value": qa.answer}]})
+                    records.append(
+                        {
+                            "id": f"qa-{index}-{k}",
+                            "answer_type": qa.answer_type,
+                            "conversations": [
+                                {"from": "human", "value": qa.question},
+                                {"from": "gpt", "value": qa.answer},
+                            ],
+                        }
+                    )
                 index += 1
                 continue
             Image.fromarray(p.image).convert("RGB").save(root / name, quality=95)
             if kind == "cls":
-                records.append({"id": f"cls-{index}", "image": name, "modality": p.modality,
-                                "conversations": [{"from": "human", "value": f"<image>\n{CLASS_PROMPT}"},
-                                                  {"from": "gpt", "value": class_label(p)}]})
+                records.append(
+                    {
+                        "id": f"cls-{index}",
+                        "image": name,
+                        "modality": p.modality,
+                        "conversations": [
+                            {"from": "human", "value": f"<image>\n{CLASS_PROMPT}"},
+                            {"from": "gpt", "value": class_label(p)},
+                        ],
+                    }
+                )
             elif kind == "caption":
                 prompt = CAPTION_PROMPTS[int(rng.integers(len(CAPTION_PROMPTS)))]
-                records.append({"id": f"cap-{index}", "image": name, "modality": p.modality,
-                                "conversations": [{"from": "human", "value": f"<image>\n{prompt}"},
-                                                  {"from": "gpt", "value": report_text(p)}]})
+                records.append(
+                    {
+                        "id": f"cap-{index}",
+                        "image": name,
+                        "modality": p.modality,
+                        "conversations": [
+                            {"from": "human", "value": f"<image>\n{prompt}"},
+                            {"from": "gpt", "value": report_text(p)},
+                        ],
+                    }
+                )
             else:
                 for k, qa in enumerate(phantom_questions(p, rng, questions_per_image)):
-                    records.append({"id": f"vqa-{index}-{k}", "image": name, "modality": p.modality,
-                                    "answer_type": qa.answer_type,
-                                    "conversations": [{"from": "human", "value": f"<image>\n{qa.question}"},
-                                                      {"from": "gpt", "value": qa.answer}]})
+                    records.append(
+                        {
+                            "id": f"vqa-{index}-{k}",
+                            "image": name,
+                            "modality": p.modality,
+                            "answer_type": qa.answer_type,
+                            "conversations": [
+                                {"from": "human", "value": f"<image>\n{qa.question}"},
+                                {"from": "gpt", "value": qa.answer},
+                            ],
+                        }
+                    )
             index += 1
         (root / f"{split}.json").write_text(json.dumps(records, indent=1))
         counts[split] = len(records)

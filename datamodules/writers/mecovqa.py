@@ -23,10 +23,16 @@ from PIL import Image
 from datamodules.synthetic.phantoms import Phantom, make_phantom
 from datamodules.synthetic.questions import phantom_questions
 
-TRAIN_FILES = {"complex": "MeCoVQA-Complex.json", "region": "MeCoVQA-Region.json",
-               "grounding": "MeCoVQA-Grounding.json"}
-TEST_FILES = {"complex": "MeCoVQA_Complex_VQA_test.json", "region": "MeCoVQA_Region_VQA_test.json",
-              "grounding": "MeCoVQA_Grounding_test.json"}
+TRAIN_FILES = {
+    "complex": "MeCoVQA-Complex.json",
+    "region": "MeCoVQA-Region.json",
+    "grounding": "MeCoVQA-Grounding.json",
+}
+TEST_FILES = {
+    "complex": "MeCoVQA_Complex_VQA_test.json",
+    "region": "MeCoVQA_Region_VQA_test.json",
+    "grounding": "MeCoVQA_Grounding_test.json",
+}
 PREFIXES = {"CT": "ct_00", "MRI": "mr_00", "X-Ray": "x_ray"}  # SA-Med2D file-name prefixes
 
 
@@ -39,8 +45,9 @@ def _slug(name: str) -> str:
     return name.lower().replace(" ", "_")
 
 
-def write_mecovqa(root: str | Path, *, n_train: int = 240, n_test: int = 60, seed: int = 0,
-                  size: int = 128) -> dict[str, int]:
+def write_mecovqa(
+    root: str | Path, *, n_train: int = 240, n_test: int = 60, seed: int = 0, size: int = 128
+) -> dict[str, int]:
     """Write both splits; returns records per split (three per image)."""
     root = Path(root)
     for folder in ("images", "masks", "masks_merged"):
@@ -68,9 +75,16 @@ def write_mecovqa(root: str | Path, *, n_train: int = 240, n_test: int = 60, see
 
 def _complex(p: Phantom, image: str, rng: np.random.Generator) -> dict:
     first, second = phantom_questions(p, rng, 2)
-    return {"id": f"complex-{p.index}", "image": image, "conversations": [
-        {"from": "human", "value": f"<image>\n{first.question}"}, {"from": "gpt", "value": first.answer},
-        {"from": "human", "value": second.question}, {"from": "gpt", "value": second.answer}]}
+    return {
+        "id": f"complex-{p.index}",
+        "image": image,
+        "conversations": [
+            {"from": "human", "value": f"<image>\n{first.question}"},
+            {"from": "gpt", "value": first.answer},
+            {"from": "human", "value": second.question},
+            {"from": "gpt", "value": second.answer},
+        ],
+    }
 
 
 def _region(p: Phantom, image: str, stem: str, root: Path, rng: np.random.Generator) -> dict:
@@ -84,8 +98,11 @@ def _region(p: Phantom, image: str, stem: str, root: Path, rng: np.random.Genera
     else:
         inside = p.lesion_mask is not None and bool((p.lesion_mask & p.organ_masks[organ]).any())
         question, answer = f"Is there a lesion in {region}?", "Yes" if inside else "No"
-    return {"id": f"region-{p.index}", "image": image, "conversations": [
-        {"from": "human", "value": f"<image>\n{question}"}, {"from": "gpt", "value": answer}]}
+    return {
+        "id": f"region-{p.index}",
+        "image": image,
+        "conversations": [{"from": "human", "value": f"<image>\n{question}"}, {"from": "gpt", "value": answer}],
+    }
 
 
 def _grounding(p: Phantom, image: str, stem: str, root: Path, rng: np.random.Generator) -> dict:
@@ -97,6 +114,11 @@ def _grounding(p: Phantom, image: str, stem: str, root: Path, rng: np.random.Gen
         mask = p.organ_masks[target]
     mask_name = f"masks_merged/{stem}--{_slug(target)}_merged.png"
     Image.fromarray(mask.astype(np.uint8) * 255).save(root / mask_name)
-    return {"id": f"grounding-{p.index}", "image": image, "conversations": [
-        {"from": "human", "value": f"<image>\nPlease segment the {target.lower()} in this image."},
-        {"from": "gpt", "value": f"Sure, it is <SEG>. <mask>{mask_name}</mask>"}]}
+    return {
+        "id": f"grounding-{p.index}",
+        "image": image,
+        "conversations": [
+            {"from": "human", "value": f"<image>\nPlease segment the {target.lower()} in this image."},
+            {"from": "gpt", "value": f"Sure, it is <SEG>. <mask>{mask_name}</mask>"},
+        ],
+    }

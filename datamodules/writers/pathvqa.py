@@ -1,8 +1,8 @@
 """Write phantom VQA data in PathVQA's layouts.
 
-    parquet:  ROOT/data/{train,validation,test}-00000-of-00001.parquet
-    pickle:   ROOT/images/{train,val,test}/<img_id>.jpg   (ROOT is the release's pvqa/ folder)
-              ROOT/qas/{split}_vqa.pkl   ROOT/qas/{split}/{split}_qa.pkl
+parquet:  ROOT/data/{train,validation,test}-00000-of-00001.parquet
+pickle:   ROOT/images/{train,val,test}/<img_id>.jpg   (ROOT is the release's pvqa/ folder)
+          ROOT/qas/{split}_vqa.pkl   ROOT/qas/{split}/{split}_qa.pkl
 """
 
 from __future__ import annotations
@@ -21,8 +21,17 @@ LAYOUTS = ("parquet", "pickle")
 SPLITS = {"parquet": ("train", "validation", "test"), "pickle": ("train", "val", "test")}
 
 
-def write_pathvqa(root: str | Path, *, layout: str = "parquet", n_train: int = 240, n_val: int = 30,
-                  n_test: int = 60, seed: int = 0, size: int = 128, questions_per_image: int = 6) -> dict[str, int]:
+def write_pathvqa(
+    root: str | Path,
+    *,
+    layout: str = "parquet",
+    n_train: int = 240,
+    n_val: int = 30,
+    n_test: int = 60,
+    seed: int = 0,
+    size: int = 128,
+    questions_per_image: int = 6,
+) -> dict[str, int]:
     """Write the dataset; returns QA pairs per split (named as in the layout)."""
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
@@ -44,13 +53,21 @@ def write_pathvqa(root: str | Path, *, layout: str = "parquet", n_train: int = 2
             for qa in phantom_questions(p, rng, questions_per_image):
                 closed = qa.answer_type == "CLOSED"
                 answer = qa.answer.lower() if closed else qa.answer
-                vqa.append({"answer_type": "yes/no" if closed else "other", "img_id": img_id, "label": {answer: 1},
-                            "question_id": question_id, "question_type": qa.content_type.lower(),
-                            "sent": qa.question})
+                vqa.append(
+                    {
+                        "answer_type": "yes/no" if closed else "other",
+                        "img_id": img_id,
+                        "label": {answer: 1},
+                        "question_id": question_id,
+                        "question_type": qa.content_type.lower(),
+                        "sent": qa.question,
+                    }
+                )
                 qa_rows.append({"image": img_id, "question": qa.question, "answer": answer})
                 if layout == "parquet":
-                    rows.append({"image": {"bytes": data, "path": f"{img_id}.jpg"}, "question": qa.question,
-                                 "answer": answer})
+                    rows.append(
+                        {"image": {"bytes": data, "path": f"{img_id}.jpg"}, "question": qa.question, "answer": answer}
+                    )
                 question_id += 1
             index += 1
         if layout == "pickle":

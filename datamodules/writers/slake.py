@@ -1,7 +1,7 @@
 """Write phantom VQA data in the SLAKE 1.0 release layout.
 
-    ROOT/train.json  validate.json  test.json
-    ROOT/imgs/xmlab<N>/source.jpg  mask.png  detection.json  question.json
+ROOT/train.json  validate.json  test.json
+ROOT/imgs/xmlab<N>/source.jpg  mask.png  detection.json  question.json
 """
 
 from __future__ import annotations
@@ -19,9 +19,18 @@ SPLIT_FILES = {"train": "train.json", "validate": "validate.json", "test": "test
 _ZH = {"Yes": "是", "No": "否"}
 
 
-def write_slake(root: str | Path, *, n_train: int = 240, n_val: int = 30, n_test: int = 60,
-                seed: int = 0, size: int = 128, questions_per_image: int = 6,
-                zh_fraction: float = 0.0, validation_name: str = "validate.json") -> dict[str, int]:
+def write_slake(
+    root: str | Path,
+    *,
+    n_train: int = 240,
+    n_val: int = 30,
+    n_test: int = 60,
+    seed: int = 0,
+    size: int = 128,
+    questions_per_image: int = 6,
+    zh_fraction: float = 0.0,
+    validation_name: str = "validate.json",
+) -> dict[str, int]:
     """Write a synthetic SLAKE-layout dataset; returns the number of QA records per split.
 
     Images differ between splits. ``zh_fraction`` adds Chinese-language copies of closed
@@ -50,17 +59,32 @@ def write_slake(root: str | Path, *, n_train: int = 240, n_val: int = 30, n_test
             (img_dir / "detection.json").write_text(json.dumps(detection))
             per_image = []
             for qa in phantom_questions(p, rng, questions_per_image):
-                rec = {"img_id": img_id, "img_name": f"xmlab{img_id}/source.jpg",
-                       "question": qa.question, "answer": qa.answer, "q_lang": "en",
-                       "location": p.body_part, "modality": p.modality,
-                       "answer_type": qa.answer_type, "base_type": "vqa",
-                       "content_type": qa.content_type, "triple": ["vhead", "_", "_"], "qid": qid}
+                rec = {
+                    "img_id": img_id,
+                    "img_name": f"xmlab{img_id}/source.jpg",
+                    "question": qa.question,
+                    "answer": qa.answer,
+                    "q_lang": "en",
+                    "location": p.body_part,
+                    "modality": p.modality,
+                    "answer_type": qa.answer_type,
+                    "base_type": "vqa",
+                    "content_type": qa.content_type,
+                    "triple": ["vhead", "_", "_"],
+                    "qid": qid,
+                }
                 qid += 1
                 per_image.append(rec)
                 if qa.answer in _ZH and rng.random() < zh_fraction:
-                    per_image.append({**rec, "question": "这张图片是否正常?" if "normal" in qa.question
-                                      else "这是异常吗?", "answer": _ZH[qa.answer], "q_lang": "zh",
-                                      "qid": qid})
+                    per_image.append(
+                        {
+                            **rec,
+                            "question": "这张图片是否正常?" if "normal" in qa.question else "这是异常吗?",
+                            "answer": _ZH[qa.answer],
+                            "q_lang": "zh",
+                            "qid": qid,
+                        }
+                    )
                     qid += 1
             (img_dir / "question.json").write_text(json.dumps(per_image, ensure_ascii=False))
             records.extend(per_image)

@@ -24,14 +24,28 @@ ANNOTATIONS = "VQA_RAD Dataset Public.json"
 IMAGE_FOLDER = "VQA_RAD Image Folder"
 LAYOUTS = ("original", "parquet")
 ORGANS = {"Brain": "HEAD", "Chest": "CHEST", "Abdomen": "ABD"}
-QUESTION_TYPES = {"Abnormality": "PRES", "Modality": "MODALITY", "Organ": "ORGAN", "Position": "POS",
-                  "Quantity": "COUNT", "Plane": "PLANE"}
+QUESTION_TYPES = {
+    "Abnormality": "PRES",
+    "Modality": "MODALITY",
+    "Organ": "ORGAN",
+    "Position": "POS",
+    "Quantity": "COUNT",
+    "Plane": "PLANE",
+}
 FIRST_SYNPIC = 50000
 
 
-def write_vqa_rad(root: str | Path, *, layout: str = "original", n_train: int = 240, n_test: int = 60,
-                  seed: int = 0, size: int = 128, questions_per_image: int = 6,
-                  para_fraction: float = 0.25) -> dict[str, int]:
+def write_vqa_rad(
+    root: str | Path,
+    *,
+    layout: str = "original",
+    n_train: int = 240,
+    n_test: int = 60,
+    seed: int = 0,
+    size: int = 128,
+    questions_per_image: int = 6,
+    para_fraction: float = 0.25,
+) -> dict[str, int]:
     """Write the dataset; returns QA pairs per split (train = freeform + para)."""
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
@@ -49,18 +63,34 @@ def write_vqa_rad(root: str | Path, *, layout: str = "original", n_train: int = 
             closed = qa.answer_type == "CLOSED"
             answer: object = int(qa.answer) if qa.answer.isdigit() else qa.answer  # counts are numbers
             kind = qa.answer_type if rng.random() < 0.8 else (f"{qa.answer_type} " if closed else "open")
-            base = {"qid": qid, "phrase_type": "test_freeform" if test else "freeform", "qid_linked_id": qid,
-                    "image_case_url": f"https://medpix.nlm.nih.gov/case?id=synthetic-{index}",
-                    "image_name": name, "image_organ": ORGANS[p.body_part], "evaluation": "given",
-                    "question": qa.question, "question_rephrase": "NULL", "question_relation": "NULL",
-                    "question_frame": "NULL", "question_type": QUESTION_TYPES.get(qa.content_type, "OTHER"),
-                    "answer": answer, "answer_type": kind}
+            base = {
+                "qid": qid,
+                "phrase_type": "test_freeform" if test else "freeform",
+                "qid_linked_id": qid,
+                "image_case_url": f"https://medpix.nlm.nih.gov/case?id=synthetic-{index}",
+                "image_name": name,
+                "image_organ": ORGANS[p.body_part],
+                "evaluation": "given",
+                "question": qa.question,
+                "question_rephrase": "NULL",
+                "question_relation": "NULL",
+                "question_frame": "NULL",
+                "question_type": QUESTION_TYPES.get(qa.content_type, "OTHER"),
+                "answer": answer,
+                "answer_type": kind,
+            }
             items.append(base)
             qid += 1
             if rng.random() < para_fraction:
-                items.append({**base, "qid": qid, "qid_linked_id": base["qid"],
-                              "phrase_type": "test_para" if test else "para",
-                              "question": f"Looking at this image: {qa.question[0].lower()}{qa.question[1:]}"})
+                items.append(
+                    {
+                        **base,
+                        "qid": qid,
+                        "qid_linked_id": base["qid"],
+                        "phrase_type": "test_para" if test else "para",
+                        "question": f"Looking at this image: {qa.question[0].lower()}{qa.question[1:]}",
+                    }
+                )
                 qid += 1
     counts = {"train": sum(not i["phrase_type"].startswith("test") for i in items)}
     counts["test"] = len(items) - counts["train"]
@@ -72,7 +102,14 @@ def write_vqa_rad(root: str | Path, *, layout: str = "original", n_train: int = 
         return counts
     encoded = {name: encode_image(pixels) for name, pixels in images.items()}
     for split in ("train", "test"):
-        rows = [{"image": {"bytes": encoded[i["image_name"]], "path": i["image_name"]}, "question": i["question"],
-                 "answer": str(i["answer"])} for i in items if i["phrase_type"].startswith("test") == (split == "test")]
+        rows = [
+            {
+                "image": {"bytes": encoded[i["image_name"]], "path": i["image_name"]},
+                "question": i["question"],
+                "answer": str(i["answer"]),
+            }
+            for i in items
+            if i["phrase_type"].startswith("test") == (split == "test")
+        ]
         write_hub_parquet(root / "data" / f"{split}-00000-of-00001.parquet", rows)
     return counts

@@ -41,10 +41,18 @@ def _focal_loss_fn(gamma: float, alpha: float | None):
     return FocalLoss(use_softmax=False, gamma=gamma, alpha=alpha, reduction="mean")
 
 
-def mask_losses(logits: Sequence[torch.Tensor], targets: Sequence[torch.Tensor], *, bce_weight: float,
-                dice_weight: float, focal_weight: float = 0.0, focal_gamma: float = 2.0,
-                focal_alpha: float | None = FOCAL_ALPHA, dice_eps: float = DICE_EPS,
-                zero: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+def mask_losses(
+    logits: Sequence[torch.Tensor],
+    targets: Sequence[torch.Tensor],
+    *,
+    bce_weight: float,
+    dice_weight: float,
+    focal_weight: float = 0.0,
+    focal_gamma: float = 2.0,
+    focal_alpha: float | None = FOCAL_ALPHA,
+    dice_eps: float = DICE_EPS,
+    zero: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:
     """``loss`` (weighted sum) and the unweighted ``bce``, ``dice``, ``focal`` means over masks.
 
     ``logits[i]`` and ``targets[i]`` are (H_i, W_i): mask logits and the bool (or 0/1) target at the
@@ -59,10 +67,12 @@ def mask_losses(logits: Sequence[torch.Tensor], targets: Sequence[torch.Tensor],
     dice_fn = _dice_loss_fn(dice_eps)
     focal_fn = _focal_loss_fn(focal_gamma, focal_alpha) if focal_weight > 0 else None
     bce_terms, dice_terms, focal_terms = [], [], []
-    for index, (logit, target) in enumerate(zip(logits, targets)):
+    for index, (logit, target) in enumerate(zip(logits, targets, strict=True)):
         if logit.shape != target.shape:
-            raise ValueError(f"mask {index}: logits {tuple(logit.shape)} but target {tuple(target.shape)}; "
-                             "score masks at the target's (original) resolution")
+            raise ValueError(
+                f"mask {index}: logits {tuple(logit.shape)} but target {tuple(target.shape)}; "
+                "score masks at the target's (original) resolution"
+            )
         logit = logit.float()[None, None]  # (1, 1, H, W)
         target = target.to(logit.dtype)[None, None]  # (1, 1, H, W)
         bce_terms.append(F.binary_cross_entropy_with_logits(logit, target))

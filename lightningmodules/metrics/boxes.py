@@ -65,8 +65,9 @@ def box_iou(a: Sequence[float], b: Sequence[float], inclusive: bool = False) -> 
     return inter / union if union > 0 else 0.0
 
 
-def rec_scores(preds: Sequence[str | None], gts: Sequence[str | Sequence[int]],
-               grid: int = 100, inclusive: bool = False) -> dict[str, float]:
+def rec_scores(
+    preds: Sequence[str | None], gts: Sequence[str | Sequence[int]], grid: int = 100, inclusive: bool = False
+) -> dict[str, float]:
     """Referring-expression comprehension: mean IoU and accuracy at IoU > 0.5 (strict).
 
     An unparseable prediction scores IoU 0 and is counted in ``rec_unparseable``. Ground truths
@@ -77,7 +78,7 @@ def rec_scores(preds: Sequence[str | None], gts: Sequence[str | Sequence[int]],
         raise ValueError(f"{len(preds)} predictions but {len(gts)} ground-truth boxes")
     ious: list[float] = []
     unparseable = 0
-    for index, (pred, gt) in enumerate(zip(preds, gts)):
+    for index, (pred, gt) in enumerate(zip(preds, gts, strict=True)):
         gt_box = parse_box(gt, grid) if isinstance(gt, str) else gt
         if gt_box is None or len(gt_box) != 4:
             raise ValueError(f"ground-truth box {index} is invalid: {gt!r}")

@@ -5,7 +5,8 @@ Grounding (:func:`grounding_summary`):
 ``GroundingVLMModule.test_step`` puts per-image ``iou`` (MedPLIB: sigmoid > threshold, 0 for an empty
 union or no mask), ``pixel_dice`` (MONAI's per-image Dice, None for an empty target) and
 ``seg_produced`` into the rows of samples with a target mask (masks themselves are not kept, so a big
-test set costs no memory; ``report.segmentation_report`` is the same computation on mask lists). mDice = mean of 2 IoU / (1 + IoU)
+test set costs no memory; ``report.segmentation_report`` is the same computation on mask lists).
+mDice = mean of 2 IoU / (1 + IoU)
 and mIoU = mean IoU over images (the same numbers as ``segmentation.segmentation_scores`` on the
 masks), per modality too; ``monai_dice`` = mean pixel Dice over non-empty targets (MONAI DiceMetric's
 ``ignore_empty``); ``no_mask`` = images whose answer had no ``<SEG>`` (scored with the empty fallback).
@@ -32,8 +33,12 @@ def grounding_summary(rows: Iterable[dict[str, Any]]) -> dict[str, float]:
     if not scored:
         return {}
     ious = np.array([float(r["iou"]) for r in scored])
-    out = {"seg/mdice": float(np.mean([dice_from_iou(i) for i in ious])), "seg/miou": float(ious.mean()),
-           "seg/count": float(len(scored)), "seg/no_mask": float(sum(not r.get("seg_produced", True) for r in scored))}
+    out = {
+        "seg/mdice": float(np.mean([dice_from_iou(i) for i in ious])),
+        "seg/miou": float(ious.mean()),
+        "seg/count": float(len(scored)),
+        "seg/no_mask": float(sum(not r.get("seg_produced", True) for r in scored)),
+    }
     pixel = [float(r["pixel_dice"]) for r in scored if r.get("pixel_dice") is not None]
     out["seg/monai_dice"] = float(np.mean(pixel)) if pixel else float("nan")
     by_modality: dict[str, list[float]] = {}
@@ -49,8 +54,11 @@ def grounding_summary(rows: Iterable[dict[str, Any]]) -> dict[str, float]:
 
 def region_vqa_summary(rows: Iterable[dict[str, Any]]) -> dict[str, float]:
     """``region/<metric>`` of MedPLIB's protocol over the ``region`` task's rows (empty without any)."""
-    items = [{"pred": r.get("text"), "gt": r["answer"], "answer_type": r["answer_type"]}
-             for r in rows if r.get("task") == "region"]
+    items = [
+        {"pred": r.get("text"), "gt": r["answer"], "answer_type": r["answer_type"]}
+        for r in rows
+        if r.get("task") == "region"
+    ]
     if not items:
         return {}
     return {f"region/{k}": float(v) for k, v in score_protocol("medplib", items).items()}

@@ -98,12 +98,12 @@ def answer_kind(answer_type: Any) -> str:
         return "closed"
     if kind in _OPEN_TYPES:
         return "open"
-    raise ValueError(f"answer_type {answer_type!r} is neither closed {sorted(_CLOSED_TYPES)} "
-                     f"nor open {sorted(_OPEN_TYPES)}")
+    raise ValueError(
+        f"answer_type {answer_type!r} is neither closed {sorted(_CLOSED_TYPES)} nor open {sorted(_OPEN_TYPES)}"
+    )
 
 
-def score_protocol(protocol: str, items: Iterable[Mapping[str, Any]],
-                   counting: str = "multiset") -> dict[str, float]:
+def score_protocol(protocol: str, items: Iterable[Mapping[str, Any]], counting: str = "multiset") -> dict[str, float]:
     """Average the protocol's scores over ``items`` (dicts with ``pred``, ``gt``, ``answer_type``).
 
     Closed metrics are averaged over closed items and open metrics over open items only.

@@ -27,12 +27,12 @@ def generation_scores(pairs: list[Pair]) -> dict[str, float]:
         return {}
     preds = [p.prediction for p in pairs]
     gts = [p.reference.answer for p in pairs]
-    per_sample = [cumulative_bleu(p, g, 4) for p, g in zip(preds, gts)]
+    per_sample = [cumulative_bleu(p, g, 4) for p, g in zip(preds, gts, strict=True)]
     out = {f"bleu{n}": _mean([s[n - 1] for s in per_sample]) for n in range(1, 5)}
     out.update({f"corpus_bleu{n}": corpus_bleu(preds, gts, max_n=n) for n in range(1, 5)})
-    out["rouge_l"] = _mean([rouge_l(p, g) for p, g in zip(preds, gts)])
-    out["token_f1"] = _mean([token_f1(p, g) for p, g in zip(preds, gts)])
-    out["exact_match"] = _mean([exact_match(p, g) for p, g in zip(preds, gts)])
+    out["rouge_l"] = _mean([rouge_l(p, g) for p, g in zip(preds, gts, strict=True)])
+    out["token_f1"] = _mean([token_f1(p, g) for p, g in zip(preds, gts, strict=True)])
+    out["exact_match"] = _mean([exact_match(p, g) for p, g in zip(preds, gts, strict=True)])
     out["count"] = float(len(pairs))
     return out
 
@@ -41,8 +41,10 @@ def _task_scores(task: str, pairs: list[Pair]) -> dict[str, float]:
     if task == "refer":  # referring expression comprehension: a box on the 0-100 grid
         return rec_scores([p.prediction for p in pairs], [p.reference.answer for p in pairs])
     if task == "cls":
-        return {"accuracy": _mean([exact_match(p.prediction, p.reference.answer) for p in pairs]),
-                "count": float(len(pairs))}
+        return {
+            "accuracy": _mean([exact_match(p.prediction, p.reference.answer) for p in pairs]),
+            "count": float(len(pairs)),
+        }
     return generation_scores(pairs)  # identify (REG), caption (report generation), anything else
 
 
@@ -58,8 +60,16 @@ def breakdown(pairs: list[Pair]) -> list[dict[str, Any]]:
             score = _mean([float(closed_hit("default", p.prediction, p.reference.answer)) for p in items])
         else:
             score = _mean([token_recall(p.prediction, p.reference.answer) for p in items])
-        rows.append({"dataset": dataset, "answer_type": kind, "modality": modality, "count": len(items),
-                     "metric": "closed_accuracy" if kind == "closed" else "open_recall", "score": score})
+        rows.append(
+            {
+                "dataset": dataset,
+                "answer_type": kind,
+                "modality": modality,
+                "count": len(items),
+                "metric": "closed_accuracy" if kind == "closed" else "open_recall",
+                "score": score,
+            }
+        )
     return rows
 
 
@@ -79,8 +89,9 @@ def evaluation_report(pairs: list[Pair]) -> dict[str, Any]:
     return report
 
 
-def segmentation_report(logits: list[Any], gts: list[Any], modalities: list[str] | None = None, *,
-                        threshold: float = 0.1) -> dict[str, float]:
+def segmentation_report(
+    logits: list[Any], gts: list[Any], modalities: list[str] | None = None, *, threshold: float = 0.1
+) -> dict[str, float]:
     """MedPLIB's mDice / mIoU (per image at original resolution, also per modality) with MONAI's
     DiceMetric alongside. ``logits`` entries are (H, W) mask logits at the ground truth's resolution,
     or None where the model produced no mask (scores 0, counted as ``no_mask``)."""
@@ -114,10 +125,10 @@ def format_report(report: dict[str, Any]) -> str:
     lines = [f"# Evaluation report ({report['count']} predictions)", ""]
     protocols = report.get("protocols", {})
     if protocols:
-        metrics = sorted({k for scores in protocols.values() for k in scores},
-                         key=lambda k: (not k.startswith("closed"), k))
-        lines += ["## Protocols", "", "| metric | " + " | ".join(protocols) + " |",
-                  "|---|" + "---|" * len(protocols)]
+        metrics = sorted(
+            {k for scores in protocols.values() for k in scores}, key=lambda k: (not k.startswith("closed"), k)
+        )
+        lines += ["## Protocols", "", "| metric | " + " | ".join(protocols) + " |", "|---|" + "---|" * len(protocols)]
         for metric in metrics:
             cells = [_cell(protocols[name].get(metric)) for name in protocols]
             lines.append(f"| {metric} | " + " | ".join(cells) + " |")
@@ -131,10 +142,17 @@ def format_report(report: dict[str, Any]) -> str:
         lines += [f"| {k} | {_cell(v)} |" for k, v in scores.items()]
         lines.append("")
     if report.get("breakdown"):
-        lines += ["## By dataset, answer type and modality (default protocol)", "",
-                  "| dataset | answer type | modality | count | metric | score |", "|---|---|---|---|---|---|"]
-        lines += [f"| {r['dataset']} | {r['answer_type']} | {r['modality']} | {r['count']} | {r['metric']} | "
-                  f"{_cell(r['score'])} |" for r in report["breakdown"]]
+        lines += [
+            "## By dataset, answer type and modality (default protocol)",
+            "",
+            "| dataset | answer type | modality | count | metric | score |",
+            "|---|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {r['dataset']} | {r['answer_type']} | {r['modality']} | {r['count']} | {r['metric']} | "
+            f"{_cell(r['score'])} |"
+            for r in report["breakdown"]
+        ]
     return "\n".join(lines) + "\n"
 
 

@@ -20,8 +20,7 @@ class RoutingByTask(Metric):
         super().__init__()
         self.num_tasks = num_tasks
         self.num_experts = num_experts
-        self.add_state("sums", default=torch.zeros(num_tasks, num_experts, dtype=torch.float64),
-                       dist_reduce_fx="sum")
+        self.add_state("sums", default=torch.zeros(num_tasks, num_experts, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("counts", default=torch.zeros(num_tasks, dtype=torch.float64), dist_reduce_fx="sum")
 
     def update(self, weights: torch.Tensor, task_ids: torch.Tensor) -> None:

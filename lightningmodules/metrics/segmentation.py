@@ -8,14 +8,14 @@ Resizing predictions to the ground-truth resolution is the caller's job.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 import torch
 
 __all__ = ["binarize", "dice_from_iou", "mask_iou", "segmentation_scores"]
 
-MaskLike = Union[np.ndarray, torch.Tensor]
+MaskLike = np.ndarray | torch.Tensor
 
 
 def binarize(logits: MaskLike, threshold: float = 0.1) -> MaskLike:
@@ -54,8 +54,10 @@ def _iou(pred: np.ndarray | None, gt: np.ndarray, index: int | None) -> float:
         return 0.0
     if pred.shape != gt.shape:
         where = "" if index is None else f" at index {index}"
-        raise ValueError(f"prediction shape {pred.shape} != ground-truth shape {gt.shape}{where}; "
-                         "resize predictions to the original resolution first")
+        raise ValueError(
+            f"prediction shape {pred.shape} != ground-truth shape {gt.shape}{where}; "
+            "resize predictions to the original resolution first"
+        )
     union = np.logical_or(pred, gt).sum()
     if union == 0:
         return 0.0
@@ -72,8 +74,9 @@ def dice_from_iou(iou: float) -> float:
     return 2.0 * iou / (1.0 + iou)
 
 
-def segmentation_scores(preds: Sequence[MaskLike | None], gts: Sequence[MaskLike],
-                        modalities: Sequence[str] | None = None) -> dict[str, float]:
+def segmentation_scores(
+    preds: Sequence[MaskLike | None], gts: Sequence[MaskLike], modalities: Sequence[str] | None = None
+) -> dict[str, float]:
     """``mdice``, ``miou``, ``count`` and per modality ``mdice/<m>``, ``miou/<m>``, ``count/<m>``.
 
     Predictions are binary masks (or None when the model produced none) with exactly the
@@ -85,7 +88,7 @@ def segmentation_scores(preds: Sequence[MaskLike | None], gts: Sequence[MaskLike
     if modalities is not None and len(modalities) != len(gts):
         raise ValueError(f"{len(modalities)} modalities but {len(gts)} ground-truth masks")
     ious: list[float] = []
-    for index, (pred, gt) in enumerate(zip(preds, gts)):
+    for index, (pred, gt) in enumerate(zip(preds, gts, strict=True)):
         pred_arr = None if pred is None else _pred_bool(pred, index)
         ious.append(_iou(pred_arr, _gt_bool(gt), index))
     dices = [dice_from_iou(iou) for iou in ious]
@@ -114,13 +117,16 @@ def monai_dice(preds: Sequence[MaskLike | None], gts: Sequence[MaskLike]) -> dic
     from monai.metrics import DiceMetric
 
     metric = DiceMetric(include_background=True, reduction="mean", ignore_empty=True)
-    for index, (pred, gt) in enumerate(zip(preds, gts)):
+    for index, (pred, gt) in enumerate(zip(preds, gts, strict=True)):
         gt_arr = _gt_bool(gt)
         pred_arr = np.zeros_like(gt_arr) if pred is None else _pred_bool(pred, index)
         if pred_arr.shape != gt_arr.shape:
             raise ValueError(f"prediction {index} has shape {pred_arr.shape}, ground truth {gt_arr.shape}")
-        to_tensor = lambda a: torch.from_numpy(a.astype(np.float32))[None, None]
-        metric(y_pred=to_tensor(pred_arr), y=to_tensor(gt_arr))
+        metric(y_pred=_as_batch(pred_arr), y=_as_batch(gt_arr))
     counted = sum(bool(_gt_bool(g).any()) for g in gts)
     value = float(metric.aggregate().item()) if counted else float("nan")
     return {"monai_dice": value, "monai_dice_count": float(counted)}
+
+
+def _as_batch(mask: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(mask.astype(np.float32))[None, None]  # (1, 1, H, W)

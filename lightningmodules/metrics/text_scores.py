@@ -11,7 +11,6 @@ import math
 import sys
 from collections import Counter
 from collections.abc import Sequence
-from typing import Union
 
 from .normalize import normalize_answer, tokens
 
@@ -28,7 +27,7 @@ __all__ = [
     "token_recall",
 ]
 
-TextOrTokens = Union[str, Sequence[str]]
+TextOrTokens = str | Sequence[str]
 
 COUNTING_MODES = ("multiset", "script")
 
@@ -89,12 +88,13 @@ def token_f1(pred: TextOrTokens, gt: TextOrTokens, counting: str = "multiset") -
 
 # ----------------------------------------------------------------------------------------- BLEU
 
+
 def _ngram_stats(hyp: list[str], ref: list[str], max_n: int) -> tuple[list[int], list[int]]:
     """Clipped n-gram matches and max(1, hypothesis n-gram count) for orders 1..max_n."""
     nums, dens = [], []
     for n in range(1, max_n + 1):
-        hyp_counts = Counter(tuple(hyp[i:i + n]) for i in range(len(hyp) - n + 1))
-        ref_counts = Counter(tuple(ref[i:i + n]) for i in range(len(ref) - n + 1))
+        hyp_counts = Counter(tuple(hyp[i : i + n]) for i in range(len(hyp) - n + 1))
+        ref_counts = Counter(tuple(ref[i : i + n]) for i in range(len(ref) - n + 1))
         nums.append(sum(min(c, ref_counts[g]) for g, c in hyp_counts.items()))
         # nltk floors the denominator at 1 (hypothesis shorter than n).
         dens.append(max(1, sum(hyp_counts.values())))
@@ -109,15 +109,16 @@ def _brevity_penalty(ref_len: int, hyp_len: int) -> float:
     return math.exp(1 - ref_len / hyp_len)
 
 
-def _bleu_from_stats(nums: Sequence[int], dens: Sequence[int], hyp_len: int, ref_len: int,
-                     weights: Sequence[float]) -> float:
+def _bleu_from_stats(
+    nums: Sequence[int], dens: Sequence[int], hyp_len: int, ref_len: int, weights: Sequence[float]
+) -> float:
     # nltk returns exactly 0 only when there is no unigram match at all.
     if nums[0] == 0:
         return 0.0
     # nltk's method0 replaces a zero precision by sys.float_info.min, so a missing higher order
     # gives a tiny positive score (about 1e-77 for BLEU-4), not 0. Reproduced for exact equality.
     logs = []
-    for w, num, den in zip(weights, nums, dens):
+    for w, num, den in zip(weights, nums, dens, strict=True):
         p = num / den if num else sys.float_info.min
         logs.append(w * math.log(p))
     return _brevity_penalty(ref_len, hyp_len) * math.exp(math.fsum(logs))
@@ -133,8 +134,9 @@ def _weights(max_n: int, weights: Sequence[float] | None) -> tuple[float, ...]:
     return tuple(weights)
 
 
-def sentence_bleu(pred: TextOrTokens, gt: TextOrTokens, max_n: int = 4,
-                  weights: Sequence[float] | None = None) -> float:
+def sentence_bleu(
+    pred: TextOrTokens, gt: TextOrTokens, max_n: int = 4, weights: Sequence[float] | None = None
+) -> float:
     """nltk ``sentence_bleu([gt_tokens], pred_tokens, weights)`` with no smoothing.
 
     ``weights`` defaults to uniform 1/max_n over orders 1..max_n; when given, its length sets
@@ -150,23 +152,23 @@ def cumulative_bleu(pred: TextOrTokens, gt: TextOrTokens, max_n: int = 4) -> lis
     """[BLEU-1, ..., BLEU-max_n], BLEU-n = nltk sentence BLEU with weights 1/n over orders 1..n."""
     hyp, ref = _toks(pred), _toks(gt)
     nums, dens = _ngram_stats(hyp, ref, max_n)
-    return [_bleu_from_stats(nums[:n], dens[:n], len(hyp), len(ref), (1.0 / n,) * n)
-            for n in range(1, max_n + 1)]
+    return [_bleu_from_stats(nums[:n], dens[:n], len(hyp), len(ref), (1.0 / n,) * n) for n in range(1, max_n + 1)]
 
 
-def corpus_bleu(preds: Sequence[TextOrTokens], gts: Sequence[TextOrTokens], max_n: int = 4,
-                weights: Sequence[float] | None = None) -> float:
+def corpus_bleu(
+    preds: Sequence[TextOrTokens], gts: Sequence[TextOrTokens], max_n: int = 4, weights: Sequence[float] | None = None
+) -> float:
     """nltk ``corpus_bleu`` (one reference per hypothesis, no smoothing): statistics summed first."""
     if len(preds) != len(gts):
         raise ValueError(f"{len(preds)} predictions but {len(gts)} references")
     w = _weights(max_n, weights)
     nums, dens = [0] * len(w), [0] * len(w)
     hyp_len = ref_len = 0
-    for pred, gt in zip(preds, gts):
+    for pred, gt in zip(preds, gts, strict=True):
         hyp, ref = _toks(pred), _toks(gt)
         n_i, d_i = _ngram_stats(hyp, ref, len(w))
-        nums = [a + b for a, b in zip(nums, n_i)]
-        dens = [a + b for a, b in zip(dens, d_i)]
+        nums = [a + b for a, b in zip(nums, n_i, strict=True)]
+        dens = [a + b for a, b in zip(dens, d_i, strict=True)]
         hyp_len += len(hyp)
         ref_len += len(ref)
     if not preds:
@@ -175,6 +177,7 @@ def corpus_bleu(preds: Sequence[TextOrTokens], gts: Sequence[TextOrTokens], max_
 
 
 # -------------------------------------------------------------------------------------- ROUGE-L
+
 
 def _lcs_length(a: Sequence[str], b: Sequence[str]) -> int:
     if len(a) < len(b):

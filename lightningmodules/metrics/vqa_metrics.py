@@ -21,8 +21,7 @@ class MeanScore(Metric):
 
     full_state_update = False
 
-    def __init__(self, score_fn: Callable[[str, str], float], answer_type: str | None = None,
-                 **kwargs: object) -> None:
+    def __init__(self, score_fn: Callable[[str, str], float], answer_type: str | None = None, **kwargs: object) -> None:
         super().__init__(**kwargs)
         self.score_fn = score_fn
         self.answer_type = answer_type
@@ -33,7 +32,7 @@ class MeanScore(Metric):
         if not len(preds) == len(targets) == len(answer_types):
             raise ValueError("preds, targets and answer_types must have the same length")
         total, count = 0.0, 0
-        for pred, gt, kind in zip(preds, targets, answer_types):
+        for pred, gt, kind in zip(preds, targets, answer_types, strict=True):
             if self.answer_type is None or answer_kind(kind) == self.answer_type:
                 total += float(self.score_fn(pred, gt))
                 count += 1

@@ -96,8 +96,9 @@ class StackedExperts(nn.Module):
         flat = weighted.reshape(num_tokens, self.num_experts * self.w2.shape[-1])  # (T, E*d)
         return torch.addmm(weights @ self.b2, flat, self.w2.reshape(-1, self.w2.shape[-1]))  # (T, d)
 
-    def mix_sparse(self, tokens: torch.Tensor, experts: torch.Tensor,
-                   gates: torch.Tensor | None = None) -> tuple[torch.Tensor, list[int]]:
+    def mix_sparse(
+        self, tokens: torch.Tensor, experts: torch.Tensor, gates: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, list[int]]:
         """Only the chosen experts per token: (T, in), (T, k) expert ids, (T, k) gates -> (T, d).
 
         Slots (token, choice) are sorted by expert, each non-empty expert runs once on its contiguous
@@ -114,8 +115,11 @@ class StackedExperts(nn.Module):
             by_slot = self._padded(tokens, order, inverse, counts_tensor, max(counts), k)  # (T*k, d)
             return self._combine(by_slot, gates, num_tokens, k), counts
         # the grouped matmuls write into preallocated blocks (out=), which autocast does not cast
-        dtype = (torch.get_autocast_dtype(tokens.device.type) if torch.is_autocast_enabled(tokens.device.type)
-                 else tokens.dtype)
+        dtype = (
+            torch.get_autocast_dtype(tokens.device.type)
+            if torch.is_autocast_enabled(tokens.device.type)
+            else tokens.dtype
+        )
         rows = tokens.to(dtype).index_select(0, torch.div(order, k, rounding_mode="floor"))  # (T*k, in) by expert
         params = (param.to(dtype) for param in (self.w1, self.b1, self.w2, self.b2))
         by_expert = GroupedExpertMLP.apply(rows, counts, *params)  # (T*k, d)
@@ -132,8 +136,15 @@ class StackedExperts(nn.Module):
         # gate-weighted sum over the k choices as one batched (1 x k) @ (k x d) product per token
         return torch.bmm(gates.unsqueeze(1).to(by_slot.dtype), by_slot).squeeze(1)  # (T, d)
 
-    def _padded(self, tokens: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor, counts: torch.Tensor,
-                capacity: int, k: int) -> torch.Tensor:
+    def _padded(
+        self,
+        tokens: torch.Tensor,
+        order: torch.Tensor,
+        inverse: torch.Tensor,
+        counts: torch.Tensor,
+        capacity: int,
+        k: int,
+    ) -> torch.Tensor:
         """Balanced routing: each expert's rows in a block of ``capacity`` rows, all experts in one batched
         matmul per layer (forward and backward), padding rows computed and dropped: (T, in) -> (T*k, d).
 
@@ -145,8 +156,9 @@ class StackedExperts(nn.Module):
         padded_of_sorted = sorted_experts * capacity + position  # (T*k,) padded row of each sorted slot
         source = torch.zeros(self.num_experts * capacity, dtype=torch.long, device=tokens.device)  # (E*C,)
         source[padded_of_sorted] = torch.div(order, k, rounding_mode="floor")  # token feeding each padded row
-        blocks = padded_block_forward(tokens.index_select(0, source).view(self.num_experts, capacity, -1),
-                                      self.w1, self.b1)  # (E, C, d) pre-activation
+        blocks = padded_block_forward(
+            tokens.index_select(0, source).view(self.num_experts, capacity, -1), self.w1, self.b1
+        )  # (E, C, d) pre-activation
         hidden = F.gelu(blocks)  # (E, C, d)
         out = torch.baddbmm(self.b2.unsqueeze(1), hidden, self.w2)  # (E, C, d)
         slot_rows = padded_of_sorted.index_select(0, inverse)  # (T*k,) padded row of each slot
@@ -177,12 +189,20 @@ class GroupedExpertMLP(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, rows: torch.Tensor, counts: list[int], w1: torch.Tensor, b1: torch.Tensor,
-                w2: torch.Tensor, b2: torch.Tensor) -> torch.Tensor:
+    def forward(
+        ctx,
+        rows: torch.Tensor,
+        counts: list[int],
+        w1: torch.Tensor,
+        b1: torch.Tensor,
+        w2: torch.Tensor,
+        b2: torch.Tensor,
+    ) -> torch.Tensor:
         starts = accumulate(counts[:-1], initial=0)
-        blocks = [(e, start, start + n) for e, (start, n) in enumerate(zip(starts, counts)) if n]
-        expert_of_row = torch.repeat_interleave(torch.arange(len(counts), device=rows.device),
-                                                torch.tensor(counts, device=rows.device))  # (R,)
+        blocks = [(e, start, start + n) for e, (start, n) in enumerate(zip(starts, counts, strict=True)) if n]
+        expert_of_row = torch.repeat_interleave(
+            torch.arange(len(counts), device=rows.device), torch.tensor(counts, device=rows.device)
+        )  # (R,)
         membership = F.one_hot(expert_of_row, len(counts)).to(rows.dtype)  # (R, E)
         pre_activation = rows.new_empty(rows.shape[0], w1.shape[-1])  # (R, d)
         for e, start, end in blocks:
@@ -238,8 +258,16 @@ class PermuteRows(torch.autograd.Function):
 class TaskTokenRouter(nn.Module):
     """Per-token MLP ``(router_in -> hidden -> E, GELU)`` on the token, the task embedding or both."""
 
-    def __init__(self, *, in_dim: int, num_experts: int, router_input: str, num_tasks: int,
-                 task_embed_dim: int, hidden_ratio: float) -> None:
+    def __init__(
+        self,
+        *,
+        in_dim: int,
+        num_experts: int,
+        router_input: str,
+        num_tasks: int,
+        task_embed_dim: int,
+        hidden_ratio: float,
+    ) -> None:
         super().__init__()
         if router_input not in ROUTER_INPUTS:
             raise ValueError(f"router_input must be one of {ROUTER_INPUTS}, got {router_input!r}")
@@ -249,8 +277,9 @@ class TaskTokenRouter(nn.Module):
         if self.uses_tasks:
             self.task_embedding = nn.Embedding(num_tasks, task_embed_dim)
             nn.init.normal_(self.task_embedding.weight, std=0.02)  # as Uni-Med's task tokens
-        hidden = max(1, round(hidden_ratio * ((in_dim if self.uses_tokens else 0)
-                                             + (task_embed_dim if self.uses_tasks else 0))))
+        hidden = max(
+            1, round(hidden_ratio * ((in_dim if self.uses_tokens else 0) + (task_embed_dim if self.uses_tasks else 0)))
+        )
         # fc1 on the concatenation [token, task embedding], stored as its two column blocks so the task
         # half runs once per image: fc1([x, t]) = fc1_token(x) + fc1_task(t) (one bias, on the first)
         self.fc1_token = nn.Linear(in_dim, hidden) if self.uses_tokens else None
@@ -273,9 +302,19 @@ class TaskTokenRouter(nn.Module):
 class CMoEConnector(nn.Module):
     """Uni-Med's connector mixture-of-experts: (N, P, in) visual tokens -> (N, P, d_llm)."""
 
-    def __init__(self, *, in_dim: int, out_dim: int, num_experts: int = 5, router_input: str = "task_token",
-                 weighting: str = "soft", top_k: int = 2, router_hidden_ratio: float = 4.0,
-                 num_tasks: int = 6, task_embed_dim: int | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        in_dim: int,
+        out_dim: int,
+        num_experts: int = 5,
+        router_input: str = "task_token",
+        weighting: str = "soft",
+        top_k: int = 2,
+        router_hidden_ratio: float = 4.0,
+        num_tasks: int = 6,
+        task_embed_dim: int | None = None,
+    ) -> None:
         super().__init__()
         if weighting not in WEIGHTINGS:
             raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
@@ -291,8 +330,13 @@ class CMoEConnector(nn.Module):
         self.router: TaskTokenRouter | None = None
         if weighting in ("soft", "sparse"):
             self.router = TaskTokenRouter(
-                in_dim=in_dim, num_experts=num_experts, router_input=router_input, num_tasks=num_tasks,
-                task_embed_dim=task_embed_dim or default_task_embed_dim(in_dim), hidden_ratio=router_hidden_ratio)
+                in_dim=in_dim,
+                num_experts=num_experts,
+                router_input=router_input,
+                num_tasks=num_tasks,
+                task_embed_dim=task_embed_dim or default_task_embed_dim(in_dim),
+                hidden_ratio=router_hidden_ratio,
+            )
         self.last_routing: RoutingRecord | None = None
         self.last_expert_token_counts: list[int] | None = None  # rows per expert matmul (sparse / hard)
 
@@ -338,15 +382,20 @@ class CMoEConnector(nn.Module):
             if task_ids.shape != (n,):
                 raise ValueError(f"task_ids must have shape ({n},) (one per image), got {tuple(task_ids.shape)}")
         elif self.needs_task_ids:
-            raise ValueError(f"CMoE with weighting={self.weighting!r}"
-                             + (f" and router_input={self.router.router_input!r}" if self.router else "")
-                             + " needs task_ids (one long per image); got None")
+            raise ValueError(
+                f"CMoE with weighting={self.weighting!r}"
+                + (f" and router_input={self.router.router_input!r}" if self.router else "")
+                + " needs task_ids (one long per image); got None"
+            )
         tokens = features.reshape(n * p, self.in_dim)  # (N*P, in)
 
         if self.weighting in ("soft", "constant"):
             weights = self.routing_weights(features, task_ids)  # (N, P, E)
-            flat_weights = (features.new_full((1, self.num_experts), 1.0 / self.num_experts)  # (1, E)
-                            if self.weighting == "constant" else weights.reshape(n * p, self.num_experts))  # (N*P, E)
+            flat_weights = (
+                features.new_full((1, self.num_experts), 1.0 / self.num_experts)  # (1, E)
+                if self.weighting == "constant"
+                else weights.reshape(n * p, self.num_experts)
+            )  # (N*P, E)
             out = self.experts.mix_dense(tokens, flat_weights)  # (N*P, d)
             self.last_expert_token_counts = None
         elif self.weighting == "sparse":
@@ -354,7 +403,8 @@ class CMoEConnector(nn.Module):
             top_logits, top_experts = logits.topk(self.top_k, dim=-1)  # (N, P, k)
             gates = torch.softmax(top_logits, dim=-1)  # (N, P, k)
             out, self.last_expert_token_counts = self.experts.mix_sparse(
-                tokens, top_experts.reshape(n * p, self.top_k), gates.reshape(n * p, self.top_k))  # (N*P, d)
+                tokens, top_experts.reshape(n * p, self.top_k), gates.reshape(n * p, self.top_k)
+            )  # (N*P, d)
             weights = torch.zeros_like(logits).scatter(-1, top_experts, gates)  # (N, P, E)
         else:  # hard
             experts = (task_ids % self.num_experts).repeat_interleave(p).unsqueeze(1)  # (N*P, 1)

@@ -49,15 +49,20 @@ def load_sam(path: str | Path) -> nn.Module:
 
 # -- SAM input transform --------------------------------------------------------------------------
 
+
 def resized_shape(height: int, width: int, longest_edge: int) -> Size:
     """SAM's ResizeLongestSide: the longest side becomes ``longest_edge``, rounded half up."""
     scale = longest_edge / max(height, width)
     return int(height * scale + 0.5), int(width * scale + 0.5)
 
 
-def sam_preprocess(image: Image.Image | np.ndarray, *, image_size: int = 1024,
-                   image_mean: Sequence[float] = IMAGENET_MEAN,
-                   image_std: Sequence[float] = IMAGENET_STD) -> tuple[torch.Tensor, Size, Size]:
+def sam_preprocess(
+    image: Image.Image | np.ndarray,
+    *,
+    image_size: int = 1024,
+    image_mean: Sequence[float] = IMAGENET_MEAN,
+    image_std: Sequence[float] = IMAGENET_STD,
+) -> tuple[torch.Tensor, Size, Size]:
     """PIL image or uint8 (H, W[, 3]) array -> ``(pixels (3, S, S), resized (h, w), original (H, W))``.
 
     Resize the longest side to S (bilinear), scale to [0, 1], normalise, then pad the bottom and
@@ -72,15 +77,16 @@ def sam_preprocess(image: Image.Image | np.ndarray, *, image_size: int = 1024,
     array = np.asarray(image, dtype=np.float32) / 255.0  # (h, w, 3)
     array = (array - np.asarray(image_mean, np.float32)) / np.asarray(image_std, np.float32)
     pixels = torch.zeros(3, image_size, image_size)  # (3, S, S)
-    pixels[:, :resized[0], :resized[1]] = torch.from_numpy(array.transpose(2, 0, 1).copy())  # (3, h, w)
+    pixels[:, : resized[0], : resized[1]] = torch.from_numpy(array.transpose(2, 0, 1).copy())  # (3, h, w)
     return pixels, resized, original
 
 
 class SamImageTransform:
     """:func:`sam_preprocess` with the size and statistics of a SAM checkpoint directory."""
 
-    def __init__(self, *, image_size: int, image_mean: Sequence[float] = IMAGENET_MEAN,
-                 image_std: Sequence[float] = IMAGENET_STD) -> None:
+    def __init__(
+        self, *, image_size: int, image_mean: Sequence[float] = IMAGENET_MEAN, image_std: Sequence[float] = IMAGENET_STD
+    ) -> None:
         self.image_size = int(image_size)
         self.image_mean = tuple(float(m) for m in image_mean)
         self.image_std = tuple(float(s) for s in image_std)
@@ -103,28 +109,32 @@ class SamImageTransform:
         return cls(image_size=image_size, image_mean=mean, image_std=std)
 
     def __call__(self, image: Image.Image | np.ndarray) -> tuple[torch.Tensor, Size, Size]:
-        return sam_preprocess(image, image_size=self.image_size, image_mean=self.image_mean,
-                              image_std=self.image_std)
+        return sam_preprocess(image, image_size=self.image_size, image_mean=self.image_mean, image_std=self.image_std)
 
 
-def postprocess_mask(low_res_logits: torch.Tensor, *, padded_size: int, resized_size: Size,
-                     original_size: Size) -> torch.Tensor:
+def postprocess_mask(
+    low_res_logits: torch.Tensor, *, padded_size: int, resized_size: Size, original_size: Size
+) -> torch.Tensor:
     """(h', w') low-res mask logits -> (H, W) logits at the original resolution.
 
     Upsample to the padded input (S, S), keep the top-left resized (h, w) block (the image; the rest
     is SAM's bottom/right padding), then resize bilinearly to the original (H, W).
     """
     logits = low_res_logits[None, None]  # (1, 1, h', w')
-    logits = F.interpolate(logits, size=(padded_size, padded_size), mode="bilinear", align_corners=False)  # (1, 1, S, S)
-    logits = logits[..., :resized_size[0], :resized_size[1]]  # (1, 1, h, w): padding cropped
+    logits = F.interpolate(
+        logits, size=(padded_size, padded_size), mode="bilinear", align_corners=False
+    )  # (1, 1, S, S)
+    logits = logits[..., : resized_size[0], : resized_size[1]]  # (1, 1, h, w): padding cropped
     logits = F.interpolate(logits, size=tuple(original_size), mode="bilinear", align_corners=False)  # (1, 1, H, W)
     return logits[0, 0]  # (H, W)
 
 
 # -- where the <SEG> embeddings come from -----------------------------------------------------------
 
-def seg_hidden_states(hidden: torch.Tensor, input_ids: torch.Tensor,
-                      seg_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+
+def seg_hidden_states(
+    hidden: torch.Tensor, input_ids: torch.Tensor, seg_token_id: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Teacher forcing: hidden (B, T, D), input_ids (B, T) -> (embeddings (N, D), batch_index (N,)).
 
     Position t-1 predicts token t, so a ``<SEG>`` at t contributes ``hidden[b, t-1]``. Every
@@ -138,8 +148,9 @@ def seg_hidden_states(hidden: torch.Tensor, input_ids: torch.Tensor,
     return embeddings, batch_index
 
 
-def generation_seg_hidden_states(step_hidden: Sequence[torch.Tensor], generated_ids: torch.Tensor,
-                                 seg_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+def generation_seg_hidden_states(
+    step_hidden: Sequence[torch.Tensor], generated_ids: torch.Tensor, seg_token_id: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Greedy generation: the hidden state that produced each generated ``<SEG>``.
 
     ``step_hidden[k]`` is the last-layer hidden state of generation step k, (B, t_k, D) (the whole
@@ -154,9 +165,11 @@ def generation_seg_hidden_states(step_hidden: Sequence[torch.Tensor], generated_
     return producing[is_seg], is_seg.nonzero()[:, 0]  # (N, D), (N,)
 
 
-def pair_with_targets(masks: Sequence[torch.Tensor], batch_index: torch.Tensor,
-                      targets: Sequence[torch.Tensor | Sequence[torch.Tensor] | None]
-                      ) -> tuple[list[torch.Tensor], list[torch.Tensor], int]:
+def pair_with_targets(
+    masks: Sequence[torch.Tensor],
+    batch_index: torch.Tensor,
+    targets: Sequence[torch.Tensor | Sequence[torch.Tensor] | None],
+) -> tuple[list[torch.Tensor], list[torch.Tensor], int]:
     """Training: the k-th ``<SEG>`` of sample b pairs with sample b's k-th target mask.
 
     ``targets[b]`` is one (H, W) mask, a list of them, or None. Returns (predictions, targets,
@@ -165,7 +178,7 @@ def pair_with_targets(masks: Sequence[torch.Tensor], batch_index: torch.Tensor,
     """
     predictions, paired, unpaired = [], [], 0
     seen: dict[int, int] = {}
-    for mask, sample in zip(masks, batch_index.tolist()):
+    for mask, sample in zip(masks, batch_index.tolist(), strict=True):
         k = seen.get(sample, 0)
         seen[sample] = k + 1
         target = targets[sample]
@@ -179,6 +192,7 @@ def pair_with_targets(masks: Sequence[torch.Tensor], batch_index: torch.Tensor,
 
 
 # -- the head -------------------------------------------------------------------------------------
+
 
 class GroundingHead(nn.Module):
     """``<SEG>`` embedding -> SAM mask logits at each image's original resolution.
@@ -199,7 +213,8 @@ class GroundingHead(nn.Module):
         self.prompt_dim = int(config.prompt_encoder_config.hidden_size)
         self.embedding_size = int(config.prompt_encoder_config.image_embedding_size)
         self.seg_projection = nn.Sequential(
-            nn.Linear(llm_hidden_size, llm_hidden_size), nn.ReLU(), nn.Linear(llm_hidden_size, self.prompt_dim))
+            nn.Linear(llm_hidden_size, llm_hidden_size), nn.ReLU(), nn.Linear(llm_hidden_size, self.prompt_dim)
+        )
         self.sam.requires_grad_(False)
         if train_mask_decoder:
             decoder = self.sam.mask_decoder
@@ -234,14 +249,24 @@ class GroundingHead(nn.Module):
         positional = self.sam.get_image_wide_positional_embeddings()  # (1, C, g, g)
         positional = positional.expand(count, -1, -1, -1).to(decoder_dtype)  # (N, C, g, g)
         masks, _iou = self.sam.mask_decoder(
-            image_embeddings=image_embeddings.to(decoder_dtype), image_positional_embeddings=positional,
-            sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense.to(decoder_dtype),
-            multimask_output=False)  # masks (N, 1, 1, 4g, 4g)
+            image_embeddings=image_embeddings.to(decoder_dtype),
+            image_positional_embeddings=positional,
+            sparse_prompt_embeddings=sparse,
+            dense_prompt_embeddings=dense.to(decoder_dtype),
+            multimask_output=False,
+        )  # masks (N, 1, 1, 4g, 4g)
         return masks[:, 0, 0]  # (N, 4g, 4g)
 
     # -- forward ----------------------------------------------------------------------------------
-    def forward(self, *, sam_pixel_values: torch.Tensor, seg_embeddings: torch.Tensor, batch_index: torch.Tensor,
-                original_sizes: Sequence[Size], resized_sizes: Sequence[Size]) -> list[torch.Tensor]:
+    def forward(
+        self,
+        *,
+        sam_pixel_values: torch.Tensor,
+        seg_embeddings: torch.Tensor,
+        batch_index: torch.Tensor,
+        original_sizes: Sequence[Size],
+        resized_sizes: Sequence[Size],
+    ) -> list[torch.Tensor]:
         """One (H_b, W_b) logit mask per ``<SEG>``, at its image's original resolution.
 
         ``sam_pixel_values`` (B, 3, S, S) and the size lists (length B) are per sample of the batch;
@@ -254,13 +279,26 @@ class GroundingHead(nn.Module):
         embeddings = self.image_embeddings(sam_pixel_values[used])  # (U, C, g, g)
         prompts = self.seg_projection(seg_embeddings)  # (N, prompt_dim)
         low_res = self.decode(image_embeddings=embeddings[position], prompt_embeddings=prompts)  # (N, 4g, 4g)
-        return [postprocess_mask(low_res[i], padded_size=self.image_size, resized_size=tuple(resized_sizes[b]),
-                                 original_size=tuple(original_sizes[b]))
-                for i, b in enumerate(batch_index.tolist())]
+        return [
+            postprocess_mask(
+                low_res[i],
+                padded_size=self.image_size,
+                resized_size=tuple(resized_sizes[b]),
+                original_size=tuple(original_sizes[b]),
+            )
+            for i, b in enumerate(batch_index.tolist())
+        ]
 
     @torch.no_grad()
-    def predict(self, *, sam_pixel_values: torch.Tensor, seg_embeddings: torch.Tensor, batch_index: torch.Tensor,
-                original_sizes: Sequence[Size], resized_sizes: Sequence[Size]) -> list[torch.Tensor | None]:
+    def predict(
+        self,
+        *,
+        sam_pixel_values: torch.Tensor,
+        seg_embeddings: torch.Tensor,
+        batch_index: torch.Tensor,
+        original_sizes: Sequence[Size],
+        resized_sizes: Sequence[Size],
+    ) -> list[torch.Tensor | None]:
         """Evaluation: one mask (logits) per sample - its first ``<SEG>``'s - or None without a ``<SEG>``.
 
         A None is the documented fallback: MedPLIB's scoring counts it as IoU 0, and it is added to
@@ -271,10 +309,14 @@ class GroundingHead(nn.Module):
         for i, sample in enumerate(batch_index.tolist()):
             first_of_sample.setdefault(sample, i)
         keep = torch.tensor(list(first_of_sample.values()), dtype=torch.long, device=batch_index.device)  # (U,)
-        masks = self.forward(sam_pixel_values=sam_pixel_values, seg_embeddings=seg_embeddings[keep],
-                             batch_index=batch_index[keep], original_sizes=original_sizes,
-                             resized_sizes=resized_sizes)
-        by_sample = dict(zip(batch_index[keep].tolist(), masks))
+        masks = self.forward(
+            sam_pixel_values=sam_pixel_values,
+            seg_embeddings=seg_embeddings[keep],
+            batch_index=batch_index[keep],
+            original_sizes=original_sizes,
+            resized_sizes=resized_sizes,
+        )
+        by_sample = dict(zip(batch_index[keep].tolist(), masks, strict=True))
         self.no_seg_count += batch_size - len(by_sample)
         return [by_sample.get(b) for b in range(batch_size)]
 

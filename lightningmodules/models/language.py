@@ -29,16 +29,20 @@ def torch_dtype(name: str) -> torch.dtype:
         raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {name!r}") from None
 
 
-def load_tokenizer(path: str | Path, *, extra_special_tokens: list[str], chat_template: str | None = None,
-                   trust_remote_code: bool = False):
+def load_tokenizer(
+    path: str | Path,
+    *,
+    extra_special_tokens: list[str],
+    chat_template: str | None = None,
+    trust_remote_code: bool = False,
+):
     """Tokenizer of the LLM checkpoint with our special tokens added and a pad token ensured."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     missing = [t for t in extra_special_tokens if t not in tokenizer.get_vocab()]
     if missing:
-        tokenizer.add_special_tokens({"additional_special_tokens": missing},
-                                     replace_extra_special_tokens=False)
+        tokenizer.add_special_tokens({"additional_special_tokens": missing}, replace_extra_special_tokens=False)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
     if chat_template is not None:
@@ -48,8 +52,14 @@ def load_tokenizer(path: str | Path, *, extra_special_tokens: list[str], chat_te
     return tokenizer
 
 
-def load_causal_lm(path: str | Path, *, vocab_size: int, dtype: str = "float32",
-                   trust_remote_code: bool = False, attn_implementation: str | None = None) -> nn.Module:
+def load_causal_lm(
+    path: str | Path,
+    *,
+    vocab_size: int,
+    dtype: str = "float32",
+    trust_remote_code: bool = False,
+    attn_implementation: str | None = None,
+) -> nn.Module:
     """``AutoModelForCausalLM.from_pretrained`` with embeddings resized to the tokenizer."""
     from transformers import AutoModelForCausalLM
 

@@ -26,8 +26,16 @@ class MultimodalLM(nn.Module):
     Samples without an image (text-only tasks) simply have no placeholder.
     """
 
-    def __init__(self, *, vision: nn.Module, connector: nn.Module, llm: nn.Module, image_token_id: int,
-                 num_image_tokens: int, aggregation: nn.Module | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        vision: nn.Module,
+        connector: nn.Module,
+        llm: nn.Module,
+        image_token_id: int,
+        num_image_tokens: int,
+        aggregation: nn.Module | None = None,
+    ) -> None:
         super().__init__()
         self.vision = vision
         self.aggregation = aggregation if aggregation is not None else nn.Identity()
@@ -60,8 +68,12 @@ class MultimodalLM(nn.Module):
         features = self.aggregation(self.vision(pixel_values))  # (N, I, D_in)
         return self.connector(features, task_ids=task_ids)
 
-    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
-              image_task_ids: torch.Tensor | None = None) -> torch.Tensor:
+    def embed(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
+        image_task_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Token embeddings with visual tokens at the image positions: (B, T, D)."""
         embeds = self.input_embeddings()(input_ids)  # (B, T, D)
         image_positions = input_ids == self.image_token_id  # (B, T)
@@ -70,16 +82,23 @@ class MultimodalLM(nn.Module):
         if n_positions != n_images * self.num_image_tokens:
             raise ValueError(
                 f"batch has {n_positions} image-token positions but {n_images} images x "
-                f"{self.num_image_tokens} tokens; the collator and model disagree on num_image_tokens")
+                f"{self.num_image_tokens} tokens; the collator and model disagree on num_image_tokens"
+            )
         if n_images == 0:
             return embeds
         visual = self.encode_images(pixel_values, image_task_ids).to(embeds.dtype)  # (N, I, D)
         # row-major order of positions matches image order: sample by sample, left to right
         return embeds.masked_scatter(image_positions.unsqueeze(-1), visual.reshape(-1, visual.shape[-1]))
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                labels: torch.Tensor | None = None, pixel_values: torch.Tensor | None = None,
-                image_task_ids: torch.Tensor | None = None, **_: object) -> MultimodalOutput:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        image_task_ids: torch.Tensor | None = None,
+        **_: object,
+    ) -> MultimodalOutput:
         embeds = self.embed(input_ids, pixel_values, image_task_ids)
         out = self.decoder()(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False)
         hidden = out.last_hidden_state  # (B, T, D)
@@ -90,19 +109,33 @@ class MultimodalLM(nn.Module):
             count = int(supervised.sum())
             # the LM head only runs where there is a target: answers are a few % of the tokens
             logits = self.lm_head()(hidden[:, :-1][supervised])  # (n_targets, V)
-            loss = (F.cross_entropy(logits.float(), targets[supervised]) if count
-                    else hidden.sum() * 0.0)
+            loss = F.cross_entropy(logits.float(), targets[supervised]) if count else hidden.sum() * 0.0
         return MultimodalOutput(loss=loss, hidden_states=hidden, token_count=count)
 
     @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                 pixel_values: torch.Tensor | None = None, image_task_ids: torch.Tensor | None = None,
-                 *, max_new_tokens: int = 32, min_new_tokens: int = 0, eos_token_id: int | list[int] | None = None,
-                 pad_token_id: int | None = None, **_: object) -> torch.Tensor:
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
+        image_task_ids: torch.Tensor | None = None,
+        *,
+        max_new_tokens: int = 32,
+        min_new_tokens: int = 0,
+        eos_token_id: int | list[int] | None = None,
+        pad_token_id: int | None = None,
+        **_: object,
+    ) -> torch.Tensor:
         """Greedy decoding with KV cache for a left-padded batch; returns (B, <=max_new_tokens)."""
         embeds = self.embed(input_ids, pixel_values, image_task_ids)
-        return self.llm.generate(inputs_embeds=embeds, attention_mask=attention_mask,
-                                 max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens or None,
-                                 do_sample=False, num_beams=1,
-                                 eos_token_id=eos_token_id, pad_token_id=pad_token_id,
-                                 use_cache=True)
+        return self.llm.generate(
+            inputs_embeds=embeds,
+            attention_mask=attention_mask,
+            max_new_tokens=max_new_tokens,
+            min_new_tokens=min_new_tokens or None,
+            do_sample=False,
+            num_beams=1,
+            eos_token_id=eos_token_id,
+            pad_token_id=pad_token_id,
+            use_cache=True,
+        )

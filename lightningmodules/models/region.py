@@ -43,6 +43,7 @@ MaskLike = Any  # np.ndarray | torch.Tensor of shape (H, W)
 
 # -- rasterising prompts --------------------------------------------------------------------------
 
+
 def point_mask(x: float, y: float, *, height: int, width: int, fraction: float = POINT_FRACTION) -> torch.Tensor:
     """(H, W) bool: a square of side ``max(1, round(fraction * min(H, W)))`` centred on pixel (x, y).
 
@@ -54,7 +55,7 @@ def point_mask(x: float, y: float, *, height: int, width: int, fraction: float =
     side = max(1, round(fraction * min(height, width)))
     top, left = row - side // 2, column - side // 2
     mask = torch.zeros(height, width, dtype=torch.bool)
-    mask[max(0, top):top + side, max(0, left):left + side] = True
+    mask[max(0, top) : top + side, max(0, left) : left + side] = True
     return mask
 
 
@@ -70,7 +71,7 @@ def box_mask(box: tuple[float, float, float, float], *, height: int, width: int)
     if right <= 0 or bottom <= 0 or left >= width or top >= height:
         raise ValueError(f"box {box} lies outside the {width}x{height} image")
     mask = torch.zeros(height, width, dtype=torch.bool)
-    mask[max(0, top):bottom, max(0, left):right] = True
+    mask[max(0, top) : bottom, max(0, left) : right] = True
     return mask
 
 
@@ -85,9 +86,16 @@ def free_form_mask(mask: MaskLike, *, height: int | None = None, width: int | No
     return array
 
 
-def region_mask(kind: str, *, height: int, width: int, point: tuple[float, float] | None = None,
-                box: tuple[float, float, float, float] | None = None, mask: MaskLike | None = None,
-                point_fraction: float = POINT_FRACTION) -> torch.Tensor:
+def region_mask(
+    kind: str,
+    *,
+    height: int,
+    width: int,
+    point: tuple[float, float] | None = None,
+    box: tuple[float, float, float, float] | None = None,
+    mask: MaskLike | None = None,
+    point_fraction: float = POINT_FRACTION,
+) -> torch.Tensor:
     """Any region prompt -> (H, W) bool mask: ``point`` (x, y), ``box`` (x, y, w, h) or ``mask``."""
     if kind == "point":
         if point is None:
@@ -105,6 +113,7 @@ def region_mask(kind: str, *, height: int, width: int, point: tuple[float, float
 
 
 # -- onto the vision grid -------------------------------------------------------------------------
+
 
 def _through_image_geometry(mask: np.ndarray, transform: Any) -> tuple[np.ndarray, tuple[float, float]]:
     """Apply an ``ImageTransform``'s pad / resize / crop to a float mask.
@@ -125,12 +134,14 @@ def _through_image_geometry(mask: np.ndarray, transform: Any) -> tuple[np.ndarra
     if getattr(transform, "do_center_crop", False) and crop:
         crop_height, crop_width = int(crop["height"]), int(crop["width"])
         top, left = (resized.shape[0] - crop_height) // 2, (resized.shape[1] - crop_width) // 2  # floor, as HF
-        cropped = resized[max(0, top):top + crop_height, max(0, left):left + crop_width]
+        cropped = resized[max(0, top) : top + crop_height, max(0, left) : left + crop_width]
     else:
         cropped = resized
     total = resized.sum()
     rows, cols = np.indices(resized.shape)
-    centroid = ((rows * resized).sum() / total - top, (cols * resized).sum() / total - left) if total > 0 else (0.0, 0.0)
+    centroid = (
+        ((rows * resized).sum() / total - top, (cols * resized).sum() / total - left) if total > 0 else (0.0, 0.0)
+    )
     return cropped, centroid
 
 
@@ -147,8 +158,9 @@ def region_grid_weights(mask: MaskLike, *, grid_size: int, image_transform: Any 
     else:
         rows, cols = np.nonzero(array)
         centroid = (rows.mean(), cols.mean()) if rows.size else (0.0, 0.0)
-    coverage = F.adaptive_avg_pool2d(torch.from_numpy(np.ascontiguousarray(array))[None, None],
-                                     grid_size)[0, 0]  # (G, G)
+    coverage = F.adaptive_avg_pool2d(torch.from_numpy(np.ascontiguousarray(array))[None, None], grid_size)[
+        0, 0
+    ]  # (G, G)
     if coverage.sum() <= 0 and np.asarray(mask).any():
         row = min(max(int(centroid[0] * grid_size / array.shape[0]), 0), grid_size - 1)
         col = min(max(int(centroid[1] * grid_size / array.shape[1]), 0), grid_size - 1)
@@ -179,7 +191,7 @@ class RegionEncoder(nn.Module):
     def forward(self, patch_features: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
         """patch_features (R, P = G*G, D_vision) and masks (R, H, W) or (R, G, G) -> (R, d_llm)."""
         regions, patches, _ = patch_features.shape
-        if patches != self.grid_size ** 2:
+        if patches != self.grid_size**2:
             raise ValueError(f"{patches} patch features but a {self.grid_size}x{self.grid_size} grid")
         weights = self.grid_weights(masks).reshape(regions, patches).to(patch_features.dtype)  # (R, P)
         empty = weights.sum(dim=1) <= 0  # (R,)
@@ -190,8 +202,9 @@ class RegionEncoder(nn.Module):
         return self.adapter(pooled)  # (R, d_llm)
 
 
-def splice_region_tokens(embeds: torch.Tensor, input_ids: torch.Tensor, region_tokens: torch.Tensor, *,
-                         placeholder_id: int) -> torch.Tensor:
+def splice_region_tokens(
+    embeds: torch.Tensor, input_ids: torch.Tensor, region_tokens: torch.Tensor, *, placeholder_id: int
+) -> torch.Tensor:
     """Write region tokens (R, D) over the placeholder positions of embeds (B, T, D), in reading order.
 
     The encoder emits ``<region><region_feat></region>`` (one placeholder per region); regions must be

@@ -43,8 +43,10 @@ PREFIX_RULES: tuple[tuple[str, str], ...] = (
     ("image_encoder.neck.2.", "vision_encoder.neck.conv2."),
     ("image_encoder.neck.3.", "vision_encoder.neck.layer_norm2."),
     ("image_encoder.", "vision_encoder."),
-    ("prompt_encoder.pe_layer.positional_encoding_gaussian_matrix",
-     "prompt_encoder.shared_embedding.positional_embedding"),
+    (
+        "prompt_encoder.pe_layer.positional_encoding_gaussian_matrix",
+        "prompt_encoder.shared_embedding.positional_embedding",
+    ),
     ("prompt_encoder.point_embeddings.{i}.", "prompt_encoder.point_embed.{i}."),
     ("prompt_encoder.mask_downscaling.0.", "prompt_encoder.mask_embed.conv1."),
     ("prompt_encoder.mask_downscaling.1.", "prompt_encoder.mask_embed.layer_norm1."),
@@ -78,7 +80,7 @@ def _rename_prefix(key: str, *, to_hf: bool) -> str:
         source, target = (original, hf) if to_hf else (hf, original)
         match = _template_regex(source).match(key)
         if match:
-            return target.format(**match.groupdict()) + key[match.end():]
+            return target.format(**match.groupdict()) + key[match.end() :]
     return key
 
 
@@ -131,8 +133,9 @@ def to_original_keys(hf_state_dict: Mapping[str, torch.Tensor], config) -> dict[
 
 def _resize_position_embedding(value: torch.Tensor, grid: int) -> torch.Tensor:
     """(1, g, g, C) -> (1, grid, grid, C), bilinear (SAM-Med2D's ``load_from`` does the same)."""
-    resized = F.interpolate(value.permute(0, 3, 1, 2).float(), size=(grid, grid), mode="bilinear",
-                            align_corners=False)  # (1, C, grid, grid)
+    resized = F.interpolate(
+        value.permute(0, 3, 1, 2).float(), size=(grid, grid), mode="bilinear", align_corners=False
+    )  # (1, C, grid, grid)
     return resized.permute(0, 2, 3, 1).to(value.dtype)  # (1, grid, grid, C)
 
 
@@ -142,9 +145,9 @@ def _resize_relative_position(value: torch.Tensor, length: int) -> torch.Tensor:
     return resized[0].T.to(value.dtype)  # (length, head_dim)
 
 
-def convert_sam_checkpoint(state_dict: Mapping[str, torch.Tensor], config, *,
-                           resize_position_embeddings: bool = False
-                           ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def convert_sam_checkpoint(
+    state_dict: Mapping[str, torch.Tensor], config, *, resize_position_embeddings: bool = False
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Original-layout state dict -> (``SamModel`` state dict, {original key: why it is not mapped}).
 
     ``pixel_mean`` / ``pixel_std`` are preprocessing constants and are dropped (see
@@ -162,8 +165,11 @@ def convert_sam_checkpoint(state_dict: Mapping[str, torch.Tensor], config, *,
             continue
         hf_key = to_hf_key(key, config)
         if hf_key not in expected:
-            reason = ("SAM-Med2D image-encoder adapter: HF SamVisionLayer has no adapter"
-                      if ADAPTER_MARKER in key else f"no SamModel parameter {hf_key!r}")
+            reason = (
+                "SAM-Med2D image-encoder adapter: HF SamVisionLayer has no adapter"
+                if ADAPTER_MARKER in key
+                else f"no SamModel parameter {hf_key!r}"
+            )
             unmapped[key] = reason
             continue
         shape = expected[hf_key]
@@ -198,28 +204,40 @@ def pixel_statistics(state_dict: Mapping[str, torch.Tensor]) -> tuple[tuple[floa
 
 # -- SAM-Med2D ------------------------------------------------------------------------------------
 
+
 def sam_med2d_config():
     """SAM-Med2D's ``sam-med2d_b.pth`` architecture: ViT-B at 256 px, patch 16 (16x16 grid), window 14,
     global attention in blocks 2, 5, 8, 11; prompt encoder and mask decoder as SAM's."""
     from transformers import SamConfig
 
     return SamConfig(
-        vision_config=dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, image_size=256,
-                           patch_size=16, window_size=14, global_attn_indexes=[2, 5, 8, 11]),
+        vision_config=dict(
+            hidden_size=768,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            image_size=256,
+            patch_size=16,
+            window_size=14,
+            global_attn_indexes=[2, 5, 8, 11],
+        ),
         prompt_encoder_config=dict(image_size=256, patch_size=16),
-        mask_decoder_config=dict())
+        mask_decoder_config=dict(),
+    )
 
 
 def _describe_adapters(keys: list[str]) -> str:
     blocks = sorted({int(m.group(1)) for k in keys if (m := re.search(r"blocks\.(\d+)\.", k))})
     names = sorted({re.sub(r"^.*?\.Adapter\.", "Adapter.", k) for k in keys})
-    return (f"{len(keys)} adapter tensors in image-encoder blocks {blocks}: {', '.join(names)} "
-            f"(per block). HF SamVisionLayer has no adapter, so the encoder would compute different "
-            f"features than SAM-Med2D's.")
+    return (
+        f"{len(keys)} adapter tensors in image-encoder blocks {blocks}: {', '.join(names)} "
+        f"(per block). HF SamVisionLayer has no adapter, so the encoder would compute different "
+        f"features than SAM-Med2D's."
+    )
 
 
-def load_sam_med2d(path: str | Path, *, allow_missing_adapters: bool = False, config=None,
-                   resize_position_embeddings: bool = False) -> nn.Module:
+def load_sam_med2d(
+    path: str | Path, *, allow_missing_adapters: bool = False, config=None, resize_position_embeddings: bool = False
+) -> nn.Module:
     """A SAM-Med2D checkpoint (``torch.save`` of ``{"model": state_dict, ...}`` or a bare state dict)
     as a transformers ``SamModel``.
 
@@ -233,8 +251,9 @@ def load_sam_med2d(path: str | Path, *, allow_missing_adapters: bool = False, co
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     state_dict = checkpoint.get("model", checkpoint) if isinstance(checkpoint, dict) else checkpoint
     config = config if config is not None else sam_med2d_config()
-    converted, unmapped = convert_sam_checkpoint(state_dict, config,
-                                                 resize_position_embeddings=resize_position_embeddings)
+    converted, unmapped = convert_sam_checkpoint(
+        state_dict, config, resize_position_embeddings=resize_position_embeddings
+    )
     adapters = [k for k in unmapped if ADAPTER_MARKER in k]
     others = {k: why for k, why in unmapped.items() if ADAPTER_MARKER not in k}
     missing = missing_keys(converted, config)
@@ -246,8 +265,9 @@ def load_sam_med2d(path: str | Path, *, allow_missing_adapters: bool = False, co
     if missing:
         problems.append("SamModel parameters missing from the checkpoint:\n" + "\n".join(f"  {k}" for k in missing))
     if problems:
-        raise SamConversionError(f"{path}: cannot load faithfully into transformers' SamModel:\n- "
-                                 + "\n- ".join(problems))
+        raise SamConversionError(
+            f"{path}: cannot load faithfully into transformers' SamModel:\n- " + "\n- ".join(problems)
+        )
     if adapters:
         log.warning("%s: %s Loading without them (allow_missing_adapters=True).", path, _describe_adapters(adapters))
     model = SamModel(config)
@@ -255,18 +275,30 @@ def load_sam_med2d(path: str | Path, *, allow_missing_adapters: bool = False, co
     return model.eval()
 
 
-def save_hf_checkpoint(model: nn.Module, out_dir: str | Path, *, image_mean: tuple[float, ...],
-                       image_std: tuple[float, ...]) -> Path:
+def save_hf_checkpoint(
+    model: nn.Module, out_dir: str | Path, *, image_mean: tuple[float, ...], image_std: tuple[float, ...]
+) -> Path:
     """Write a converted model as a checkpoint directory that :func:`grounding.load_sam` and
     ``SamImageTransform.from_pretrained`` read (weights, config, SAM preprocessor config)."""
     out_dir = Path(out_dir)
     model.save_pretrained(out_dir)
     size = int(model.config.vision_config.image_size)
     low_res = 4 * int(model.config.prompt_encoder_config.image_embedding_size)
-    processor = {"image_processor_type": "SamImageProcessor", "do_resize": True, "size": {"longest_edge": size},
-                 "resample": 2, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
-                 "image_mean": list(image_mean), "image_std": list(image_std), "do_pad": True,
-                 "pad_size": {"height": size, "width": size}, "mask_size": {"longest_edge": low_res},
-                 "mask_pad_size": {"height": low_res, "width": low_res}, "do_convert_rgb": True}
+    processor = {
+        "image_processor_type": "SamImageProcessor",
+        "do_resize": True,
+        "size": {"longest_edge": size},
+        "resample": 2,
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+        "do_normalize": True,
+        "image_mean": list(image_mean),
+        "image_std": list(image_std),
+        "do_pad": True,
+        "pad_size": {"height": size, "width": size},
+        "mask_size": {"longest_edge": low_res},
+        "mask_pad_size": {"height": low_res, "width": low_res},
+        "do_convert_rgb": True,
+    }
     (out_dir / "preprocessor_config.json").write_text(json.dumps(processor, indent=2) + "\n")
     return out_dir

@@ -42,9 +42,14 @@ _REPO = Path(__file__).resolve().parents[2]
 # what each build reads besides this file (the tokenizer's sources are every LM's too)
 _CORPUS = ("datamodules/synthetic/phantoms.py", "datamodules/synthetic/questions.py")
 BUILD_SOURCES: dict[str, tuple[str, ...]] = {
-    "tokenizer": _CORPUS, "llama": _CORPUS, "qwen2": _CORPUS, "phi": _CORPUS, "stablelm": _CORPUS,
+    "tokenizer": _CORPUS,
+    "llama": _CORPUS,
+    "qwen2": _CORPUS,
+    "phi": _CORPUS,
+    "stablelm": _CORPUS,
     "clip": ("datamodules/synthetic/phantoms.py", "datamodules/images.py"),
-    "sam": (), "medsam": ("datamodules/synthetic/phantoms.py", "lightningmodules/models/grounding.py"),
+    "sam": (),
+    "medsam": ("datamodules/synthetic/phantoms.py", "lightningmodules/models/grounding.py"),
 }
 
 
@@ -72,10 +77,17 @@ def build_inputs(name: str) -> dict[str, str]:
     for relative in BUILD_SOURCES[name]:
         sources.update((_REPO / relative).read_bytes())
     sources.update(DEFAULT_CHAT_TEMPLATE.encode())
-    return {"recipe": TINY_VERSION, "sources": sources.hexdigest()[:16], "torch": torch.__version__,
-            "transformers": transformers.__version__, "tokenizers": tokenizers.__version__,
-            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "mkl_cbwr": os.environ.get("MKL_CBWR", "auto"),
-            "onednn_isa": os.environ.get("ONEDNN_MAX_CPU_ISA", "auto"), "build_threads": str(BUILD_THREADS)}
+    return {
+        "recipe": TINY_VERSION,
+        "sources": sources.hexdigest()[:16],
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "tokenizers": tokenizers.__version__,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "mkl_cbwr": os.environ.get("MKL_CBWR", "auto"),
+        "onednn_isa": os.environ.get("ONEDNN_MAX_CPU_ISA", "auto"),
+        "build_threads": str(BUILD_THREADS),
+    }
 
 
 def _digest(inputs: dict[str, str]) -> str:
@@ -132,6 +144,7 @@ def _build_threads():
 
 # -- synthetic corpus ---------------------------------------------------------------------------
 
+
 def synthetic_corpus(n_phantoms: int = 1500, seed: int = 123) -> list[tuple[str, str]]:
     """(prompt, answer) pairs from the phantom generator, for the tiny tokenizer and LMs.
 
@@ -163,13 +176,22 @@ def _build_tokenizer(out: Path, _cache: Path) -> None:
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=1024, special_tokens=SPECIAL_TOKENS, min_frequency=1,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=1024,
+        special_tokens=SPECIAL_TOKENS,
+        min_frequency=1,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(texts, trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
-                                   unk_token="<unk>", pad_token="<pad>",
-                                   additional_special_tokens=["<image>"])
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        additional_special_tokens=["<image>"],
+    )
     fast.chat_template = DEFAULT_CHAT_TEMPLATE
     fast.save_pretrained(out)
 
@@ -182,10 +204,20 @@ def _load_tiny_tokenizer(cache: Path):
 
 # -- language models ----------------------------------------------------------------------------
 
+
 def _lm_config(family: str, vocab_size: int):
-    common = dict(vocab_size=vocab_size, hidden_size=128, intermediate_size=344, num_hidden_layers=2,
-                  num_attention_heads=8, max_position_embeddings=512, bos_token_id=0, eos_token_id=1,
-                  pad_token_id=3, tie_word_embeddings=False)
+    common = dict(
+        vocab_size=vocab_size,
+        hidden_size=128,
+        intermediate_size=344,
+        num_hidden_layers=2,
+        num_attention_heads=8,
+        max_position_embeddings=512,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=3,
+        tie_word_embeddings=False,
+    )
     if family == "llama":
         from transformers import LlamaConfig
 
@@ -217,12 +249,14 @@ def _encode_corpus(tokenizer, pairs: list[tuple[str, str]]) -> tuple[torch.Tenso
     """Chat-formatted (prompt, answer) pairs -> ids, attention mask and answer-only labels."""
     ids, labels = [], []
     for prompt, answer in pairs:
-        head = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                             add_generation_prompt=True)
-        full = tokenizer.apply_chat_template([{"role": "user", "content": prompt},
-                                              {"role": "assistant", "content": answer}], tokenize=False)
+        head = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+        )
+        full = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}], tokenize=False
+        )
         head_ids = tokenizer(head, add_special_tokens=False)["input_ids"]
-        tail_ids = tokenizer(full[len(head):], add_special_tokens=False)["input_ids"]
+        tail_ids = tokenizer(full[len(head) :], add_special_tokens=False)["input_ids"]
         ids.append(head_ids + tail_ids)
         labels.append([-100] * len(head_ids) + tail_ids)
     longest = max(map(len, ids))
@@ -233,8 +267,9 @@ def _encode_corpus(tokenizer, pairs: list[tuple[str, str]]) -> tuple[torch.Tenso
     return input_ids, mask, label_ids
 
 
-def _pretrain_lm(model: nn.Module, tokenizer, *, steps: int, seed: int = 0, peak_lr: float = 3e-3,
-                 batch_size: int = 64) -> float:
+def _pretrain_lm(
+    model: nn.Module, tokenizer, *, steps: int, seed: int = 0, peak_lr: float = 3e-3, batch_size: int = 64
+) -> float:
     """Answer-only next-token training on the corpus under a cosine schedule; returns held-out accuracy
     of the first answer token."""
     torch.manual_seed(seed)
@@ -279,6 +314,7 @@ def _lm_builder(family: str, pretrain_steps: int) -> Callable[[Path, Path], None
 
 # -- vision tower -------------------------------------------------------------------------------
 
+
 def phantom_vision_batch(n: int, seed: int, image_size: int = VISION_IMAGE_SIZE):
     """Pixels as the data pipeline delivers them (JPEG round trip + CLIP transform) and targets."""
     from PIL import Image
@@ -287,9 +323,12 @@ def phantom_vision_batch(n: int, seed: int, image_size: int = VISION_IMAGE_SIZE)
     from datamodules.synthetic.phantoms import BODY_PARTS, LESION_ORGANS, MODALITIES, make_phantom
 
     organ_names = sorted({o for organs in LESION_ORGANS.values() for o in organs})
-    transform = ImageTransform(size={"shortest_edge": image_size},
-                               crop_size={"height": image_size, "width": image_size},
-                               image_mean=CLIP_MEAN, image_std=CLIP_STD)
+    transform = ImageTransform(
+        size={"shortest_edge": image_size},
+        crop_size={"height": image_size, "width": image_size},
+        image_mean=CLIP_MEAN,
+        image_std=CLIP_STD,
+    )
     grid = image_size // VISION_PATCH
     pixels, modality, part, count, organ, side, patch_lesion = [], [], [], [], [], [], []
     for i in range(n):
@@ -306,9 +345,14 @@ def phantom_vision_batch(n: int, seed: int, image_size: int = VISION_IMAGE_SIZE)
         cell = lesion.shape[0] // grid
         per_patch = lesion.reshape(grid, cell, grid, cell).mean(axis=(1, 3)) > 0.05  # (g, g)
         patch_lesion.append(torch.from_numpy(per_patch.reshape(-1)))
-    targets = {"modality": torch.tensor(modality), "part": torch.tensor(part), "count": torch.tensor(count),
-               "organ": torch.tensor(organ), "side": torch.tensor(side),
-               "patch_lesion": torch.stack(patch_lesion).float()}
+    targets = {
+        "modality": torch.tensor(modality),
+        "part": torch.tensor(part),
+        "count": torch.tensor(count),
+        "organ": torch.tensor(organ),
+        "side": torch.tensor(side),
+        "patch_lesion": torch.stack(patch_lesion).float(),
+    }
     return torch.stack(pixels), targets, len(organ_names) + 1
 
 
@@ -321,23 +365,33 @@ def _build_clip(out: Path, _cache: Path, pretrain_steps: int = 1000) -> None:
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
     torch.manual_seed(0)
-    config = CLIPVisionConfig(hidden_size=64, intermediate_size=256, num_hidden_layers=3,
-                              num_attention_heads=4, image_size=VISION_IMAGE_SIZE, patch_size=VISION_PATCH,
-                              projection_dim=64)
+    config = CLIPVisionConfig(
+        hidden_size=64,
+        intermediate_size=256,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        image_size=VISION_IMAGE_SIZE,
+        patch_size=VISION_PATCH,
+        projection_dim=64,
+    )
     model = CLIPVisionModel(config)
     if pretrain_steps > 0:
         _pretrain_vision(model, steps=pretrain_steps)
     model.save_pretrained(out)
-    CLIPImageProcessorPil(size={"shortest_edge": VISION_IMAGE_SIZE},
-                          crop_size={"height": VISION_IMAGE_SIZE, "width": VISION_IMAGE_SIZE},
-                          image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD)).save_pretrained(out)
+    CLIPImageProcessorPil(
+        size={"shortest_edge": VISION_IMAGE_SIZE},
+        crop_size={"height": VISION_IMAGE_SIZE, "width": VISION_IMAGE_SIZE},
+        image_mean=list(CLIP_MEAN),
+        image_std=list(CLIP_STD),
+    ).save_pretrained(out)
 
 
 GLOBAL_TARGETS = ("modality", "part", "count", "organ", "side")
 
 
-def _pretrain_vision(model: nn.Module, *, steps: int, select_layer: int = -2, peak_lr: float = 4e-3,
-                     batch_size: int = 64) -> dict[str, float]:
+def _pretrain_vision(
+    model: nn.Module, *, steps: int, select_layer: int = -2, peak_lr: float = 4e-3, batch_size: int = 64
+) -> dict[str, float]:
     """Supervised pretraining on phantom attributes, read from the ``select_layer`` patch tokens.
 
     Global attributes are predicted from the mean patch token, lesions also per patch, so the
@@ -375,8 +429,11 @@ def _pretrain_vision(model: nn.Module, *, steps: int, select_layer: int = -2, pe
         out = run(val_pixels)
     acc = {k: float((out[k].argmax(-1) == val_targets[k]).float().mean()) for k in GLOBAL_TARGETS}
     acc["presence"] = float(((out["count"].argmax(-1) > 0) == (val_targets["count"] > 0)).float().mean())
-    log.info("tiny CLIP pretrained for %d steps; held-out accuracy %s", steps,
-             ", ".join(f"{k} {v:.2f}" for k, v in acc.items()))
+    log.info(
+        "tiny CLIP pretrained for %d steps; held-out accuracy %s",
+        steps,
+        ", ".join(f"{k} {v:.2f}" for k, v in acc.items()),
+    )
     return acc
 
 
@@ -395,23 +452,38 @@ def _build_sam(out: Path, _cache: Path, width: int = 32, image_size: int = SAM_I
     torch.manual_seed(0)
     grid = image_size // SAM_PATCH
     config = SamConfig(
-        vision_config=dict(hidden_size=width, output_channels=width, num_hidden_layers=2, num_attention_heads=2,
-                           image_size=image_size, patch_size=SAM_PATCH, mlp_dim=64, window_size=4,
-                           global_attn_indexes=[1], num_pos_feats=width // 2,  # 2 * num_pos_feats = prompt dim
-                           initializer_range=0.02),  # SamVisionConfig's 1e-10 would give constant features
-        prompt_encoder_config=dict(hidden_size=width, image_size=image_size, patch_size=SAM_PATCH,
-                                   mask_input_channels=8),
-        mask_decoder_config=dict(hidden_size=width, mlp_dim=2 * width, num_hidden_layers=2, num_attention_heads=2,
-                                 iou_head_hidden_dim=width))
+        vision_config=dict(
+            hidden_size=width,
+            output_channels=width,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=image_size,
+            patch_size=SAM_PATCH,
+            mlp_dim=64,
+            window_size=4,
+            global_attn_indexes=[1],
+            num_pos_feats=width // 2,  # 2 * num_pos_feats = prompt dim
+            initializer_range=0.02,
+        ),  # SamVisionConfig's 1e-10 would give constant features
+        prompt_encoder_config=dict(
+            hidden_size=width, image_size=image_size, patch_size=SAM_PATCH, mask_input_channels=8
+        ),
+        mask_decoder_config=dict(
+            hidden_size=width, mlp_dim=2 * width, num_hidden_layers=2, num_attention_heads=2, iou_head_hidden_dim=width
+        ),
+    )
     SamModel(config).save_pretrained(out)
-    SamImageProcessorPil(size={"longest_edge": image_size},
-                         pad_size={"height": image_size, "width": image_size},
-                         mask_size={"longest_edge": 4 * grid},
-                         mask_pad_size={"height": 4 * grid, "width": 4 * grid}).save_pretrained(out)
+    SamImageProcessorPil(
+        size={"longest_edge": image_size},
+        pad_size={"height": image_size, "width": image_size},
+        mask_size={"longest_edge": 4 * grid},
+        mask_pad_size={"height": 4 * grid, "width": 4 * grid},
+    ).save_pretrained(out)
 
 
-def _pretrain_sam(model: nn.Module, *, steps: int, batch_size: int = 16, seed: int = 0, peak_lr: float = 3e-3,
-                  n_images: int = 600) -> float:
+def _pretrain_sam(
+    model: nn.Module, *, steps: int, batch_size: int = 16, seed: int = 0, peak_lr: float = 3e-3, n_images: int = 600
+) -> float:
     """Promptable segmentation on phantom masks (lesions and organs) from box and point prompts, all
     parts training: stands in for SAM / SAM-Med2D pretraining, so the frozen image encoder of the tiny
     grounding runs has features that separate lesions from tissue. Returns the final mean Dice."""
@@ -427,7 +499,8 @@ def _pretrain_sam(model: nn.Module, *, steps: int, batch_size: int = 16, seed: i
     for i in range(n_images):
         p = make_phantom(i, seed=seed + 7000, size=128)
         candidates = ([p.lesion_mask] if p.lesion_mask is not None else []) * 2 + [
-            m for m in p.organ_masks.values() if m.any()]
+            m for m in p.organ_masks.values() if m.any()
+        ]
         mask = candidates[i % len(candidates)]
         pixels.append(sam_preprocess(np.stack([p.image] * 3, axis=-1), image_size=size)[0])
         target = torch.from_numpy(mask.astype(np.float32))[None, None]  # (1, 1, 128, 128)
@@ -438,7 +511,10 @@ def _pretrain_sam(model: nn.Module, *, steps: int, batch_size: int = 16, seed: i
         k = len(xs) // 2
         points.append([xs[k] * scale + 0.5, ys[k] * scale + 0.5])
     pixels, targets = torch.stack(pixels), torch.stack(targets)  # (N, 3, S, S), (N, m, m)
-    boxes, points = torch.tensor(boxes, dtype=torch.float32), torch.tensor(points, dtype=torch.float32)  # (N, 4), (N, 2)
+    boxes, points = (
+        torch.tensor(boxes, dtype=torch.float32),
+        torch.tensor(points, dtype=torch.float32),
+    )  # (N, 4), (N, 2)
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=peak_lr, weight_decay=0.0)
     model.train()
@@ -448,9 +524,14 @@ def _pretrain_sam(model: nn.Module, *, steps: int, batch_size: int = 16, seed: i
             group["lr"] = peak_lr * warmup_cosine(step, total=steps)
         idx = torch.randint(0, len(pixels), (batch_size,), generator=generator)
         use_box = step % 2 == 0
-        prompt = ({"input_boxes": boxes[idx][:, None]} if use_box  # (b, 1, 4)
-                  else {"input_points": points[idx][:, None, None], "input_labels": torch.ones(batch_size, 1, 1,
-                                                                                               dtype=torch.long)})
+        prompt = (
+            {"input_boxes": boxes[idx][:, None]}
+            if use_box  # (b, 1, 4)
+            else {
+                "input_points": points[idx][:, None, None],
+                "input_labels": torch.ones(batch_size, 1, 1, dtype=torch.long),
+            }
+        )
         out = model(pixel_values=pixels[idx], multimask_output=False, **prompt)
         logits = out.pred_masks[:, 0, 0]  # (b, m, m)
         target = targets[idx]  # (b, m, m)
@@ -480,8 +561,9 @@ def _build_medsam(out: Path, _cache: Path, pretrain_steps: int = 1600) -> None:
     model = SamModel.from_pretrained(out)
     dice = _pretrain_sam(model, steps=pretrain_steps)  # on BUILD_THREADS, like every build
     model.save_pretrained(out)
-    (out / "pretraining.txt").write_text(f"promptable phantom segmentation, {pretrain_steps} steps, "
-                                         f"final running Dice {dice:.3f}\n")
+    (out / "pretraining.txt").write_text(
+        f"promptable phantom segmentation, {pretrain_steps} steps, final running Dice {dice:.3f}\n"
+    )
 
 
 MODEL_NAMES = ("clip", "llama", "phi", "qwen2", "stablelm", "sam", "medsam")  # what a model path may name

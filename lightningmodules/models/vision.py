@@ -33,8 +33,9 @@ class VisionTower(nn.Module):
     ``frozen`` keeps the weights fixed and runs without autograd, as every recipe here does.
     """
 
-    def __init__(self, *, encoder: nn.Module, select_layer: int = -2, select_feature: str = "patch",
-                 frozen: bool = True) -> None:
+    def __init__(
+        self, *, encoder: nn.Module, select_layer: int = -2, select_feature: str = "patch", frozen: bool = True
+    ) -> None:
         super().__init__()
         if select_feature not in SELECT_FEATURES:
             raise ValueError(f"select_feature must be one of {SELECT_FEATURES}, got {select_feature!r}")
@@ -48,8 +49,9 @@ class VisionTower(nn.Module):
         self.patch_size = int(config.patch_size)
         self.grid_size = self.image_size // self.patch_size
         # CLIP-style encoders prepend a CLS token; SigLIP does not; timm towers say how many (CLS, registers)
-        self.num_prefix_tokens = int(getattr(encoder, "num_prefix_tokens",
-                                             int(getattr(config, "model_type", "").startswith("clip"))))
+        self.num_prefix_tokens = int(
+            getattr(encoder, "num_prefix_tokens", int(getattr(config, "model_type", "").startswith("clip")))
+        )
         self.has_cls = self.num_prefix_tokens > 0
         if frozen:
             self.encoder.requires_grad_(False)
@@ -69,5 +71,5 @@ class VisionTower(nn.Module):
             out = self.encoder(pixel_values=pixel_values.to(dtype), output_hidden_states=True)
             features = out.hidden_states[self.select_layer]  # (N, 1 + P, D) for CLIP
         if self.has_cls and self.select_feature == "patch":
-            features = features[:, self.num_prefix_tokens:]  # (N, P, D)
+            features = features[:, self.num_prefix_tokens :]  # (N, P, D)
         return features

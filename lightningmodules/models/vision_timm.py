@@ -55,21 +55,30 @@ class TimmVisionEncoder(nn.Module):
         self.select_layer = select_layer
         self.block = select_layer % (self.num_blocks + 1) - 1  # HF index i = output of block i - 1
         if self.block < 0:
-            raise ValueError(f"select_layer {select_layer} names the embedding output; pick a block (1..{self.num_blocks} "
-                             "or negative)")
+            raise ValueError(
+                f"select_layer {select_layer} names the embedding output; pick a block (1..{self.num_blocks} "
+                "or negative)"
+            )
         img_size = model.patch_embed.img_size
         patch_size = model.patch_embed.patch_size
         self.config = SimpleNamespace(
-            hidden_size=int(model.embed_dim), image_size=int(img_size[0] if isinstance(img_size, (tuple, list))
-                                                             else img_size),
+            hidden_size=int(model.embed_dim),
+            image_size=int(img_size[0] if isinstance(img_size, (tuple, list)) else img_size),
             patch_size=int(patch_size[0] if isinstance(patch_size, (tuple, list)) else patch_size),
-            model_type="timm")
+            model_type="timm",
+        )
 
     def forward(self, pixel_values: torch.Tensor, output_hidden_states: bool = True, **_: object) -> TimmOutput:
         """(N, 3, H, W) -> hidden_states with only entry ``select_layer`` filled: (N, prefix + P, D)."""
         intermediates = self.model.forward_intermediates(
-            pixel_values, indices=[self.block], norm=False, stop_early=True, output_fmt="NLC",
-            intermediates_only=True, return_prefix_tokens=True)
+            pixel_values,
+            indices=[self.block],
+            norm=False,
+            stop_early=True,
+            output_fmt="NLC",
+            intermediates_only=True,
+            return_prefix_tokens=True,
+        )
         patches, prefix = intermediates[0]  # (N, P, D), (N, prefix, D)
         if patches.ndim == 4:  # NCHW despite NLC (older timm): (N, D, g, g) -> (N, P, D)
             patches = patches.flatten(2).transpose(1, 2)
@@ -83,13 +92,16 @@ def load_timm_vision(path: str, *, checkpoint: str | Path | None, select_layer: 
     """``timm:<name>`` with weights from the local ``checkpoint`` file."""
     name = str(path).removeprefix(TIMM_PREFIX)
     if checkpoint is None:
-        raise ValueError(f"model.vision.path {path!r}: set model.vision.checkpoint to the local weights file "
-                         "(timm towers are never downloaded)")
+        raise ValueError(
+            f"model.vision.path {path!r}: set model.vision.checkpoint to the local weights file "
+            "(timm towers are never downloaded)"
+        )
     if not Path(checkpoint).expanduser().is_file():
         raise FileNotFoundError(f"model.vision.checkpoint: weights file not found: {checkpoint}")
     timm = import_timm()
-    model = timm.create_model(name, pretrained=True, num_classes=0,
-                              pretrained_cfg_overlay={"file": str(Path(checkpoint).expanduser())})
+    model = timm.create_model(
+        name, pretrained=True, num_classes=0, pretrained_cfg_overlay={"file": str(Path(checkpoint).expanduser())}
+    )
     return TimmVisionEncoder(model, select_layer=select_layer)
 
 
@@ -97,7 +109,11 @@ def timm_transform_settings(encoder: TimmVisionEncoder) -> dict[str, Any]:
     """ImageTransform keyword arguments from the timm model's pretrained config (mean, std, size)."""
     cfg = getattr(encoder.model, "pretrained_cfg", None) or {}
     size = encoder.config.image_size
-    return {"size": {"shortest_edge": size}, "crop_size": {"height": size, "width": size},
-            "image_mean": tuple(cfg.get("mean", (0.48145466, 0.4578275, 0.40821073))),
-            "image_std": tuple(cfg.get("std", (0.26862954, 0.26130258, 0.27577711))),
-            "resample": 3, "do_center_crop": True}
+    return {
+        "size": {"shortest_edge": size},
+        "crop_size": {"height": size, "width": size},
+        "image_mean": tuple(cfg.get("mean", (0.48145466, 0.4578275, 0.40821073))),
+        "image_std": tuple(cfg.get("std", (0.26862954, 0.26130258, 0.27577711))),
+        "resample": 3,
+        "do_center_crop": True,
+    }

@@ -113,4 +113,3 @@ def load_config(path: str | Path, overrides: Iterable[str] = (), *, check_paths:
     check_semantics(cfg, provenance=provenance, default_source=str(path), check_paths=check_paths)
     OmegaConf.set_readonly(cfg, True)
     return cfg
-

@@ -64,8 +64,9 @@ class _Checker:
             self.fail(key, f"{what} not found: {value}")
 
 
-def check_semantics(cfg: DictConfig, *, provenance: dict[str, str], default_source: str,
-                    check_paths: bool = True) -> None:
+def check_semantics(
+    cfg: DictConfig, *, provenance: dict[str, str], default_source: str, check_paths: bool = True
+) -> None:
     c = _Checker(provenance, default_source)
     c.choice("model.connector.type", cfg.model.connector.type, CONNECTOR_TYPES)
     c.choice("model.connector.aggregation", cfg.model.connector.aggregation, AGGREGATIONS)
@@ -81,8 +82,11 @@ def check_semantics(cfg: DictConfig, *, provenance: dict[str, str], default_sour
     if connector.type == "cmoe":  # task embeddings are indexed by TASK_IDS: every image task needs one
         for name, ds in cfg.data.datasets.items():
             if ds.task in TASK_IDS and TASK_IDS[ds.task] >= connector.num_tasks:
-                c.fail("model.connector.num_tasks", f"{connector.num_tasks} task embeddings, but dataset {name!r} has "
-                       f"task {ds.task!r} with task id {TASK_IDS[ds.task]} (ids: {TASK_IDS}); raise num_tasks")
+                c.fail(
+                    "model.connector.num_tasks",
+                    f"{connector.num_tasks} task embeddings, but dataset {name!r} has "
+                    f"task {ds.task!r} with task id {TASK_IDS[ds.task]} (ids: {TASK_IDS}); raise num_tasks",
+                )
     c.choice("model.vision.select_feature", cfg.model.vision.select_feature, ("patch", "cls_patch"))
     check_grounding(c, cfg, check_paths=check_paths)
     c.choice("model.llm.dtype", cfg.model.llm.dtype, ("float32", "bfloat16", "float16"))
@@ -97,8 +101,15 @@ def check_semantics(cfg: DictConfig, *, provenance: dict[str, str], default_sour
         c.positive("analysis.grad_conflict.samples_per_task", cfg.analysis.grad_conflict.samples_per_task)
     if cfg.trainer.checkpoint_every_n_steps is not None:
         c.positive("trainer.checkpoint_every_n_steps", cfg.trainer.checkpoint_every_n_steps)
-    for key in ("data.batch_size", "data.eval_batch_size", "data.max_length", "evaluation.batch_size",
-                "evaluation.max_new_tokens", "trainer.num_nodes", "trainer.accumulate_grad_batches"):
+    for key in (
+        "data.batch_size",
+        "data.eval_batch_size",
+        "data.max_length",
+        "evaluation.batch_size",
+        "evaluation.max_new_tokens",
+        "trainer.num_nodes",
+        "trainer.accumulate_grad_batches",
+    ):
         c.positive(key, OmegaConf.select(cfg, key))
     c.positive("data.num_workers", cfg.data.num_workers, allow_zero=True)
 
@@ -117,8 +128,11 @@ def check_semantics(cfg: DictConfig, *, provenance: dict[str, str], default_sour
         for split_key in ("train_split", "val_split", "test_split"):
             value = ds[split_key]
             if splits is not None and value is not None and value not in splits:
-                c.fail(f"{key}.{split_key}", f"{ds.format} has no split {value!r} (it has "
-                       f"{', '.join(splits)}; set null when the release has no such split)")
+                c.fail(
+                    f"{key}.{split_key}",
+                    f"{ds.format} has no split {value!r} (it has "
+                    f"{', '.join(splits)}; set null when the release has no such split)",
+                )
         for subset in ds.subsets or []:
             c.choice(f"{key}.subsets", subset, MECOVQA_SUBSETS)
 
@@ -126,8 +140,9 @@ def check_semantics(cfg: DictConfig, *, provenance: dict[str, str], default_sour
         c.choice("evaluation.datasets", ds, tuple(cfg.data.datasets.keys()))
     for name, ds in cfg.data.datasets.items():
         if ds.synthetic is not None:
-            c.choice(f"data.datasets.{name}.synthetic.kind", ds.synthetic.kind,
-                     SYNTHETIC_KINDS.get(ds.format, ("vqa",)))
+            c.choice(
+                f"data.datasets.{name}.synthetic.kind", ds.synthetic.kind, SYNTHETIC_KINDS.get(ds.format, ("vqa",))
+            )
             if ds.synthetic.layout is not None:
                 c.choice(f"data.datasets.{name}.synthetic.layout", ds.synthetic.layout, LAYOUTS[ds.format])
 
@@ -159,11 +174,12 @@ def check_semantics(cfg: DictConfig, *, provenance: dict[str, str], default_sour
         c.model_path("model.llm.path", cfg.model.llm.path)
         if str(cfg.model.vision.path).startswith("timm:"):
             if cfg.model.vision.checkpoint is None:
-                c.fail("model.vision.checkpoint", "a timm: vision tower needs its local weights file (never downloaded)")
+                c.fail(
+                    "model.vision.checkpoint", "a timm: vision tower needs its local weights file (never downloaded)"
+                )
             c.existing_path("model.vision.checkpoint", cfg.model.vision.checkpoint, "vision weights file")
         if cfg.ckpt is not None and not str(cfg.ckpt).startswith(("models:/", "runs:/")):
             c.existing_path("ckpt", cfg.ckpt, "checkpoint")
-
 
 
 def check_moe_stage(c: _Checker, cfg: DictConfig, name: str, earlier: list[str]) -> None:
@@ -179,8 +195,11 @@ def check_moe_stage(c: _Checker, cfg: DictConfig, name: str, earlier: list[str])
             c.choice(f"{key}.router.dataset_modality", ds, tuple(cfg.data.datasets.keys()))
             c.choice(f"{key}.router.dataset_modality.{ds}", modality, tuple(stage.router.modalities))
         if list(stage.train) != ["modality_classifier"]:
-            c.fail(f"{key}.train", f"a router stage trains the modality classifier only: set train: "
-                   f"[modality_classifier] (got {list(stage.train)})")
+            c.fail(
+                f"{key}.train",
+                f"a router stage trains the modality classifier only: set train: "
+                f"[modality_classifier] (got {list(stage.train)})",
+            )
         if stage.moe is not None or stage.lora is not None:
             c.fail(f"{key}.{'moe' if stage.moe is not None else 'lora'}", "a router stage changes no LLM weights")
     elif stage.router is not None:
@@ -196,8 +215,11 @@ def check_moe_stage(c: _Checker, cfg: DictConfig, name: str, earlier: list[str])
     moe = stage.moe
     mkey = f"{key}.moe"
     if moe_before:
-        c.fail(mkey, f"an earlier stage already converted the LLM to MoE "
-               f"({[n for n in earlier if cfg.stages[n].moe is not None]}); only one moe stage per experiment")
+        c.fail(
+            mkey,
+            f"an earlier stage already converted the LLM to MoE "
+            f"({[n for n in earlier if cfg.stages[n].moe is not None]}); only one moe stage per experiment",
+        )
     layers = moe.layers
     if isinstance(layers, str):
         c.choice(f"{mkey}.layers", layers, MOE_LAYER_CHOICES)
@@ -231,8 +253,11 @@ def check_moe_stage(c: _Checker, cfg: DictConfig, name: str, earlier: list[str])
         c.choice(f"{mkey}.router_stage", router_stage, tuple(routers))
         classes = len(cfg.stages[router_stage].router.modalities)
         if classes != num_experts:
-            c.fail(f"{mkey}.num_experts", f"{num_experts} experts but router stage {router_stage!r} classifies "
-                   f"{classes} modalities (class c initialises expert c's router row)")
+            c.fail(
+                f"{mkey}.num_experts",
+                f"{num_experts} experts but router stage {router_stage!r} classifies "
+                f"{classes} modalities (class c initialises expert c's router row)",
+            )
     elif moe.router_stage is not None:
         c.fail(f"{mkey}.router_stage", "set only with router_init: modality_classifier")
 
@@ -272,8 +297,10 @@ def check_grounding(c: _Checker, cfg: DictConfig, *, check_paths: bool) -> None:
         for name, stage in cfg.stages.items():
             for group in ("grounding", "region"):
                 if group in stage.train:
-                    c.fail(f"stages.{name}.train", f"group {group!r} needs model.grounding (MedPLIB's grounding "
-                           "head and region adapter)")
+                    c.fail(
+                        f"stages.{name}.train",
+                        f"group {group!r} needs model.grounding (MedPLIB's grounding head and region adapter)",
+                    )
         return
     c.choice("model.grounding.sam_format", grounding.sam_format, SAM_FORMATS)
     if grounding.sam_format == "sam_med2d" and check_paths:
@@ -283,9 +310,9 @@ def check_grounding(c: _Checker, cfg: DictConfig, *, check_paths: bool) -> None:
     if grounding.region and cfg.model.vision.select_feature != "patch":
         c.fail("model.grounding.region", "region prompts pool the patch grid: needs model.vision.select_feature: patch")
     weights = [("model.grounding.loss", grounding.loss)] + [
-        (f"stages.{n}.grounding_loss", s.grounding_loss) for n, s in cfg.stages.items() if s.grounding_loss is not None]
+        (f"stages.{n}.grounding_loss", s.grounding_loss) for n, s in cfg.stages.items() if s.grounding_loss is not None
+    ]
     for key, loss in weights:
         for term in ("ce", "bce", "dice", "focal"):
             if loss[term] < 0:
                 c.fail(f"{key}.{term}", f"loss weights must be >= 0, got {loss[term]}")
-

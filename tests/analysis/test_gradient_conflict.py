@@ -12,12 +12,17 @@ from pipeline.gradient_conflict import GradientConflict, conflict_matrix, group_
 
 
 def test_conflict_matrix_hand_values() -> None:
-    grads = {"a": {"g": torch.tensor([1.0, 0.0])}, "b": {"g": torch.tensor([0.0, 2.0])},
-             "c": {"g": torch.tensor([-3.0, 0.0])}, "d": {"g": torch.tensor([1.0, 1.0])}}
+    grads = {
+        "a": {"g": torch.tensor([1.0, 0.0])},
+        "b": {"g": torch.tensor([0.0, 2.0])},
+        "c": {"g": torch.tensor([-3.0, 0.0])},
+        "d": {"g": torch.tensor([1.0, 1.0])},
+    }
     tasks, cos = conflict_matrix(grads, "g")
     assert tasks == ["a", "b", "c", "d"]
-    expected = torch.tensor([[1, 0, -1, 0.5 ** 0.5], [0, 1, 0, 0.5 ** 0.5], [-1, 0, 1, -(0.5 ** 0.5)],
-                             [0.5 ** 0.5, 0.5 ** 0.5, -(0.5 ** 0.5), 1]])
+    expected = torch.tensor(
+        [[1, 0, -1, 0.5**0.5], [0, 1, 0, 0.5**0.5], [-1, 0, 1, -(0.5**0.5)], [0.5**0.5, 0.5**0.5, -(0.5**0.5), 1]]
+    )
     torch.testing.assert_close(cos, expected)
 
 
@@ -41,8 +46,9 @@ def test_measure_equals_autograd_by_hand_and_leaves_training_untouched() -> None
     probes = {t: {"input_ids": torch.randn(5, 3), "labels": torch.randn(5, 2)} for t in ("refer", "vqa", "caption")}
     callback = GradientConflict(every_n_steps=1, groups=["connector", "experts"])
     callback.probes = probes
-    module = SimpleNamespace(model=model, global_step=7, device=torch.device("cpu"),
-                             transfer_batch_to_device=lambda b, device, i: b)
+    module = SimpleNamespace(
+        model=model, global_step=7, device=torch.device("cpu"), transfer_batch_to_device=lambda b, device, i: b
+    )
     for p in model.parameters():
         p.grad = torch.full_like(p, 0.5)
     model.train()
@@ -60,8 +66,10 @@ def test_measure_equals_autograd_by_hand_and_leaves_training_untouched() -> None
         flat[task] = torch.cat([x.reshape(-1) for x in g])
     cos = torch.nn.functional.cosine_similarity(flat["refer"], flat["vqa"], dim=0)
     assert metrics["grad_conflict/connector/refer.vs.vqa"] == pytest.approx(float(cos), abs=1e-6)
-    pairs = [metrics[f"grad_conflict/connector/{a}.vs.{b}"] for a, b in
-             (("caption", "refer"), ("caption", "vqa"), ("refer", "vqa"))]
+    pairs = [
+        metrics[f"grad_conflict/connector/{a}.vs.{b}"]
+        for a, b in (("caption", "refer"), ("caption", "vqa"), ("refer", "vqa"))
+    ]
     assert metrics["grad_conflict/connector/mean_cos"] == pytest.approx(sum(pairs) / 3, abs=1e-6)
     assert metrics["grad_conflict/connector/negative_share"] == pytest.approx(sum(p < 0 for p in pairs) / 3)
     assert "grad_conflict/experts/refer.vs.vqa" in metrics

@@ -51,4 +51,4 @@ def naive_weights(cmoe: CMoEConnector, features: torch.Tensor, task_ids: torch.T
 def naive_forward(cmoe: CMoEConnector, features: torch.Tensor, task_ids: torch.Tensor | None) -> torch.Tensor:
     """sum_e w_e * expert_e(token), every expert on every token: (N, P, d)."""
     weights = naive_weights(cmoe, features, task_ids)
-    return sum(weights[..., e:e + 1] * naive_expert(cmoe, features, e) for e in range(cmoe.num_experts))
+    return sum(weights[..., e : e + 1] * naive_expert(cmoe, features, e) for e in range(cmoe.num_experts))

@@ -11,24 +11,38 @@ from pipeline.config import ConfigError, load_config
 
 REPO = Path(__file__).resolve().parents[2]
 DEMO = REPO / "experiments" / "demo.yaml"
-CMOE = ["model.connector.type=cmoe", "model.connector.aggregation=concat4", "model.connector.num_experts=3",
-        "model.connector.router_hidden_ratio=0.5", "model.connector.num_tasks=6"]
+CMOE = [
+    "model.connector.type=cmoe",
+    "model.connector.aggregation=concat4",
+    "model.connector.num_experts=3",
+    "model.connector.router_hidden_ratio=0.5",
+    "model.connector.num_tasks=6",
+]
 
 
 def test_defaults_are_the_papers() -> None:
     connector = load_config(DEMO, ["model.connector.type=cmoe"]).model.connector
-    assert (connector.num_experts, connector.router_input, connector.weighting, connector.top_k,
-            connector.router_hidden_ratio, connector.num_tasks, connector.task_embed_dim) == \
-        (5, "task_token", "soft", 2, 4.0, 6, None)
+    assert (
+        connector.num_experts,
+        connector.router_input,
+        connector.weighting,
+        connector.top_k,
+        connector.router_hidden_ratio,
+        connector.num_tasks,
+        connector.task_embed_dim,
+    ) == (5, "task_token", "soft", 2, 4.0, 6, None)
 
 
-@pytest.mark.parametrize("override, key", [
-    ("model.connector.weighting=dense", "model.connector.weighting"),
-    ("model.connector.router_input=image", "model.connector.router_input"),
-    ("model.connector.num_experts=0", "model.connector.num_experts"),
-    ("model.connector.router_hidden_ratio=-1", "model.connector.router_hidden_ratio"),
-    ("model.connector.task_embed_dim=0", "model.connector.task_embed_dim"),
-])
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("model.connector.weighting=dense", "model.connector.weighting"),
+        ("model.connector.router_input=image", "model.connector.router_input"),
+        ("model.connector.num_experts=0", "model.connector.num_experts"),
+        ("model.connector.router_hidden_ratio=-1", "model.connector.router_hidden_ratio"),
+        ("model.connector.task_embed_dim=0", "model.connector.task_embed_dim"),
+    ],
+)
 def test_bad_cmoe_settings_name_the_key(override: str, key: str) -> None:
     with pytest.raises(ConfigError, match=f"command line: key '{key}'"):
         load_config(DEMO, ["model.connector.type=cmoe", override])
@@ -72,8 +86,13 @@ def test_config_round_trip_builds_a_working_cmoe_model(weighting: str, cache_dir
     text = built.tokenizer("a phantom scan", add_special_tokens=False).input_ids
     row = [model.image_token_id] * model.num_image_tokens + text
     input_ids = torch.tensor([row, row])
-    out = model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), labels=input_ids,
-                pixel_values=pixels[:2], image_task_ids=task_ids[:2])
+    out = model(
+        input_ids=input_ids,
+        attention_mask=torch.ones_like(input_ids),
+        labels=input_ids,
+        pixel_values=pixels[:2],
+        image_task_ids=task_ids[:2],
+    )
     out.loss.backward()
     assert torch.isfinite(out.loss)
     assert connector.router.task_embedding.weight.grad[[1, 4]].abs().sum() > 0

@@ -60,7 +60,7 @@ def test_stacked_equals_the_per_expert_loop(weighting: str, router_input: str) -
 
     fast_grads = torch.autograd.grad((fast @ projection).sum(), params, allow_unused=True)
     slow_grads = torch.autograd.grad((slow @ projection).sum(), params, allow_unused=True)
-    for (name, param), fast_grad, slow_grad in zip(named, fast_grads, slow_grads):
+    for (name, param), fast_grad, slow_grad in zip(named, fast_grads, slow_grads, strict=True):
         fast_grad = torch.zeros_like(param) if fast_grad is None else fast_grad  # unused experts: no grad
         slow_grad = torch.zeros_like(param) if slow_grad is None else slow_grad
         torch.testing.assert_close(fast_grad, slow_grad, atol=1e-5, rtol=1e-4, msg=lambda m, name=name: f"{name}: {m}")
@@ -70,8 +70,9 @@ def test_stacked_equals_the_per_expert_loop(weighting: str, router_input: str) -
 def test_sparse_equals_the_masked_dense_mix(top_k: int) -> None:
     cmoe = make(weighting="sparse", top_k=top_k)
     features, task_ids = inputs()
-    torch.testing.assert_close(cmoe(features, task_ids=task_ids), naive_forward(cmoe, features, task_ids),
-                               atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        cmoe(features, task_ids=task_ids), naive_forward(cmoe, features, task_ids), atol=1e-5, rtol=1e-5
+    )
 
 
 def test_constant_is_the_mean_of_the_experts() -> None:
@@ -121,8 +122,9 @@ def test_padded_dispatch_equals_per_expert_dispatch(weighting: str, top_k: int) 
     (out_a, grads_a, counts_a), (out_b, grads_b, counts_b) = results
     torch.testing.assert_close(out_b, out_a, atol=1e-5, rtol=1e-5)
     assert counts_a == counts_b
-    for a, b in zip(grads_a, grads_b):
+    for a, b in zip(grads_a, grads_b, strict=True):
         a = torch.zeros(()) if a is None else a
         b = torch.zeros(()) if b is None else b
-        torch.testing.assert_close(b.expand_as(a) if b.ndim == 0 else b, a.expand_as(b) if a.ndim == 0 else a,
-                                   atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(
+            b.expand_as(a) if b.ndim == 0 else b, a.expand_as(b) if a.ndim == 0 else a, atol=1e-5, rtol=1e-4
+        )

@@ -12,17 +12,29 @@ from lightningmodules.models.cmoe import CMoEConnector
 @pytest.mark.parametrize("router_input", ["task_token", "task"])
 def test_gradients_reach_router_task_embeddings_and_experts(weighting: str, router_input: str) -> None:
     torch.manual_seed(0)
-    cmoe = CMoEConnector(in_dim=12, out_dim=10, num_experts=3, weighting=weighting, router_input=router_input,
-                         num_tasks=4, task_embed_dim=6)
+    cmoe = CMoEConnector(
+        in_dim=12,
+        out_dim=10,
+        num_experts=3,
+        weighting=weighting,
+        router_input=router_input,
+        num_tasks=4,
+        task_embed_dim=6,
+    )
     features = torch.randn(4, 6, 12)
     task_ids = torch.tensor([0, 2, 2, 0])
     out = cmoe(features, task_ids=task_ids)
     (out * torch.randn_like(out)).sum().backward()
 
     router = cmoe.router
-    for name, param in [("router.fc1_task.weight", router.fc1_task.weight), ("router.fc2.weight", router.fc2.weight),
-                        ("experts.w1", cmoe.experts.w1), ("experts.w2", cmoe.experts.w2),
-                        ("experts.b1", cmoe.experts.b1), ("experts.b2", cmoe.experts.b2)]:
+    for name, param in [
+        ("router.fc1_task.weight", router.fc1_task.weight),
+        ("router.fc2.weight", router.fc2.weight),
+        ("experts.w1", cmoe.experts.w1),
+        ("experts.w2", cmoe.experts.w2),
+        ("experts.b1", cmoe.experts.b1),
+        ("experts.b2", cmoe.experts.b2),
+    ]:
         assert param.grad is not None and param.grad.abs().sum() > 0, name
     embedding_grad = router.task_embedding.weight.grad  # (num_tasks, t)
     assert embedding_grad[[0, 2]].abs().sum(-1).gt(0).all()  # used tasks learn

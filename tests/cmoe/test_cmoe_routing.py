@@ -166,9 +166,13 @@ def test_routing_record_is_detached_and_keeps_the_task_ids() -> None:
 
 
 def test_mean_weights_by_task() -> None:
-    weights = torch.tensor([[[1.0, 0.0], [0.0, 1.0]],   # image 0, task 2: mean (0.5, 0.5)
-                            [[1.0, 0.0], [1.0, 0.0]],   # image 1, task 0: mean (1, 0)
-                            [[0.0, 1.0], [0.0, 1.0]]])  # image 2, task 0: mean (0, 1)
+    weights = torch.tensor(
+        [
+            [[1.0, 0.0], [0.0, 1.0]],  # image 0, task 2: mean (0.5, 0.5)
+            [[1.0, 0.0], [1.0, 0.0]],  # image 1, task 0: mean (1, 0)
+            [[0.0, 1.0], [0.0, 1.0]],
+        ]
+    )  # image 2, task 0: mean (0, 1)
     means = mean_weights_by_task(weights, torch.tensor([2, 0, 0]), num_tasks=3)
     assert means.shape == (3, 2)
     torch.testing.assert_close(means[0], torch.tensor([0.5, 0.5]))

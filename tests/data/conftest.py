@@ -8,6 +8,7 @@ import pytest
 
 SIZE = 32
 
+
 @pytest.fixture(scope="session")
 def vqa_rad_original(tmp_path_factory) -> tuple[Path, dict]:
     from datamodules.writers.vqa_rad import write_vqa_rad
@@ -29,8 +30,9 @@ def slake_small(tmp_path_factory) -> tuple[Path, dict]:
     from datamodules.writers.slake import write_slake
 
     root = tmp_path_factory.mktemp("slake_small")
-    return root, write_slake(root, n_train=6, n_val=3, n_test=3, seed=2, size=SIZE, zh_fraction=0.6,
-                             validation_name="validation.json")
+    return root, write_slake(
+        root, n_train=6, n_val=3, n_test=3, seed=2, size=SIZE, zh_fraction=0.6, validation_name="validation.json"
+    )
 
 
 @pytest.fixture(scope="session")
@@ -62,8 +64,9 @@ def conversation_small(tmp_path_factory) -> tuple[Path, dict]:
     from datamodules.writers.conversation import write_conversation
 
     root = tmp_path_factory.mktemp("conversation")
-    return root, write_conversation(root, kind="vqa", n_train=5, n_val=2, n_test=2, seed=5, size=SIZE,
-                                    questions_per_image=4)
+    return root, write_conversation(
+        root, kind="vqa", n_train=5, n_val=2, n_test=2, seed=5, size=SIZE, questions_per_image=4
+    )
 
 
 @pytest.fixture(scope="session")

@@ -25,25 +25,30 @@ def read_and_verify(spec: DatasetSpec, split: str, problems: ProblemLog) -> list
 
 # -- SLAKE record cases: each breaks record 1 of train.json ----------------------------------------
 
+
 def _set(field: str, value: object) -> Callable:
     def mutate(item: dict, root: Path) -> None:
         item[field] = value
+
     return mutate
 
 
 def _drop(field: str) -> Callable:
     def mutate(item: dict, root: Path) -> None:
         del item[field]
+
     return mutate
 
 
 def _image(content: Callable[[bytes], bytes]) -> Callable:
     """Point the record at its own copy of its image, rewritten by ``content``."""
+
     def mutate(item: dict, root: Path) -> None:
         good = (root / "imgs" / item["img_name"]).read_bytes()
         (root / "imgs" / "bad").mkdir(exist_ok=True)
         (root / "imgs" / "bad" / "source.jpg").write_bytes(content(good))
         item["img_name"] = "bad/source.jpg"
+
     return mutate
 
 
@@ -112,6 +117,7 @@ def test_malformed_json_raises_under_both_policies(slake_copy) -> None:
 
 # -- masks (MeCoVQA) ---------------------------------------------------------------------------------
 
+
 @pytest.fixture
 def mecovqa_copy(tmp_path: Path) -> tuple[Path, list]:
     from datamodules.writers.mecovqa import write_mecovqa
@@ -179,6 +185,7 @@ def test_duplicate_ids_are_bad_records(tmp_path: Path) -> None:
 
 # -- the DataModule: counts, the printed summary, and corrupt images met while loading --------------
 
+
 def test_datamodule_skips_counts_and_prints(slake_copy, caplog) -> None:
     from datamodules.datamodule import VQADataModule
 
@@ -186,8 +193,11 @@ def test_datamodule_skips_counts_and_prints(slake_copy, caplog) -> None:
     del items[0]["question"]
     _image(lambda good: good[:100])(items[2], root)
     (root / "train.json").write_text(json.dumps(items))
-    dm = VQADataModule(datasets={"s": DatasetSpec(format="slake", path=str(root), val_split=None, test_split=None)},
-                       on_bad_record="skip", verify_images=True)
+    dm = VQADataModule(
+        datasets={"s": DatasetSpec(format="slake", path=str(root), val_split=None, test_split=None)},
+        on_bad_record="skip",
+        verify_images=True,
+    )
     with caplog.at_level(logging.WARNING, logger="datamodules"):
         records = dm.split_records("train")
     assert len(records) == len(items) - 2
@@ -204,8 +214,9 @@ def test_corrupt_image_at_load_time_names_file_and_record(slake_copy, tokenizer,
     (root / "train.json").write_text(json.dumps(items))
     records = read_split(DatasetSpec(format="slake", path=str(root)), "slake", "train", ProblemLog("skip"))
     assert len(records) == len(items)  # indexing does not decode images
-    dataset = VQADataset(records, encoder=ConversationEncoder(tokenizer, num_image_tokens=4), transform=transform,
-                         with_answers=True)
+    dataset = VQADataset(
+        records, encoder=ConversationEncoder(tokenizer, num_image_tokens=4), transform=transform, with_answers=True
+    )
     dataset[0]
     with pytest.raises(DataError) as info:
         dataset[1]
@@ -230,8 +241,10 @@ def test_skip_counts_are_logged_to_mlflow(slake_copy, tmp_path: Path, monkeypatc
     items[1]["answer"] = ""
     items[2]["answer"] = " "
     (root / "train.json").write_text(json.dumps(items))
-    dm = VQADataModule(datasets={"s": DatasetSpec(format="slake", path=str(root), val_split=None, test_split=None)},
-                       on_bad_record="skip")
+    dm = VQADataModule(
+        datasets={"s": DatasetSpec(format="slake", path=str(root), val_split=None, test_split=None)},
+        on_bad_record="skip",
+    )
     assert len(dm.split_records("train")) == len(items) - 3
     uri = (tmp_path / "mlruns").as_uri()
     tracker = Tracker(tracking_uri=uri, experiment_name="skips")
@@ -239,4 +252,7 @@ def test_skip_counts_are_logged_to_mlflow(slake_copy, tmp_path: Path, monkeypatc
     log_stage_records(tracker, run_id, dm, LossHistory(), "stage")
     metrics = MlflowClient(tracking_uri=uri).get_run(run_id).data.metrics
     assert {k: v for k, v in metrics.items() if k.startswith("data/skipped")} == {
-        "data/skipped": 3.0, "data/skipped_missing_field": 1.0, "data/skipped_empty_answer": 2.0}
+        "data/skipped": 3.0,
+        "data/skipped_missing_field": 1.0,
+        "data/skipped_empty_answer": 2.0,
+    }

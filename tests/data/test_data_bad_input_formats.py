@@ -29,6 +29,7 @@ def read_and_verify(spec: DatasetSpec, problems: ProblemLog) -> list:
 
 # -- per format: write a small dataset, load / store its train annotations, the record's id -----------
 
+
 def _vqa_rad(root: Path) -> None:
     from datamodules.writers.vqa_rad import write_vqa_rad
 
@@ -48,8 +49,10 @@ def _pathvqa(root: Path) -> None:
 
 
 def _json_io(name: str):
-    return (lambda root: json.loads((root / name).read_text()),
-            lambda root, items: (root / name).write_text(json.dumps(items)))
+    return (
+        lambda root: json.loads((root / name).read_text()),
+        lambda root, items: (root / name).write_text(json.dumps(items)),
+    )
 
 
 def _pickle_io(name: str):
@@ -60,35 +63,57 @@ def _pickle_io(name: str):
     def store(root: Path, items) -> None:
         with open(root / name, "wb") as f:
             pickle.dump(items, f)
+
     return load, store
 
 
 FORMATS = {
     # format: (writer, annotation file, (load, store), id field, spec options, expected id of an item)
-    "vqa_rad": (_vqa_rad, "VQA_RAD Dataset Public.json", _json_io("VQA_RAD Dataset Public.json"), "qid", {},
-                lambda i: f"vqa_rad/{i['qid']}"),
-    "conversation": (_conversation, "train.json", _json_io("train.json"), "id", {},
-                     lambda i: f"conversation/{i['id']}"),
-    "pathvqa": (_pathvqa, "train_vqa.pkl", _pickle_io("qas/train_vqa.pkl"), "question_id",
-                {"allow_pickle": True}, lambda i: f"pathvqa/{i['question_id']}"),
+    "vqa_rad": (
+        _vqa_rad,
+        "VQA_RAD Dataset Public.json",
+        _json_io("VQA_RAD Dataset Public.json"),
+        "qid",
+        {},
+        lambda i: f"vqa_rad/{i['qid']}",
+    ),
+    "conversation": (
+        _conversation,
+        "train.json",
+        _json_io("train.json"),
+        "id",
+        {},
+        lambda i: f"conversation/{i['id']}",
+    ),
+    "pathvqa": (
+        _pathvqa,
+        "train_vqa.pkl",
+        _pickle_io("qas/train_vqa.pkl"),
+        "question_id",
+        {"allow_pickle": True},
+        lambda i: f"pathvqa/{i['question_id']}",
+    ),
 }
 
 
 def _set(key: str, value: object) -> Callable:
     def mutate(item: dict) -> None:
         item[key] = value
+
     return mutate
 
 
 def _drop(key: str) -> Callable:
     def mutate(item: dict) -> None:
         del item[key]
+
     return mutate
 
 
 def _answer(value: str) -> Callable:
     def mutate(item: dict) -> None:
         item["conversations"][1]["value"] = value
+
     return mutate
 
 
@@ -150,11 +175,13 @@ def test_malformed_pickle_is_a_file_error(tmp_path: Path) -> None:
     (tmp_path / "qas" / "train_vqa.pkl").write_bytes(pickle.dumps([{"a": 1}])[:-3])  # truncated
     for policy in ("error", "skip"):
         with pytest.raises(DataError, match=r"train_vqa.pkl: record -: field '<pickle>': unreadable pickle"):
-            read_split(DatasetSpec(format="pathvqa", path=str(tmp_path), allow_pickle=True), "p", "train",
-                       ProblemLog(policy))
+            read_split(
+                DatasetSpec(format="pathvqa", path=str(tmp_path), allow_pickle=True), "p", "train", ProblemLog(policy)
+            )
 
 
 # -- the hub parquet export (VQA-RAD and PathVQA share the reader) -------------------------------------
+
 
 def _jpeg(shade: int = 128) -> bytes:
     from PIL import Image
@@ -178,23 +205,39 @@ def write_rows(root: Path, rows: list[dict], *, split: str = "train", answer_typ
 
 
 def good_row(k: int, answer: str = "yes", **extra) -> dict:
-    return {"image": {"bytes": _jpeg(10 * k), "path": f"synpic{k}.jpg"}, "question": f"q{k}?", "answer": answer,
-            **extra}
+    return {
+        "image": {"bytes": _jpeg(10 * k), "path": f"synpic{k}.jpg"},
+        "question": f"q{k}?",
+        "answer": answer,
+        **extra,
+    }
 
 
 PARQUET_CASES = {
     # case: (row 1 as written, field, needs an answer_type column)
-    "missing_field": ({"image": {"bytes": _jpeg(), "path": "a.jpg"}, "question": None, "answer": "yes"},
-                      "question", False),
+    "missing_field": (
+        {"image": {"bytes": _jpeg(), "path": "a.jpg"}, "question": None, "answer": "yes"},
+        "question",
+        False,
+    ),
     "empty_answer": (good_row(1, answer="  "), "answer", False),
     "unknown_answer_type": (good_row(1, answer_type="MAYBE"), "answer_type", True),
     "missing_image": ({"image": None, "question": "q?", "answer": "no"}, "image", False),
-    "path_escapes_root": ({"image": {"bytes": None, "path": "../../x.jpg"}, "question": "q?", "answer": "no"},
-                          "image.path", False),
-    "corrupt_image": ({"image": {"bytes": b"\xff\xd8 not a jpeg" * 20, "path": "c.jpg"}, "question": "q?",
-                       "answer": "no"}, "image", False),
-    "truncated_image": ({"image": {"bytes": _jpeg(3)[:200], "path": "t.jpg"}, "question": "q?", "answer": "no"},
-                        "image", False),
+    "path_escapes_root": (
+        {"image": {"bytes": None, "path": "../../x.jpg"}, "question": "q?", "answer": "no"},
+        "image.path",
+        False,
+    ),
+    "corrupt_image": (
+        {"image": {"bytes": b"\xff\xd8 not a jpeg" * 20, "path": "c.jpg"}, "question": "q?", "answer": "no"},
+        "image",
+        False,
+    ),
+    "truncated_image": (
+        {"image": {"bytes": _jpeg(3)[:200], "path": "t.jpg"}, "question": "q?", "answer": "no"},
+        "image",
+        False,
+    ),
 }
 
 
@@ -202,9 +245,11 @@ PARQUET_CASES = {
 @pytest.mark.parametrize("case", sorted(PARQUET_CASES))
 def test_hub_parquet_bad_rows(tmp_path: Path, fmt: str, case: str) -> None:
     bad, field, with_type = PARQUET_CASES[case]
-    rows = [good_row(0, **({"answer_type": "CLOSED"} if with_type else {})),
-            {**bad, **({"answer_type": bad.get("answer_type", "OPEN")} if with_type else {})},
-            good_row(2, answer="left", **({"answer_type": "OPEN"} if with_type else {}))]
+    rows = [
+        good_row(0, **({"answer_type": "CLOSED"} if with_type else {})),
+        {**bad, **({"answer_type": bad.get("answer_type", "OPEN")} if with_type else {})},
+        good_row(2, answer="left", **({"answer_type": "OPEN"} if with_type else {})),
+    ]
     file = write_rows(tmp_path, rows, answer_type=with_type)
     spec = DatasetSpec(format=fmt, path=str(tmp_path))
     with pytest.raises(DataError) as info:
@@ -219,10 +264,12 @@ def test_hub_parquet_bad_rows(tmp_path: Path, fmt: str, case: str) -> None:
 
 
 def test_hub_parquet_answer_type_column_and_plain_image_column(tmp_path: Path) -> None:
-    rows = [good_row(0, answer="Yes.", answer_type="other"),  # the answer says closed
-            good_row(1, answer="maybe", answer_type="yes/no"),  # the column says closed
-            good_row(2, answer="left lung", answer_type="other"),
-            good_row(3, answer="no")]  # no answer_type (null): from the answer
+    rows = [
+        good_row(0, answer="Yes.", answer_type="other"),  # the answer says closed
+        good_row(1, answer="maybe", answer_type="yes/no"),  # the column says closed
+        good_row(2, answer="left lung", answer_type="other"),
+        good_row(3, answer="no"),
+    ]  # no answer_type (null): from the answer
     rows[3]["answer_type"] = None
     write_rows(tmp_path, rows, answer_type=True)
     records = read_split(DatasetSpec(format="pathvqa", path=str(tmp_path)), "pathvqa", "train", ProblemLog())

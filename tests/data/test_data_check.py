@@ -21,15 +21,18 @@ def check(capsys, *args: str) -> tuple[int, dict]:
     return code, json.loads(out)
 
 
-@pytest.mark.parametrize("fixture, fmt, extra", [
-    ("vqa_rad_original", "vqa_rad", []),
-    ("vqa_rad_parquet", "vqa_rad", []),
-    ("slake_small", "slake", ["--languages", "en,zh"]),
-    ("pathvqa_parquet", "pathvqa", []),
-    ("pathvqa_pickle", "pathvqa", ["--allow-pickle"]),
-    ("conversation_small", "conversation", []),
-    ("mecovqa_small", "mecovqa", []),
-])
+@pytest.mark.parametrize(
+    "fixture, fmt, extra",
+    [
+        ("vqa_rad_original", "vqa_rad", []),
+        ("vqa_rad_parquet", "vqa_rad", []),
+        ("slake_small", "slake", ["--languages", "en,zh"]),
+        ("pathvqa_parquet", "pathvqa", []),
+        ("pathvqa_pickle", "pathvqa", ["--allow-pickle"]),
+        ("conversation_small", "conversation", []),
+        ("mecovqa_small", "mecovqa", []),
+    ],
+)
 def test_clean_datasets(request, capsys, fixture: str, fmt: str, extra: list[str]) -> None:
     root, counts = request.getfixturevalue(fixture)
     code, report = check(capsys, "--format", fmt, str(root), *extra)

@@ -19,14 +19,18 @@ from datamodules.specs import DatasetSpec
 
 # -- masks ------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("make", [
-    lambda a: Image.fromarray(a.astype(np.uint8)),  # 0/1
-    lambda a: Image.fromarray(a.astype(np.uint8) * 255),  # 0/255
-    lambda a: Image.fromarray(a.astype(np.uint16) * 1000),  # 16 bit
-    lambda a: Image.fromarray(np.stack([np.zeros_like(a), a * 7, np.zeros_like(a)], -1).astype(np.uint8)),  # RGB
-    lambda a: Image.fromarray(a.astype(np.uint8)).convert("P"),  # palette index
-    lambda a: Image.fromarray(np.stack([a * 3, np.full_like(a, 255)], -1).astype(np.uint8), "LA"),  # + alpha
-])
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda a: Image.fromarray(a.astype(np.uint8)),  # 0/1
+        lambda a: Image.fromarray(a.astype(np.uint8) * 255),  # 0/255
+        lambda a: Image.fromarray(a.astype(np.uint16) * 1000),  # 16 bit
+        lambda a: Image.fromarray(np.stack([np.zeros_like(a), a * 7, np.zeros_like(a)], -1).astype(np.uint8)),  # RGB
+        lambda a: Image.fromarray(a.astype(np.uint8)).convert("P"),  # palette index
+        lambda a: Image.fromarray(np.stack([a * 3, np.full_like(a, 255)], -1).astype(np.uint8), "LA"),  # + alpha
+    ],
+)
 def test_load_mask_foreground_is_pixel_at_least_one(tmp_path: Path, make) -> None:
     truth = np.zeros((5, 7), bool)
     truth[1:3, 2:6] = True
@@ -52,8 +56,9 @@ def test_items_carry_original_resolution_masks(mecovqa_small, tokenizer, transfo
 
     root, _ = mecovqa_small
     records = read_mecovqa(root, "test")
-    dataset = VQADataset(records, encoder=ConversationEncoder(tokenizer, num_image_tokens=4), transform=transform,
-                         with_answers=True)
+    dataset = VQADataset(
+        records, encoder=ConversationEncoder(tokenizer, num_image_tokens=4), transform=transform, with_answers=True
+    )
     by_task = {r.task: i for i, r in enumerate(records)}
     grounding, region, vqa = (dataset[by_task[t]] for t in ("grounding", "region", "vqa"))
     assert grounding["pixel_values"].shape == (3, 64, 64)  # the vision transform's size
@@ -75,10 +80,19 @@ def test_mask_size_mismatch_at_load_time(tmp_path: Path, tokenizer, transform) -
 
     Image.new("L", (10, 10)).save(tmp_path / "img.png")
     Image.new("L", (12, 10), 1).save(tmp_path / "mask.png")
-    record = Record(id="g1", dataset="d", split="train", question="Segment it", answer="<SEG>", answer_type="open",
-                    image_path=str(tmp_path / "img.png"), mask_path=str(tmp_path / "mask.png"))
-    dataset = VQADataset([record], encoder=ConversationEncoder(tokenizer, num_image_tokens=4), transform=transform,
-                         with_answers=True)
+    record = Record(
+        id="g1",
+        dataset="d",
+        split="train",
+        question="Segment it",
+        answer="<SEG>",
+        answer_type="open",
+        image_path=str(tmp_path / "img.png"),
+        mask_path=str(tmp_path / "mask.png"),
+    )
+    dataset = VQADataset(
+        [record], encoder=ConversationEncoder(tokenizer, num_image_tokens=4), transform=transform, with_answers=True
+    )
     expected = r"mask.png: record g1: field 'mask_path': mask is 12x10 but its image is 10x10"
     with pytest.raises(DataError, match=expected):
         dataset[0]
@@ -86,9 +100,12 @@ def test_mask_size_mismatch_at_load_time(tmp_path: Path, tokenizer, transform) -
 
 # -- the mixture DataModule ---------------------------------------------------------------------------
 
+
 def datamodule(slake_small, mecovqa_small, **options) -> VQADataModule:
-    specs = {"slake": DatasetSpec(format="slake", path=str(slake_small[0]), val_split=None, weight=1.0),
-             "meco": DatasetSpec(format="mecovqa", path=str(mecovqa_small[0]), val_split=None, weight=1.0)}
+    specs = {
+        "slake": DatasetSpec(format="slake", path=str(slake_small[0]), val_split=None, weight=1.0),
+        "meco": DatasetSpec(format="mecovqa", path=str(mecovqa_small[0]), val_split=None, weight=1.0),
+    }
     return VQADataModule(datasets=specs, batch_size=4, **options)
 
 
@@ -105,8 +122,9 @@ def test_datamodule_one_task_per_batch(slake_small, mecovqa_small, tokenizer, tr
     # same seed, same batches
     again = datamodule(slake_small, mecovqa_small, one_task_per_batch=True, samples_per_epoch=64, seed=3)
     again.connect(tokenizer, transform, num_image_tokens=4)
-    assert [[r.id for r in b["records"]] for b in again.train_dataloader()] == \
-        [[r.id for r in b["records"]] for b in batches]
+    assert [[r.id for r in b["records"]] for b in again.train_dataloader()] == [
+        [r.id for r in b["records"]] for b in batches
+    ]
     assert dm.val_dataloader() == []  # neither dataset has a validation split
 
 
@@ -123,11 +141,13 @@ def test_datamodule_shards_by_explicit_rank(slake_small, mecovqa_small) -> None:
 
 # -- streaming JSON -------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("chunk", [1, 5, 64, 1 << 20])
 def test_iter_json_list_matches_json(tmp_path: Path, chunk: int) -> None:
     rng = np.random.default_rng(0)
-    data = [{"id": i, "q": "x" * int(rng.integers(0, 40)), "n": [1, 2.5, -3e5, None, True], "zh": "是"}
-            for i in range(40)] + [12345, -0.25, "s", None, [], {}]
+    data = [
+        {"id": i, "q": "x" * int(rng.integers(0, 40)), "n": [1, 2.5, -3e5, None, True], "zh": "是"} for i in range(40)
+    ] + [12345, -0.25, "s", None, [], {}]
     path = tmp_path / "a.json"
     for indent in (None, 2):
         path.write_text(json.dumps(data, indent=indent, ensure_ascii=False))

@@ -16,13 +16,22 @@ def records(spec: dict[tuple[str, str], int]) -> list[Record]:
     """``{(dataset, task): count}`` -> records, in that order."""
     out = []
     for (dataset, task), n in spec.items():
-        out += [Record(id=f"{dataset}/{task}/{i}", dataset=dataset, split="train", question="q", answer="a",
-                       answer_type="open", task=task) for i in range(n)]
+        out += [
+            Record(
+                id=f"{dataset}/{task}/{i}",
+                dataset=dataset,
+                split="train",
+                question="q",
+                answer="a",
+                answer_type="open",
+                task=task,
+            )
+            for i in range(n)
+        ]
     return out
 
 
-MIX = records({("slake", "vqa"): 120, ("pathvqa", "vqa"): 40, ("mecovqa", "grounding"): 30,
-               ("mecovqa", "region"): 10})
+MIX = records({("slake", "vqa"): 120, ("pathvqa", "vqa"): 40, ("mecovqa", "grounding"): 30, ("mecovqa", "region"): 10})
 WEIGHTS = {"slake": 1.0, "pathvqa": 2.0, "mecovqa": 1.0}
 
 
@@ -70,13 +79,17 @@ def test_one_task_per_batch() -> None:
         sampler = MixtureSampler(groups, samples_per_epoch=800, block_size=8, seed=1, num_replicas=2, rank=rank)
         stream = list(sampler)
         assert len(stream) == len(sampler) == 400
-        batches = [stream[k: k + 8] for k in range(0, len(stream), 8)]
+        batches = [stream[k : k + 8] for k in range(0, len(stream), 8)]
         kinds = [{(MIX[i].dataset, MIX[i].task) for i in batch} for batch in batches]
         assert all(len(k) == 1 for k in kinds)  # every batch is one dataset and one task
     whole = MixtureSampler(groups, samples_per_epoch=800, block_size=8, seed=1).global_stream().reshape(-1, 8)
     per_group = Counter((MIX[b[0]].dataset, MIX[b[0]].task) for b in whole)  # (100 blocks of 8)
-    assert per_group == {("pathvqa", "vqa"): 50, ("slake", "vqa"): 25, ("mecovqa", "grounding"): 19,
-                         ("mecovqa", "region"): 6}
+    assert per_group == {
+        ("pathvqa", "vqa"): 50,
+        ("slake", "vqa"): 25,
+        ("mecovqa", "grounding"): 19,
+        ("mecovqa", "region"): 6,
+    }
 
 
 def test_deterministic_by_seed_and_epoch() -> None:
@@ -101,8 +114,10 @@ def test_rank_shards_cover_every_sample_exactly_once(world: int) -> None:
 def test_rank_shards_partition_the_global_stream() -> None:
     groups = mixture_groups(MIX, WEIGHTS, by_task=True)
     full = MixtureSampler(groups, samples_per_epoch=333, block_size=4, seed=2, num_replicas=1).global_stream()
-    shards = [list(MixtureSampler(groups, samples_per_epoch=333, block_size=4, seed=2, num_replicas=2, rank=r))
-              for r in range(2)]
+    shards = [
+        list(MixtureSampler(groups, samples_per_epoch=333, block_size=4, seed=2, num_replicas=2, rank=r))
+        for r in range(2)
+    ]
     assert len(shards[0]) == len(shards[1])
     blocks = full.reshape(-1, 4)  # 84 blocks: 333 samples round up to whole blocks, even per rank
     assert blocks.shape == (84, 4)
@@ -120,8 +135,12 @@ def test_world_without_trainer_or_process_group() -> None:
 
 def test_dedupe_by_id_keeps_first_prediction() -> None:
     # DistributedSampler padding: rank 1 repeats sample "a" to even out the ranks
-    gathered = [{"question_id": "a", "text": "yes"}, {"question_id": "b", "text": "no"},
-                {"question_id": "c", "text": "2"}, {"question_id": "a", "text": "yes"}]
+    gathered = [
+        {"question_id": "a", "text": "yes"},
+        {"question_id": "b", "text": "no"},
+        {"question_id": "c", "text": "2"},
+        {"question_id": "a", "text": "yes"},
+    ]
     kept = dedupe_by_id(gathered)
     assert [p["question_id"] for p in kept] == ["a", "b", "c"] and kept[0] is gathered[0]
     assert [r.id for r in dedupe_by_id(MIX[:3] + MIX[:2])] == [r.id for r in MIX[:3]]

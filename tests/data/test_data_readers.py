@@ -20,20 +20,37 @@ from datamodules.readers.vqa_rad import read_vqa_rad
 
 # -- VQA-RAD ----------------------------------------------------------------------------------------
 
+
 def vqa_rad_item(qid: int, phrase: str, *, answer: object = "Yes", kind: str = "CLOSED", image: str = "synpic1.jpg"):
-    return {"qid": qid, "phrase_type": phrase, "qid_linked_id": qid, "image_case_url": "u", "image_name": image,
-            "image_organ": "HEAD", "evaluation": "given", "question": f"q{qid}?", "question_rephrase": "NULL",
-            "question_relation": "NULL", "question_frame": "NULL", "question_type": "PRES", "answer": answer,
-            "answer_type": kind}
+    return {
+        "qid": qid,
+        "phrase_type": phrase,
+        "qid_linked_id": qid,
+        "image_case_url": "u",
+        "image_name": image,
+        "image_organ": "HEAD",
+        "evaluation": "given",
+        "question": f"q{qid}?",
+        "question_rephrase": "NULL",
+        "question_relation": "NULL",
+        "question_frame": "NULL",
+        "question_type": "PRES",
+        "answer": answer,
+        "answer_type": kind,
+    }
 
 
 @pytest.fixture
 def vqa_rad_root(tmp_path: Path) -> Path:
     (tmp_path / "VQA_RAD Image Folder").mkdir()
     Image.new("RGB", (8, 8)).save(tmp_path / "VQA_RAD Image Folder" / "synpic1.jpg")
-    items = [vqa_rad_item(0, "freeform"), vqa_rad_item(1, "para", answer=2, kind="OPEN"),
-             vqa_rad_item(2, "test_freeform", kind="CLOSED "), vqa_rad_item(3, "test_para", answer="no", kind="closed"),
-             vqa_rad_item(4, "freeform", answer="axial", kind=" open")]
+    items = [
+        vqa_rad_item(0, "freeform"),
+        vqa_rad_item(1, "para", answer=2, kind="OPEN"),
+        vqa_rad_item(2, "test_freeform", kind="CLOSED "),
+        vqa_rad_item(3, "test_para", answer="no", kind="closed"),
+        vqa_rad_item(4, "freeform", answer="axial", kind=" open"),
+    ]
     (tmp_path / "VQA_RAD Dataset Public.json").write_text(json.dumps(items))
     return tmp_path
 
@@ -75,6 +92,7 @@ def test_vqa_rad_parquet_shards_with_hash_suffixes(tmp_path: Path) -> None:
 
 # -- SLAKE ------------------------------------------------------------------------------------------
 
+
 def test_slake_language_filter(slake_small) -> None:
     root, counts = slake_small
     raw = json.loads((root / "train.json").read_text())
@@ -107,17 +125,23 @@ def test_slake_refer_and_identify_boxes(slake_small) -> None:
     expected = sum(len(json.loads((Path(p).parent / "detection.json").read_text())) for p in images)
     assert len(refer) == len(identify) == expected > 0
     for r, i in zip(refer, identify, strict=True):
-        (organ, (x, y, w, h)), = json.loads((Path(r.image_path).parent / "detection.json").read_text())[
-            int(r.id.rsplit("/", 1)[1])].items()
+        ((organ, (x, y, w, h)),) = json.loads((Path(r.image_path).parent / "detection.json").read_text())[
+            int(r.id.rsplit("/", 1)[1])
+        ].items()
         assert r.task == "refer" and i.task == "identify" and r.box == i.box == (x, y, w, h)
         assert r.question == f"Where is the {organ.lower()}?" and i.answer == organ
         size = 32  # the fixture's image size: boxes are on Uni-Med's 0..100 grid
-        assert parse_box(r.answer) == (round(x / size * 100), round(y / size * 100),
-                                       round((x + w) / size * 100), round((y + h) / size * 100))
+        assert parse_box(r.answer) == (
+            round(x / size * 100),
+            round(y / size * 100),
+            round((x + w) / size * 100),
+            round((y + h) / size * 100),
+        )
         assert i.question == f"What is in {r.answer}?"
 
 
 # -- PathVQA ----------------------------------------------------------------------------------------
+
 
 def test_pathvqa_pickle_refused_without_opt_in(pathvqa_pickle) -> None:
     root, _ = pathvqa_pickle
@@ -161,8 +185,9 @@ def test_pathvqa_qa_pickle_when_vqa_pickle_is_absent(pathvqa_pickle, tmp_path: P
     records = read_pathvqa(root, "test", allow_pickle=True)
     assert len(records) == len(full) == pathvqa_pickle[1]["test"]
     assert [r.id for r in records] == [f"pathvqa/test/{k}" for k in range(len(full))]
-    assert [(r.question, r.answer, r.answer_type, r.image_path) for r in records] == \
-        [(r.question, r.answer, r.answer_type, r.image_path) for r in full]
+    assert [(r.question, r.answer, r.answer_type, r.image_path) for r in records] == [
+        (r.question, r.answer, r.answer_type, r.image_path) for r in full
+    ]
 
 
 def test_pathvqa_parquet_needs_no_opt_in(pathvqa_parquet) -> None:
@@ -172,14 +197,21 @@ def test_pathvqa_parquet_needs_no_opt_in(pathvqa_parquet) -> None:
 
 # -- MeCoVQA ----------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name, modality", [
-    ("images/ct_00--CT_ORG--volume-1--x_0083.png", "CT"),
-    ("mr_00--BraTS--x_0001.png", "MRI"),
-    ("x_ray--Chest_Image_Pneum--1.2.276--2d_none.png", "X-ray"),
-    ("ultrasound_00--nerve--19_3--2d_none.png", "ultrasound"),
-    ("pet_00--a.png", "PET"), ("fundus_00--a.png", "fundus"), ("dermoscopy_00--a.png", "dermoscopy"),
-    ("endoscopy_00--a.png", "endoscopy"), ("oct_00--a.png", "oct"),
-])
+
+@pytest.mark.parametrize(
+    "name, modality",
+    [
+        ("images/ct_00--CT_ORG--volume-1--x_0083.png", "CT"),
+        ("mr_00--BraTS--x_0001.png", "MRI"),
+        ("x_ray--Chest_Image_Pneum--1.2.276--2d_none.png", "X-ray"),
+        ("ultrasound_00--nerve--19_3--2d_none.png", "ultrasound"),
+        ("pet_00--a.png", "PET"),
+        ("fundus_00--a.png", "fundus"),
+        ("dermoscopy_00--a.png", "dermoscopy"),
+        ("endoscopy_00--a.png", "endoscopy"),
+        ("oct_00--a.png", "oct"),
+    ],
+)
 def test_mecovqa_modality_from_prefix(name: str, modality: str) -> None:
     assert modality_of(name) == modality
 
@@ -191,11 +223,16 @@ def test_mecovqa_region_and_mask_tags(tmp_path: Path) -> None:
     for name in ("masks/r.png", "masks_merged/m_merged.png", "masks/r2.png"):
         Image.new("L", (8, 8), 1).save(tmp_path / name)
     records = [
-        {"id": 1, "image": "images/ct_00--a--x_0001.png", "conversations": [
-            {"from": "human", "value": "<image>\nWhat is in <region>masks/r.png</region>?"},
-            {"from": "gpt", "value": "The liver."},
-            {"from": "human", "value": "And <region>masks/r2.png</region>? Segment it."},
-            {"from": "gpt", "value": "It is <SEG>.<mask>masks_merged/m_merged.png</mask>"}]},
+        {
+            "id": 1,
+            "image": "images/ct_00--a--x_0001.png",
+            "conversations": [
+                {"from": "human", "value": "<image>\nWhat is in <region>masks/r.png</region>?"},
+                {"from": "gpt", "value": "The liver."},
+                {"from": "human", "value": "And <region>masks/r2.png</region>? Segment it."},
+                {"from": "gpt", "value": "It is <SEG>.<mask>masks_merged/m_merged.png</mask>"},
+            ],
+        },
     ]
     (tmp_path / "MeCoVQA-Region.json").write_text(json.dumps(records))
     (r,) = read_mecovqa(tmp_path, "train")

@@ -154,18 +154,25 @@ def test_mecovqa_round_trip(mecovqa_small) -> None:
     assert len(read_mecovqa(root, "train", subsets=["grounding"])) == 6
 
 
-@pytest.mark.parametrize("fmt, layout, splits", [
-    ("vqa_rad", "original", ("train", "test")),
-    ("vqa_rad", "parquet", ("train", "test")),
-    ("slake", "validation", ("train", "validate", "test")),
-    ("pathvqa", "parquet", ("train", "validation", "test")),
-    ("conversation", None, ("train", "validate", "test")),
-    ("mecovqa", None, ("train", "test")),
-])
+@pytest.mark.parametrize(
+    "fmt, layout, splits",
+    [
+        ("vqa_rad", "original", ("train", "test")),
+        ("vqa_rad", "parquet", ("train", "test")),
+        ("slake", "validation", ("train", "validate", "test")),
+        ("pathvqa", "parquet", ("train", "validation", "test")),
+        ("conversation", None, ("train", "validate", "test")),
+        ("mecovqa", None, ("train", "test")),
+    ],
+)
 def test_ensure_synthetic_writes_every_format(tmp_path: Path, fmt: str, layout: str | None, splits) -> None:
-    spec = DatasetSpec(format=fmt, path=str(tmp_path / fmt),
-                       synthetic=SyntheticSpec(layout=layout, train_images=3, val_images=2, test_images=2,
-                                               questions_per_image=2, image_size=32))
+    spec = DatasetSpec(
+        format=fmt,
+        path=str(tmp_path / fmt),
+        synthetic=SyntheticSpec(
+            layout=layout, train_images=3, val_images=2, test_images=2, questions_per_image=2, image_size=32
+        ),
+    )
     assert ensure_synthetic(spec) is True
     assert (tmp_path / fmt / COMPLETE_MARKER).is_file()
     assert ensure_synthetic(spec) is False  # written once

@@ -15,9 +15,13 @@ REPO = Path(__file__).resolve().parents[2]
 @pytest.mark.slow
 def test_demo_learns_and_keeps_the_console_clean(tmp_path: Path, tiny_llama, tiny_clip) -> None:
     out = tmp_path / "demo"
-    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "demo", "--out", str(out)], cwd=REPO,
-                          capture_output=True, text=True,
-                          timeout=900)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "demo", "--out", str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     # the results table and the way into MLflow
     assert "closed acc" in proc.stdout and "majority closed" in proc.stdout

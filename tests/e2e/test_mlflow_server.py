@@ -30,10 +30,24 @@ def mlflow_server(tmp_path: Path):
     mlflow_bin = shutil.which("mlflow", path=str(Path(sys.executable).parent)) or "mlflow"
     log = open(tmp_path / "server.log", "w")  # noqa: SIM115 (open for the server's lifetime, closed below)
     server = subprocess.Popen(
-        [mlflow_bin, "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{tmp_path}/server.db",
-         "--artifacts-destination", str(tmp_path / "artifacts"), "--workers", "1"],
-        stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING": "false"})
+        [
+            mlflow_bin,
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--backend-store-uri",
+            f"sqlite:///{tmp_path}/server.db",
+            "--artifacts-destination",
+            str(tmp_path / "artifacts"),
+            "--workers",
+            "1",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING": "false"},
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + 120
@@ -58,24 +72,35 @@ def mlflow_server(tmp_path: Path):
 
 
 @pytest.mark.slow
-def test_tiny_experiment_against_a_real_tracking_server(mlflow_server: str, tmp_path: Path, tiny_llama,
-                                                         tiny_clip) -> None:
+def test_tiny_experiment_against_a_real_tracking_server(
+    mlflow_server: str, tmp_path: Path, tiny_llama, tiny_clip
+) -> None:
     from mlflow.tracking import MlflowClient
 
     from pipeline.config import load_config
     from pipeline.registry import load_registered
     from pipeline.runner import run_experiment
 
-    cfg = load_config(DEMO, [
-        f"output_dir={tmp_path}/out", f"mlflow.tracking_uri={mlflow_server}", "mlflow.experiment_name=server",
-        "mlflow.model_name=server-demo", "mlflow.system_metrics=false",
-        "data.datasets.phantom_captions.synthetic.train_images=16",
-        "data.datasets.phantom_captions.synthetic.val_images=4",
-        "data.datasets.phantom_slake.synthetic.train_images=16",
-        "data.datasets.phantom_slake.synthetic.val_images=4",
-        "data.datasets.phantom_slake.synthetic.test_images=4",
-        "data.batch_size=8", "stages.align.max_epochs=1", "stages.instruct.max_epochs=1",
-        "trainer.enable_progress_bar=false", "trainer.log_every_n_steps=1"])
+    cfg = load_config(
+        DEMO,
+        [
+            f"output_dir={tmp_path}/out",
+            f"mlflow.tracking_uri={mlflow_server}",
+            "mlflow.experiment_name=server",
+            "mlflow.model_name=server-demo",
+            "mlflow.system_metrics=false",
+            "data.datasets.phantom_captions.synthetic.train_images=16",
+            "data.datasets.phantom_captions.synthetic.val_images=4",
+            "data.datasets.phantom_slake.synthetic.train_images=16",
+            "data.datasets.phantom_slake.synthetic.val_images=4",
+            "data.datasets.phantom_slake.synthetic.test_images=4",
+            "data.batch_size=8",
+            "stages.align.max_epochs=1",
+            "stages.instruct.max_epochs=1",
+            "trainer.enable_progress_bar=false",
+            "trainer.log_every_n_steps=1",
+        ],
+    )
     result = run_experiment(cfg)
 
     client = MlflowClient(tracking_uri=mlflow_server)
@@ -94,7 +119,8 @@ def test_tiny_experiment_against_a_real_tracking_server(mlflow_server: str, tmp_
     assert steps == list(range(len(result.stages[0].losses))) and len(steps) == 2
     instruct = client.get_run(runs["instruct"].info.run_id)
     assert instruct.data.metrics["eval/closed_accuracy"] == pytest.approx(
-        result.stages[-1].evaluation.metrics["closed_accuracy"])
+        result.stages[-1].evaluation.metrics["closed_accuracy"]
+    )
     # artifacts went through the server's artifact proxy
     parent_files = {f.path for f in client.list_artifacts(parent.info.run_id)}
     assert {"config.yaml", "model", "results"} <= parent_files

@@ -37,8 +37,11 @@ def test_second_stage_starts_from_first_stage_weights(two_stage) -> None:
     assert any(not torch.equal(snapshots[0][k], handed[k]) for k in connector_keys)
     # LLM weights reach stage 2 unchanged (LoRA wraps them: base_layer names)
     llm_key = next(k for k in handed if k.startswith("llm.") and k.endswith("q_proj.weight"))
-    peft_key = next(k for k in start if k.endswith(llm_key.removeprefix("llm.").replace(
-        "q_proj.weight", "q_proj.base_layer.weight")))
+    peft_key = next(
+        k
+        for k in start
+        if k.endswith(llm_key.removeprefix("llm.").replace("q_proj.weight", "q_proj.base_layer.weight"))
+    )
     assert torch.equal(start[peft_key], handed[llm_key])
 
 
@@ -108,8 +111,12 @@ def test_mlflow_records_parent_and_nested_runs(two_stage) -> None:
         assert "test/closed_accuracy" in child.data.metrics
         assert "baseline/closed_accuracy" in child.data.metrics
         evaluation = [a.path for a in client.list_artifacts(child.info.run_id, "evaluation")]
-        assert sorted(evaluation) == ["evaluation/metrics.json", "evaluation/predictions.jsonl",
-                                      "evaluation/predictions_table.json", "evaluation/report.md"]
+        assert sorted(evaluation) == [
+            "evaluation/metrics.json",
+            "evaluation/predictions.jsonl",
+            "evaluation/predictions_table.json",
+            "evaluation/report.md",
+        ]
         assert "eval/protocol/llava_med/closed_accuracy" in child.data.metrics
 
 
@@ -117,8 +124,15 @@ def test_evaluate_command_on_handover(two_stage, capsys) -> None:
     from pipeline.cli import main
 
     cfg, result, _, tmp = two_stage
-    code = main(["evaluate", str(DEMO), *tiny_overrides(tmp), f"ckpt={result.stages[-1].handover}",
-                 f"output_dir={tmp}/eval-out"])
+    code = main(
+        [
+            "evaluate",
+            str(DEMO),
+            *tiny_overrides(tmp),
+            f"ckpt={result.stages[-1].handover}",
+            f"output_dir={tmp}/eval-out",
+        ]
+    )
     assert code == 0
     out = capsys.readouterr().out
     assert "closed_accuracy" in out and "predictions:" in out
@@ -141,8 +155,7 @@ def test_run_records_hardware_fingerprints_plots_and_registered_model(two_stage)
     assert parent.data.tags["repro.intra_op_threads"] == str(cfg.trainer.num_threads) == "1"
     if is_x86_64():
         assert (parent.data.tags["repro.cpu_capability"], parent.data.tags["repro.mkl_cbwr"]) == ("AVX2", "AVX2")
-    child = next(r for r in client.search_runs([parent.info.experiment_id])
-                 if r.info.run_name == "instruct")
+    child = next(r for r in client.search_runs([parent.info.experiment_id]) if r.info.run_name == "instruct")
     # dataset fingerprint: counts as params, hashes of the annotation files as an artifact
     assert int(child.data.params["data.phantom_slake.train.records"]) > 0
     assert len(child.data.params["data.phantom_slake.sha256"]) == 16

@@ -16,8 +16,10 @@ def test_batched_generation_equals_sequential(slake_root, tiny_llama, tiny_clip)
     from pipeline.model_factory import build_model
     from pipeline.runner import build_datamodule, connect
 
-    cfg = load_config(REPO / "experiments" / "demo.yaml", [f"data.datasets.phantom_slake.path={slake_root}",
-                                                           "data.datasets.phantom_slake.synthetic=null"])
+    cfg = load_config(
+        REPO / "experiments" / "demo.yaml",
+        [f"data.datasets.phantom_slake.path={slake_root}", "data.datasets.phantom_slake.synthetic=null"],
+    )
     torch.manual_seed(0)
     built = build_model(cfg.model, cache_dir=cfg.cache_dir)
     built.model.eval()
@@ -30,14 +32,20 @@ def test_batched_generation_equals_sequential(slake_root, tiny_llama, tiny_clip)
     tok = built.tokenizer
 
     def generate(batch):
-        return built.model.generate(batch["input_ids"], batch["attention_mask"], batch["pixel_values"],
-                                    max_new_tokens=8, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+        return built.model.generate(
+            batch["input_ids"],
+            batch["attention_mask"],
+            batch["pixel_values"],
+            max_new_tokens=8,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+        )
 
     batched = generate(collate(items))
-    for row, item in zip(batched, items):
+    for row, item in zip(batched, items, strict=True):
         single = generate(collate([item]))[0]
         expected = single.tolist()
         got = row.tolist()[: len(expected)]
         assert got == expected
         # after the sequence ends, the batched row only holds padding
-        assert all(t == tok.pad_token_id for t in row.tolist()[len(expected):])
+        assert all(t == tok.pad_token_id for t in row.tolist()[len(expected) :])

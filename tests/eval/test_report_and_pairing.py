@@ -18,11 +18,14 @@ def test_pairing_by_id_not_position() -> None:
     assert [(p.reference.id, p.prediction) for p in pairs] == [("1", "Yes"), ("2", "No.")]
 
 
-@pytest.mark.parametrize("predictions, message", [
-    ([("1", "yes")], "1 of 2 references have no prediction: 2"),
-    ([("1", "yes"), ("1", "no"), ("2", "no")], "occur more than once: 1"),
-    ([("1", "yes"), ("2", "no"), ("7", "x")], "match no reference id: 7"),
-])
+@pytest.mark.parametrize(
+    "predictions, message",
+    [
+        ([("1", "yes")], "1 of 2 references have no prediction: 2"),
+        ([("1", "yes"), ("1", "no"), ("2", "no")], "occur more than once: 1"),
+        ([("1", "yes"), ("2", "no"), ("7", "x")], "match no reference id: 7"),
+    ],
+)
 def test_pairing_errors_name_the_ids(predictions, message) -> None:
     with pytest.raises(PairingError, match=message):
         pair_by_id(predictions, [ref(1, "yes"), ref(2, "no")])
@@ -70,12 +73,22 @@ def test_breakdown_by_dataset_answer_type_and_modality() -> None:
 
 
 def test_task_metrics_rec_cls_and_caption() -> None:
-    refs = [ref(1, "{<10><10><50><50>}", "open", task="refer"), ref(2, "{<0><0><20><20>}", "open", task="refer"),
-            ref(3, "{<0><0><10><10>}", "open", task="refer"),
-            ref(4, "pneumonia", "open", task="cls"), ref(5, "normal", "open", task="cls"),
-            ref(6, "ct scan of the chest", "open", task="caption")]
-    preds = {"1": "{<10><10><50><50>}", "2": "{<0><0><10><20>}", "3": "a box somewhere",
-             "4": "Pneumonia.", "5": "pneumonia", "6": "ct scan of the chest"}
+    refs = [
+        ref(1, "{<10><10><50><50>}", "open", task="refer"),
+        ref(2, "{<0><0><20><20>}", "open", task="refer"),
+        ref(3, "{<0><0><10><10>}", "open", task="refer"),
+        ref(4, "pneumonia", "open", task="cls"),
+        ref(5, "normal", "open", task="cls"),
+        ref(6, "ct scan of the chest", "open", task="caption"),
+    ]
+    preds = {
+        "1": "{<10><10><50><50>}",
+        "2": "{<0><0><10><20>}",
+        "3": "a box somewhere",
+        "4": "Pneumonia.",
+        "5": "pneumonia",
+        "6": "ct scan of the chest",
+    }
     report = evaluation_report(pair_by_id(preds, refs))
     rec = report["tasks"]["refer"]
     # IoUs: 1.0, 200/400 = 0.5 (not > 0.5), unparseable -> 0  => mIoU 0.5, acc@0.5 = 1/3
@@ -104,7 +117,7 @@ def test_segmentation_report_against_numpy() -> None:
     logits = [rng.normal(size=g.shape) * 3 for g in gts[:3]] + [None, rng.normal(size=(5, 5))]
     out = segmentation_report(logits, gts, ["CT", "CT", "MRI", "MRI", "CT"], threshold=0.1)
     ious, dices = [], []
-    for lg, gt in zip(logits, gts):
+    for lg, gt in zip(logits, gts, strict=True):
         pred = np.zeros_like(gt) if lg is None else 1 / (1 + np.exp(-lg)) > 0.1
         union = (pred | gt).sum()
         iou = 0.0 if lg is None or union == 0 else (pred & gt).sum() / union
@@ -116,7 +129,7 @@ def test_segmentation_report_against_numpy() -> None:
     assert out["no_mask"] == 1 and out["count"] == 5
     # MONAI: plain Dice over the 4 non-empty ground truths, missing prediction = empty mask
     plain = []
-    for lg, gt in zip(logits[:4], gts[:4]):
+    for lg, gt in zip(logits[:4], gts[:4], strict=True):
         pred = np.zeros_like(gt) if lg is None else 1 / (1 + np.exp(-lg)) > 0.1
         plain.append(2 * (pred & gt).sum() / (pred.sum() + gt.sum()))
     assert out["monai_dice"] == pytest.approx(np.mean(plain), abs=1e-6)

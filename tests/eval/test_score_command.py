@@ -14,19 +14,41 @@ def write_jsonl(path: Path, rows) -> Path:
 
 
 def llava_med_predictions(tmp: Path, texts: dict) -> Path:
-    return write_jsonl(tmp / "answers.jsonl", [
-        {"question_id": qid, "prompt": "q", "text": t, "answer_id": "x", "model_id": "m", "metadata": {}}
-        for qid, t in texts.items()])
+    return write_jsonl(
+        tmp / "answers.jsonl",
+        [
+            {"question_id": qid, "prompt": "q", "text": t, "answer_id": "x", "model_id": "m", "metadata": {}}
+            for qid, t in texts.items()
+        ],
+    )
 
 
 def test_score_llava_med_predictions_against_conversation_json(tmp_path: Path, capsys) -> None:
     refs = tmp_path / "test.json"
-    refs.write_text(json.dumps([
-        {"id": 11, "image": "a.jpg", "answer_type": "CLOSED",
-         "conversations": [{"from": "human", "value": "<image>\nIs it normal?"}, {"from": "gpt", "value": "No"}]},
-        {"id": 12, "image": "b.jpg", "answer_type": "OPEN",
-         "conversations": [{"from": "human", "value": "<image>\nWhich organ?"}, {"from": "gpt", "value": "Liver"}]},
-    ]))
+    refs.write_text(
+        json.dumps(
+            [
+                {
+                    "id": 11,
+                    "image": "a.jpg",
+                    "answer_type": "CLOSED",
+                    "conversations": [
+                        {"from": "human", "value": "<image>\nIs it normal?"},
+                        {"from": "gpt", "value": "No"},
+                    ],
+                },
+                {
+                    "id": 12,
+                    "image": "b.jpg",
+                    "answer_type": "OPEN",
+                    "conversations": [
+                        {"from": "human", "value": "<image>\nWhich organ?"},
+                        {"from": "gpt", "value": "Liver"},
+                    ],
+                },
+            ]
+        )
+    )
     preds = llava_med_predictions(tmp_path, {11: "It looks abnormal", 12: "the liver"})
     assert main(["score", "--protocol", "all", "--predictions", str(preds), "--references", str(refs), "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
@@ -35,40 +57,69 @@ def test_score_llava_med_predictions_against_conversation_json(tmp_path: Path, c
     assert out["med_moe"]["closed_accuracy"] == 1.0  # "no" is a substring of "abnormal"
     assert out["default"]["open_recall"] == 1.0
     # one protocol only
-    assert main(["score", "--protocol", "uni_med", "--predictions", str(preds), "--references", str(refs),
-                 "--json"]) == 0
+    assert (
+        main(["score", "--protocol", "uni_med", "--predictions", str(preds), "--references", str(refs), "--json"]) == 0
+    )
     assert list(json.loads(capsys.readouterr().out)) == ["uni_med"]
 
 
 def test_score_against_slake_test_file_keeps_english(tmp_path: Path, capsys) -> None:
     refs = tmp_path / "test.json"
-    refs.write_text(json.dumps([
-        {"qid": 1, "img_name": "x/source.jpg", "question": "Is this CT?", "answer": "Yes", "answer_type": "CLOSED",
-         "q_lang": "en", "modality": "CT"},
-        {"qid": 2, "img_name": "x/source.jpg", "question": "是吗?", "answer": "是", "answer_type": "CLOSED",
-         "q_lang": "zh", "modality": "CT"},
-    ], ensure_ascii=False))
+    refs.write_text(
+        json.dumps(
+            [
+                {
+                    "qid": 1,
+                    "img_name": "x/source.jpg",
+                    "question": "Is this CT?",
+                    "answer": "Yes",
+                    "answer_type": "CLOSED",
+                    "q_lang": "en",
+                    "modality": "CT",
+                },
+                {
+                    "qid": 2,
+                    "img_name": "x/source.jpg",
+                    "question": "是吗?",
+                    "answer": "是",
+                    "answer_type": "CLOSED",
+                    "q_lang": "zh",
+                    "modality": "CT",
+                },
+            ],
+            ensure_ascii=False,
+        )
+    )
     preds = llava_med_predictions(tmp_path, {1: "yes"})
-    assert main(["score", "--protocol", "default", "--predictions", str(preds), "--references", str(refs),
-                 "--json"]) == 0
+    assert (
+        main(["score", "--protocol", "default", "--predictions", str(preds), "--references", str(refs), "--json"]) == 0
+    )
     assert json.loads(capsys.readouterr().out)["default"]["closed_accuracy"] == 1.0
 
 
 def test_score_against_vqa_rad_release_uses_test_phrases(tmp_path: Path, capsys) -> None:
     refs = tmp_path / "VQA_RAD Dataset Public.json"
-    refs.write_text(json.dumps([
-        {"qid": 5, "phrase_type": "freeform", "answer": "yes", "answer_type": "CLOSED"},
-        {"qid": 6, "phrase_type": "test_freeform", "answer": 2, "answer_type": "OPEN "},
-    ]))
+    refs.write_text(
+        json.dumps(
+            [
+                {"qid": 5, "phrase_type": "freeform", "answer": "yes", "answer_type": "CLOSED"},
+                {"qid": 6, "phrase_type": "test_freeform", "answer": 2, "answer_type": "OPEN "},
+            ]
+        )
+    )
     preds = llava_med_predictions(tmp_path, {6: "two"})
     assert main(["score", "--predictions", str(preds), "--references", str(refs), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["default"]["open_recall"] == 1.0  # "two" -> "2"
 
 
 def test_score_missing_prediction_is_a_one_line_error(tmp_path: Path, capsys) -> None:
-    refs = write_jsonl(tmp_path / "ours.jsonl", [
-        {"question_id": "a", "text": "x", "answer": "yes", "answer_type": "closed"},
-        {"question_id": "b", "text": "x", "answer": "no", "answer_type": "closed"}])
+    refs = write_jsonl(
+        tmp_path / "ours.jsonl",
+        [
+            {"question_id": "a", "text": "x", "answer": "yes", "answer_type": "closed"},
+            {"question_id": "b", "text": "x", "answer": "no", "answer_type": "closed"},
+        ],
+    )
     preds = llava_med_predictions(tmp_path, {"a": "yes"})
     assert main(["score", "--predictions", str(preds), "--references", str(refs)]) == 1
     err = capsys.readouterr().err.strip().splitlines()
@@ -76,8 +127,9 @@ def test_score_missing_prediction_is_a_one_line_error(tmp_path: Path, capsys) ->
 
 
 def test_score_text_report_lists_protocols(tmp_path: Path, capsys) -> None:
-    refs = write_jsonl(tmp_path / "ours.jsonl", [{"question_id": "a", "text": "x", "answer": "yes",
-                                                  "answer_type": "closed"}])
+    refs = write_jsonl(
+        tmp_path / "ours.jsonl", [{"question_id": "a", "text": "x", "answer": "yes", "answer_type": "closed"}]
+    )
     preds = llava_med_predictions(tmp_path, {"a": "yes"})
     assert main(["score", "--predictions", str(preds), "--references", str(refs)]) == 0
     out = capsys.readouterr().out

@@ -40,11 +40,24 @@ def test_decoder_and_forward_shapes(head: GroundingHead) -> None:
     low_res = head.decode(image_embeddings=embeddings[[0, 1, 1]], prompt_embeddings=torch.randn(3, head.prompt_dim))
     assert low_res.shape == (3, 32, 32)  # (N, 4g, 4g)
     seg = torch.randn(3, LLM_HIDDEN)
-    masks = head(sam_pixel_values=pixels, seg_embeddings=seg, batch_index=torch.tensor([0, 1, 1]),
-                 original_sizes=original, resized_sizes=resized)
+    masks = head(
+        sam_pixel_values=pixels,
+        seg_embeddings=seg,
+        batch_index=torch.tensor([0, 1, 1]),
+        original_sizes=original,
+        resized_sizes=resized,
+    )
     assert [tuple(m.shape) for m in masks] == [(40, 64), (90, 30), (90, 30)]
-    assert head(sam_pixel_values=pixels, seg_embeddings=seg[:0], batch_index=torch.tensor([], dtype=torch.long),
-                original_sizes=original, resized_sizes=resized) == []
+    assert (
+        head(
+            sam_pixel_values=pixels,
+            seg_embeddings=seg[:0],
+            batch_index=torch.tensor([], dtype=torch.long),
+            original_sizes=original,
+            resized_sizes=resized,
+        )
+        == []
+    )
 
 
 def test_only_images_with_seg_are_encoded(head: GroundingHead, monkeypatch) -> None:
@@ -52,8 +65,13 @@ def test_only_images_with_seg_are_encoded(head: GroundingHead, monkeypatch) -> N
     seen = []
     real = head.image_embeddings
     monkeypatch.setattr(head, "image_embeddings", lambda px: (seen.append(px.shape[0]), real(px))[1])
-    head(sam_pixel_values=pixels, seg_embeddings=torch.randn(2, LLM_HIDDEN), batch_index=torch.tensor([2, 2]),
-         original_sizes=original, resized_sizes=resized)
+    head(
+        sam_pixel_values=pixels,
+        seg_embeddings=torch.randn(2, LLM_HIDDEN),
+        batch_index=torch.tensor([2, 2]),
+        original_sizes=original,
+        resized_sizes=resized,
+    )
     assert seen == [1]  # one image encoded once, for both of its <SEG>s
 
 
@@ -63,15 +81,25 @@ def test_gradients_reach_decoder_and_projection_only(head: GroundingHead) -> Non
     assert head.sam.mask_decoder.training and head.seg_projection.training
     pixels, original, resized = _batch(head, [(40, 64), (64, 48)])
     hidden = torch.randn(2, LLM_HIDDEN, requires_grad=True)  # the LLM's <SEG> hidden states
-    masks = head(sam_pixel_values=pixels, seg_embeddings=hidden, batch_index=torch.tensor([0, 1]),
-                 original_sizes=original, resized_sizes=resized)
+    masks = head(
+        sam_pixel_values=pixels,
+        seg_embeddings=hidden,
+        batch_index=torch.tensor([0, 1]),
+        original_sizes=original,
+        resized_sizes=resized,
+    )
     targets = [torch.rand(m.shape) > 0.5 for m in masks]
     mask_losses(masks, targets, bce_weight=1.0, dice_weight=1.0)["loss"].backward()
     assert hidden.grad is not None and hidden.grad.abs().sum() > 0  # flows on into the LLM
     for name, p in head.named_parameters():
-        unused = name.startswith(("sam.mask_decoder.iou_prediction_head.", "sam.mask_decoder.output_hypernetworks_mlps.1.",
-                                  "sam.mask_decoder.output_hypernetworks_mlps.2.",
-                                  "sam.mask_decoder.output_hypernetworks_mlps.3."))
+        unused = name.startswith(
+            (
+                "sam.mask_decoder.iou_prediction_head.",
+                "sam.mask_decoder.output_hypernetworks_mlps.1.",
+                "sam.mask_decoder.output_hypernetworks_mlps.2.",
+                "sam.mask_decoder.output_hypernetworks_mlps.3.",
+            )
+        )
         trains = name.startswith(("seg_projection.", "sam.mask_decoder.")) and not unused
         assert p.requires_grad == trains, name
         if trains:
@@ -85,8 +113,12 @@ def test_gradients_reach_decoder_and_projection_only(head: GroundingHead) -> Non
 def test_frozen_mask_decoder_option(tiny_sam_dir) -> None:
     frozen = GroundingHead(sam=load_sam(tiny_sam_dir), llm_hidden_size=8, train_mask_decoder=False)
     trainable = {n for n, p in frozen.named_parameters() if p.requires_grad}
-    assert trainable == {"seg_projection.0.weight", "seg_projection.0.bias", "seg_projection.2.weight",
-                         "seg_projection.2.bias"}
+    assert trainable == {
+        "seg_projection.0.weight",
+        "seg_projection.0.bias",
+        "seg_projection.2.weight",
+        "seg_projection.2.bias",
+    }
     assert frozen.seg_projection[2].out_features == 32  # prompt_dim of the tiny SAM
 
 
@@ -95,15 +127,30 @@ def test_predict_fallback_without_seg(head: GroundingHead) -> None:
     seg = torch.randn(3, LLM_HIDDEN)
     batch_index = torch.tensor([0, 0, 2])  # sample 0: two <SEG>, sample 1: none, sample 2: one
     head.eval()
-    predictions = head.predict(sam_pixel_values=pixels, seg_embeddings=seg, batch_index=batch_index,
-                               original_sizes=original, resized_sizes=resized)
+    predictions = head.predict(
+        sam_pixel_values=pixels,
+        seg_embeddings=seg,
+        batch_index=batch_index,
+        original_sizes=original,
+        resized_sizes=resized,
+    )
     assert predictions[1] is None and head.no_seg_count == 1
     assert predictions[0].shape == (40, 64) and predictions[2].shape == (64, 30)
-    first_only = head(sam_pixel_values=pixels, seg_embeddings=seg[[0]], batch_index=batch_index[[0]],
-                      original_sizes=original, resized_sizes=resized)[0]
+    first_only = head(
+        sam_pixel_values=pixels,
+        seg_embeddings=seg[[0]],
+        batch_index=batch_index[[0]],
+        original_sizes=original,
+        resized_sizes=resized,
+    )[0]
     torch.testing.assert_close(predictions[0], first_only)  # the first <SEG> of a sample is its mask
-    head.predict(sam_pixel_values=pixels[:1], seg_embeddings=seg[:0], batch_index=batch_index[:0],
-                 original_sizes=original[:1], resized_sizes=resized[:1])
+    head.predict(
+        sam_pixel_values=pixels[:1],
+        seg_embeddings=seg[:0],
+        batch_index=batch_index[:0],
+        original_sizes=original[:1],
+        resized_sizes=resized[:1],
+    )
     assert head.no_seg_count == 2
 
 

@@ -14,7 +14,7 @@ HIGH, LOW = 10.0, -10.0
 def _low_res_box(rows: tuple[int, int], cols: tuple[int, int], size: int = 32) -> torch.Tensor:
     """(size, size) logits: HIGH inside [rows) x [cols), LOW elsewhere."""
     logits = torch.full((size, size), LOW)
-    logits[rows[0]:rows[1], cols[0]:cols[1]] = HIGH
+    logits[rows[0] : rows[1], cols[0] : cols[1]] = HIGH
     return logits
 
 
@@ -60,14 +60,16 @@ def test_preprocess_pads_bottom_right_and_matches_transformers() -> None:
 def test_crop_of_padding_maps_coordinates_back() -> None:
     # landscape 80x128 -> resized 40x64 in the top-left of the 64x64 input; low-res masks are 32x32,
     # so low-res row r covers input rows 2r..2r+1 and original rows 4r..4r+3 (same for columns)
-    logits = postprocess_mask(_low_res_box((5, 10), (8, 16)), padded_size=64, resized_size=(40, 64),
-                              original_size=(80, 128))
+    logits = postprocess_mask(
+        _low_res_box((5, 10), (8, 16)), padded_size=64, resized_size=(40, 64), original_size=(80, 128)
+    )
     assert logits.shape == (80, 128)
     assert _positive_span(logits) == ((20, 40), (32, 64))
 
     # portrait 128x48 -> resized 64x24: the padding is on the right (input columns 24..63)
-    logits = postprocess_mask(_low_res_box((4, 8), (3, 9)), padded_size=64, resized_size=(64, 24),
-                              original_size=(128, 48))
+    logits = postprocess_mask(
+        _low_res_box((4, 8), (3, 9)), padded_size=64, resized_size=(64, 24), original_size=(128, 48)
+    )
     assert _positive_span(logits) == ((16, 32), (12, 36))
 
 
@@ -87,8 +89,9 @@ def test_crop_matters_for_non_square_images() -> None:
 
 def test_forward_applies_each_images_own_sizes(head: GroundingHead, monkeypatch) -> None:
     """The whole head on hand-set decoder outputs: every <SEG> is cropped with its own image's sizes."""
-    low_res = torch.stack([_low_res_box((5, 10), (8, 16)), _low_res_box((4, 8), (3, 9)),
-                           _low_res_box((0, 20), (0, 32))])  # (3, 32, 32)
+    low_res = torch.stack(
+        [_low_res_box((5, 10), (8, 16)), _low_res_box((4, 8), (3, 9)), _low_res_box((0, 20), (0, 32))]
+    )  # (3, 32, 32)
 
     def fixed_decoder(**kwargs):
         count = kwargs["sparse_prompt_embeddings"].shape[0]
@@ -97,10 +100,13 @@ def test_forward_applies_each_images_own_sizes(head: GroundingHead, monkeypatch)
     monkeypatch.setattr(head.sam.mask_decoder, "forward", fixed_decoder)
     images = [np.zeros((80, 128, 3), np.uint8), np.zeros((128, 48, 3), np.uint8)]
     prepared = [sam_preprocess(image, image_size=64) for image in images]
-    masks = head(sam_pixel_values=torch.stack([p[0] for p in prepared]),
-                 seg_embeddings=torch.randn(3, head.seg_projection[0].in_features),
-                 batch_index=torch.tensor([0, 1, 0]), original_sizes=[p[2] for p in prepared],
-                 resized_sizes=[p[1] for p in prepared])
+    masks = head(
+        sam_pixel_values=torch.stack([p[0] for p in prepared]),
+        seg_embeddings=torch.randn(3, head.seg_projection[0].in_features),
+        batch_index=torch.tensor([0, 1, 0]),
+        original_sizes=[p[2] for p in prepared],
+        resized_sizes=[p[1] for p in prepared],
+    )
     assert _positive_span(masks[0]) == ((20, 40), (32, 64))
     assert _positive_span(masks[1]) == ((16, 32), (12, 36))
     assert bool((masks[2] > 0).all()) and masks[2].shape == (80, 128)

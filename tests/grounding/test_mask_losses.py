@@ -19,20 +19,19 @@ def _sigmoid(x: float) -> float:
 
 def _hand_values(alpha: float = 0.25, gamma: float = 2.0, eps: float = 1e-6) -> dict[str, float]:
     bce, dice, focal = [], [], []
-    for logits, target in zip(LOGITS, TARGETS):
+    for logits, target in zip(LOGITS, TARGETS, strict=True):
         xs, ts = logits.flatten().tolist(), [float(t) for t in target.flatten().tolist()]
         ps = [_sigmoid(x) for x in xs]
-        bce.append(sum(-(t * math.log(p) + (1 - t) * math.log(1 - p)) for p, t in zip(ps, ts)) / len(ps))
-        intersection = sum(p * t for p, t in zip(ps, ts))
+        bce.append(sum(-(t * math.log(p) + (1 - t) * math.log(1 - p)) for p, t in zip(ps, ts, strict=True)) / len(ps))
+        intersection = sum(p * t for p, t in zip(ps, ts, strict=True))
         dice.append(1 - (2 * intersection + eps) / (sum(ps) + sum(ts) + eps))
         terms = []
-        for p, t in zip(ps, ts):
+        for p, t in zip(ps, ts, strict=True):
             p_t = p if t else 1 - p
             alpha_t = alpha if t else 1 - alpha
             terms.append(-alpha_t * (1 - p_t) ** gamma * math.log(p_t))
         focal.append(sum(terms) / len(terms))
-    mean = lambda values: sum(values) / len(values)
-    return {"bce": mean(bce), "dice": mean(dice), "focal": mean(focal)}
+    return {"bce": _mean(bce), "dice": _mean(dice), "focal": _mean(focal)}
 
 
 def test_losses_match_hand_computation() -> None:
@@ -47,7 +46,7 @@ def test_losses_match_hand_computation() -> None:
 
 def test_dice_is_medplib_dice_loss() -> None:
     """MONAI's DiceLoss with these settings is MedPLIB's dice_loss (eps 1e-6), mask by mask."""
-    for logits, target in zip(LOGITS, TARGETS):
+    for logits, target in zip(LOGITS, TARGETS, strict=True):
         p, t = torch.sigmoid(logits).flatten(), target.float().flatten()
         medplib = 1 - (2 * (p * t).sum() + 1e-6) / (p.sum() + t.sum() + 1e-6)
         ours = mask_losses([logits], [target], bce_weight=0.0, dice_weight=1.0)["dice"]
@@ -58,8 +57,9 @@ def test_focal_off_by_default_and_gamma_zero_is_weighted_bce() -> None:
     out = mask_losses(LOGITS, TARGETS, bce_weight=1.0, dice_weight=1.0)
     assert out["focal"].item() == 0.0
     assert out["loss"].item() == pytest.approx(out["bce"].item() + out["dice"].item(), rel=1e-6)
-    no_alpha = mask_losses(LOGITS, TARGETS, bce_weight=0.0, dice_weight=0.0, focal_weight=1.0, focal_gamma=0.0,
-                           focal_alpha=None)
+    no_alpha = mask_losses(
+        LOGITS, TARGETS, bce_weight=0.0, dice_weight=0.0, focal_weight=1.0, focal_gamma=0.0, focal_alpha=None
+    )
     assert no_alpha["focal"].item() == pytest.approx(no_alpha["bce"].item(), rel=1e-6)
 
 
@@ -85,3 +85,7 @@ def test_shape_mismatch_is_an_error() -> None:
         mask_losses([torch.zeros(2, 2)], [torch.zeros(3, 3, dtype=torch.bool)], bce_weight=1.0, dice_weight=1.0)
     with pytest.raises(ValueError, match="targets"):
         mask_losses([torch.zeros(2, 2)], [], bce_weight=1.0, dice_weight=1.0)
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)

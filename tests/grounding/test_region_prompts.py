@@ -83,20 +83,32 @@ def test_empty_region_pools_the_whole_image() -> None:
 def test_grid_weights_follow_the_vision_transform() -> None:
     from datamodules.images import ImageTransform
 
-    transform = ImageTransform(size={"shortest_edge": 8}, crop_size={"height": 8, "width": 8},
-                               image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.5, 0.5), resample=2)
+    transform = ImageTransform(
+        size={"shortest_edge": 8},
+        crop_size={"height": 8, "width": 8},
+        image_mean=(0.5, 0.5, 0.5),
+        image_std=(0.5, 0.5, 0.5),
+        resample=2,
+    )
     # a 100x50 (H x W) image becomes 16x8, centre-cropped to rows 4..11: the top quarter is cut away
     middle = np.zeros((100, 50), bool)
     middle[20:80] = True  # covers the kept rows 25..74 (with a margin for the resize filter)
-    torch.testing.assert_close(region_grid_weights(middle, grid_size=2, image_transform=transform),
-                               torch.ones(2, 2), atol=0.02, rtol=0)
+    torch.testing.assert_close(
+        region_grid_weights(middle, grid_size=2, image_transform=transform), torch.ones(2, 2), atol=0.02, rtol=0
+    )
     top = np.zeros((100, 50), bool)
     top[0:10, 0:10] = True  # cropped away entirely -> the nearest patch: top row, left column
     weights = region_grid_weights(top, grid_size=2, image_transform=transform)
     assert weights.tolist() == [[1.0, 0.0], [0.0, 0.0]]
     # pad-to-square: the image sits in the middle columns, the padding never belongs to a region
-    padded = ImageTransform(size={"shortest_edge": 40}, crop_size={"height": 40, "width": 40},
-                            image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.5, 0.5), resample=2, pad_square=True)
+    padded = ImageTransform(
+        size={"shortest_edge": 40},
+        crop_size={"height": 40, "width": 40},
+        image_mean=(0.5, 0.5, 0.5),
+        image_std=(0.5, 0.5, 0.5),
+        resample=2,
+        pad_square=True,
+    )
     weights = region_grid_weights(np.ones((100, 50), bool), grid_size=4, image_transform=padded)
     torch.testing.assert_close(weights[:, 1:3], torch.ones(4, 2), atol=0.05, rtol=0)  # the filter blurs edges
     torch.testing.assert_close(weights[:, [0, 3]], torch.zeros(4, 2), atol=0.05, rtol=0)

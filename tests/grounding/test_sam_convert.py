@@ -1,3 +1,4 @@
+# ruff: noqa: E501  (one key mapping per line, real checkpoint names)
 """Original segment-anything / SAM-Med2D keys <-> transformers SamModel, round trips and what cannot be mapped."""
 
 from __future__ import annotations
@@ -44,11 +45,9 @@ KNOWN_PAIRS = {
     "mask_decoder.mask_tokens.weight": "mask_decoder.mask_tokens.weight",
     "mask_decoder.transformer.layers.0.self_attn.q_proj.weight": "mask_decoder.transformer.layers.0.self_attn.q_proj.weight",
     "mask_decoder.transformer.layers.1.norm4.bias": "mask_decoder.transformer.layers.1.layer_norm4.bias",
-    "mask_decoder.transformer.layers.0.cross_attn_image_to_token.out_proj.bias":
-        "mask_decoder.transformer.layers.0.cross_attn_image_to_token.out_proj.bias",
+    "mask_decoder.transformer.layers.0.cross_attn_image_to_token.out_proj.bias": "mask_decoder.transformer.layers.0.cross_attn_image_to_token.out_proj.bias",
     "mask_decoder.transformer.layers.0.mlp.lin1.weight": "mask_decoder.transformer.layers.0.mlp.lin1.weight",
-    "mask_decoder.transformer.final_attn_token_to_image.k_proj.weight":
-        "mask_decoder.transformer.final_attn_token_to_image.k_proj.weight",
+    "mask_decoder.transformer.final_attn_token_to_image.k_proj.weight": "mask_decoder.transformer.final_attn_token_to_image.k_proj.weight",
     "mask_decoder.transformer.norm_final_attn.weight": "mask_decoder.transformer.layer_norm_final_attn.weight",
     "mask_decoder.output_upscaling.0.weight": "mask_decoder.upscale_conv1.weight",
     "mask_decoder.output_upscaling.1.bias": "mask_decoder.upscale_layer_norm.bias",
@@ -118,8 +117,12 @@ def _sam_med2d_style(model) -> tuple[dict[str, torch.Tensor], list[str]]:
     hidden = model.config.vision_config.hidden_size
     adapter_keys = []
     for block in range(model.config.vision_config.num_hidden_layers):
-        for name, shape in (("channel.0.weight", (hidden // 4, hidden)), ("channel.2.weight", (hidden, hidden // 4)),
-                            ("spatial.0.weight", (hidden, hidden, 3, 3)), ("spatial.2.weight", (hidden, hidden, 4, 4))):
+        for name, shape in (
+            ("channel.0.weight", (hidden // 4, hidden)),
+            ("channel.2.weight", (hidden, hidden // 4)),
+            ("spatial.0.weight", (hidden, hidden, 3, 3)),
+            ("spatial.2.weight", (hidden, hidden, 4, 4)),
+        ):
             key = f"image_encoder.blocks.{block}.Adapter.{name}"
             state[key] = torch.randn(shape)
             adapter_keys.append(key)
@@ -135,7 +138,9 @@ def test_sam_med2d_adapters_are_reported(random_hf_model, tmp_path) -> None:
     assert all("adapter" in why for why in unmapped.values())
     assert missing_keys(converted, random_hf_model.config) == []
     mean, std = pixel_statistics(state)
-    assert mean == pytest.approx((0.485, 0.456, 0.406), abs=1e-6) and std == pytest.approx((0.229, 0.224, 0.225), abs=1e-6)
+    assert mean == pytest.approx((0.485, 0.456, 0.406), abs=1e-6) and std == pytest.approx(
+        (0.229, 0.224, 0.225), abs=1e-6
+    )
 
     path = tmp_path / "sam-med2d_b.pth"
     torch.save({"model": state, "epoch": 3}, path)
@@ -149,8 +154,10 @@ def test_sam_med2d_adapters_are_reported(random_hf_model, tmp_path) -> None:
     out_dir = save_hf_checkpoint(model, tmp_path / "hf", image_mean=mean, image_std=std)
     from lightningmodules.models.grounding import SamImageTransform, load_sam
 
-    assert torch.equal(load_sam(out_dir).state_dict()["mask_decoder.iou_token.weight"],
-                       random_hf_model.state_dict()["mask_decoder.iou_token.weight"])
+    assert torch.equal(
+        load_sam(out_dir).state_dict()["mask_decoder.iou_token.weight"],
+        random_hf_model.state_dict()["mask_decoder.iou_token.weight"],
+    )
     assert SamImageTransform.from_pretrained(out_dir).image_size == 64
 
 

@@ -14,12 +14,13 @@ from pathlib import Path
 import pytest
 import torch
 
-
 # Last epoch's mean training loss / first epoch's must stay below these. Measured (portable kernels, one
 # thread): llama 0.59 / 0.60 / 0.36 / 0.82, phi 0.984 / 0.84 / 0.62 / 0.990 for stage1 / stage2 / router /
 # stage3. The tiny Phi is not pretrained (loss ~6), so its stage 1 and 3 only have to fall at all.
-LOSS_FALL = {"llama": {"stage1": 0.75, "stage2": 0.8, "router": 0.6, "stage3": 0.92},
-             "phi": {"stage1": 1.0, "stage2": 0.92, "router": 0.8, "stage3": 1.0}}
+LOSS_FALL = {
+    "llama": {"stage1": 0.75, "stage2": 0.8, "router": 0.6, "stage3": 0.92},
+    "phi": {"stage1": 1.0, "stage2": 0.92, "router": 0.8, "stage3": 1.0},
+}
 
 
 @pytest.fixture(scope="module", params=["llama", "phi"])
@@ -46,11 +47,18 @@ def _moe_prefixes(state: dict[str, torch.Tensor]) -> list[str]:
 def _dense_as_expert(handover: dict[str, torch.Tensor], prefix: str, family: str) -> dict[str, torch.Tensor]:
     """The dense FFN at ``prefix`` (``...layers.i.mlp``) in GroupedExperts layout."""
     if family == "llama":
-        return {"w_in": torch.cat([handover[f"{prefix}.gate_proj.weight"].t(), handover[f"{prefix}.up_proj.weight"].t()],
-                                  dim=1),
-                "w_out": handover[f"{prefix}.down_proj.weight"].t()}
-    return {"w_in": handover[f"{prefix}.fc1.weight"].t(), "w_out": handover[f"{prefix}.fc2.weight"].t(),
-            "b_in": handover[f"{prefix}.fc1.bias"], "b_out": handover[f"{prefix}.fc2.bias"]}
+        return {
+            "w_in": torch.cat(
+                [handover[f"{prefix}.gate_proj.weight"].t(), handover[f"{prefix}.up_proj.weight"].t()], dim=1
+            ),
+            "w_out": handover[f"{prefix}.down_proj.weight"].t(),
+        }
+    return {
+        "w_in": handover[f"{prefix}.fc1.weight"].t(),
+        "w_out": handover[f"{prefix}.fc2.weight"].t(),
+        "b_in": handover[f"{prefix}.fc1.bias"],
+        "b_out": handover[f"{prefix}.fc2.bias"],
+    }
 
 
 @pytest.mark.slow
@@ -63,12 +71,17 @@ def test_each_stage_starts_from_the_previous_stage_weights(chain) -> None:
         start = snapshots[current]
         for key, value in handed.items():
             assert torch.equal(start[key], value), (current, key)
-    assert any(not torch.equal(snapshots["stage1"][k], v) for k, v in _handover(result, "stage1").items()
-               if k.startswith("connector."))  # stage 1 really trained the connector
+    assert any(
+        not torch.equal(snapshots["stage1"][k], v)
+        for k, v in _handover(result, "stage1").items()
+        if k.startswith("connector.")
+    )  # stage 1 really trained the connector
     # the router stage changed only the classifier
     router_handover, stage2_handover = _handover(result, "router"), _handover(result, "stage2")
-    assert {k for k in router_handover if k not in stage2_handover} == {"modality_classifier.linear.weight",
-                                                                          "modality_classifier.linear.bias"}
+    assert {k for k in router_handover if k not in stage2_handover} == {
+        "modality_classifier.linear.weight",
+        "modality_classifier.linear.bias",
+    }
     assert all(torch.equal(router_handover[k], v) for k, v in stage2_handover.items())
 
     # stage 3: every MoE layer = E copies of the router stage's dense FFN + that FFN as meta expert,
@@ -76,8 +89,10 @@ def test_each_stage_starts_from_the_previous_stage_weights(chain) -> None:
     start = snapshots["stage3"]
     prefixes = _moe_prefixes(start)
     assert prefixes == [p for p in prefixes if p.endswith(".mlp")] and len(prefixes) >= 1
-    classifier_w, classifier_b = (router_handover["modality_classifier.linear.weight"],
-                                  router_handover["modality_classifier.linear.bias"])
+    classifier_w, classifier_b = (
+        router_handover["modality_classifier.linear.weight"],
+        router_handover["modality_classifier.linear.bias"],
+    )
     for prefix in prefixes:
         assert torch.equal(start[f"{prefix}.router.linear.weight"], classifier_w)
         assert torch.equal(start[f"{prefix}.router.linear.bias"], classifier_b)
@@ -106,8 +121,11 @@ def test_frozen_router_unchanged_and_experts_trained(chain) -> None:
     assert all(not torch.equal(final[f"{p}.experts.w_in"], start[f"{p}.experts.w_in"]) for p in prefixes)
     # attention, norms and embeddings froze; the dense FFNs of the other layers trained (train: [connector, ffn])
     assert all(torch.equal(final[k], start[k]) for k in start if "self_attn" in k or "embed_tokens" in k)
-    assert any(not torch.equal(final[k], start[k]) for k in start if ".mlp." in k and not any(
-        k.startswith(p + ".") for p in prefixes))
+    assert any(
+        not torch.equal(final[k], start[k])
+        for k in start
+        if ".mlp." in k and not any(k.startswith(p + ".") for p in prefixes)
+    )
 
 
 @pytest.mark.slow

@@ -46,8 +46,9 @@ def test_masked_mean_pool_by_hand() -> None:
     expected = torch.tensor([[(0 + 2) / 2, (1 + 3) / 2], [(8 + 10) / 2, (9 + 11) / 2]])
     torch.testing.assert_close(masked_mean(hidden, mask), expected)
     classifier = ModalityClassifier(hidden_size=2, modalities=["CT", "MRI", "X-Ray"])
-    torch.testing.assert_close(classifier(hidden, mask), expected @ classifier.linear.weight.t() +
-                               classifier.linear.bias)
+    torch.testing.assert_close(
+        classifier(hidden, mask), expected @ classifier.linear.weight.t() + classifier.linear.bias
+    )
 
 
 @pytest.mark.parametrize("family", ["llama", "phi"])
@@ -57,8 +58,15 @@ def test_moe_structure_survives_handover(family: str, tmp_path: Path) -> None:
     model = built.model
     add_modality_classifier(model, ["CT", "MRI", "X-Ray"])
     classifier = model.modality_classifier.linear
-    entry = add_moe(model, layers="every_other", num_experts=3, top_k=1, meta_expert=True, router_init=classifier,
-                    aux_loss_coef=0.01)
+    entry = add_moe(
+        model,
+        layers="every_other",
+        num_experts=3,
+        top_k=1,
+        meta_expert=True,
+        router_init=classifier,
+        aux_loss_coef=0.01,
+    )
     assert entry["layers"] == list(range(model.llm.config.num_hidden_layers))[::2]
     with torch.no_grad():  # make the experts differ from copies of the dense FFN
         for _, layer in moe_layers(model):
@@ -105,8 +113,13 @@ def test_trainable_groups_for_stage3() -> None:
 
 
 def test_params_command_json_matches_the_built_model() -> None:
-    out = subprocess.run([sys.executable, "-m", "pipeline.cli", "params", str(TINY), "--json"], cwd=REPO,
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "params", str(TINY), "--json"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout)
     assert result["device"] == "meta" and result["stage"] == "stage3"
@@ -128,17 +141,22 @@ def _write(tmp_path: Path, body: str) -> Path:
     return path
 
 
-@pytest.mark.parametrize("body, key", [
-    ("stages: {stage3: {moe: {num_experts: 4}}}\n", "stages.stage3.moe.num_experts"),
-    ("stages: {stage3: {moe: {layers: some}}}\n", "stages.stage3.moe.layers"),
-    ("stages: {stage3: {moe: {top_k: 5}}}\n", "stages.stage3.moe.top_k"),
-    ("stages: {stage3: {moe: {router_init: classifier}}}\n", "stages.stage3.moe.router_init"),
-    ("stages: {stage3: {moe: {sources: [stage2, nowhere], router_init: random, num_experts: null}}}\n",
-     "stages.stage3.moe.sources"),
-    ("stages: {router: {train: [connector]}}\n", "stages.router.train"),
-    ("stages: {router: {router: {modalities: [CT]}}}\n", "stages.router.router.modalities"),
-    ("stages: {stage3: {train: [connector, moe_router]}}\n", "stages.stage3.train"),
-])
+@pytest.mark.parametrize(
+    "body, key",
+    [
+        ("stages: {stage3: {moe: {num_experts: 4}}}\n", "stages.stage3.moe.num_experts"),
+        ("stages: {stage3: {moe: {layers: some}}}\n", "stages.stage3.moe.layers"),
+        ("stages: {stage3: {moe: {top_k: 5}}}\n", "stages.stage3.moe.top_k"),
+        ("stages: {stage3: {moe: {router_init: classifier}}}\n", "stages.stage3.moe.router_init"),
+        (
+            "stages: {stage3: {moe: {sources: [stage2, nowhere], router_init: random, num_experts: null}}}\n",
+            "stages.stage3.moe.sources",
+        ),
+        ("stages: {router: {train: [connector]}}\n", "stages.router.train"),
+        ("stages: {router: {router: {modalities: [CT]}}}\n", "stages.router.router.modalities"),
+        ("stages: {stage3: {train: [connector, moe_router]}}\n", "stages.stage3.train"),
+    ],
+)
 def test_config_errors_name_file_and_key(tmp_path: Path, body: str, key: str) -> None:
     path = _write(tmp_path, body)
     with pytest.raises(ConfigError) as error:
@@ -147,8 +165,11 @@ def test_config_errors_name_file_and_key(tmp_path: Path, body: str, key: str) ->
 
 
 def test_sources_config_for_medplib_is_valid(tmp_path: Path) -> None:
-    path = _write(tmp_path, "stages: {stage3: {moe: {sources: [stage2, stage1], layers: all, meta_expert: false, "
-                            "router_init: random, num_experts: null}}}\n")
+    path = _write(
+        tmp_path,
+        "stages: {stage3: {moe: {sources: [stage2, stage1], layers: all, meta_expert: false, "
+        "router_init: random, num_experts: null}}}\n",
+    )
     cfg = load_config(path, [], check_paths=False)
     assert list(cfg.stages.stage3.moe.sources) == ["stage2", "stage1"]
 

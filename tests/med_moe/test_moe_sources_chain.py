@@ -82,8 +82,10 @@ def _state(path: Path) -> dict[str, torch.Tensor]:
 
 def _ffn_as_expert(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
     """The dense Llama FFN at ``prefix`` in GroupedExperts layout: w_in (D, 2F) = [gate | up], w_out (F, D)."""
-    return {"w_in": torch.cat([state[f"{prefix}.gate_proj.weight"].t(), state[f"{prefix}.up_proj.weight"].t()], dim=1),
-            "w_out": state[f"{prefix}.down_proj.weight"].t()}
+    return {
+        "w_in": torch.cat([state[f"{prefix}.gate_proj.weight"].t(), state[f"{prefix}.up_proj.weight"].t()], dim=1),
+        "w_out": state[f"{prefix}.down_proj.weight"].t(),
+    }
 
 
 def _mlp_prefixes(state: dict[str, torch.Tensor]) -> list[str]:
@@ -126,8 +128,9 @@ def test_only_the_router_trains_and_one_expert_runs_per_token(sources_chain) -> 
         if ".router." in key:
             continue
         assert torch.equal(value, start[key]), key  # train: [moe_router]
-    assert all(not torch.equal(final[f"{p}.router.linear.weight"], start[f"{p}.router.linear.weight"])
-               for p in prefixes)
+    assert all(
+        not torch.equal(final[f"{p}.router.linear.weight"], start[f"{p}.router.linear.weight"]) for p in prefixes
+    )
 
     # expert-load artifact: per layer, assignments summed over experts = the real tokens the stage trained on
     summary = json.loads((Path(cfg.output_dir) / "stages" / "moe" / "expert_load.json").read_text())
@@ -165,8 +168,10 @@ def test_rebuilt_moe_runs_exactly_one_source_ffn_per_real_token(sources_chain) -
     real = int(attention_mask.sum())
     layers = dict(moe_layers(model))
     captured: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    hooks = [layer.register_forward_hook(lambda m, args, out, name=name: captured.__setitem__(name, (args[0], out)))
-             for name, layer in layers.items()]
+    hooks = [
+        layer.register_forward_hook(lambda m, args, out, name=name: captured.__setitem__(name, (args[0], out)))
+        for name, layer in layers.items()
+    ]
     set_token_mask(model, attention_mask)
     with torch.no_grad():
         model(input_ids=input_ids, attention_mask=attention_mask)
@@ -182,7 +187,9 @@ def test_rebuilt_moe_runs_exactly_one_source_ffn_per_real_token(sources_chain) -
         chosen = layer.last_routing.indices[..., 0]  # (B, T)
         index = int(name.split(".layers.")[1].split(".")[0])
         with torch.no_grad():
-            expected = torch.stack([source.llm.get_decoder().layers[index].mlp(x) for source in source_models])  # (2, B, T, D)
+            expected = torch.stack(
+                [source.llm.get_decoder().layers[index].mlp(x) for source in source_models]
+            )  # (2, B, T, D)
         assert float((expected[0] - expected[1])[mask].abs().max()) > 1e-3  # the sources' FFNs tell apart
         reference = torch.where(chosen.unsqueeze(-1) == 0, expected[0], expected[1])  # (B, T, D)
         torch.testing.assert_close(out[mask], reference[mask], rtol=1e-5, atol=1e-5)

@@ -10,18 +10,25 @@ from medplib_helpers import tiny_cfg
 
 
 def chain_overrides() -> list[str]:
-    return ["model.grounding.sam_path=tiny:sam",  # random SAM: this test is about the hand-over, not masks
-            "data.datasets.alignment.synthetic.train_images=16",
-            "data.datasets.mecovqa_complex.synthetic.train_images=16",
-            "data.datasets.mecovqa_complex.synthetic.test_images=4",
-            "data.datasets.mecovqa_region.synthetic.train_images=16",
-            "data.datasets.mecovqa_region.synthetic.test_images=4",
-            "data.datasets.mecovqa_grounding.synthetic.train_images=16",
-            "data.datasets.mecovqa_grounding.synthetic.test_images=4",
-            "data.batch_size=8", "evaluation.batch_size=8", "evaluation.max_new_tokens=6",
-            "stages.alignment.max_epochs=1", "stages.language_expert.max_epochs=1",
-            "stages.grounding_expert.max_epochs=1", "stages.moe.max_epochs=1",
-            "mlflow.system_metrics=false", "mlflow.register_model=false"]
+    return [
+        "model.grounding.sam_path=tiny:sam",  # random SAM: this test is about the hand-over, not masks
+        "data.datasets.alignment.synthetic.train_images=16",
+        "data.datasets.mecovqa_complex.synthetic.train_images=16",
+        "data.datasets.mecovqa_complex.synthetic.test_images=4",
+        "data.datasets.mecovqa_region.synthetic.train_images=16",
+        "data.datasets.mecovqa_region.synthetic.test_images=4",
+        "data.datasets.mecovqa_grounding.synthetic.train_images=16",
+        "data.datasets.mecovqa_grounding.synthetic.test_images=4",
+        "data.batch_size=8",
+        "evaluation.batch_size=8",
+        "evaluation.max_new_tokens=6",
+        "stages.alignment.max_epochs=1",
+        "stages.language_expert.max_epochs=1",
+        "stages.grounding_expert.max_epochs=1",
+        "stages.moe.max_epochs=1",
+        "mlflow.system_metrics=false",
+        "mlflow.register_model=false",
+    ]
 
 
 @pytest.fixture(scope="module")

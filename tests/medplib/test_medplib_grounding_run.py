@@ -23,9 +23,11 @@ def test_tiny_grounding_run_reaches_the_mdice_target(tiny_grounding_run) -> None
     cfg, result, counts = tiny_grounding_run
     assert counts["train"] >= 100 and counts["test"] >= 25
     metrics = result.evaluation.metrics
-    print(f"\ntiny grounding run: test mDice {metrics['seg/mdice']:.3f}, mIoU {metrics['seg/miou']:.3f}, "
-          f"{metrics['seg/count']:.0f} images, no <SEG> {metrics['seg/no_mask']:.0f}, "
-          f"MONAI Dice {metrics['seg/monai_dice']:.3f}")
+    print(
+        f"\ntiny grounding run: test mDice {metrics['seg/mdice']:.3f}, mIoU {metrics['seg/miou']:.3f}, "
+        f"{metrics['seg/count']:.0f} images, no <SEG> {metrics['seg/no_mask']:.0f}, "
+        f"MONAI Dice {metrics['seg/monai_dice']:.3f}"
+    )
     assert metrics["seg/count"] == counts["test"]
     assert metrics["seg/no_mask"] == 0  # the model learned to answer with <SEG>
     assert any(k.startswith("seg/mdice/") for k in metrics)  # per modality
@@ -34,8 +36,10 @@ def test_tiny_grounding_run_reaches_the_mdice_target(tiny_grounding_run) -> None
     from mlflow.tracking import MlflowClient  # the overlays are png artifacts of the evaluation run
 
     client = MlflowClient(tracking_uri=cfg.mlflow.tracking_uri)
-    runs = client.search_runs([client.get_experiment_by_name(cfg.mlflow.experiment_name).experiment_id],
-                              filter_string="tags.stage = 'evaluate'")
+    runs = client.search_runs(
+        [client.get_experiment_by_name(cfg.mlflow.experiment_name).experiment_id],
+        filter_string="tags.stage = 'evaluate'",
+    )
     logged = [a.path for a in client.list_artifacts(runs[0].info.run_id, "evaluation/overlays")]
     assert len(logged) == len(overlays) and all(p.endswith(".png") for p in logged)
     assert runs[0].data.metrics["eval/seg/mdice"] == pytest.approx(metrics["seg/mdice"])

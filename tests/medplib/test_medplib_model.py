@@ -15,8 +15,9 @@ from lightningmodules.models.region import region_grid_weights
 
 
 def _module(cfg, built, stage: str = "grounding_expert") -> GroundingVLMModule:
-    return GroundingVLMModule(model=built.model, tokenizer=built.tokenizer,
-                              **grounding_module_settings(cfg, cfg.stages[stage]))
+    return GroundingVLMModule(
+        model=built.model, tokenizer=built.tokenizer, **grounding_module_settings(cfg, cfg.stages[stage])
+    )
 
 
 def test_special_tokens_added_and_embeddings_resized(grounded) -> None:
@@ -31,7 +32,7 @@ def test_special_tokens_added_and_embeddings_resized(grounded) -> None:
     region = batch_of(dm, "train", lambda r: r.task == "region", n=1)
     ids = region["input_ids"][0].tolist()
     start = ids.index(tokenizer.convert_tokens_to_ids("<region>"))
-    assert ids[start + 1:start + 3] == [model.region_token_id, tokenizer.convert_tokens_to_ids("</region>")]
+    assert ids[start + 1 : start + 3] == [model.region_token_id, tokenizer.convert_tokens_to_ids("</region>")]
     grounding = batch_of(dm, "train", lambda r: r.task == "grounding", n=1)
     assert int((grounding["labels"][0] == model.seg_token_id).sum()) == 1  # <SEG> is a supervised target
 
@@ -74,10 +75,16 @@ def test_seg_selection_in_generation_and_no_seg_fallback(grounded, monkeypatch) 
 
     monkeypatch.setattr(model.grounding, "predict", spy)
     model.grounding.no_seg_count = 0
-    ids, masks = model.generate_with_masks(batch["input_ids"], batch["attention_mask"], batch["pixel_values"],
-                                           batch["image_task_ids"], sam_pixel_values=batch["sam_pixel_values"],
-                                           image_sizes=batch["image_sizes"],
-                                           sam_resized_sizes=batch["sam_resized_sizes"], max_new_tokens=4)
+    ids, masks = model.generate_with_masks(
+        batch["input_ids"],
+        batch["attention_mask"],
+        batch["pixel_values"],
+        batch["image_task_ids"],
+        sam_pixel_values=batch["sam_pixel_values"],
+        image_sizes=batch["image_sizes"],
+        sam_resized_sizes=batch["sam_resized_sizes"],
+        max_new_tokens=4,
+    )
     assert masks[1] is None and model.grounding.no_seg_count == 1  # fallback, counted
     assert masks[0].shape == tuple(batch["image_sizes"][0])  # (H, W) original resolution
     assert seen["batch_index"].tolist() == [0]
@@ -109,10 +116,12 @@ def test_test_step_scores_masks_and_counts_the_fallback(grounded, monkeypatch, t
 
 
 def test_grounding_summary_by_hand() -> None:
-    rows = [{"iou": 0.5, "pixel_dice": 0.7, "seg_produced": True, "modality": "CT"},
-            {"iou": 0.0, "pixel_dice": None, "seg_produced": False, "modality": "MRI"},
-            {"iou": 1.0, "pixel_dice": 1.0, "seg_produced": True, "modality": "CT"},
-            {"text": "no mask row"}]
+    rows = [
+        {"iou": 0.5, "pixel_dice": 0.7, "seg_produced": True, "modality": "CT"},
+        {"iou": 0.0, "pixel_dice": None, "seg_produced": False, "modality": "MRI"},
+        {"iou": 1.0, "pixel_dice": 1.0, "seg_produced": True, "modality": "CT"},
+        {"text": "no mask row"},
+    ]
     out = grounding_summary(rows)
     assert out["seg/miou"] == pytest.approx(0.5)
     assert out["seg/mdice"] == pytest.approx((2 * 0.5 / 1.5 + 0.0 + 1.0) / 3)
@@ -121,10 +130,12 @@ def test_grounding_summary_by_hand() -> None:
 
 
 def test_region_vqa_summary_uses_medplibs_exact_match() -> None:
-    rows = [{"task": "region", "text": "Liver.", "answer": "liver", "answer_type": "open"},
-            {"task": "region", "text": "Yes, there is", "answer": "Yes", "answer_type": "closed"},
-            {"task": "region", "text": "no", "answer": "No", "answer_type": "closed"},
-            {"task": "vqa", "text": "x", "answer": "y", "answer_type": "closed"}]
+    rows = [
+        {"task": "region", "text": "Liver.", "answer": "liver", "answer_type": "open"},
+        {"task": "region", "text": "Yes, there is", "answer": "Yes", "answer_type": "closed"},
+        {"task": "region", "text": "no", "answer": "No", "answer_type": "closed"},
+        {"task": "vqa", "text": "x", "answer": "y", "answer_type": "closed"},
+    ]
     out = region_vqa_summary(rows)
     assert out["region/closed_count"] == 2 and out["region/open_count"] == 1
     assert out["region/closed_accuracy"] == 0.5  # "yes, there is" != "yes": exact match, not substring
@@ -139,8 +150,9 @@ def test_overlay_colours(tmp_path) -> None:
 
     image = tmp_path / "img.png"
     Image.fromarray(np.full((4, 6), 100, np.uint8)).save(image)
-    record = Record(id="a/b", dataset="d", split="test", question="q", answer="a", answer_type="open",
-                    image_path=str(image))
+    record = Record(
+        id="a/b", dataset="d", split="test", question="q", answer="a", answer_type="open", image_path=str(image)
+    )
     target = torch.zeros(4, 6, dtype=torch.bool)
     target[0, :3] = True
     pred = torch.zeros(4, 6, dtype=torch.bool)
@@ -158,8 +170,9 @@ def test_loss_is_the_weighted_sum_on_a_mixed_batch(grounded) -> None:
     assert (module.hparams.ce_weight, module.hparams.bce_weight, module.hparams.dice_weight) == (1.0, 1.0, 5.0)
     region = batch_of(dm, "train", lambda r: r.task == "region", n=2)
     dataset = dm.dataset("train", with_answers=True)
-    pick = ([i for i, r in enumerate(dataset.records) if r.task == "grounding"][:3]
-            + [i for i, r in enumerate(dataset.records) if r.task == "region"][:3])
+    pick = [i for i, r in enumerate(dataset.records) if r.task == "grounding"][:3] + [
+        i for i, r in enumerate(dataset.records) if r.task == "region"
+    ][:3]
     items = [dataset[i] for i in sorted(pick, key=lambda i: i % 5)]  # interleaved
     batch = dm._collator(False)(items)
     n_masks = sum(m is not None for m in batch["masks"])
@@ -167,10 +180,19 @@ def test_loss_is_the_weighted_sum_on_a_mixed_batch(grounded) -> None:
     torch.manual_seed(0)
     built.model.eval()  # no dropout: the two forwards below are the same computation
     terms = module.losses(batch)
-    out = built.model(**{k: batch[k] for k in ("input_ids", "attention_mask", "labels", "pixel_values",
-                                               "image_task_ids", "region_masks")})
-    masks, index = built.model.segment(out.hidden_states, batch["input_ids"], sam_pixel_values=batch["sam_pixel_values"],
-                                       image_sizes=batch["image_sizes"], sam_resized_sizes=batch["sam_resized_sizes"])
+    out = built.model(
+        **{
+            k: batch[k]
+            for k in ("input_ids", "attention_mask", "labels", "pixel_values", "image_task_ids", "region_masks")
+        }
+    )
+    masks, index = built.model.segment(
+        out.hidden_states,
+        batch["input_ids"],
+        sam_pixel_values=batch["sam_pixel_values"],
+        image_sizes=batch["image_sizes"],
+        sam_resized_sizes=batch["sam_resized_sizes"],
+    )
     assert len(masks) == n_masks == int(terms["masks"])
     targets = [batch["masks"][b] for b in index.tolist()]
     parts = mask_losses(masks, targets, bce_weight=1.0, dice_weight=1.0)

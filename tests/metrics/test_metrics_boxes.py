@@ -9,25 +9,25 @@ from lightningmodules.metrics import box_iou, format_box, parse_box, rec_scores
     ("text", "expected"),
     [
         ("{<10><20><30><40>}", (10, 20, 30, 40)),
-        ("{ <10> <20> <30> <40> }", (10, 20, 30, 40)),       # spaces between parts
-        ("{< 10 ><20 ><  30><40>}", (10, 20, 30, 40)),        # spaces inside the brackets
+        ("{ <10> <20> <30> <40> }", (10, 20, 30, 40)),  # spaces between parts
+        ("{< 10 ><20 ><  30><40>}", (10, 20, 30, 40)),  # spaces inside the brackets
         ("the liver is at {<0><0><100><100>}.", (0, 0, 100, 100)),  # surrounding text
-        ("{<007><20><30><40>}", (7, 20, 30, 40)),             # leading zeros
-        ("{<10><20><10><40>}", (10, 20, 10, 40)),             # zero width is still a box
+        ("{<007><20><30><40>}", (7, 20, 30, 40)),  # leading zeros
+        ("{<10><20><10><40>}", (10, 20, 10, 40)),  # zero width is still a box
         # multiple boxes: the first one decides
         ("{<10><20><30><40>}{<50><50><60><60>}", (10, 20, 30, 40)),
-        ("{<30><20><10><40>} {<1><2><3><4>}", None),          # first box invalid -> None
+        ("{<30><20><10><40>} {<1><2><3><4>}", None),  # first box invalid -> None
         # unparseable
-        ("{<10><20><30><40>", None),                          # missing closing brace
-        ("<10><20><30><40>}", None),                          # missing opening brace
-        ("{<-5><20><30><40>}", None),                         # negative
-        ("{<10><20><101><40>}", None),                        # beyond the 0-100 grid
-        ("{<30><20><10><40>}", None),                         # x2 < x1
-        ("{<10><40><30><20>}", None),                         # y2 < y1
-        ("{<10.5><20><30><40>}", None),                       # not an integer
-        ("{<+5><20><30><40>}", None),                         # sign
-        ("{<10><20><30>}", None),                             # three numbers
-        ("{<><20><30><40>}", None),                           # empty field
+        ("{<10><20><30><40>", None),  # missing closing brace
+        ("<10><20><30><40>}", None),  # missing opening brace
+        ("{<-5><20><30><40>}", None),  # negative
+        ("{<10><20><101><40>}", None),  # beyond the 0-100 grid
+        ("{<30><20><10><40>}", None),  # x2 < x1
+        ("{<10><40><30><20>}", None),  # y2 < y1
+        ("{<10.5><20><30><40>}", None),  # not an integer
+        ("{<+5><20><30><40>}", None),  # sign
+        ("{<10><20><30>}", None),  # three numbers
+        ("{<><20><30><40>}", None),  # empty field
         ("", None),
         (None, None),
     ],

@@ -8,24 +8,25 @@ from lightningmodules.metrics import PROTOCOLS, closed_hit, open_scores, score_p
 
 # Closed items with their normalised forms (p | g) to follow the hand counts below.
 CLOSED = [
-    ("No, the lung is normal.", "no"),     # 1  p "no lung is normal"      g "no"
-    ("The findings are abnormal", "no"),   # 2  p "findings are abnormal"  g "no"
-    ("Yes", "yes"),                        # 3  p "yes"                    g "yes"
-    ("Yes.", "No"),                        # 4  p "yes"                    g "no"
-    ("x-ray", "X ray"),                    # 5  p "x ray"                  g "x ray"
-    ("CT - x-ray", "x-ray"),               # 6  p "ct xray" (quirk)        g "x ray"
-    ("Two", "2"),                          # 7  p "2"                      g "2"
-    ("yes, there is no fracture", "no"),   # 8  p "yes there is no fracture" g "no"
+    ("No, the lung is normal.", "no"),  # 1  p "no lung is normal"      g "no"
+    ("The findings are abnormal", "no"),  # 2  p "findings are abnormal"  g "no"
+    ("Yes", "yes"),  # 3  p "yes"                    g "yes"
+    ("Yes.", "No"),  # 4  p "yes"                    g "no"
+    ("x-ray", "X ray"),  # 5  p "x ray"                  g "x ray"
+    ("CT - x-ray", "x-ray"),  # 6  p "ct xray" (quirk)        g "x ray"
+    ("Two", "2"),  # 7  p "2"                      g "2"
+    ("yes, there is no fracture", "no"),  # 8  p "yes there is no fracture" g "no"
 ]
 OPEN = [
-    ("left lung", "The left lung"),        # O1 [left lung] vs [left lung]
-    ("x-ray of chest", "X-Ray"),           # O2 [x ray of chest] vs [x ray]
-    ("ct scan", "MRI"),                    # O3 no overlap
-    ("", "liver"),                         # O4 empty prediction
+    ("left lung", "The left lung"),  # O1 [left lung] vs [left lung]
+    ("x-ray of chest", "X-Ray"),  # O2 [x ray of chest] vs [x ray]
+    ("ct scan", "MRI"),  # O3 no overlap
+    ("", "liver"),  # O4 empty prediction
     ("left left lung", "left lung nodule"),  # O5 repeated predicted word
 ]
-ITEMS = ([{"pred": p, "gt": g, "answer_type": "CLOSED"} for p, g in CLOSED]
-         + [{"pred": p, "gt": g, "answer_type": "open"} for p, g in OPEN])
+ITEMS = [{"pred": p, "gt": g, "answer_type": "CLOSED"} for p, g in CLOSED] + [
+    {"pred": p, "gt": g, "answer_type": "open"} for p, g in OPEN
+]
 
 # Closed hits per item 1..8:
 #   default/medplib (normalised ==):      3, 5, 7                 -> 3/8
@@ -34,8 +35,7 @@ ITEMS = ([{"pred": p, "gt": g, "answer_type": "CLOSED"} for p, g in CLOSED]
 #   med_moe (lowercase substring):        1, 2, 3, 6 ("x-ray" in "ct - x-ray"), 8
 #                                         (5: "x ray" not in "x-ray"; 7: "2" not in "two") -> 5/8
 #   uni_med (normalised substring):       1, 2, 3, 5, 7, 8 (6: "x ray" not in "ct xray") -> 6/8
-CLOSED_ACC = {"default": 3 / 8, "medplib": 3 / 8, "llava_med": 4 / 8, "med_moe": 5 / 8,
-              "uni_med": 6 / 8}
+CLOSED_ACC = {"default": 3 / 8, "medplib": 3 / 8, "llava_med": 4 / 8, "med_moe": 5 / 8, "uni_med": 6 / 8}
 
 # Open scores per item (multiset token counting):
 #   recall: O1 2/2=1, O2 2/2=1, O3 0, O4 0, O5 min(2,1)+1=2 of 3 -> 2/3; mean (8/3)/5 = 8/15
@@ -94,8 +94,7 @@ def test_script_counting_option():
 
 @pytest.mark.parametrize(
     ("protocol", "expected"),
-    [("default", False), ("medplib", False), ("llava_med", True), ("med_moe", True),
-     ("uni_med", True)],
+    [("default", False), ("medplib", False), ("llava_med", True), ("med_moe", True), ("uni_med", True)],
 )
 def test_no_inside_abnormal(protocol, expected):
     assert closed_hit(protocol, "abnormal", "no") is expected
@@ -111,8 +110,10 @@ def test_llava_med_requires_yes_or_no_in_prediction():
 def test_llava_med_counts_every_closed_miss():
     # run_eval.py appends nothing for a miss whose prediction says yes/no, which would give 1/1;
     # here both items count.
-    items = [{"pred": "yes", "gt": "yes", "answer_type": "closed"},
-             {"pred": "yes", "gt": "no", "answer_type": "closed"}]
+    items = [
+        {"pred": "yes", "gt": "yes", "answer_type": "closed"},
+        {"pred": "yes", "gt": "no", "answer_type": "closed"},
+    ]
     assert score_protocol("llava_med", items)["closed_accuracy"] == 0.5
 
 

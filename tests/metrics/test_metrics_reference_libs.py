@@ -12,8 +12,24 @@ from lightningmodules.metrics import corpus_bleu, cumulative_bleu, rouge_l, sent
 
 # Small vocabulary so that n-gram matches are frequent; "the"/"a" and number words exercise the
 # normalisation, which both sides share through tokens().
-VOCAB = ["left", "right", "lung", "lobe", "mass", "no", "yes", "liver", "ct", "mri", "lesion",
-         "the", "a", "two", "upper", "lower"]
+VOCAB = [
+    "left",
+    "right",
+    "lung",
+    "lobe",
+    "mass",
+    "no",
+    "yes",
+    "liver",
+    "ct",
+    "mri",
+    "lesion",
+    "the",
+    "a",
+    "two",
+    "upper",
+    "lower",
+]
 
 
 def _sentence(rng: random.Random, max_len: int = 7) -> str:
@@ -78,8 +94,7 @@ def test_cumulative_sentence_bleu_matches_nltk(max_n):
         _assert_same(cumulative_bleu(pred, gt, 4)[max_n - 1], ours)
 
 
-@pytest.mark.parametrize("weights", [(1, 0, 0, 0), (0, 1, 0, 0), (0, 0, 1, 0), (0.5, 0.5, 0, 0),
-                                     (0.1, 0.2, 0.3, 0.4)])
+@pytest.mark.parametrize("weights", [(1, 0, 0, 0), (0, 1, 0, 0), (0, 0, 1, 0), (0.5, 0.5, 0, 0), (0.1, 0.2, 0.3, 0.4)])
 def test_weighted_sentence_bleu_matches_nltk(weights):
     # the papers' scripts use (1,0,0,0), (0,1,0,0), (0,0,1,0) as BLEU-1/2/3
     for pred, gt in _pairs(10, 300):
@@ -95,14 +110,13 @@ def test_corpus_bleu_matches_nltk(max_n):
         preds, gts = [p for p, _ in pairs], [g for _, g in pairs]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            ref = nltk_bleu.corpus_bleu([[tokens(g)] for g in gts], [tokens(p) for p in preds],
-                                        weights=weights)
+            ref = nltk_bleu.corpus_bleu([[tokens(g)] for g in gts], [tokens(p) for p in preds], weights=weights)
         _assert_same(corpus_bleu(preds, gts, max_n=max_n), ref)
 
 
 def test_corpus_bleu_differs_from_mean_sentence_bleu():
     preds, gts = ["left lung mass", "ct"], ["left lung", "mri of brain"]
-    mean = sum(sentence_bleu(p, g, max_n=1) for p, g in zip(preds, gts)) / 2
+    mean = sum(sentence_bleu(p, g, max_n=1) for p, g in zip(preds, gts, strict=True)) / 2
     assert not math.isclose(corpus_bleu(preds, gts, max_n=1), mean)
 
 

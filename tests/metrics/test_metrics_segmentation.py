@@ -31,8 +31,7 @@ def test_mask_iou_random_against_numpy():
         gt = rng.random(shape) < rng.random()
         expected = _np_iou(pred, gt)
         assert mask_iou(pred, gt) == pytest.approx(expected, abs=1e-12)
-        assert mask_iou(torch.from_numpy(pred), torch.from_numpy(gt)) == pytest.approx(
-            expected, abs=1e-12)
+        assert mask_iou(torch.from_numpy(pred), torch.from_numpy(gt)) == pytest.approx(expected, abs=1e-12)
 
 
 def test_mask_iou_special_cases():
@@ -85,7 +84,7 @@ def test_segmentation_scores_random_against_numpy():
         logits = torch.from_numpy(rng.normal(size=shape))
         preds.append(None if i % 10 == 0 else binarize(logits, 0.1))
         mods.append(["CT", "MRI", "X-ray"][i % 3])
-    ious = np.array([0.0 if p is None else _np_iou(p.numpy(), g) for p, g in zip(preds, gts)])
+    ious = np.array([0.0 if p is None else _np_iou(p.numpy(), g) for p, g in zip(preds, gts, strict=True)])
     dices = 2 * ious / (1 + ious)
     out = segmentation_scores(preds, gts, mods)
     assert out["miou"] == pytest.approx(ious.mean(), abs=1e-12)

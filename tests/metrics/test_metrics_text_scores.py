@@ -41,8 +41,7 @@ def test_token_scores_multiset():
 def test_token_scores_script_counting():
     # papers' calculate_f1score: shared word adds its prediction count: tp = 2 + 1 = 3,
     # fp = 0, fn = 1 (nodule) -> precision 1, recall 3/4, f1 = 2*.75/1.75 = 6/7
-    assert token_prf("left left lung", "left lung nodule", counting="script") == pytest.approx(
-        (1.0, 0.75, 6 / 7))
+    assert token_prf("left left lung", "left lung nodule", counting="script") == pytest.approx((1.0, 0.75, 6 / 7))
 
 
 @pytest.mark.parametrize("counting", ["multiset", "script"])
@@ -71,8 +70,7 @@ def test_sentence_bleu_hand_values():
     # individual bigram score via weights (0, 1): bp * p2 = 1/3
     assert sentence_bleu("x-ray of chest", "x-ray", weights=(0, 1)) == pytest.approx(1 / 3)
     # identical 4+ token texts score 1 at every order
-    assert cumulative_bleu("small mass in left lung", "small mass in left lung") == pytest.approx(
-        [1.0] * 4)
+    assert cumulative_bleu("small mass in left lung", "small mass in left lung") == pytest.approx([1.0] * 4)
 
 
 def test_sentence_bleu_zero_cases():
@@ -106,8 +104,10 @@ def test_token_lists_are_used_as_given():
 
 
 def test_scoring_modules_do_not_import_reference_libraries():
-    code = ("import sys, lightningmodules.metrics; "
-            "bad = [m for m in ('nltk', 'rouge_score') if m in sys.modules]; "
-            "assert not bad, bad")
+    code = (
+        "import sys, lightningmodules.metrics; "
+        "bad = [m for m in ('nltk', 'rouge_score') if m in sys.modules]; "
+        "assert not bad, bad"
+    )
     root = Path(__file__).resolve().parents[2]
     subprocess.run([sys.executable, "-c", code], cwd=root, check=True)

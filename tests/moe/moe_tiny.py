@@ -12,9 +12,16 @@ def tiny_lm(family: str, *, num_layers: int = 4, seed: int = 0):
     from transformers import LlamaConfig, LlamaForCausalLM, PhiConfig, PhiForCausalLM
 
     torch.manual_seed(seed)
-    common = {"vocab_size": VOCAB, "hidden_size": HIDDEN, "intermediate_size": FFN, "num_hidden_layers": num_layers,
-              "num_attention_heads": 4, "max_position_embeddings": 64, "pad_token_id": 0,
-              "tie_word_embeddings": False}
+    common = {
+        "vocab_size": VOCAB,
+        "hidden_size": HIDDEN,
+        "intermediate_size": FFN,
+        "num_hidden_layers": num_layers,
+        "num_attention_heads": 4,
+        "max_position_embeddings": 64,
+        "pad_token_id": 0,
+        "tie_word_embeddings": False,
+    }
     if family == "llama":
         model = LlamaForCausalLM(LlamaConfig(num_key_value_heads=4, **common))
     elif family == "phi":

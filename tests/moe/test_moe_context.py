@@ -18,7 +18,8 @@ from lightningmodules.models.moe import (
 def test_token_mask_context_sets_and_clears() -> None:
     model = torch.nn.Sequential(
         MoEFeedForward.build(hidden_size=HIDDEN, ffn_size=FFN, num_experts=3),
-        MoEFeedForward.build(hidden_size=HIDDEN, ffn_size=FFN, num_experts=3))
+        MoEFeedForward.build(hidden_size=HIDDEN, ffn_size=FFN, num_experts=3),
+    )
     mask = torch.tensor([[1, 0]])
     with token_mask(model, mask):
         assert all(torch.equal(layer.token_mask, mask.bool()) for _, layer in moe_layers(model))

@@ -35,11 +35,17 @@ def test_one_expert_moe_equals_dense_ffn_incl_grads(family: str, grouped_mm: str
     torch.testing.assert_close(x_moe.grad, x_dense.grad, atol=1e-6, rtol=0)
     # expert parameter grads = the dense FFN's grads in matmul layout (w_in = [gate | up])
     if family == "llama":
-        expected = {"w_in": torch.cat([dense.gate_proj.weight.grad.t(), dense.up_proj.weight.grad.t()], dim=1),
-                    "w_out": dense.down_proj.weight.grad.t()}
+        expected = {
+            "w_in": torch.cat([dense.gate_proj.weight.grad.t(), dense.up_proj.weight.grad.t()], dim=1),
+            "w_out": dense.down_proj.weight.grad.t(),
+        }
     else:
-        expected = {"w_in": dense.fc1.weight.grad.t(), "w_out": dense.fc2.weight.grad.t(),
-                    "b_in": dense.fc1.bias.grad, "b_out": dense.fc2.bias.grad}
+        expected = {
+            "w_in": dense.fc1.weight.grad.t(),
+            "w_out": dense.fc2.weight.grad.t(),
+            "b_in": dense.fc1.bias.grad,
+            "b_out": dense.fc2.bias.grad,
+        }
     assert {n for n, _ in moe.experts.named_parameters()} == set(expected)
     for name, grad in expected.items():
         torch.testing.assert_close(getattr(moe.experts, name).grad[0], grad, atol=1e-5, rtol=1e-5)
@@ -84,8 +90,14 @@ def _mixtral_block(num_experts: int = 8, top_k: int = 2):
     from transformers import MixtralConfig
     from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
 
-    config = MixtralConfig(hidden_size=HIDDEN, intermediate_size=FFN, num_local_experts=num_experts,
-                           num_experts_per_tok=top_k, hidden_act="silu", router_jitter_noise=0.0)
+    config = MixtralConfig(
+        hidden_size=HIDDEN,
+        intermediate_size=FFN,
+        num_local_experts=num_experts,
+        num_experts_per_tok=top_k,
+        hidden_act="silu",
+        router_jitter_noise=0.0,
+    )
     config._experts_implementation = "eager"
     block = MixtralSparseMoeBlock(config)
     with torch.no_grad():
@@ -96,8 +108,17 @@ def _mixtral_block(num_experts: int = 8, top_k: int = 2):
 
 def _ours_from_mixtral(block, grouped_mm: str = "auto") -> MoEFeedForward:
     num_experts, top_k = block.experts.num_experts, block.top_k
-    moe = MoEFeedForward.build(hidden_size=HIDDEN, ffn_size=FFN, num_experts=num_experts, top_k=top_k, gated=True,
-                               bias=False, activation="silu", renormalize=True, grouped_mm=grouped_mm)
+    moe = MoEFeedForward.build(
+        hidden_size=HIDDEN,
+        ffn_size=FFN,
+        num_experts=num_experts,
+        top_k=top_k,
+        gated=True,
+        bias=False,
+        activation="silu",
+        renormalize=True,
+        grouped_mm=grouped_mm,
+    )
     with torch.no_grad():
         moe.router.linear.weight.copy_(block.gate.weight)  # (E, D)
         moe.router.linear.bias.zero_()
@@ -118,8 +139,9 @@ def test_matches_transformers_mixtral_block(grouped_mm: str) -> None:
     (out_hf * upstream).sum().backward()
     (out_ours * upstream).sum().backward()
     torch.testing.assert_close(x_ours.grad, x_hf.grad, atol=1e-5, rtol=0)
-    torch.testing.assert_close(ours.experts.w_in.grad, block.experts.gate_up_proj.grad.transpose(1, 2),
-                               atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        ours.experts.w_in.grad, block.experts.gate_up_proj.grad.transpose(1, 2), atol=1e-5, rtol=0
+    )
     torch.testing.assert_close(ours.router.linear.weight.grad, block.gate.weight.grad, atol=1e-5, rtol=1e-5)
 
 
@@ -251,16 +273,18 @@ def test_capacity_prefers_first_choices_over_second() -> None:
     # each expert: 2 first choices + 2 second choices routed; the first choices fill the capacity
     assert layer.last_stats.kept_counts.tolist() == [2, 2] and layer.last_stats.dropped == 4
     w_first = layer.last_routing.weights[..., 0]
-    manual = torch.stack([layer.experts.expert_forward(int(e), x[i:i + 1])[0] * w_first[i]
-                          for i, e in enumerate([0, 0, 1, 1])])
+    manual = torch.stack(
+        [layer.experts.expert_forward(int(e), x[i : i + 1])[0] * w_first[i] for i, e in enumerate([0, 0, 1, 1])]
+    )
     torch.testing.assert_close(layer(x), manual, atol=1e-6, rtol=0)
 
 
 def test_frozen_router_unchanged_after_optimizer_step() -> None:
     dense = _dense_ffn("llama")
     classifier = nn.Linear(HIDDEN, 4)
-    moe = upcycle_ffn(dense, num_experts=4, top_k=1, meta=True, router_init=classifier, load_balance_coef=0.01,
-                      z_loss_coef=0.001)
+    moe = upcycle_ffn(
+        dense, num_experts=4, top_k=1, meta=True, router_init=classifier, load_balance_coef=0.01, z_loss_coef=0.001
+    )
     assert torch.equal(moe.router.linear.weight, classifier.weight)
     assert torch.equal(moe.router.linear.bias, classifier.bias)
     moe.router.requires_grad_(False)
@@ -306,8 +330,7 @@ def test_router_output_fields() -> None:
 
 
 def test_grouped_experts_rejects_wrong_shapes() -> None:
-    experts = GroupedExperts(num_experts=2, hidden_size=HIDDEN, ffn_size=FFN, gated=True, bias=False,
-                             activation="silu")
+    experts = GroupedExperts(num_experts=2, hidden_size=HIDDEN, ffn_size=FFN, gated=True, bias=False, activation="silu")
     with pytest.raises(ValueError, match="expected"):
         experts.load_expert(0, w_in=torch.zeros(HIDDEN, FFN), w_out=torch.zeros(FFN, HIDDEN))
     with pytest.raises(ValueError, match="unknown activation"):

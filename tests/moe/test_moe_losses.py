@@ -13,7 +13,7 @@ from lightningmodules.models.moe import MoEFeedForward, set_token_mask
 def _hand_losses(logits: list[list[float]], real: list[bool], top_k: int) -> tuple[float, float]:
     """Switch loss E * sum_e f_e P_e and z-loss mean(logsumexp^2) over real tokens, plain Python."""
     num_experts = len(logits[0])
-    rows = [row for row, keep in zip(logits, real) if keep]
+    rows = [row for row, keep in zip(logits, real, strict=True) if keep]
     probs = []
     for row in rows:
         peak = max(row)
@@ -25,14 +25,15 @@ def _hand_losses(logits: list[list[float]], real: list[bool], top_k: int) -> tup
             counts[e] += 1
     fraction = [c / len(rows) for c in counts]
     mean_prob = [sum(p[e] for p in probs) / len(rows) for e in range(num_experts)]
-    balance = num_experts * sum(f * m for f, m in zip(fraction, mean_prob))
+    balance = num_experts * sum(f * m for f, m in zip(fraction, mean_prob, strict=True))
     z_loss = sum(math.log(sum(math.exp(v) for v in row)) ** 2 for row in rows) / len(rows)
     return balance, z_loss
 
 
 def _check(top_k: int) -> None:
-    layer = MoEFeedForward.build(hidden_size=HIDDEN, ffn_size=FFN, num_experts=3, top_k=top_k,
-                                 load_balance_coef=0.5, z_loss_coef=0.25)
+    layer = MoEFeedForward.build(
+        hidden_size=HIDDEN, ffn_size=FFN, num_experts=3, top_k=top_k, load_balance_coef=0.5, z_loss_coef=0.25
+    )
     torch.nn.init.normal_(layer.router.linear.weight, std=0.3)
     torch.nn.init.normal_(layer.router.linear.bias, std=0.3)
     x = torch.randn(2, 4, HIDDEN)

@@ -75,7 +75,11 @@ def test_convert_to_moe_replaces_every_other_layer_from_zero(family: str) -> Non
     explicit = tiny_lm(family)
     assert convert_to_moe(explicit, layers=[3, 1]) == [1, 3]
     assert [isinstance(layer.mlp, MoEFeedForward) for layer in explicit.get_decoder().layers] == [
-        False, True, False, True]
+        False,
+        True,
+        False,
+        True,
+    ]
     with pytest.raises(ValueError, match="already MoE"):
         convert_to_moe(explicit, layers=[1])
     with pytest.raises(ValueError, match="subset"):
@@ -150,10 +154,12 @@ def test_convert_from_sources_medplib(family: str) -> None:
     for i, layer in enumerate(target.get_decoder().layers):
         assert layer.mlp.num_experts == 2 and layer.mlp.meta_expert is None
         with torch.no_grad():
-            torch.testing.assert_close(layer.mlp.experts.expert_forward(0, x),
-                                       source_a.get_decoder().layers[i].mlp(x), atol=1e-6, rtol=0)
-            torch.testing.assert_close(layer.mlp.experts.expert_forward(1, x),
-                                       source_b.get_decoder().layers[i].mlp(x), atol=1e-6, rtol=0)
+            torch.testing.assert_close(
+                layer.mlp.experts.expert_forward(0, x), source_a.get_decoder().layers[i].mlp(x), atol=1e-6, rtol=0
+            )
+            torch.testing.assert_close(
+                layer.mlp.experts.expert_forward(1, x), source_b.get_decoder().layers[i].mlp(x), atol=1e-6, rtol=0
+            )
 
 
 def test_gradient_checkpointing_with_mask_kept_through_backward() -> None:

@@ -59,9 +59,16 @@ def free_port() -> int:
 
 def child_env() -> dict[str, str]:
     env = dict(os.environ)
-    env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1",
-               TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-               MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING="false")
+    env.update(
+        PYTHONPATH=str(REPO),
+        OMP_NUM_THREADS="1",
+        MKL_NUM_THREADS="1",
+        PYTHONUNBUFFERED="1",
+        TOKENIZERS_PARALLELISM="false",
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING="false",
+    )
     for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID"):
         env.pop(key, None)
     return env
@@ -69,9 +76,17 @@ def child_env() -> dict[str, str]:
 
 def torchrun(*, nproc: int, nnodes: int = 1, node_rank: int = 0, port: int, log_dir: Path) -> list[str]:
     """torchrun with every rank's stdout / stderr in ``log_dir/<attempt>/<rank>/``."""
-    return [str(VENV_BIN / "torchrun"), f"--nproc_per_node={nproc}", f"--nnodes={nnodes}", f"--node_rank={node_rank}",
-            "--master_addr=127.0.0.1", f"--master_port={port}", f"--log-dir={log_dir}", "--redirects=3",
-            "--max-restarts=0"]
+    return [
+        str(VENV_BIN / "torchrun"),
+        f"--nproc_per_node={nproc}",
+        f"--nnodes={nnodes}",
+        f"--node_rank={node_rank}",
+        "--master_addr=127.0.0.1",
+        f"--master_port={port}",
+        f"--log-dir={log_dir}",
+        "--redirects=3",
+        "--max-restarts=0",
+    ]
 
 
 def rank_logs(log_dir: Path, rank: int) -> str:

@@ -84,15 +84,18 @@ def main() -> int:
         grads = {n: p.grad if p.grad is not None else torch.zeros_like(p) for n, p in model.named_parameters()}
         ref_grads = {n: p.grad if p.grad is not None else torch.zeros_like(p) for n, p in reference.named_parameters()}
         w_in = grads["moe.experts.w_in"]  # (E, D, 2F)
-        report["steps"].append({
-            "grad_max_diff": max((grads[n] - ref_grads[n]).abs().max().item() for n in grads),
-            "expert_grad_norms": [w_in[e].norm().item() for e in range(E)],
-            "local_routed": model.moe.last_stats.routed_counts.tolist(),
-        })
+        report["steps"].append(
+            {
+                "grad_max_diff": max((grads[n] - ref_grads[n]).abs().max().item() for n in grads),
+                "expert_grad_norms": [w_in[e].norm().item() for e in range(E)],
+                "local_routed": model.moe.last_stats.routed_counts.tolist(),
+            }
+        )
         opt.step()
         ref_opt.step()
-    report["weight_max_diff"] = max((p - q).abs().max().item()
-                                    for p, q in zip(model.parameters(), reference.parameters()))
+    report["weight_max_diff"] = max(
+        (p - q).abs().max().item() for p, q in zip(model.parameters(), reference.parameters(), strict=True)
+    )
     gathered = [None] * world
     dist.all_gather_object(gathered, report)
     if rank == 0:

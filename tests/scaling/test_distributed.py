@@ -56,18 +56,24 @@ def run_in_process(experiment: Path, out: Path, *extra: str):
     return cfg, runner.run_experiment(cfg)
 
 
-def test_ddp_two_ranks_agree_and_equal_one_process_with_the_same_global_batch(experiment: Path,
-                                                                             tmp_path: Path) -> None:
+def test_ddp_two_ranks_agree_and_equal_one_process_with_the_same_global_batch(experiment: Path, tmp_path: Path) -> None:
     """2 ranks x micro-batch 2 against 1 process x micro-batch 2 x accumulate 2: the same 4 samples per
     optimiser step, split into the same micro-batches (one_task_per_batch makes the sampler hand out
     whole blocks of 2: rank r at step t gets block 2t+r, the single process blocks 2t and 2t+1), so each
     micro-batch's token-mean loss is the same and DDP's gradient average equals accumulation's."""
-    common = ("data.mixture.one_task_per_batch=true", "data.batch_size=2", "evaluation.enabled=false",
-              f"stages.train.max_steps={STEPS}", "trainer.enable_progress_bar=false")
+    common = (
+        "data.mixture.one_task_per_batch=true",
+        "data.batch_size=2",
+        "evaluation.enabled=false",
+        f"stages.train.max_steps={STEPS}",
+        "trainer.enable_progress_bar=false",
+    )
     ddp_out = tmp_path / "ddp"
     log_dir = tmp_path / "logs"
-    done = run(torchrun(nproc=2, port=free_port(), log_dir=log_dir)
-               + [str(WORKER), str(experiment), *overrides(ddp_out, "trainer.devices=2", *common)])
+    done = run(
+        torchrun(nproc=2, port=free_port(), log_dir=log_dir)
+        + [str(WORKER), str(experiment), *overrides(ddp_out, "trainer.devices=2", *common)]
+    )
     check(done, log_dir)
     ranks = [torch.load(ddp_out / "stages" / "train" / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
     handover = torch.load(ddp_out / "stages" / "train" / "handover.pt", weights_only=True)["state_dict"]
@@ -102,12 +108,26 @@ def two_nodes(experiment: Path, tmp_path_factory: pytest.TempPathFactory):
     tmp = tmp_path_factory.mktemp("two-nodes")
     out = tmp / "out"
     port = free_port()
-    args = ["--no-python", str(VENV_BIN / "medpipe"), "train", str(experiment),
-            *overrides(out, "trainer.num_nodes=2", "trainer.devices=1", "trainer.strategy=ddp",
-                       f"stages.train.max_steps={STEPS}")]
-    procs = [subprocess.Popen(torchrun(nproc=1, nnodes=2, node_rank=node, port=port, log_dir=tmp / f"node{node}")
-                              + args, cwd=REPO, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True) for node in (0, 1)]
+    args = [
+        "--no-python",
+        str(VENV_BIN / "medpipe"),
+        "train",
+        str(experiment),
+        *overrides(
+            out, "trainer.num_nodes=2", "trainer.devices=1", "trainer.strategy=ddp", f"stages.train.max_steps={STEPS}"
+        ),
+    ]
+    procs = [
+        subprocess.Popen(
+            torchrun(nproc=1, nnodes=2, node_rank=node, port=port, log_dir=tmp / f"node{node}") + args,
+            cwd=REPO,
+            env=child_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for node in (0, 1)
+    ]
     results = []
     for proc in procs:
         stdout, stderr = proc.communicate(timeout=400)
@@ -131,8 +151,10 @@ def test_two_node_launch_runs_medpipe_train_unchanged_and_only_rank_zero_reports
     client = MlflowClient(tracking_uri=f"sqlite:///{out}/mlflow.db")
     runs = client.search_runs([client.get_experiment_by_name("scaling").experiment_id])
     assert sorted(r.info.run_name for r in runs) == ["evaluate", "scaling", "train"]  # one set, from rank 0
-    steps = [m.step for m in client.get_metric_history([r for r in runs if r.info.run_name == "train"][0].info.run_id,
-                                                        "train/loss")]
+    steps = [
+        m.step
+        for m in client.get_metric_history([r for r in runs if r.info.run_name == "train"][0].info.run_id, "train/loss")
+    ]
     assert steps == list(range(STEPS))
 
 
@@ -148,8 +170,9 @@ def test_distributed_evaluation_gives_exactly_the_single_process_metrics(two_nod
 
     cfg = load_config(experiment, overrides(tmp / "single"))
     tracker = Tracker(tracking_uri=cfg.mlflow.tracking_uri, experiment_name="single-eval")
-    single = evaluate_handover(cfg, out / "stages" / "train" / "handover.pt", tracker=tracker,
-                               out_dir=tmp / "single" / "eval")
+    single = evaluate_handover(
+        cfg, out / "stages" / "train" / "handover.pt", tracker=tracker, out_dir=tmp / "single" / "eval"
+    )
     assert single.count == 7
     assert distributed["all_metrics"] == single.metrics  # exact, every protocol and breakdown
 
@@ -168,7 +191,7 @@ def test_moe_expert_without_tokens_on_a_rank_trains_under_ddp(tmp_path: Path) ->
     check(run(torchrun(nproc=2, port=free_port(), log_dir=log_dir) + [str(worker), str(out)], timeout=150), log_dir)
     reports = json.loads(out.read_text())
     rank0, rank1 = reports
-    for step0, step1 in zip(rank0["steps"], rank1["steps"]):
+    for step0, step1 in zip(rank0["steps"], rank1["steps"], strict=True):
         assert step1["local_routed"][0] == 0 and step0["local_routed"][0] > 0  # expert 0: rank 0 only
         assert step0["local_routed"][2] == step1["local_routed"][2] == 0  # expert 2: nobody
         for step in (step0, step1):

@@ -23,31 +23,54 @@ def test_counts_equal_the_real_tiny_models(tiny_llama, tiny_clip) -> None:
     # LoRA r on every Linear but lm_head: r * (in + out) each
     from torch import nn
 
-    expected = sum(8 * (m.in_features + m.out_features) for n, m in llm.named_modules()
-                   if isinstance(m, nn.Linear) and "lm_head" not in n)
+    expected = sum(
+        8 * (m.in_features + m.out_features)
+        for n, m in llm.named_modules()
+        if isinstance(m, nn.Linear) and "lm_head" not in n
+    )
     assert lora_params(counts.linear_shapes, 8) == expected
 
 
 def test_stage_bytes_by_hand() -> None:
     counts = ModelCounts(total=1_000, llm=800, ffn_per_layer=50, layers=4, hidden=8, vocab=10, connector=100)
     gb = 1024**3
-    full = stage_memory(counts, {"train": ["connector", "llm"]}, devices=4, strategy="ddp", precision="bf16-mixed",
-                        micro_batch=2, seq_len=16, answer_tokens=3)
+    full = stage_memory(
+        counts,
+        {"train": ["connector", "llm"]},
+        devices=4,
+        strategy="ddp",
+        precision="bf16-mixed",
+        micro_batch=2,
+        seq_len=16,
+        answer_tokens=3,
+    )
     assert full["weights_gb"] * gb == pytest.approx(1_000 * 4)
     assert full["gradients_gb"] * gb == pytest.approx(900 * 4)
     assert full["optimizer_gb"] * gb == pytest.approx(900 * 8)
     # activations: 34 s b h per layer + logits b t V 4
     assert full["activations_gb"] * gb == pytest.approx(34 * 16 * 2 * 8 * 4 + 2 * 3 * 10 * 4)
-    sharded = stage_memory(counts, {"train": ["connector", "llm"]}, devices=4, strategy="deepspeed_stage_2",
-                           micro_batch=2, seq_len=16, answer_tokens=3)
+    sharded = stage_memory(
+        counts,
+        {"train": ["connector", "llm"]},
+        devices=4,
+        strategy="deepspeed_stage_2",
+        micro_batch=2,
+        seq_len=16,
+        answer_tokens=3,
+    )
     assert sharded["weights_gb"] == full["weights_gb"]
     assert sharded["gradients_gb"] == pytest.approx(full["gradients_gb"] / 4)
     assert sharded["optimizer_gb"] == pytest.approx(full["optimizer_gb"] / 4)
     fsdp = stage_memory(counts, {"train": ["llm"]}, devices=4, strategy="fsdp", precision="bf16-true")
     assert fsdp["weights_gb"] * gb == pytest.approx(1_000 * 2 / 4)
     # MoE: every 2nd layer of 4 gets 4 experts + meta -> 2 layers x 4 extra FFNs; FFN activations x (k + meta)
-    moe = stage_memory(counts, {"train": ["ffn"], "moe": {"num_experts": 4, "top_k": 1, "meta": True, "every": 2}},
-                       micro_batch=2, seq_len=16, answer_tokens=0)
+    moe = stage_memory(
+        counts,
+        {"train": ["ffn"], "moe": {"num_experts": 4, "top_k": 1, "meta": True, "every": 2}},
+        micro_batch=2,
+        seq_len=16,
+        answer_tokens=0,
+    )
     assert moe["params_total"] * 1e9 == pytest.approx(1_000 + 2 * 4 * 50 + 2 * 9 * 4)
     assert moe["params_trainable"] * 1e9 == pytest.approx(4 * 50 + 2 * 4 * 50)
     assert moe["activations_gb"] * gb == pytest.approx(((34 - 19) + 19 * 2) * 16 * 2 * 8 * 4)

@@ -53,8 +53,7 @@ def history(db: Path) -> dict[str, dict]:
     for r in client.search_runs([experiment.experiment_id]):
         assert r.info.run_name not in out, f"two runs named {r.info.run_name}: resume must reuse the run"
         points = sorted((m.step, m.value) for m in client.get_metric_history(r.info.run_id, "train/loss"))
-        out[r.info.run_name] = {"status": r.info.status, "id": r.info.run_id, "loss": points,
-                                "metrics": r.data.metrics}
+        out[r.info.run_name] = {"status": r.info.status, "id": r.info.run_id, "loss": points, "metrics": r.data.metrics}
     return out
 
 
@@ -64,8 +63,16 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(tmp_path: Path, tiny
     assert reference.returncode == 0, reference.stderr[-3000:]
 
     # killed after optimiser step 5 of stage 2 (mid-epoch: 10 batches per epoch); last.ckpt is from step 3
-    killed = run([sys.executable, str(REPO / "tests" / "scaling" / "kill_at_step.py"), "instruct", "5", str(DEMO),
-                  *overrides(tmp_path, "crash")])
+    killed = run(
+        [
+            sys.executable,
+            str(REPO / "tests" / "scaling" / "kill_at_step.py"),
+            "instruct",
+            "5",
+            str(DEMO),
+            *overrides(tmp_path, "crash"),
+        ]
+    )
     assert killed.returncode == -9, (killed.returncode, killed.stderr[-3000:])
     state = json.loads((tmp_path / "crash" / "run_state.json").read_text())
     assert state["stages"]["align"]["status"] == "done" and state["stages"]["instruct"]["status"] == "running"
@@ -91,8 +98,12 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(tmp_path: Path, tiny
         steps = [s for s, _ in res[stage]["loss"]]
         assert steps == sorted(set(steps)), f"duplicated steps in {stage}"
         assert steps == [s for s, _ in ref[stage]["loss"]] == list(range(len(steps))), f"missing steps in {stage}"
-        torch.testing.assert_close(torch.tensor([v for _, v in res[stage]["loss"]]),
-                                   torch.tensor([v for _, v in ref[stage]["loss"]]), rtol=0, atol=1e-5)
+        torch.testing.assert_close(
+            torch.tensor([v for _, v in res[stage]["loss"]]),
+            torch.tensor([v for _, v in ref[stage]["loss"]]),
+            rtol=0,
+            atol=1e-5,
+        )
     evaluation = {k: v for k, v in ref["evaluate"]["metrics"].items() if k.startswith("eval/")}
     assert evaluation and {k: res["evaluate"]["metrics"][k] for k in evaluation} == evaluation
 
@@ -107,16 +118,16 @@ def test_resume_without_a_previous_run_is_a_clear_error(tmp_path: Path) -> None:
 def test_unwritable_output_dir_fails_before_building(tmp_path: Path) -> None:
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
-    result = run([*MEDPIPE, "train", str(DEMO), f"output_dir={blocker}/out",
-                  f"mlflow.tracking_uri=sqlite:///{tmp_path}/m.db"])
+    result = run(
+        [*MEDPIPE, "train", str(DEMO), f"output_dir={blocker}/out", f"mlflow.tracking_uri=sqlite:///{tmp_path}/m.db"]
+    )
     assert result.returncode != 0
     last = result.stderr.strip().splitlines()[-1]
     assert "is not writable" in last and str(blocker) in last
 
 
 @pytest.mark.slow
-def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path: Path, tiny_llama, tiny_clip,
-                                                           monkeypatch) -> None:
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path: Path, tiny_llama, tiny_clip, monkeypatch) -> None:
     from lightningmodules.models.multimodal import MultimodalLM
     from lightningmodules.vlm_module import NonFiniteLossError
     from pipeline import runner

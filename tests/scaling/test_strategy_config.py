@@ -36,9 +36,11 @@ def test_deepspeed_without_deepspeed_installed_names_key_file_and_fix(tmp_path: 
     exp.write_text(f"defaults: [{DEMO}]\ntrainer: {{strategy: deepspeed_stage_2}}\n")
     with pytest.raises(ConfigError) as err:
         load_config(exp, [], check_paths=False)
-    assert str(err.value) == (f"{exp}: key 'trainer.strategy': 'deepspeed_stage_2' needs DeepSpeed, which is not "
-                              "installed: pip install deepspeed (or choose one of auto, ddp, "
-                              "ddp_find_unused_parameters_true, fsdp)")
+    assert str(err.value) == (
+        f"{exp}: key 'trainer.strategy': 'deepspeed_stage_2' needs DeepSpeed, which is not "
+        "installed: pip install deepspeed (or choose one of auto, ddp, "
+        "ddp_find_unused_parameters_true, fsdp)"
+    )
     monkeypatch.setattr(strategies, "deepspeed_available", lambda: True)
     assert load_config(exp, [], check_paths=False).trainer.strategy == "deepspeed_stage_2"
 
@@ -49,8 +51,9 @@ def test_bad_devices_are_config_errors(devices: str) -> None:
         load(f"trainer.devices={devices}")
 
 
-@pytest.mark.parametrize("devices,expected", [("auto", "auto"), ("2", 2), ("-1", -1), ("[0,1]", [0, 1]),
-                                              ("'0,1'", "0,1")])
+@pytest.mark.parametrize(
+    "devices,expected", [("auto", "auto"), ("2", 2), ("-1", -1), ("[0,1]", [0, 1]), ("'0,1'", "0,1")]
+)
 def test_good_devices_load(devices: str, expected) -> None:
     value = load(f"trainer.devices={devices}").trainer.devices
     assert (list(value) if not isinstance(value, (str, int)) else value) == expected
@@ -68,8 +71,11 @@ def test_precision_choices() -> None:
 
 
 def test_fsdp_on_cpu_is_a_clear_error_at_load_and_at_trainer_build(monkeypatch) -> None:
-    with pytest.raises(ConfigError, match=r"key 'trainer.strategy': 'fsdp' needs CUDA GPUs: Lightning .* refuses "
-                                          r"FSDPStrategy with accelerator='cpu'.*use trainer.strategy=ddp on CPU"):
+    with pytest.raises(
+        ConfigError,
+        match=r"key 'trainer.strategy': 'fsdp' needs CUDA GPUs: Lightning .* refuses "
+        r"FSDPStrategy with accelerator='cpu'.*use trainer.strategy=ddp on CPU",
+    ):
         load("trainer.strategy=fsdp", "trainer.accelerator=cpu")
     import torch
 
@@ -115,8 +121,8 @@ def test_shutdown_distributed_destroys_the_group_a_ddp_wrapper_still_holds(monke
     still references it, and a second call, or a process without a group, is a no-op."""
     import torch
     import torch.distributed as dist
-
     from launch import free_port
+
     from pipeline.strategies import shutdown_distributed
 
     shutdown_distributed()  # no group: nothing to do

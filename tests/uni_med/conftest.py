@@ -19,7 +19,13 @@ def uni_med_tiny_run(tmp_path_factory: pytest.TempPathFactory, uni_med_data: Pat
     from pipeline.config import load_config
 
     tmp = tmp_path_factory.mktemp("uni-med-tiny")
-    cfg = load_config(UNI_MED / "tiny.yaml", [*tiny_overrides(tmp, data_dir=uni_med_data),
-                                             "data.mixture.samples_per_epoch=96", "stages.uni_med.max_epochs=3",
-                                             "evaluation.max_new_tokens=24"])
+    cfg = load_config(
+        UNI_MED / "tiny.yaml",
+        [
+            *tiny_overrides(tmp, data_dir=uni_med_data),
+            "data.mixture.samples_per_epoch=96",
+            "stages.uni_med.max_epochs=3",
+            "evaluation.max_new_tokens=24",
+        ],
+    )
     return run_recording_tasks(cfg, tmp)

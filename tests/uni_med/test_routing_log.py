@@ -21,8 +21,14 @@ def test_mean_over_tokens_then_images_per_task() -> None:
     torch.testing.assert_close(table[2], torch.tensor([0.2, 0.8]))
     assert torch.isnan(table[1]).all()  # no image of task 1: no data, not zero
     names = routing_metric_names(table, ["vqa", "refer", "identify"])
-    assert names == pytest.approx({"routing/vqa/expert_0": 0.75, "routing/vqa/expert_1": 0.25,
-                                   "routing/identify/expert_0": 0.2, "routing/identify/expert_1": 0.8})
+    assert names == pytest.approx(
+        {
+            "routing/vqa/expert_0": 0.75,
+            "routing/vqa/expert_1": 0.25,
+            "routing/identify/expert_0": 0.2,
+            "routing/identify/expert_1": 0.8,
+        }
+    )
 
 
 def test_bad_updates_are_clear_errors() -> None:

@@ -36,8 +36,9 @@ class FakeViT(nn.Module):
         self.pretrained_cfg = {"mean": (0.5, 0.5, 0.5), "std": (0.25, 0.25, 0.25)}
         self.calls: list[dict] = []
 
-    def forward_intermediates(self, x, *, indices, norm, stop_early, output_fmt, intermediates_only,
-                              return_prefix_tokens):
+    def forward_intermediates(
+        self, x, *, indices, norm, stop_early, output_fmt, intermediates_only, return_prefix_tokens
+    ):
         self.calls.append({"indices": indices, "output_fmt": output_fmt, "prefix": return_prefix_tokens})
         n, grid = x.shape[0], self.patch_embed.img_size[0] // self.patch_embed.patch_size[0]
         out = []
@@ -77,8 +78,14 @@ def test_local_weights_only_and_the_tower_drops_cls(tmp_path: Path, monkeypatch)
     fake.create_model = create_model
     monkeypatch.setitem(sys.modules, "timm", fake)
     encoder = load_timm_vision("timm:eva_giant_patch14_clip_224", checkpoint=weights, select_layer=-2)
-    assert created == [{"name": "eva_giant_patch14_clip_224", "pretrained": True, "num_classes": 0,
-                        "pretrained_cfg_overlay": {"file": str(weights)}}]
+    assert created == [
+        {
+            "name": "eva_giant_patch14_clip_224",
+            "pretrained": True,
+            "num_classes": 0,
+            "pretrained_cfg_overlay": {"file": str(weights)},
+        }
+    ]
     tower = VisionTower(encoder=encoder, select_layer=-2, select_feature="patch")
     assert (tower.hidden_size, tower.grid_size, tower.num_tokens) == (6, 4, 16)
     features = tower(torch.zeros(2, 3, 32, 32))

@@ -45,18 +45,29 @@ def test_recipe_has_the_papers_settings() -> None:
     cfg = load_config(UNI_MED / "recipe.yaml", check_paths=False)
     assert cfg.model.vision.path == "timm:eva_giant_patch14_clip_224"
     connector = cfg.model.connector
-    assert (connector.type, connector.aggregation, connector.num_experts, connector.router_input,
-            connector.weighting, connector.router_hidden_ratio, connector.num_tasks) == (
-        "cmoe", "concat4", 5, "task_token", "soft", 4.0, 6)
+    assert (
+        connector.type,
+        connector.aggregation,
+        connector.num_experts,
+        connector.router_input,
+        connector.weighting,
+        connector.router_hidden_ratio,
+        connector.num_tasks,
+    ) == ("cmoe", "concat4", 5, "task_token", "soft", 4.0, 6)
     (stage,) = cfg.stages.values()
     assert list(stage.train) == ["connector", "lora"]  # vision and the LLM base frozen
     assert (stage.lora.r, stage.lora.alpha, stage.lora.dropout, list(stage.lora.target_modules)) == (
-        8, 16, 0.05, ["all-linear"])
+        8,
+        16,
+        0.05,
+        ["all-linear"],
+    )
     assert (stage.optim.weight_decay, stage.optim.scheduler, stage.optim.lr) == (0.05, "cosine", 1e-5)
     assert stage.optim.warmup_ratio > 0
     assert cfg.data.mixture.one_task_per_batch and cfg.data.prompt_templates and cfg.data.task_prefix
     assert sorted(ds.task for ds in cfg.data.datasets.values()) == sorted(
-        ["vqa", "refer", "identify", "caption", "cls", "qa"])
+        ["vqa", "refer", "identify", "caption", "cls", "qa"]
+    )
 
 
 def test_every_ablation_is_a_small_delta_with_a_tiny_version() -> None:
@@ -65,8 +76,11 @@ def test_every_ablation_is_a_small_delta_with_a_tiny_version() -> None:
     recipe = flat(load_config(UNI_MED / "recipe.yaml", check_paths=False))
     for name in ABLATIONS:
         ablation = flat(load_config(UNI_MED / "ablations" / f"{name}.yaml", check_paths=False))
-        changed = {k: v for k, v in ablation.items() if recipe.get(k) != v and k not in ("name", "output_dir")
-                   and not k.startswith("data.datasets.")}  # dataset paths follow output_dir
+        changed = {
+            k: v
+            for k, v in ablation.items()
+            if recipe.get(k) != v and k not in ("name", "output_dir") and not k.startswith("data.datasets.")
+        }  # dataset paths follow output_dir
         assert changed == DELTAS[name], name
         assert len((UNI_MED / "ablations" / f"{name}.yaml").read_text().splitlines()) <= 8
 
@@ -80,8 +94,10 @@ def test_timm_tower_needs_a_local_checkpoint(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"model\.vision\.checkpoint"):
         load_config(UNI_MED / "tiny.yaml", ["model.vision.path=timm:eva_giant_patch14_clip_224"])
     with pytest.raises(ConfigError, match=r"model\.vision\.checkpoint.*not found"):
-        load_config(UNI_MED / "tiny.yaml", ["model.vision.path=timm:eva_giant_patch14_clip_224",
-                                            f"model.vision.checkpoint={tmp_path}/missing.pth"])
+        load_config(
+            UNI_MED / "tiny.yaml",
+            ["model.vision.path=timm:eva_giant_patch14_clip_224", f"model.vision.checkpoint={tmp_path}/missing.pth"],
+        )
 
 
 @pytest.mark.slow
@@ -103,13 +119,27 @@ def test_tiny_ablation_trains_a_few_steps(name: str, tmp_path: Path, uni_med_dat
     add_lora(built.model, stage.lora)
     set_trainable(built.model, list(stage.train))
     dm = connect(build_datamodule(cfg), built)
-    module = VLMModule(model=built.model, tokenizer=built.tokenizer, lr=stage.optim.lr,
-                       weight_decay=stage.optim.weight_decay, warmup_ratio=stage.optim.warmup_ratio,
-                       task_names=["vqa", "refer", "identify", "caption", "cls", "qa"])
+    module = VLMModule(
+        model=built.model,
+        tokenizer=built.tokenizer,
+        lr=stage.optim.lr,
+        weight_decay=stage.optim.weight_decay,
+        warmup_ratio=stage.optim.warmup_ratio,
+        task_names=["vqa", "refer", "identify", "caption", "cls", "qa"],
+    )
     before = {k: v.detach().clone() for k, v in built.model.connector.named_parameters()}
-    trainer = L.Trainer(max_steps=3, limit_val_batches=1, num_sanity_val_steps=0, val_check_interval=3,
-                        logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, accelerator="cpu", devices=1)
+    trainer = L.Trainer(
+        max_steps=3,
+        limit_val_batches=1,
+        num_sanity_val_steps=0,
+        val_check_interval=3,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+        devices=1,
+    )
     trainer.fit(module, datamodule=dm)
     assert trainer.global_step == 3
     assert torch.isfinite(trainer.callback_metrics["val/loss"])

@@ -32,7 +32,7 @@ def test_every_task_is_trained_one_task_per_batch(uni_med_tiny_run) -> None:
 
 def test_loss_falls_for_every_task_and_on_validation(uni_med_tiny_run) -> None:
     by_task: dict[int, list[float]] = defaultdict(list)
-    for task, loss in zip(uni_med_tiny_run.batch_tasks, uni_med_tiny_run.losses):
+    for task, loss in zip(uni_med_tiny_run.batch_tasks, uni_med_tiny_run.losses, strict=True):
         by_task[task].append(loss)
     falling = 0
     for task in IMAGE_TASKS:
@@ -49,8 +49,11 @@ def test_loss_falls_for_every_task_and_on_validation(uni_med_tiny_run) -> None:
 
 
 def routing_table(metrics: dict[str, float], num_experts: int = 5) -> dict[str, list[float]]:
-    return {task: [metrics[f"routing/{task}/expert_{e}"] for e in range(num_experts)]
-            for task in IMAGE_TASKS if f"routing/{task}/expert_0" in metrics}
+    return {
+        task: [metrics[f"routing/{task}/expert_{e}"] for e in range(num_experts)]
+        for task in IMAGE_TASKS
+        if f"routing/{task}/expert_0" in metrics
+    }
 
 
 def test_routing_is_logged_per_task_and_differs_between_tasks(uni_med_tiny_run) -> None:
@@ -62,8 +65,12 @@ def test_routing_is_logged_per_task_and_differs_between_tasks(uni_med_tiny_run) 
         assert sum(row) == pytest.approx(1.0, abs=1e-4), task
     # one value per validation epoch
     assert len(client.get_metric_history(stage.info.run_id, "routing/vqa/expert_0")) == 3
-    distances = [sum(abs(a - b) for a, b in zip(table[s], table[t])) for s in IMAGE_TASKS for t in IMAGE_TASKS
-                 if s < t]
+    distances = [
+        sum(abs(a - b) for a, b in zip(table[s], table[t], strict=True))
+        for s in IMAGE_TASKS
+        for t in IMAGE_TASKS
+        if s < t
+    ]
     # task embeddings steer the router: tasks route differently. Identical rows (task ids not reaching the
     # router, one table logged for every task) give 0. Measured: largest L1 distance 0.36 with the suite's
     # portable kernels (0.13 between vqa and refer, which see the same images); 0.087 on a machine with
@@ -77,8 +84,17 @@ def test_routing_is_logged_per_task_and_differs_between_tasks(uni_med_tiny_run) 
 def test_evaluation_scores_each_task_with_its_metric(uni_med_tiny_run) -> None:
     ev = uni_med_tiny_run.result.evaluation
     metrics = ev.metrics
-    for key in ("task/refer/rec_miou", "task/refer/rec_acc@0.5", "task/identify/bleu1", "task/identify/exact_match",
-                "task/caption/bleu4", "task/caption/rouge_l", "task/cls/accuracy", "closed_accuracy", "open_recall"):
+    for key in (
+        "task/refer/rec_miou",
+        "task/refer/rec_acc@0.5",
+        "task/identify/bleu1",
+        "task/identify/exact_match",
+        "task/caption/bleu4",
+        "task/caption/rouge_l",
+        "task/cls/accuracy",
+        "closed_accuracy",
+        "open_recall",
+    ):
         assert key in metrics, key
     predictions = [json.loads(line) for line in ev.predictions_file.read_text().splitlines()]
     tasks = {p["task"] for p in predictions}

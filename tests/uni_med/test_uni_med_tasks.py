@@ -15,13 +15,29 @@ from datamodules.specs import TASK_IDS, TASKS
 
 
 def record(task: str, question: str, answer: str = "x", **extra) -> Record:
-    return Record(id=f"r-{task}", dataset="d", split="train", question=question, answer=answer,
-                  answer_type="open", task=task, image_path=None if task == "qa" else "img.png", extra=extra)
+    return Record(
+        id=f"r-{task}",
+        dataset="d",
+        split="train",
+        question=question,
+        answer=answer,
+        answer_type="open",
+        task=task,
+        image_path=None if task == "qa" else "img.png",
+        extra=extra,
+    )
 
 
 def test_task_ids_are_positions_in_tasks() -> None:
-    assert TASK_IDS == {"vqa": 0, "refer": 1, "identify": 2, "caption": 3, "cls": 4, "qa": 5,
-                        **{t: i for i, t in enumerate(TASKS) if i >= 6}}
+    assert TASK_IDS == {
+        "vqa": 0,
+        "refer": 1,
+        "identify": 2,
+        "caption": 3,
+        "cls": 4,
+        "qa": 5,
+        **{t: i for i, t in enumerate(TASKS) if i >= 6},
+    }
 
 
 def test_evaluation_uses_the_first_template_and_training_draws_all() -> None:
@@ -34,10 +50,12 @@ def test_evaluation_uses_the_first_template_and_training_draws_all() -> None:
     seen = {prompts.render(refer, rng) for _ in range(60)}
     assert seen == {t.format(object="liver") for t in TEMPLATES["refer"]}
     assert {prompts.render(identify, rng) for _ in range(60)} == {
-        t.format(box="{<10><20><30><40>}") for t in TEMPLATES["identify"]}
+        t.format(box="{<10><20><30><40>}") for t in TEMPLATES["identify"]
+    }
     vqa = record("vqa", "Is this a CT scan?")
-    assert {prompts.render(vqa, rng) for _ in range(60)} == {t.format(question="Is this a CT scan?")
-                                                             for t in TEMPLATES["vqa"]}
+    assert {prompts.render(vqa, rng) for _ in range(60)} == {
+        t.format(question="Is this a CT scan?") for t in TEMPLATES["vqa"]
+    }
 
 
 def test_templates_keep_answers_and_skip_missing_fields() -> None:
@@ -89,8 +107,10 @@ def tiny_cmoe(cache_dir, tiny_llama, tiny_clip):
     from pipeline.config import load_config
     from pipeline.model_factory import build_model
 
-    cfg = load_config(Path(__file__).resolve().parents[2] / "experiments" / "uni_med" / "tiny.yaml",
-                      ["model.connector.weighting=hard"])
+    cfg = load_config(
+        Path(__file__).resolve().parents[2] / "experiments" / "uni_med" / "tiny.yaml",
+        ["model.connector.weighting=hard"],
+    )
     torch.manual_seed(0)
     return build_model(cfg.model, cache_dir=cache_dir)
 
@@ -103,17 +123,26 @@ def mixed_items(built, *, with_answers: bool):
     from datamodules.encoding import ConversationEncoder
 
     image = Image.new("RGB", (64, 64), (90, 90, 90))
-    records = [record("qa", "CT scan of the chest. No lesion is seen.\nIs this a CT scan?", "Yes"),
-               record("refer", "Where is the heart?", "{<40><45><60><70>}", organ="Heart"),
-               record("cls", "What is the category of this image?", "normal chest"),
-               record("qa", "MRI scan of the brain. No lesion is seen.\nHow many lesions are in this image?", "0"),
-               record("vqa", "Is this a CT scan?", "Yes")]
+    records = [
+        record("qa", "CT scan of the chest. No lesion is seen.\nIs this a CT scan?", "Yes"),
+        record("refer", "Where is the heart?", "{<40><45><60><70>}", organ="Heart"),
+        record("cls", "What is the category of this image?", "normal chest"),
+        record("qa", "MRI scan of the brain. No lesion is seen.\nHow many lesions are in this image?", "0"),
+        record("vqa", "Is this a CT scan?", "Yes"),
+    ]
     for r in records:
         if r.has_image:
             r.image_path, r.image_bytes = None, _png(image)
     encoder = ConversationEncoder(built.tokenizer, num_image_tokens=built.model.num_image_tokens)
-    ds = VQADataset(records, encoder=encoder, transform=built.transform, with_answers=with_answers,
-                    task_ids=TASK_IDS, prompts=PromptTemplates(), random_prompts=with_answers)
+    ds = VQADataset(
+        records,
+        encoder=encoder,
+        transform=built.transform,
+        with_answers=with_answers,
+        task_ids=TASK_IDS,
+        prompts=PromptTemplates(),
+        random_prompts=with_answers,
+    )
     return [ds[i] for i in range(len(ds))]
 
 
@@ -133,13 +162,15 @@ def test_mixed_text_and_image_batch_trains_and_task_ids_reach_the_connector(tiny
     model.connector = spy
     try:
         batch = Collator(pad_token_id=tiny_cmoe.tokenizer.pad_token_id, padding_side="right")(
-            mixed_items(tiny_cmoe, with_answers=True))
+            mixed_items(tiny_cmoe, with_answers=True)
+        )
         assert batch["task_ids"].tolist() == [5, 1, 4, 5, 0]
         assert batch["image_task_ids"].tolist() == [1, 4, 0]  # only the samples with an image
         assert batch["pixel_values"].shape[0] == 3
         model.train()
-        out = model(**{k: batch[k] for k in ("input_ids", "attention_mask", "labels", "pixel_values",
-                                             "image_task_ids")})
+        out = model(
+            **{k: batch[k] for k in ("input_ids", "attention_mask", "labels", "pixel_values", "image_task_ids")}
+        )
         assert torch.isfinite(out.loss)
         out.loss.backward()
         assert spy.calls == [[1, 4, 0]]
@@ -164,8 +195,9 @@ def test_text_only_batch_skips_the_connector(tiny_cmoe) -> None:
         items = [it for it in mixed_items(tiny_cmoe, with_answers=True) if it["pixel_values"] is None]
         batch = Collator(pad_token_id=tiny_cmoe.tokenizer.pad_token_id, padding_side="right")(items)
         assert batch["pixel_values"] is None and batch["image_task_ids"].numel() == 0
-        out = model(**{k: batch[k] for k in ("input_ids", "attention_mask", "labels", "pixel_values",
-                                             "image_task_ids")})
+        out = model(
+            **{k: batch[k] for k in ("input_ids", "attention_mask", "labels", "pixel_values", "image_task_ids")}
+        )
         assert torch.isfinite(out.loss) and spy.calls == []
     finally:
         model.connector = spy.inner
@@ -182,8 +214,12 @@ def test_mixed_batch_generation_equals_one_by_one(tiny_cmoe) -> None:
     keys = ("input_ids", "attention_mask", "pixel_values", "image_task_ids")
 
     def generate(batch):
-        ids = model.generate(**{k: batch[k] for k in keys}, max_new_tokens=6, eos_token_id=tok.eos_token_id,
-                             pad_token_id=tok.pad_token_id)
+        ids = model.generate(
+            **{k: batch[k] for k in keys},
+            max_new_tokens=6,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+        )
         return [t.strip() for t in tok.batch_decode(ids, skip_special_tokens=True)]
 
     together = generate(collate(items))

@@ -13,14 +13,29 @@ TASK_DATASETS = ("vqa", "refer", "identify", "caption", "cls", "qa")
 
 def tiny_overrides(tmp: Path, *, data_dir: Path, train_images: int = 24, test_images: int = 2) -> list[str]:
     """Smaller synthetic data (shared by every run of the session), quick MLflow."""
-    folders = {"vqa": "phantom_slake", "refer": "phantom_slake", "identify": "phantom_slake",
-               "caption": "phantom_reports", "cls": "phantom_cls", "qa": "phantom_qa"}
-    out = [f"output_dir={tmp}/out", f"mlflow.tracking_uri=sqlite:///{tmp}/mlflow.db",
-           "mlflow.experiment_name=uni-med-tiny", "mlflow.register_model=false", "mlflow.system_metrics=false"]
+    folders = {
+        "vqa": "phantom_slake",
+        "refer": "phantom_slake",
+        "identify": "phantom_slake",
+        "caption": "phantom_reports",
+        "cls": "phantom_cls",
+        "qa": "phantom_qa",
+    }
+    out = [
+        f"output_dir={tmp}/out",
+        f"mlflow.tracking_uri=sqlite:///{tmp}/mlflow.db",
+        "mlflow.experiment_name=uni-med-tiny",
+        "mlflow.register_model=false",
+        "mlflow.system_metrics=false",
+    ]
     for name in TASK_DATASETS:
         key = f"data.datasets.{name}"
-        out += [f"{key}.path={data_dir}/{folders[name]}", f"{key}.synthetic.train_images={train_images}",
-                f"{key}.synthetic.val_images=4", f"{key}.synthetic.test_images={test_images}"]
+        out += [
+            f"{key}.path={data_dir}/{folders[name]}",
+            f"{key}.synthetic.train_images={train_images}",
+            f"{key}.synthetic.val_images=4",
+            f"{key}.synthetic.test_images={test_images}",
+        ]
     return out
 
 

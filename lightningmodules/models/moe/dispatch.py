@@ -36,8 +36,14 @@ def expert_capacity(*, capacity_factor: float, num_tokens: int, top_k: int, num_
     return math.ceil(capacity_factor * num_tokens * top_k / num_experts)
 
 
-def plan_dispatch(indices: torch.Tensor, weights: torch.Tensor, *, num_experts: int,
-                  token_mask: torch.Tensor | None = None, capacity_factor: float | None = None) -> DispatchPlan:
+def plan_dispatch(
+    indices: torch.Tensor,
+    weights: torch.Tensor,
+    *,
+    num_experts: int,
+    token_mask: torch.Tensor | None = None,
+    capacity_factor: float | None = None,
+) -> DispatchPlan:
     """Group the assignments ``indices`` (N, k) with combine ``weights`` (N, k) by expert."""
     num_tokens, top_k = indices.shape
     experts = indices.t()  # (k, N) choice-major: first choices claim capacity first
@@ -55,8 +61,9 @@ def plan_dispatch(indices: torch.Tensor, weights: torch.Tensor, *, num_experts: 
         kept_counts = routed_counts  # (E,)
         order = order[: num_real_tokens * top_k]  # (S,) drop the padding tail
     else:
-        capacity = expert_capacity(capacity_factor=capacity_factor, num_tokens=num_real_tokens, top_k=top_k,
-                                   num_experts=num_experts)
+        capacity = expert_capacity(
+            capacity_factor=capacity_factor, num_tokens=num_real_tokens, top_k=top_k, num_experts=num_experts
+        )
         group_start = torch.cumsum(counts, dim=0) - counts  # (E+1,)
         rank_in_group = torch.arange(experts.numel(), device=experts.device) - group_start[sorted_experts]  # (k*N,)
         keep = (rank_in_group < capacity) & (sorted_experts < num_experts)  # (k*N,)
@@ -66,6 +73,13 @@ def plan_dispatch(indices: torch.Tensor, weights: torch.Tensor, *, num_experts: 
 
     token_index = order % num_tokens  # (S,) flat slot -> token row
     flat_weights = weights.t().reshape(-1)  # (k*N,) choice-major like ``experts``
-    return DispatchPlan(token_index=token_index, weights=flat_weights[order], group_sizes=kept_counts.tolist(),
-                        routed_counts=routed_counts, num_tokens=num_tokens, num_real_tokens=num_real_tokens,
-                        dropped=dropped, capacity=capacity)
+    return DispatchPlan(
+        token_index=token_index,
+        weights=flat_weights[order],
+        group_sizes=kept_counts.tolist(),
+        routed_counts=routed_counts,
+        num_tokens=num_tokens,
+        num_real_tokens=num_real_tokens,
+        dropped=dropped,
+        capacity=capacity,
+    )

@@ -73,8 +73,16 @@ class LoopExpertsFFN(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x_sorted: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor, b_in: torch.Tensor | None,
-                b_out: torch.Tensor | None, group_sizes: list[int], hidden_fn) -> torch.Tensor:
+    def forward(
+        ctx,
+        x_sorted: torch.Tensor,
+        w_in: torch.Tensor,
+        w_out: torch.Tensor,
+        b_in: torch.Tensor | None,
+        b_out: torch.Tensor | None,
+        group_sizes: list[int],
+        hidden_fn,
+    ) -> torch.Tensor:
         projected = x_sorted.new_empty(x_sorted.shape[0], w_in.shape[2])  # (S, 2F|F)
         out = x_sorted.new_empty(x_sorted.shape[0], w_out.shape[2])  # (S, D)
         start = 0
@@ -144,8 +152,17 @@ class GroupedExperts(nn.Module):
     peak (118 vs 103 MB: autograd keeps its projections). ``"always"`` / ``"never"`` force one path.
     """
 
-    def __init__(self, *, num_experts: int, hidden_size: int, ffn_size: int, gated: bool, bias: bool,
-                 activation: str, grouped_mm: GroupedMM = "auto") -> None:
+    def __init__(
+        self,
+        *,
+        num_experts: int,
+        hidden_size: int,
+        ffn_size: int,
+        gated: bool,
+        bias: bool,
+        activation: str,
+        grouped_mm: GroupedMM = "auto",
+    ) -> None:
         super().__init__()
         if grouped_mm not in ("auto", "always", "never"):
             raise ValueError(f"grouped_mm must be 'auto', 'always' or 'never', got {grouped_mm!r}")
@@ -180,12 +197,21 @@ class GroupedExperts(nn.Module):
                 bias.uniform_(-bound, bound)
 
     @torch.no_grad()
-    def load_expert(self, index: int, *, w_in: torch.Tensor, w_out: torch.Tensor, b_in: torch.Tensor | None = None,
-                    b_out: torch.Tensor | None = None) -> None:
+    def load_expert(
+        self,
+        index: int,
+        *,
+        w_in: torch.Tensor,
+        w_out: torch.Tensor,
+        b_in: torch.Tensor | None = None,
+        b_out: torch.Tensor | None = None,
+    ) -> None:
         """Copy one expert's weights, given in matmul layout: ``w_in`` (D, 2F or F), ``w_out`` (F, D)."""
         if tuple(w_in.shape) != tuple(self.w_in.shape[1:]) or tuple(w_out.shape) != tuple(self.w_out.shape[1:]):
-            raise ValueError(f"expert {index}: got w_in {tuple(w_in.shape)} and w_out {tuple(w_out.shape)}, "
-                             f"expected {tuple(self.w_in.shape[1:])} and {tuple(self.w_out.shape[1:])}")
+            raise ValueError(
+                f"expert {index}: got w_in {tuple(w_in.shape)} and w_out {tuple(w_out.shape)}, "
+                f"expected {tuple(self.w_in.shape[1:])} and {tuple(self.w_out.shape[1:])}"
+            )
         if (b_in is not None or b_out is not None) != self.has_bias:
             raise ValueError(f"expert {index}: biases given={b_in is not None}, experts have bias={self.has_bias}")
         self.w_in[index].copy_(w_in)
@@ -212,8 +238,12 @@ class GroupedExperts(nn.Module):
     def _use_grouped_mm(self, x: torch.Tensor) -> bool:
         if self.grouped_mm != "auto":
             return self.grouped_mm == "always"
-        return (x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and grouped_mm_available()
-                and torch.cuda.get_device_capability(x.device) >= (8, 0))
+        return (
+            x.is_cuda
+            and x.dtype in (torch.bfloat16, torch.float16)
+            and grouped_mm_available()
+            and torch.cuda.get_device_capability(x.device) >= (8, 0)
+        )
 
     def _loop_ffn(self, x_sorted: torch.Tensor, group_sizes: list[int]) -> torch.Tensor:
         """One matmul per projection for each non-empty expert (``LoopExpertsFFN``); empty experts are skipped."""
@@ -257,6 +287,8 @@ class GroupedExperts(nn.Module):
         return out.index_add(0, plan.token_index, y_sorted)  # (N, D)
 
     def extra_repr(self) -> str:
-        return (f"num_experts={self.num_experts}, hidden_size={self.hidden_size}, ffn_size={self.ffn_size}, "
-                f"gated={self.gated}, bias={self.has_bias}, activation={self.activation_name!r}, "
-                f"grouped_mm={self.grouped_mm!r}")
+        return (
+            f"num_experts={self.num_experts}, hidden_size={self.hidden_size}, ffn_size={self.ffn_size}, "
+            f"gated={self.gated}, bias={self.has_bias}, activation={self.activation_name!r}, "
+            f"grouped_mm={self.grouped_mm!r}"
+        )

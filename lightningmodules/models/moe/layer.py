@@ -28,9 +28,16 @@ class MoEFeedForward(nn.Module):
     ``load_balance_coef`` / ``z_loss_coef`` (0 by default, as Med-MoE released) into ``last_aux_loss``.
     """
 
-    def __init__(self, *, router: TopKRouter, experts: GroupedExperts, meta_expert: nn.Module | None = None,
-                 capacity_factor: float | None = None, load_balance_coef: float = 0.0,
-                 z_loss_coef: float = 0.0) -> None:
+    def __init__(
+        self,
+        *,
+        router: TopKRouter,
+        experts: GroupedExperts,
+        meta_expert: nn.Module | None = None,
+        capacity_factor: float | None = None,
+        load_balance_coef: float = 0.0,
+        z_loss_coef: float = 0.0,
+    ) -> None:
         super().__init__()
         if router.num_experts != experts.num_experts:
             raise ValueError(f"router scores {router.num_experts} experts but there are {experts.num_experts}")
@@ -57,18 +64,45 @@ class MoEFeedForward(nn.Module):
         return state
 
     @classmethod
-    def build(cls, *, hidden_size: int, ffn_size: int, num_experts: int, top_k: int = 1, gated: bool = True,
-              bias: bool = False, activation: str = "silu", meta_expert: nn.Module | None = None,
-              renormalize: bool = False, jitter: float = 0.0, capacity_factor: float | None = None,
-              load_balance_coef: float = 0.0, z_loss_coef: float = 0.0,
-              grouped_mm: GroupedMM = "auto") -> MoEFeedForward:
+    def build(
+        cls,
+        *,
+        hidden_size: int,
+        ffn_size: int,
+        num_experts: int,
+        top_k: int = 1,
+        gated: bool = True,
+        bias: bool = False,
+        activation: str = "silu",
+        meta_expert: nn.Module | None = None,
+        renormalize: bool = False,
+        jitter: float = 0.0,
+        capacity_factor: float | None = None,
+        load_balance_coef: float = 0.0,
+        z_loss_coef: float = 0.0,
+        grouped_mm: GroupedMM = "auto",
+    ) -> MoEFeedForward:
         """A freshly initialised layer from sizes (experts get nn.Linear's default init)."""
-        router = TopKRouter(hidden_size=hidden_size, num_experts=num_experts, top_k=top_k, renormalize=renormalize,
-                            jitter=jitter)
-        experts = GroupedExperts(num_experts=num_experts, hidden_size=hidden_size, ffn_size=ffn_size, gated=gated,
-                                 bias=bias, activation=activation, grouped_mm=grouped_mm)
-        return cls(router=router, experts=experts, meta_expert=meta_expert, capacity_factor=capacity_factor,
-                   load_balance_coef=load_balance_coef, z_loss_coef=z_loss_coef)
+        router = TopKRouter(
+            hidden_size=hidden_size, num_experts=num_experts, top_k=top_k, renormalize=renormalize, jitter=jitter
+        )
+        experts = GroupedExperts(
+            num_experts=num_experts,
+            hidden_size=hidden_size,
+            ffn_size=ffn_size,
+            gated=gated,
+            bias=bias,
+            activation=activation,
+            grouped_mm=grouped_mm,
+        )
+        return cls(
+            router=router,
+            experts=experts,
+            meta_expert=meta_expert,
+            capacity_factor=capacity_factor,
+            load_balance_coef=load_balance_coef,
+            z_loss_coef=z_loss_coef,
+        )
 
     @property
     def num_experts(self) -> int:
@@ -82,9 +116,11 @@ class MoEFeedForward(nn.Module):
         if self.token_mask is None:
             return None
         if tuple(self.token_mask.shape) != tuple(leading_shape):
-            raise ValueError(f"MoE token mask has shape {tuple(self.token_mask.shape)} but the layer got hidden states "
-                             f"with leading shape {tuple(leading_shape)}; set it with set_token_mask(model, "
-                             f"attention_mask) for this batch, or clear_token_mask(model) (e.g. before generate)")
+            raise ValueError(
+                f"MoE token mask has shape {tuple(self.token_mask.shape)} but the layer got hidden states "
+                f"with leading shape {tuple(leading_shape)}; set it with set_token_mask(model, "
+                f"attention_mask) for this batch, or clear_token_mask(model) (e.g. before generate)"
+            )
         return self.token_mask.to(device=device, dtype=torch.bool).reshape(-1)  # (B*T,)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -94,8 +130,13 @@ class MoEFeedForward(nn.Module):
         token_mask = self._flat_token_mask(leading_shape, x.device)  # (B*T,) or None
 
         routing = self.router(x, token_mask=token_mask)
-        plan = plan_dispatch(routing.indices, routing.weights, num_experts=self.num_experts, token_mask=token_mask,
-                             capacity_factor=self.capacity_factor)
+        plan = plan_dispatch(
+            routing.indices,
+            routing.weights,
+            num_experts=self.num_experts,
+            token_mask=token_mask,
+            capacity_factor=self.capacity_factor,
+        )
         out = self.experts(x, plan)  # (B*T, D)
         if plan.token_index.numel() == 0:
             # no kept assignment (e.g. a batch of padding only): the router is not in the output's graph, so
@@ -107,17 +148,25 @@ class MoEFeedForward(nn.Module):
         balance = load_balancing_loss(routing.probs, routing.counts, token_mask)
         z_loss = router_z_loss(routing.logits, token_mask)
         self.last_aux_loss = self.load_balance_coef * balance + self.z_loss_coef * z_loss
-        self.last_stats = MoEStats(routed_counts=routing.counts.detach(),
-                                   kept_counts=torch.tensor(plan.group_sizes, device=routing.counts.device),
-                                   num_tokens=plan.num_real_tokens, dropped=plan.dropped, capacity=plan.capacity,
-                                   load_balancing_loss=balance.detach(), z_loss=z_loss.detach())
+        self.last_stats = MoEStats(
+            routed_counts=routing.counts.detach(),
+            kept_counts=torch.tensor(plan.group_sizes, device=routing.counts.device),
+            num_tokens=plan.num_real_tokens,
+            dropped=plan.dropped,
+            capacity=plan.capacity,
+            load_balancing_loss=balance.detach(),
+            z_loss=z_loss.detach(),
+        )
         top_k = self.top_k
         self.last_routing = RoutingRecord(
             indices=routing.indices.detach().view(*leading_shape, top_k),  # (B, T, k)
             weights=routing.weights.detach().view(*leading_shape, top_k),  # (B, T, k)
-            token_mask=None if token_mask is None else token_mask.view(leading_shape))  # (B, T)
+            token_mask=None if token_mask is None else token_mask.view(leading_shape),
+        )  # (B, T)
         return out.view(hidden_states.shape)  # (B, T, D)
 
     def extra_repr(self) -> str:
-        return (f"capacity_factor={self.capacity_factor}, load_balance_coef={self.load_balance_coef}, "
-                f"z_loss_coef={self.z_loss_coef}")
+        return (
+            f"capacity_factor={self.capacity_factor}, load_balance_coef={self.load_balance_coef}, "
+            f"z_loss_coef={self.z_loss_coef}"
+        )

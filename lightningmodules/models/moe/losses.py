@@ -5,7 +5,9 @@ from __future__ import annotations
 import torch
 
 
-def load_balancing_loss(probs: torch.Tensor, counts: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
+def load_balancing_loss(
+    probs: torch.Tensor, counts: torch.Tensor, token_mask: torch.Tensor | None = None
+) -> torch.Tensor:
     """Switch load-balancing loss ``E * sum_e f_e * P_e``.
 
     ``f_e`` = assignments to expert e (over all k choices, before any capacity drop) / real tokens, from

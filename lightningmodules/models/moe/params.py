@@ -47,6 +47,14 @@ def count_parameters(model: nn.Module) -> dict[str, int | float]:
         module = getattr(model, getter, lambda: None)() if hasattr(model, getter) else None
         if isinstance(module, nn.Module):
             embeddings += _unique_numel(module.parameters(), embedding_seen)
-    return {"total": total, "active_per_token": active, "active_fraction": active / total if total else 0.0,
-            "moe_layers": len(layers), "experts_total": experts_total, "experts_active": experts_active,
-            "routers": routers, "meta_experts": meta, "embeddings": embeddings}
+    return {
+        "total": total,
+        "active_per_token": active,
+        "active_fraction": active / total if total else 0.0,
+        "moe_layers": len(layers),
+        "experts_total": experts_total,
+        "experts_active": experts_active,
+        "routers": routers,
+        "meta_experts": meta,
+        "embeddings": embeddings,
+    }

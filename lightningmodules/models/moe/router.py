@@ -29,8 +29,9 @@ class RouterOutput:
 class TopKRouter(nn.Module):
     """``Linear(hidden_size, num_experts)`` with bias, softmax over experts, top-k per token."""
 
-    def __init__(self, *, hidden_size: int, num_experts: int, top_k: int = 1, renormalize: bool = False,
-                 jitter: float = 0.0) -> None:
+    def __init__(
+        self, *, hidden_size: int, num_experts: int, top_k: int = 1, renormalize: bool = False, jitter: float = 0.0
+    ) -> None:
         super().__init__()
         if not 1 <= top_k <= num_experts:
             raise ValueError(f"top_k must be in [1, num_experts={num_experts}], got {top_k}")
@@ -49,8 +50,10 @@ class TopKRouter(nn.Module):
         A classifier without bias gives a zero bias.
         """
         if tuple(linear.weight.shape) != tuple(self.linear.weight.shape):
-            raise ValueError(f"router init: classifier weight is {tuple(linear.weight.shape)}, the router needs "
-                             f"{tuple(self.linear.weight.shape)} (num_experts, hidden_size)")
+            raise ValueError(
+                f"router init: classifier weight is {tuple(linear.weight.shape)}, the router needs "
+                f"{tuple(self.linear.weight.shape)} (num_experts, hidden_size)"
+            )
         self.linear.weight.copy_(linear.weight)
         if linear.bias is not None:
             self.linear.bias.copy_(linear.bias)

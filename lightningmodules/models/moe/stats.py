@@ -35,8 +35,9 @@ class RoutingRecord:
     token_mask: torch.Tensor | None  # (B, T) bool, True = real token; None = all real
 
 
-def expert_load_by_group(record: RoutingRecord, group_ids: torch.Tensor, *, num_groups: int,
-                         num_experts: int) -> torch.Tensor:
+def expert_load_by_group(
+    record: RoutingRecord, group_ids: torch.Tensor, *, num_groups: int, num_experts: int
+) -> torch.Tensor:
     """Assignments per (group, expert), padding excluded: e.g. group = each sample's modality id.
 
     ``group_ids`` (B,) long -> (num_groups, E) long counts over all k choices.

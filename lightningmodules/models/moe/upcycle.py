@@ -74,8 +74,9 @@ def _activation_name(mlp: nn.Module, hidden_act: str | None) -> str:
     if module is None:
         if candidates:
             return candidates[0]
-        raise ValueError(f"{type(mlp).__name__}: no activation module ({'/'.join(_ACTIVATION_ATTRS)}) and no "
-                         f"hidden_act given")
+        raise ValueError(
+            f"{type(mlp).__name__}: no activation module ({'/'.join(_ACTIVATION_ATTRS)}) and no hidden_act given"
+        )
     probe = torch.linspace(-6.0, 6.0, 241, device="cpu")  # on CPU even under a meta-device context
     with torch.no_grad():
         expected = module(probe)
@@ -93,16 +94,19 @@ def inspect_ffn(mlp: nn.Module, *, hidden_act: str | None = None) -> FFNSpec:
     linears = _linear_children(mlp)
     others = [n for n, c in mlp.named_children() if n not in linears and any(True for _ in c.parameters())]
     if others:
-        raise ValueError(f"{type(mlp).__name__}: children {others} have parameters but are not nn.Linear "
-                         f"(merge LoRA adapters into the weights before upcycling)")
-    for kind, gate_name, in_name, out_name in _LAYOUTS:
+        raise ValueError(
+            f"{type(mlp).__name__}: children {others} have parameters but are not nn.Linear "
+            f"(merge LoRA adapters into the weights before upcycling)"
+        )
+    for _kind, gate_name, in_name, out_name in _LAYOUTS:
         names = [n for n in (gate_name, in_name, out_name) if n is not None]
         if all(n in linears for n in names) and len(linears) == len(names):
             break
     else:
         if len(linears) != 2:
-            raise ValueError(f"{type(mlp).__name__}: cannot tell gated from ungated FFN from its Linear children "
-                             f"{sorted(linears)}")
+            raise ValueError(
+                f"{type(mlp).__name__}: cannot tell gated from ungated FFN from its Linear children {sorted(linears)}"
+            )
         first, second = linears  # ungated fallback: D -> F then F -> D, by shape
         if linears[first].in_features != linears[second].out_features:
             first, second = second, first
@@ -111,19 +115,31 @@ def inspect_ffn(mlp: nn.Module, *, hidden_act: str | None = None) -> FFNSpec:
     hidden, ffn = proj_out.out_features, proj_out.in_features
     expected_in = 2 * ffn if kind == "fused" else ffn
     if proj_in.in_features != hidden or proj_in.out_features != expected_in:
-        raise ValueError(f"{type(mlp).__name__}: {in_name} is {proj_in.in_features}->{proj_in.out_features}, "
-                         f"expected {hidden}->{expected_in} for a {kind} FFN")
+        raise ValueError(
+            f"{type(mlp).__name__}: {in_name} is {proj_in.in_features}->{proj_in.out_features}, "
+            f"expected {hidden}->{expected_in} for a {kind} FFN"
+        )
     biases = {proj_in.bias is not None, proj_out.bias is not None}
     if gate_name is not None:
         gate = linears[gate_name]
         if (gate.in_features, gate.out_features) != (hidden, ffn):
-            raise ValueError(f"{type(mlp).__name__}: {gate_name} is {gate.in_features}->{gate.out_features}, "
-                             f"expected {hidden}->{ffn}")
+            raise ValueError(
+                f"{type(mlp).__name__}: {gate_name} is {gate.in_features}->{gate.out_features}, "
+                f"expected {hidden}->{ffn}"
+            )
         biases.add(gate.bias is not None)
     if len(biases) != 1:
         raise ValueError(f"{type(mlp).__name__}: some projections have a bias and some do not")
-    return FFNSpec(kind=kind, gate_name=gate_name, in_name=in_name, out_name=out_name, hidden_size=hidden,
-                   ffn_size=ffn, bias=biases.pop(), activation=_activation_name(mlp, hidden_act))
+    return FFNSpec(
+        kind=kind,
+        gate_name=gate_name,
+        in_name=in_name,
+        out_name=out_name,
+        hidden_size=hidden,
+        ffn_size=ffn,
+        bias=biases.pop(),
+        activation=_activation_name(mlp, hidden_act),
+    )
 
 
 def ffn_weights(mlp: nn.Module, spec: FFNSpec) -> dict[str, torch.Tensor | None]:
@@ -137,8 +153,9 @@ def ffn_weights(mlp: nn.Module, spec: FFNSpec) -> dict[str, torch.Tensor | None]
     return {"w_in": w_in, "w_out": proj_out.weight.t(), "b_in": b_in, "b_out": proj_out.bias}  # w_out (F, D)
 
 
-def experts_from_ffns(ffns: Sequence[nn.Module], *, hidden_act: str | None = None,
-                      grouped_mm: GroupedMM = "auto") -> GroupedExperts:
+def experts_from_ffns(
+    ffns: Sequence[nn.Module], *, hidden_act: str | None = None, grouped_mm: GroupedMM = "auto"
+) -> GroupedExperts:
     """``GroupedExperts`` whose expert e is a copy of ``ffns[e]`` (all of the same form and size)."""
     specs = [inspect_ffn(f, hidden_act=hidden_act) for f in ffns]
     shape = {(s.gated, s.hidden_size, s.ffn_size, s.bias, s.activation) for s in specs}
@@ -146,44 +163,103 @@ def experts_from_ffns(ffns: Sequence[nn.Module], *, hidden_act: str | None = Non
         raise ValueError(f"FFNs differ in (gated, hidden, ffn, bias, activation): {sorted(shape)}")
     spec = specs[0]
     reference = getattr(ffns[0], spec.out_name).weight
-    experts = GroupedExperts(num_experts=len(ffns), hidden_size=spec.hidden_size, ffn_size=spec.ffn_size,
-                             gated=spec.gated, bias=spec.bias, activation=spec.activation, grouped_mm=grouped_mm)
+    experts = GroupedExperts(
+        num_experts=len(ffns),
+        hidden_size=spec.hidden_size,
+        ffn_size=spec.ffn_size,
+        gated=spec.gated,
+        bias=spec.bias,
+        activation=spec.activation,
+        grouped_mm=grouped_mm,
+    )
     experts.to(device=reference.device, dtype=reference.dtype)
-    for index, (ffn, ffn_spec) in enumerate(zip(ffns, specs)):
+    for index, (ffn, ffn_spec) in enumerate(zip(ffns, specs, strict=True)):
         experts.load_expert(index, **ffn_weights(ffn, ffn_spec))
     return experts
 
 
-def _router(*, hidden_size: int, num_experts: int, top_k: int, renormalize: bool, jitter: float,
-            init: nn.Linear | None, like: torch.Tensor) -> TopKRouter:
-    router = TopKRouter(hidden_size=hidden_size, num_experts=num_experts, top_k=top_k, renormalize=renormalize,
-                        jitter=jitter).to(device=like.device, dtype=like.dtype)
+def _router(
+    *,
+    hidden_size: int,
+    num_experts: int,
+    top_k: int,
+    renormalize: bool,
+    jitter: float,
+    init: nn.Linear | None,
+    like: torch.Tensor,
+) -> TopKRouter:
+    router = TopKRouter(
+        hidden_size=hidden_size, num_experts=num_experts, top_k=top_k, renormalize=renormalize, jitter=jitter
+    ).to(device=like.device, dtype=like.dtype)
     if init is not None:
         router.init_from_linear(init)
     return router
 
 
-def moe_from_ffns(ffns: Sequence[nn.Module], *, top_k: int = 1, meta: nn.Module | None = None,
-                  renormalize: bool = False, router_init: nn.Linear | None = None, jitter: float = 0.0,
-                  capacity_factor: float | None = None, load_balance_coef: float = 0.0, z_loss_coef: float = 0.0,
-                  hidden_act: str | None = None, grouped_mm: GroupedMM = "auto") -> MoEFeedForward:
+def moe_from_ffns(
+    ffns: Sequence[nn.Module],
+    *,
+    top_k: int = 1,
+    meta: nn.Module | None = None,
+    renormalize: bool = False,
+    router_init: nn.Linear | None = None,
+    jitter: float = 0.0,
+    capacity_factor: float | None = None,
+    load_balance_coef: float = 0.0,
+    z_loss_coef: float = 0.0,
+    hidden_act: str | None = None,
+    grouped_mm: GroupedMM = "auto",
+) -> MoEFeedForward:
     """An MoE whose experts are copies of different dense FFNs (MedPLIB stage IV: [grounding, language])."""
     experts = experts_from_ffns(ffns, hidden_act=hidden_act, grouped_mm=grouped_mm)
-    router = _router(hidden_size=experts.hidden_size, num_experts=len(ffns), top_k=top_k, renormalize=renormalize,
-                     jitter=jitter, init=router_init, like=experts.w_in)
-    return MoEFeedForward(router=router, experts=experts, meta_expert=meta, capacity_factor=capacity_factor,
-                          load_balance_coef=load_balance_coef, z_loss_coef=z_loss_coef)
+    router = _router(
+        hidden_size=experts.hidden_size,
+        num_experts=len(ffns),
+        top_k=top_k,
+        renormalize=renormalize,
+        jitter=jitter,
+        init=router_init,
+        like=experts.w_in,
+    )
+    return MoEFeedForward(
+        router=router,
+        experts=experts,
+        meta_expert=meta,
+        capacity_factor=capacity_factor,
+        load_balance_coef=load_balance_coef,
+        z_loss_coef=z_loss_coef,
+    )
 
 
-def upcycle_ffn(mlp: nn.Module, *, num_experts: int, top_k: int = 1, meta: bool = True, renormalize: bool = False,
-                router_init: nn.Linear | None = None, jitter: float = 0.0, capacity_factor: float | None = None,
-                load_balance_coef: float = 0.0, z_loss_coef: float = 0.0, hidden_act: str | None = None,
-                grouped_mm: GroupedMM = "auto") -> MoEFeedForward:
+def upcycle_ffn(
+    mlp: nn.Module,
+    *,
+    num_experts: int,
+    top_k: int = 1,
+    meta: bool = True,
+    renormalize: bool = False,
+    router_init: nn.Linear | None = None,
+    jitter: float = 0.0,
+    capacity_factor: float | None = None,
+    load_balance_coef: float = 0.0,
+    z_loss_coef: float = 0.0,
+    hidden_act: str | None = None,
+    grouped_mm: GroupedMM = "auto",
+) -> MoEFeedForward:
     """``num_experts`` copies of ``mlp``; with ``meta`` the module ``mlp`` itself becomes the meta expert."""
-    return moe_from_ffns([mlp] * num_experts, top_k=top_k, meta=mlp if meta else None, renormalize=renormalize,
-                         router_init=router_init, jitter=jitter, capacity_factor=capacity_factor,
-                         load_balance_coef=load_balance_coef, z_loss_coef=z_loss_coef, hidden_act=hidden_act,
-                         grouped_mm=grouped_mm)
+    return moe_from_ffns(
+        [mlp] * num_experts,
+        top_k=top_k,
+        meta=mlp if meta else None,
+        renormalize=renormalize,
+        router_init=router_init,
+        jitter=jitter,
+        capacity_factor=capacity_factor,
+        load_balance_coef=load_balance_coef,
+        z_loss_coef=z_loss_coef,
+        hidden_act=hidden_act,
+        grouped_mm=grouped_mm,
+    )
 
 
 def decoder_layers(llm: nn.Module) -> nn.ModuleList:
@@ -191,8 +267,9 @@ def decoder_layers(llm: nn.Module) -> nn.ModuleList:
     decoder = llm.get_decoder() if hasattr(llm, "get_decoder") else llm
     layers = getattr(decoder, "layers", None)
     if not isinstance(layers, nn.ModuleList) or not all(hasattr(layer, "mlp") for layer in layers):
-        raise TypeError(f"{type(llm).__name__}: expected get_decoder().layers to be a ModuleList of layers with "
-                         f"an .mlp")
+        raise TypeError(
+            f"{type(llm).__name__}: expected get_decoder().layers to be a ModuleList of layers with an .mlp"
+        )
     return layers
 
 
@@ -217,10 +294,21 @@ def _router_init_for(router_init: RouterInit, index: int) -> nn.Linear | None:
     return router_init
 
 
-def convert_to_moe(llm: nn.Module, *, layers: LayerSelection = "every_other", num_experts: int = 4, top_k: int = 1,
-                   meta_expert: bool = True, renormalize: bool = False, router_init: RouterInit = None,
-                   jitter: float = 0.0, capacity_factor: float | None = None, load_balance_coef: float = 0.0,
-                   z_loss_coef: float = 0.0, grouped_mm: GroupedMM = "auto") -> list[int]:
+def convert_to_moe(
+    llm: nn.Module,
+    *,
+    layers: LayerSelection = "every_other",
+    num_experts: int = 4,
+    top_k: int = 1,
+    meta_expert: bool = True,
+    renormalize: bool = False,
+    router_init: RouterInit = None,
+    jitter: float = 0.0,
+    capacity_factor: float | None = None,
+    load_balance_coef: float = 0.0,
+    z_loss_coef: float = 0.0,
+    grouped_mm: GroupedMM = "auto",
+) -> list[int]:
     """Upcycle the FFNs of the selected decoder layers in place; returns the replaced layer indices.
 
     Defaults are Med-MoE stage 3: every other layer from 0, 4 experts, top-1, meta expert, combine weight =
@@ -234,19 +322,38 @@ def convert_to_moe(llm: nn.Module, *, layers: LayerSelection = "every_other", nu
     if already:
         raise ValueError(f"decoder layers {already} are already MoE layers; nothing was converted")
     for index in selected:
-        blocks[index].mlp = upcycle_ffn(blocks[index].mlp, num_experts=num_experts, top_k=top_k, meta=meta_expert,
-                                        renormalize=renormalize, router_init=_router_init_for(router_init, index),
-                                        jitter=jitter, capacity_factor=capacity_factor,
-                                        load_balance_coef=load_balance_coef, z_loss_coef=z_loss_coef,
-                                        hidden_act=hidden_act, grouped_mm=grouped_mm)
+        blocks[index].mlp = upcycle_ffn(
+            blocks[index].mlp,
+            num_experts=num_experts,
+            top_k=top_k,
+            meta=meta_expert,
+            renormalize=renormalize,
+            router_init=_router_init_for(router_init, index),
+            jitter=jitter,
+            capacity_factor=capacity_factor,
+            load_balance_coef=load_balance_coef,
+            z_loss_coef=z_loss_coef,
+            hidden_act=hidden_act,
+            grouped_mm=grouped_mm,
+        )
     return selected
 
 
-def convert_from_sources(llm: nn.Module, sources: Sequence[nn.Module], *, layers: LayerSelection = "all",
-                         top_k: int = 1, meta_expert: bool = False, renormalize: bool = False,
-                         router_init: RouterInit = None, jitter: float = 0.0, capacity_factor: float | None = None,
-                         load_balance_coef: float = 0.0, z_loss_coef: float = 0.0,
-                         grouped_mm: GroupedMM = "auto") -> list[int]:
+def convert_from_sources(
+    llm: nn.Module,
+    sources: Sequence[nn.Module],
+    *,
+    layers: LayerSelection = "all",
+    top_k: int = 1,
+    meta_expert: bool = False,
+    renormalize: bool = False,
+    router_init: RouterInit = None,
+    jitter: float = 0.0,
+    capacity_factor: float | None = None,
+    load_balance_coef: float = 0.0,
+    z_loss_coef: float = 0.0,
+    grouped_mm: GroupedMM = "auto",
+) -> list[int]:
     """MedPLIB stage IV: layer i's FFN becomes experts [sources[0]'s FFN i, sources[1]'s FFN i, ...].
 
     ``sources`` are LMs of the same architecture as ``llm`` (LoRA merged). With ``meta_expert`` the
@@ -260,8 +367,16 @@ def convert_from_sources(llm: nn.Module, sources: Sequence[nn.Module], *, layers
     selected = select_layers(layers, len(blocks))
     for index in selected:
         blocks[index].mlp = moe_from_ffns(
-            [b[index].mlp for b in source_blocks], top_k=top_k, meta=blocks[index].mlp if meta_expert else None,
-            renormalize=renormalize, router_init=_router_init_for(router_init, index), jitter=jitter,
-            capacity_factor=capacity_factor, load_balance_coef=load_balance_coef, z_loss_coef=z_loss_coef,
-            hidden_act=hidden_act, grouped_mm=grouped_mm)
+            [b[index].mlp for b in source_blocks],
+            top_k=top_k,
+            meta=blocks[index].mlp if meta_expert else None,
+            renormalize=renormalize,
+            router_init=_router_init_for(router_init, index),
+            jitter=jitter,
+            capacity_factor=capacity_factor,
+            load_balance_coef=load_balance_coef,
+            z_loss_coef=z_loss_coef,
+            hidden_act=hidden_act,
+            grouped_mm=grouped_mm,
+        )
     return selected
