@@ -38,6 +38,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from lightningmodules.models.cmoe import CMoEConnector  # noqa: E402 (after sys.path)
+from lightningmodules.models.moe import MoEContext, attach_context  # noqa: E402
 
 TARGETS = {"cmoe_soft_over_parts": 1.10, "cmoe_sparse_over_parts": 1.30}
 
@@ -99,6 +100,7 @@ def build_variants(args: argparse.Namespace) -> dict[str, Callable[[], None]]:
             router_hidden_ratio=ratio,
             task_embed_dim=task_dim,
         )
+        attach_context(module, MoEContext())  # as in training: the connector records its routing
         return cmoe_step(module, features, task_ids, out_grad)
 
     def experts(count: int) -> Callable[[], None]:

@@ -45,7 +45,7 @@ from torch import nn
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from lightningmodules.models.moe import MoEFeedForward  # noqa: E402 (after sys.path)
+from lightningmodules.models.moe import MoEContext, MoEFeedForward, attach_context  # noqa: E402 (after sys.path)
 
 
 def dense_ffn(hidden: int, ffn: int) -> nn.Module:
@@ -250,10 +250,14 @@ def main() -> None:
     with torch.no_grad():
         diff_hf = float((ours_top2(x) - hf_eager(x)).abs().max())
         diff_naive = float((ours_top2(x) - naive_top2(x)).abs().max())
+    # as in training, our layers run in a step context and record aux losses and statistics into it
+    context = MoEContext()
+    for module in (med_moe, med_moe_grouped, ours_top2):
+        attach_context(module, context)
     med_moe(x)
-    top1_load = med_moe.last_stats.routed_counts.tolist()
+    top1_load = context.stats[med_moe].routed_counts.tolist()
     ours_top2(x)
-    top2_load = ours_top2.last_stats.routed_counts.tolist()
+    top2_load = context.stats[ours_top2].routed_counts.tolist()
 
     modules = {
         "moe_top1of4_meta": med_moe,

@@ -4,7 +4,7 @@ Training batches come from :class:`datamodules.mixture.MixtureSampler`: datasets
 ``weight``, optionally one task per batch, deterministic by ``seed`` and sharded per rank (the
 trainer's world size and global rank when attached). Evaluation loaders are sequential; under
 DDP Lightning shards them with padding, so de-duplicate predictions with
-:func:`datamodules.sharding.dedupe_by_id`.
+:func:`medcore.ids.dedupe_by_id`.
 """
 
 from __future__ import annotations
@@ -91,9 +91,11 @@ class VQADataModule(L.LightningDataModule):
         num_image_tokens: int,
         task_ids: dict[str, int] | None = None,
         sam_transform: Any = None,
+        region_grid_size: int | None = None,
     ) -> VQADataModule:
         self.tokenizer = tokenizer
         self.sam_transform = sam_transform  # grounding models: items also carry SAM's input
+        self.region_grid_size = region_grid_size  # region encoders: items carry patch-grid weights
         self.transform = transform
         self.task_ids = dict(TASK_IDS if task_ids is None else task_ids)  # task tag -> id in the batch
         self.encoder = ConversationEncoder(
@@ -153,6 +155,7 @@ class VQADataModule(L.LightningDataModule):
             prompts=self.prompts,
             random_prompts=split == "train" and with_answers,
             sam_transform=getattr(self, "sam_transform", None),
+            region_grid_size=getattr(self, "region_grid_size", None),
         )
 
     def train_sampler(self, *, world_size: int | None = None, rank: int | None = None) -> MixtureSampler:

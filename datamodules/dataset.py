@@ -9,10 +9,11 @@ import torch
 from torch.utils.data import Dataset
 
 from datamodules.encoding import IGNORE_INDEX, ConversationEncoder, pad_batch
-from datamodules.images import ImageTransform, load_image, load_mask
+from datamodules.images import ImageTransform, SamImageTransform, load_image, load_mask
 from datamodules.problems import DataError
 from datamodules.prompts import PromptTemplates
 from datamodules.records import Record
+from datamodules.regions import region_grid_weights
 
 LOAD_HINT = (
     "found while loading a sample; run `medpipe data check --format FORMAT PATH` (or set "
@@ -25,10 +26,15 @@ class VQADataset(Dataset):
 
     A record with a grounding target (``mask_path``) or a region prompt (``region``) also yields
     that mask at the image's original resolution (scoring happens there) and the original image
-    size. An image or mask that fails to decode raises :class:`DataError` naming the file and
-    record, under either bad-record policy: a worker cannot drop a sample without changing the
-    epoch behind the sampler's back. ``medpipe data check`` / ``data.verify_images`` find such
-    files up front, where ``skip`` applies.
+    size. Grounded models also get the image-side inputs of their extra parts, computed here in the
+    loader workers: SAM's copy of the image (``sam_transform``) and, with ``region_grid_size`` G, the
+    region mask carried through the vision transform onto the G x G patch grid (``region_weights``,
+    :func:`datamodules.regions.region_grid_weights`).
+
+    An image or mask that fails to decode raises :class:`DataError` naming the file and record,
+    under either bad-record policy: a worker cannot drop a sample without changing the epoch behind
+    the sampler's back. ``medpipe data check`` / ``data.verify_images`` find such files up front,
+    where ``skip`` applies.
     """
 
     def __init__(
@@ -41,7 +47,8 @@ class VQADataset(Dataset):
         task_ids: dict[str, int] | None = None,
         prompts: PromptTemplates | None = None,
         random_prompts: bool = False,
-        sam_transform: Any = None,
+        sam_transform: SamImageTransform | None = None,
+        region_grid_size: int | None = None,
     ) -> None:
         self.records = records
         self.encoder = encoder
@@ -51,7 +58,8 @@ class VQADataset(Dataset):
         # per-task prompt templates: a random one per item in training, the first at evaluation
         self.prompts = prompts
         self.random_prompts = random_prompts
-        self.sam_transform = sam_transform  # MedPLIB grounding: SAM's own copy of each image (grounding.py)
+        self.sam_transform = sam_transform  # MedPLIB grounding: SAM's own copy of each image
+        self.region_grid_size = region_grid_size  # MedPLIB region prompts: the vision tower's patch grid
 
     def __len__(self) -> int:
         return len(self.records)
@@ -89,6 +97,10 @@ class VQADataset(Dataset):
                 ):
                     if isinstance(path, str):
                         item[key] = _original_mask(path, record.id, field_name, (height, width))
+                if "region_mask" in item and self.region_grid_size is not None:
+                    item["region_weights"] = region_grid_weights(
+                        item["region_mask"], grid_size=self.region_grid_size, image_transform=self.transform
+                    )  # (G, G)
         except DataError as e:
             raise DataError(f"{e} ({LOAD_HINT})", e.problem) from None
         return item
@@ -111,6 +123,8 @@ class Collator:
     Masks keep their original (per-image) resolutions, so they stay lists: ``masks`` and
     ``region_masks`` hold an (H_i, W_i) bool tensor or None per sample, ``image_sizes`` the
     original (H_i, W_i) or None. These keys are present when a sample of the batch has a mask.
+    Grounded models' tensors: ``sam_pixel_values`` (B, 3, S, S) with ``sam_resized_sizes``, and
+    ``region_weights`` (R, G, G) with ``region_batch_index`` (R,), the regions sample by sample.
     """
 
     def __init__(self, *, pad_token_id: int, padding_side: str) -> None:
@@ -146,4 +160,8 @@ class Collator:
             blank = torch.zeros_like(next(s for s in sam if s is not None))  # (3, S, S)
             batch["sam_pixel_values"] = torch.stack([blank if s is None else s for s in sam])  # (B, 3, S, S)
             batch["sam_resized_sizes"] = [it.get("sam_resized_size") for it in items]  # B x (h, w) | None
+        regions = [(b, it["region_weights"]) for b, it in enumerate(items) if "region_weights" in it]
+        if regions:  # grounded model with a region encoder: patch-grid weights in reading order
+            batch["region_weights"] = torch.stack([w for _, w in regions])  # (R, G, G)
+            batch["region_batch_index"] = torch.tensor([b for b, _ in regions], dtype=torch.long)  # (R,)
         return batch

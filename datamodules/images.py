@@ -2,7 +2,8 @@
 
 ``ImageTransform`` reproduces HF's CLIP/SigLIP image processors (resize, center crop, rescale,
 normalise) from ``preprocessor_config.json``, with LLaVA's optional pad-to-square in the mean colour,
-without the per-call overhead of the HF processor classes.
+without the per-call overhead of the HF processor classes. ``SamImageTransform`` is SAM's own input
+transform (MedPLIB grounding: SAM sees a separate copy of each image, resized and padded to S x S).
 """
 
 from __future__ import annotations
@@ -145,3 +146,75 @@ class ImageTransform:
         arr = np.asarray(img, dtype=np.float32) * self.rescale_factor  # (H, W, 3)
         arr = (arr - np.asarray(self.image_mean, np.float32)) / np.asarray(self.image_std, np.float32)
         return torch.from_numpy(arr.transpose(2, 0, 1).copy())  # (3, H, W)
+
+
+# -- SAM's own copy of the image (MedPLIB grounding) ------------------------------------------------
+
+SAM_IMAGENET_MEAN = (0.485, 0.456, 0.406)  # SAM's pixel_mean 123.675, 116.28, 103.53 over 255
+SAM_IMAGENET_STD = (0.229, 0.224, 0.225)  # SAM's pixel_std 58.395, 57.12, 57.375 over 255
+
+
+def sam_resized_shape(height: int, width: int, longest_edge: int) -> tuple[int, int]:
+    """SAM's ResizeLongestSide: the longest side becomes ``longest_edge``, rounded half up."""
+    scale = longest_edge / max(height, width)
+    return int(height * scale + 0.5), int(width * scale + 0.5)
+
+
+def sam_preprocess(
+    image: Image.Image | np.ndarray,
+    *,
+    image_size: int = 1024,
+    image_mean: tuple[float, ...] = SAM_IMAGENET_MEAN,
+    image_std: tuple[float, ...] = SAM_IMAGENET_STD,
+) -> tuple[torch.Tensor, tuple[int, int], tuple[int, int]]:
+    """PIL image or uint8 (H, W[, 3]) array -> ``(pixels (3, S, S), resized (h, w), original (H, W))``.
+
+    Resize the longest side to S (bilinear), scale to [0, 1], normalise, then pad the bottom and
+    right with zeros (after normalisation, as SAM does), so the image sits in the top-left corner;
+    the grounding head crops its masks back with ``resized`` and ``original``.
+    """
+    if isinstance(image, np.ndarray):
+        image = Image.fromarray(image)
+    image = image.convert("RGB")
+    original = (image.height, image.width)
+    resized = sam_resized_shape(*original, image_size)
+    image = image.resize((resized[1], resized[0]), Image.BILINEAR)
+    array = np.asarray(image, dtype=np.float32) / 255.0  # (h, w, 3)
+    array = (array - np.asarray(image_mean, np.float32)) / np.asarray(image_std, np.float32)
+    pixels = torch.zeros(3, image_size, image_size)  # (3, S, S)
+    pixels[:, : resized[0], : resized[1]] = torch.from_numpy(array.transpose(2, 0, 1).copy())  # (3, h, w)
+    return pixels, resized, original
+
+
+@dataclass
+class SamImageTransform:
+    """:func:`sam_preprocess` with the input size and statistics of a SAM checkpoint."""
+
+    image_size: int
+    image_mean: tuple[float, ...] = SAM_IMAGENET_MEAN
+    image_std: tuple[float, ...] = SAM_IMAGENET_STD
+
+    def __post_init__(self) -> None:
+        self.image_size = int(self.image_size)
+        self.image_mean = tuple(float(m) for m in self.image_mean)
+        self.image_std = tuple(float(s) for s in self.image_std)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path) -> SamImageTransform:
+        """Size from ``preprocessor_config.json`` (``size.longest_edge``) when present, else the
+        model's ``vision_config.image_size``; mean/std from the preprocessor config or ImageNet's."""
+        path = Path(path)
+        model_config = json.loads((path / "config.json").read_text())
+        image_size = int(model_config.get("vision_config", {}).get("image_size", 1024))
+        mean, std = SAM_IMAGENET_MEAN, SAM_IMAGENET_STD
+        processor_file = path / "preprocessor_config.json"
+        if processor_file.is_file():
+            processor = json.loads(processor_file.read_text())
+            size = processor.get("size", {})
+            image_size = int(size.get("longest_edge", image_size)) if isinstance(size, dict) else int(size)
+            mean = processor.get("image_mean", mean)
+            std = processor.get("image_std", std)
+        return cls(image_size=image_size, image_mean=mean, image_std=std)
+
+    def __call__(self, image: Image.Image | np.ndarray) -> tuple[torch.Tensor, tuple[int, int], tuple[int, int]]:
+        return sam_preprocess(image, image_size=self.image_size, image_mean=self.image_mean, image_std=self.image_std)

@@ -11,8 +11,10 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Literal, get_args
 
-ON_BAD_RECORD = ("error", "skip")
+OnBadRecord = Literal["error", "skip"]  # skip: drop the record, count it under its kind
+ON_BAD_RECORD: tuple[str, ...] = get_args(OnBadRecord)
 FILE_LEVEL = "-"  # the ``record`` of a problem that concerns a whole file
 
 log = logging.getLogger(__name__)

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from medcore.text import normalize_answer
+
 ANSWER_TYPES = ("closed", "open")
 YES_NO = ("yes", "no")
 
@@ -55,6 +57,4 @@ class Record:
 
 def closed_if_yes_no(answer: str) -> str:
     """Answer type derived from the answer when a release has no answer_type column."""
-    from lightningmodules.metrics.normalize import normalize_answer
-
     return "closed" if normalize_answer(answer) in YES_NO else "open"

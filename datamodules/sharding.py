@@ -1,4 +1,4 @@
-"""Who am I in a distributed run, and de-duplicating what the ranks produced."""
+"""Who am I in a distributed run (de-duplicating what the ranks produced: :func:`medcore.ids.dedupe_by_id`)."""
 
 from __future__ import annotations
 
@@ -6,10 +6,7 @@ from typing import Any
 
 import torch
 
-# the one implementation lives with the id pairing it serves; re-exported for DataModule users
-from lightningmodules.metrics.pairing import dedupe_by_id
-
-__all__ = ["dedupe_by_id", "world_of"]
+__all__ = ["world_of"]
 
 
 def world_of(trainer: Any = None) -> tuple[int, int]:

@@ -1,12 +1,21 @@
-"""Typed dataset specifications; the pipeline's config schema embeds these directly."""
+"""Typed dataset specifications; the pipeline's config schema embeds these directly.
+
+``format`` and ``task`` are ``Literal`` fields (the config rejects other values when a YAML layer is merged);
+:meth:`DatasetSpec.problems` checks what depends on the format (split names, subsets, synthetic kinds).
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal, get_args
 
-FORMATS = ("vqa_rad", "slake", "pathvqa", "conversation", "mecovqa")
+from medcore.checks import Problem, choice, positive
+
+DatasetFormat = Literal["vqa_rad", "slake", "pathvqa", "conversation", "mecovqa"]
 # Uni-Med's task tags, plus MedPLIB's region-prompt and pixel-grounding tasks (MeCoVQA).
-TASKS = ("vqa", "refer", "identify", "caption", "cls", "qa", "region", "grounding")
+Task = Literal["vqa", "refer", "identify", "caption", "cls", "qa", "region", "grounding"]
+FORMATS: tuple[str, ...] = get_args(DatasetFormat)
+TASKS: tuple[str, ...] = get_args(Task)
 # Task id of each task: its position in TASKS (append new tasks at the end so ids stay stable). The
 # batch carries these ids; CMoE's task embeddings and hard routing are indexed by them.
 TASK_IDS = {task: index for index, task in enumerate(TASKS)}
@@ -39,7 +48,7 @@ class SyntheticSpec:
 
 @dataclass
 class DatasetSpec:
-    format: str = "slake"
+    format: DatasetFormat = "slake"
     path: str = "???"
     # split name in our pipeline -> split name in the release (null: the release has none,
     # e.g. VQA-RAD and MeCoVQA have no validation split)
@@ -48,7 +57,7 @@ class DatasetSpec:
     test_split: str | None = "test"
     languages: list[str] = field(default_factory=lambda: ["en"])  # slake: q_lang values kept
     image_root: str | None = None  # conversation / mecovqa: folder image (and mask) paths are relative to
-    task: str = "vqa"  # TASKS; slake: refer / identify build box records from detection.json
+    task: Task = "vqa"  # TASKS; slake: refer / identify build box records from detection.json
     subsets: list[str] | None = None  # mecovqa: complex, region, grounding (default: all)
     allow_pickle: bool = False  # pathvqa: read the original pickle release (unpickling runs code)
     # relative sampling probability in a mixture (Uni-Med's sample ratio): dataset d is drawn with
@@ -56,3 +65,28 @@ class DatasetSpec:
     weight: float = 1.0
     max_samples: int | None = None
     synthetic: SyntheticSpec | None = None
+
+    def problems(self, key: str) -> list[Problem]:
+        """What the types cannot say: the release's split names, MeCoVQA subsets, synthetic kinds and layouts."""
+        from datamodules.readers import SPLIT_NAMES
+        from datamodules.readers.mecovqa import SUBSETS
+
+        found = positive(f"{key}.weight", self.weight)
+        splits = SPLIT_NAMES[self.format]
+        for split_key in ("train_split", "val_split", "test_split"):
+            value = getattr(self, split_key)
+            if splits is not None and value is not None and value not in splits:
+                found.append(
+                    (
+                        f"{key}.{split_key}",
+                        f"{self.format} has no split {value!r} (it has "
+                        f"{', '.join(splits)}; set null when the release has no such split)",
+                    )
+                )
+        for subset in self.subsets or []:
+            found += choice(f"{key}.subsets", subset, SUBSETS)
+        if self.synthetic is not None:
+            found += choice(f"{key}.synthetic.kind", self.synthetic.kind, SYNTHETIC_KINDS.get(self.format, ("vqa",)))
+            if self.synthetic.layout is not None:
+                found += choice(f"{key}.synthetic.layout", self.synthetic.layout, LAYOUTS[self.format])
+        return found

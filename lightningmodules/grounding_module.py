@@ -1,5 +1,8 @@
 """The stage LightningModule for MedPLIB's grounded model: CE + mask losses, masks at evaluation.
 
+It overrides the loss (``compute_loss``) and the answer generation only; the training, validation and
+test steps, the MoE aux losses and the optimiser are ``VLMModule``'s.
+
 Training loss = ``ce_weight`` * CE + ``bce_weight`` * BCE + ``dice_weight`` * Dice (+ ``focal_weight`` *
 focal) (+ MoE aux losses, through the parent's ``MoEMonitor``). The mask terms are per mask at the
 image's original resolution, averaged over the masks of the batch (``lightningmodules/losses``); in a
@@ -20,7 +23,6 @@ i.e. IoU 0), counted in ``no_seg_count``. The first ``overlay_count`` grounding 
 
 from __future__ import annotations
 
-import functools
 import re
 from pathlib import Path
 from typing import Any
@@ -31,13 +33,13 @@ import torch
 from lightningmodules.losses import mask_losses
 from lightningmodules.metrics.segmentation import binarize, dice_from_iou, mask_iou
 from lightningmodules.models.grounding import pair_with_targets
-from lightningmodules.vlm_module import VLMModule, model_inputs
+from lightningmodules.vlm_module import StepLoss, VLMModule, model_inputs
 
-GROUNDING_INPUTS = ("region_masks",)
+GROUNDING_INPUTS = ("region_weights", "region_batch_index")
 
 
 def grounded_inputs(batch: dict[str, Any], *, with_labels: bool = True) -> dict[str, Any]:
-    """The parent's model inputs plus the region masks (B x (H, W) bool | None)."""
+    """The parent's model inputs plus the regions' patch-grid weights (R, G, G) and sample index (R,)."""
     return {**model_inputs(batch, with_labels=with_labels), **{k: batch.get(k) for k in GROUNDING_INPUTS}}
 
 
@@ -61,6 +63,8 @@ def pixel_dice(pred: torch.Tensor | None, target: torch.Tensor) -> float | None:
 
 
 class GroundingVLMModule(VLMModule):
+    validation_terms = ("ce", "bce", "dice")
+
     def __init__(
         self,
         *,
@@ -108,32 +112,9 @@ class GroundingVLMModule(VLMModule):
             "masks": torch.tensor(float(len(predictions))),
         }
 
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        monitor = getattr(self, "moe", None)
-        if monitor is not None:
-            monitor.begin(batch["attention_mask"])  # MoE padding mask (no-op without MoE layers)
+    def compute_loss(self, batch: dict[str, Any]) -> StepLoss:
         terms = self.losses(batch)
-        loss = terms["loss"]
-        aux = monitor.aux_loss() if monitor is not None else None
-        batch_size = batch["input_ids"].shape[0]
-        if aux is not None:
-            loss = loss + aux
-            self.log("train/aux_loss", aux, batch_size=batch_size)
-            self.log_dict(monitor.step_metrics(batch.get("records")), batch_size=batch_size)
-        self.stop_on_non_finite(loss)
-        self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
-        self.log_dict({f"train/{k}": v for k, v in terms.items() if k != "loss"}, batch_size=batch_size)
-        if batch.get("truncated"):
-            self.log("data/truncated", float(batch["truncated"]), reduce_fx="sum", batch_size=batch_size)
-        return loss
-
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        if getattr(self, "moe", None) is not None:
-            self.moe.begin(batch["attention_mask"])
-        terms = self.losses(batch)
-        batch_size = batch["input_ids"].shape[0]
-        self.log("val/loss", terms["loss"], prog_bar=True, sync_dist=True, batch_size=batch_size)
-        self.log_dict({f"val/{k}": terms[k] for k in ("ce", "bce", "dice")}, sync_dist=True, batch_size=batch_size)
+        return StepLoss(loss=terms.pop("loss"), lm_loss=terms["ce"], terms=terms)
 
     # -- evaluation ----------------------------------------------------------------------------------
     def on_test_epoch_start(self) -> None:
@@ -141,11 +122,17 @@ class GroundingVLMModule(VLMModule):
         self.overlays = []
         self.no_seg_count = 0
 
-    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+    def prepare_evaluation(self, out_dir: Path) -> None:
+        self.overlay_dir = out_dir / "overlays"
+
+    def evaluation_artifacts(self) -> dict[str, list[Path]]:
+        return {"evaluation/overlays": list(self.overlays)}  # png: prediction red, target green, overlap yellow
+
+    def generate_answers(self, batch: dict[str, Any]) -> tuple[list[str], list[dict[str, Any]]]:
+        """Greedy answers and, for samples with a target mask, the scores of the mask decoded at ``<SEG>``."""
         if self.tokenizer is None:
             raise RuntimeError("GroundingVLMModule needs a tokenizer to generate")
-        if getattr(self, "moe", None) is not None:
-            self.moe.end()  # KV-cache steps route every token, whatever the last batch's mask
+        self.moe.end()  # KV-cache steps route every token, whatever the last batch's mask
         ids, masks = self.model.generate_with_masks(
             **grounded_inputs(batch, with_labels=False),
             **sam_inputs(batch),
@@ -155,24 +142,12 @@ class GroundingVLMModule(VLMModule):
         )
         texts = [t.strip() for t in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
         records = batch["records"]
-        for metric in self.test_metrics.values():
-            metric.update(texts, [r.answer for r in records], [r.answer_type for r in records])
         targets = batch.get("masks") or [None] * len(records)
-        for index, (record, text) in enumerate(zip(records, texts, strict=True)):
-            row = {
-                "question_id": record.id,
-                "prompt": record.question,
-                "text": text,
-                "answer": record.answer,
-                "answer_type": record.answer_type,
-                "task": record.task,
-                "dataset": record.dataset,
-                "modality": record.modality,
-            }
-            target = targets[index]
-            if target is not None:
-                row.update(self.score_mask(record, masks[index], target))
-            self.predictions.append(row)
+        extras = [
+            {} if target is None else self.score_mask(record, masks[index], target)
+            for index, (record, target) in enumerate(zip(records, targets, strict=True))
+        ]
+        return texts, extras
 
     def score_mask(self, record: Any, logits: torch.Tensor | None, target: torch.Tensor) -> dict[str, Any]:
         """Per-image MedPLIB IoU / Dice and MONAI's pixel Dice; the no-``<SEG>`` fallback is an empty mask."""
@@ -226,10 +201,3 @@ def grounding_module_settings(cfg: Any, stage: Any = None) -> dict[str, Any]:
         "mask_threshold": cfg.evaluation.mask_threshold,
         "overlay_count": grounding.overlays,
     }
-
-
-def vlm_module_class(cfg: Any, stage: Any = None) -> Any:
-    """The stage's LightningModule class: ``GroundingVLMModule`` (with its settings bound) for a grounded
-    model (``model.grounding``), else ``VLMModule``."""
-    settings = grounding_module_settings(cfg, stage)
-    return functools.partial(GroundingVLMModule, **settings) if settings else VLMModule

@@ -7,7 +7,6 @@ training one when there is no validation split) is kept for the runner's MLflow 
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import lightning as L
@@ -16,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightningmodules.moe_monitor import MoEMonitor
-from lightningmodules.schedules import lr_lambda
+from lightningmodules.optimization import configure_from_hparams
 
 
 class ModalityLabelError(ValueError):
@@ -24,8 +23,6 @@ class ModalityLabelError(ValueError):
 
 
 class RouterModule(L.LightningModule):
-    routing = None  # no connector routing statistics (the runner asks every stage module)
-
     def __init__(
         self,
         *,
@@ -134,22 +131,11 @@ class RouterModule(L.LightningModule):
         self._finish("val")
 
     def configure_optimizers(self) -> dict[str, Any]:
-        params = [p for p in self.classifier.parameters() if p.requires_grad]
-        if not params:
-            raise RuntimeError(
-                "the modality classifier is frozen: a router stage trains it (train: [modality_classifier])"
-            )
-        hp = self.hparams
-        optimizer = torch.optim.AdamW(params, lr=hp.lr, betas=tuple(hp.betas), weight_decay=hp.weight_decay)
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-        warmup = int(math.ceil(hp.warmup_ratio * total))
-        schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer,
-            lambda step: lr_lambda(
-                step, total_steps=total, warmup_steps=warmup, scheduler=hp.scheduler, min_lr_ratio=hp.min_lr_ratio
-            ),
+        return configure_from_hparams(
+            self,
+            self.classifier.parameters(),
+            empty_message="the modality classifier is frozen: a router stage trains it (train: [modality_classifier])",
         )
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
 
 def confusion_report(confusion: torch.Tensor, modalities: list[str], *, split: str) -> dict[str, Any]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-SCHEDULERS = ("cosine", "linear", "constant")
+from medcore.choices import SCHEDULERS
 
 
 def lr_lambda(step: int, *, total_steps: int, warmup_steps: int, scheduler: str, min_lr_ratio: float) -> float:

@@ -1,13 +1,17 @@
 """LightningModule for a training stage of a vision-language model.
 
-Owns the loss, optimiser, schedule, logging and evaluation metrics; the network is the plain
+Owns the loss, optimiser, schedule and logging; the network is the plain
 :class:`~lightningmodules.models.multimodal.MultimodalLM` passed in. Which parameters train is set on
-the model before it gets here (see :mod:`pipeline.trainable`).
+the model before it gets here (see :mod:`pipeline.trainable`). The training and validation steps are
+generic: a subclass changes the loss through :meth:`VLMModule.compute_loss` only (grounded models:
+``lightningmodules/grounding_module.py``). The test step only collects predictions; the reported
+metrics are computed once, on de-duplicated predictions, by ``pipeline/evaluation.py``.
 """
 
 from __future__ import annotations
 
-import math
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -15,9 +19,8 @@ import torch
 from torch import nn
 
 from lightningmodules.metrics.routing import RoutingByTask, routing_metric_names
-from lightningmodules.metrics.vqa_metrics import bleu1, closed_accuracy, open_recall
 from lightningmodules.moe_monitor import MoEMonitor
-from lightningmodules.schedules import lr_lambda
+from lightningmodules.optimization import configure_from_hparams
 
 
 class NonFiniteLossError(RuntimeError):
@@ -30,6 +33,16 @@ MODEL_INPUTS = ("input_ids", "attention_mask", "labels", "pixel_values", "image_
 def model_inputs(batch: dict[str, Any], *, with_labels: bool = True) -> dict[str, Any]:
     keys = MODEL_INPUTS if with_labels else tuple(k for k in MODEL_INPUTS if k != "labels")
     return {k: batch.get(k) for k in keys}
+
+
+@dataclass
+class StepLoss:
+    """One batch's loss computation: ``loss`` to optimise (MoE aux losses are added by the step),
+    ``lm_loss`` the language-model cross-entropy, ``terms`` extra scalars logged as ``train/<name>``."""
+
+    loss: torch.Tensor
+    lm_loss: torch.Tensor
+    terms: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 class VLMModule(L.LightningModule):
@@ -45,31 +58,21 @@ class VLMModule(L.LightningModule):
         scheduler: str = "cosine",
         min_lr_ratio: float = 0.0,
         max_new_tokens: int = 16,
-        closed_protocol: str = "default",
         task_names: list[str] | None = None,
     ) -> None:
         super().__init__()
         self.model = model
         self.tokenizer = tokenizer
         self.save_hyperparameters(ignore=["model", "tokenizer"])
-        self.test_metrics = nn.ModuleDict(
-            {
-                "closed_accuracy": closed_accuracy(closed_protocol),
-                "open_recall": open_recall(),
-                "bleu1": bleu1(),
-            }
-        )
         self.predictions: list[dict[str, Any]] = []
-        # connector mixture-of-experts (CMoE): per-task mean routing weights over each validation epoch
-        connector = getattr(model, "connector", None)
         self.task_names = list(task_names or [])
-        self.routing = (
-            RoutingByTask(num_tasks=connector.num_tasks, num_experts=connector.num_experts)
-            if hasattr(connector, "last_routing")
-            else None
-        )
         self.routing_table: torch.Tensor | None = None  # (tasks, E) of the last validation epoch
-        self.moe = MoEMonitor(model)  # no-op without MoE layers
+        self.moe = MoEMonitor(model)  # the MoE context of each step; no-op without MoE parts
+
+    @property
+    def routing(self) -> RoutingByTask | None:
+        """Connector mixture-of-experts (CMoE): per-task mean routing weights over each validation epoch."""
+        return self.moe.by_task
 
     # -- training --------------------------------------------------------------------------------
     def on_fit_start(self) -> None:
@@ -77,21 +80,32 @@ class VLMModule(L.LightningModule):
         # LoRA and LLM dropout would be off during training
         self.model.train()
 
+    # terms of ``compute_loss`` also logged at validation (``val/<name>``, synchronised over ranks)
+    validation_terms: tuple[str, ...] = ()
+
+    def compute_loss(self, batch: dict[str, Any]) -> StepLoss:
+        """The loss of one batch: the hook subclasses override (the steps around it are shared)."""
+        out = self.model(**model_inputs(batch))
+        return StepLoss(loss=out.loss, lm_loss=out.loss)
+
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         self.moe.begin(batch["attention_mask"])
-        out = self.model(**model_inputs(batch))
+        step = self.compute_loss(batch)
+        loss = step.loss
         batch_size = batch["input_ids"].shape[0]
         aux = self.moe.aux_loss()
         if aux is not None:  # MoE: weighted load-balancing + z-loss (coefficients 0 by default)
-            self.log("train/lm_loss", out.loss, batch_size=batch_size)
+            self.log("train/lm_loss", step.lm_loss, batch_size=batch_size)
             self.log("train/aux_loss", aux, batch_size=batch_size)
             self.log_dict(self.moe.step_metrics(batch.get("records")), batch_size=batch_size)
-            out.loss = out.loss + aux
-        self.stop_on_non_finite(out.loss)
-        self.log("train/loss", out.loss, prog_bar=True, batch_size=batch_size)
+            loss = loss + aux
+        self.stop_on_non_finite(loss)
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
+        if step.terms:
+            self.log_dict({f"train/{k}": v for k, v in step.terms.items()}, batch_size=batch_size)
         if batch.get("truncated"):
             self.log("data/truncated", float(batch["truncated"]), reduce_fx="sum", batch_size=batch_size)
-        return out.loss
+        return loss
 
     def stop_on_non_finite(self, loss: torch.Tensor) -> None:
         """Raise before the backward pass when any rank's loss is NaN or inf, so no bad update is
@@ -106,19 +120,23 @@ class VLMModule(L.LightningModule):
                 "checkpoint is kept (lower optim.lr, or set trainer.gradient_clip_val)"
             )
 
+    def expert_load(self) -> dict[str, Any] | None:
+        """Tokens routed to each expert per MoE layer and modality since the stage started (None without MoE)."""
+        return self.moe.summary() if self.moe.enabled else None
+
     def on_train_epoch_end(self) -> None:
         if self.moe.enabled:
             self.log_dict(self.moe.modality_metrics())
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        if self.routing is not None:
-            self.model.connector.last_routing = None  # a text-only batch does not run the connector
         self.moe.begin(batch["attention_mask"])
-        out = self.model(**model_inputs(batch))
-        self.log("val/loss", out.loss, prog_bar=True, sync_dist=True, batch_size=batch["input_ids"].shape[0])
-        routing = self.model.connector.last_routing if self.routing is not None else None
-        if routing is not None and routing.task_ids is not None:
-            self.routing.update(routing.weights, routing.task_ids)
+        step = self.compute_loss(batch)
+        batch_size = batch["input_ids"].shape[0]
+        self.log("val/loss", step.loss, prog_bar=True, sync_dist=True, batch_size=batch_size)
+        if self.validation_terms:
+            terms = {f"val/{k}": step.terms[k] for k in self.validation_terms}
+            self.log_dict(terms, sync_dist=True, batch_size=batch_size)
+        self.moe.update_by_task()
 
     def on_validation_epoch_end(self) -> None:
         if self.routing is None:
@@ -146,59 +164,48 @@ class VLMModule(L.LightningModule):
         )
         return [t.strip() for t in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
 
-    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+    def generate_answers(self, batch: dict[str, Any]) -> tuple[list[str], list[dict[str, Any]]]:
+        """Hook: each sample's generated text and the extra fields of its prediction row (none here;
+        grounded models add their mask scores)."""
         texts = self.generate_texts(batch)
-        records = batch["records"]
-        answers = [r.answer for r in records]
-        kinds = [r.answer_type for r in records]
-        for metric in self.test_metrics.values():
-            metric.update(texts, answers, kinds)
-        for record, text in zip(records, texts, strict=True):
-            self.predictions.append(
-                {
-                    "question_id": record.id,
-                    "prompt": record.question,
-                    "text": text,
-                    "answer": record.answer,
-                    "answer_type": record.answer_type,
-                    "task": record.task,
-                    "dataset": record.dataset,
-                    "modality": record.modality,
-                }
-            )
+        return texts, [{} for _ in texts]
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        """Collect prediction rows only: ``pipeline/evaluation.py`` scores them once, de-duplicated."""
+        texts, extras = self.generate_answers(batch)
+        for record, text, extra in zip(batch["records"], texts, extras, strict=True):
+            self.predictions.append({**prediction_row(record, text), **extra})
+
+    def prepare_evaluation(self, out_dir: Path) -> None:
+        """Hook: where this module writes evaluation files (grounded models: mask overlays)."""
+
+    def evaluation_artifacts(self) -> dict[str, list[Path]]:
+        """Hook: files written during the last test epoch, by MLflow artifact folder."""
+        return {}
 
     def on_test_epoch_start(self) -> None:
         self.predictions = []
 
     def on_test_epoch_end(self) -> None:
-        for name, metric in self.test_metrics.items():
-            self.log(f"test/{name}", metric.compute().float())
-            metric.reset()
         self.predictions = gather_predictions(self.predictions)
 
     # -- optimisation ----------------------------------------------------------------------------
     def configure_optimizers(self) -> dict[str, Any]:
-        decay, no_decay = [], []
-        for param in self.model.parameters():
-            if param.requires_grad:
-                (decay if param.ndim >= 2 else no_decay).append(param)  # biases and norms: no decay
-        if not decay and not no_decay:
-            raise RuntimeError("no trainable parameters: check the stage's `train` groups")
-        hp = self.hparams
-        optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=hp.lr,
-            betas=tuple(hp.betas),
-        )
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-        warmup = int(math.ceil(hp.warmup_ratio * total))
-        schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer,
-            lambda step: lr_lambda(
-                step, total_steps=total, warmup_steps=warmup, scheduler=hp.scheduler, min_lr_ratio=hp.min_lr_ratio
-            ),
-        )
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+        return configure_from_hparams(self, self.model.parameters())
+
+
+def prediction_row(record: Any, text: str) -> dict[str, Any]:
+    """One sample's prediction with the record fields the evaluation pairs and breaks down by."""
+    return {
+        "question_id": record.id,
+        "prompt": record.question,
+        "text": text,
+        "answer": record.answer,
+        "answer_type": record.answer_type,
+        "task": record.task,
+        "dataset": record.dataset,
+        "modality": record.modality,
+    }
 
 
 def gather_predictions(predictions: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -157,12 +157,19 @@ def cmd_score(args: argparse.Namespace) -> int:
 def cmd_memory(args: argparse.Namespace) -> int:
     import json
 
-    from pipeline.memory import RECIPES, format_memory, recipe_memory
+    from pipeline.config import load_config
+    from pipeline.memory import PAPER_RECIPES, experiment_memory, format_memory, load_recipe
 
-    names = sorted(RECIPES) if args.recipe == "all" else [args.recipe]
+    _quiet_libraries()
+    if args.config:
+        cfg = load_config(args.config, args.overrides, check_paths=False)
+        configs = {cfg.name: cfg}
+    else:
+        names = sorted(PAPER_RECIPES) if args.recipe == "all" else [args.recipe]
+        configs = {name: load_recipe(name, args.overrides) for name in names}
     tables = {
-        name: recipe_memory(
-            name,
+        name: experiment_memory(
+            cfg,
             devices=args.devices,
             strategy=args.strategy,
             precision=args.precision,
@@ -170,7 +177,7 @@ def cmd_memory(args: argparse.Namespace) -> int:
             seq_len=args.seq_len,
             gradient_checkpointing=args.gradient_checkpointing,
         )
-        for name in names
+        for name, cfg in configs.items()
     }
     if args.json:
         print(json.dumps(tables))
@@ -244,16 +251,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_data_command(sub)  # medpipe data check
 
+    from pipeline.memory import PAPER_RECIPES  # imports no torch
+
     memory = sub.add_parser(
         "memory",
-        help="Per-GPU memory of each recipe stage at the papers' model sizes.",
+        help="Per-GPU memory of each stage of an experiment (default: the papers' recipes) at full size.",
         description="Per-GPU memory (weights, gradients, optimizer state, activations) of each "
-        "stage of the papers' recipes, computed from the models' configs on the "
-        "meta device (no GPU, no download). See docs/scaling.md.",
+        "stage of an experiment YAML, or of the papers' shipped recipes (--recipe), computed from the "
+        "models' configs on the meta device (no GPU, no download, no checkpoint needed). See docs/scaling.md.",
     )
-    memory.add_argument(
-        "--recipe", default="all", choices=["all", "uni_med", "med_moe_phi2", "med_moe_stablelm", "medplib"]
-    )
+    memory.add_argument("config", nargs="?", help="experiment YAML (default: the --recipe files in experiments/)")
+    memory.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    memory.add_argument("--recipe", default="all", choices=["all", *sorted(PAPER_RECIPES)])
     memory.add_argument("--devices", type=int, default=8)
     memory.add_argument(
         "--strategy",

@@ -1,4 +1,9 @@
-"""Generation-based evaluation: batched greedy decoding, pairing by id, every protocol, files, MLflow."""
+"""Generation-based evaluation: batched greedy decoding, pairing by id, every protocol, files, MLflow.
+
+The one place the reported metrics are computed: the module's test step only collects predictions; they
+are de-duplicated by id (DistributedSampler pads the last batches with repeated samples) and scored here.
+The headline numbers are logged as ``test/<name>`` and, with every protocol and task, as ``eval/<name>``.
+"""
 
 from __future__ import annotations
 
@@ -14,9 +19,11 @@ from omegaconf import DictConfig
 from datamodules.records import Record
 from lightningmodules.metrics.baselines import majority_predictions
 from lightningmodules.metrics.grounding_summary import grounding_summary, region_vqa_summary
-from lightningmodules.metrics.pairing import Pair, Reference, dedupe_by_id, pair_by_id
+from lightningmodules.metrics.pairing import Pair, Reference, pair_by_id
 from lightningmodules.metrics.report import evaluation_report, flat_metrics, format_report
 from lightningmodules.vlm_module import VLMModule
+from medcore.ids import dedupe_by_id
+from pipeline.stages import evaluation_module
 from pipeline.trainer_factory import build_trainer
 
 log = logging.getLogger("medpipe")
@@ -83,13 +90,8 @@ def evaluate_model(
     dm = connect(build_datamodule(cfg, eval_sets), built)
     dm.prepare_data()
     if module is None:
-        from lightningmodules.grounding_module import vlm_module_class
-
-        module = vlm_module_class(cfg)(
-            model=built.model, tokenizer=built.tokenizer, max_new_tokens=cfg.evaluation.max_new_tokens
-        )
-    if hasattr(module, "overlay_dir"):  # grounded model: predicted / true mask overlays
-        module.overlay_dir = out_dir / "overlays"
+        module = evaluation_module(cfg, built)
+    module.prepare_evaluation(out_dir)
     trainer = build_trainer(cfg.trainer, logger=tracker.lightning_logger(run_id), root_dir=out_dir)
     trainer.test(module, dataloaders=dm.generation_dataloader(split), verbose=False)
     if not trainer.is_global_zero:
@@ -122,12 +124,18 @@ def evaluate_model(
     (out_dir / "metrics.json").write_text(json.dumps(summary, indent=2))
     (out_dir / "report.md").write_text(format_report(report))
     tracker.log_metrics(
-        run_id, {**{f"eval/{k}": v for k, v in metrics.items()}, **{f"baseline/{k}": v for k, v in baseline.items()}}
+        run_id,
+        {
+            **{f"test/{k}": metrics[k] for k in HEADLINE if k in metrics},
+            **{f"eval/{k}": v for k, v in metrics.items()},
+            **{f"baseline/{k}": v for k, v in baseline.items()},
+        },
     )
     for name in ("predictions.jsonl", "metrics.json", "report.md"):
         tracker.log_file(run_id, out_dir / name, "evaluation")
-    for overlay in getattr(module, "overlays", []):  # png: prediction red, target green, overlap yellow
-        tracker.log_file(run_id, overlay, "evaluation/overlays")
+    for folder, files in module.evaluation_artifacts().items():  # grounded models: mask overlays
+        for path in files:
+            tracker.log_file(run_id, path, folder)
     by_id = {r.id: r for r in records}
     tracker.log_table(
         run_id,

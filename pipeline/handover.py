@@ -48,6 +48,15 @@ def load_handover(path: str | Path) -> dict[str, Any]:
     return data
 
 
+def handover_structure(path: str | Path) -> list[dict[str, Any]]:
+    """The structure entries a hand-over records, without reading its weights (memory-mapped)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: hand-over checkpoint not found")
+    data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    return list(data.get("meta", {}).get("structure", [])) if isinstance(data, dict) else []
+
+
 def restore(model: nn.Module, path: str | Path) -> dict[str, Any]:
     """Load a hand-over into ``model``; a missing or unexpected key is an error naming it."""
     data = load_handover(path)

@@ -1,11 +1,14 @@
-"""Build the model parts from the model config: every part through ``from_pretrained``."""
+"""Build the model parts from the model config: every part through ``from_pretrained`` (training), or the
+same shapes from the checkpoints' configs (``weights="none"``: ``medpipe params`` / ``memory``)."""
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
+import torch
 from omegaconf import DictConfig
 from torch import nn
 
@@ -13,12 +16,22 @@ from datamodules.images import ImageTransform
 from lightningmodules.models.aggregation import TokenAggregation
 from lightningmodules.models.cmoe import CMoEConnector
 from lightningmodules.models.connector import LinearConnector, MLPConnector
-from lightningmodules.models.language import IMAGE_TOKEN, load_causal_lm, load_tokenizer
+from lightningmodules.models.language import IMAGE_TOKEN, causal_lm_from_config, load_causal_lm, load_tokenizer
 from lightningmodules.models.multimodal import MultimodalLM
-from lightningmodules.models.tiny import resolve_model_path
-from lightningmodules.models.vision import VisionTower, load_vision_model
-from lightningmodules.models.vision_timm import is_timm_path, load_timm_vision, timm_transform_settings
+from lightningmodules.models.vision import VisionTower, load_vision_model, vision_model_from_config
+from lightningmodules.models.vision_timm import (
+    TimmVisionEncoder,
+    import_timm,
+    load_timm_vision,
+    timm_transform_settings,
+)
+from medcore.paths import TIMM_PREFIX, is_timm_path
+from pipeline.architectures import Architecture, architecture_for
 from pipeline.grounding_factory import build_grounded, grounding_tokens
+from pipeline.zoo import resolve_model_path
+
+Weights = Literal["pretrained", "none"]
+WEIGHTS: tuple[str, ...] = ("pretrained", "none")
 
 
 @dataclass
@@ -27,6 +40,7 @@ class BuiltModel:
     tokenizer: Any
     transform: ImageTransform
     sam_transform: Any = None  # grounded models (model.grounding): SAM's input transform
+    region_grid_size: int | None = None  # grounded models with a region encoder: its patch grid (data side)
 
 
 def build_connector(cfg: DictConfig, *, in_dim: int, out_dim: int) -> nn.Module:
@@ -49,33 +63,43 @@ def build_connector(cfg: DictConfig, *, in_dim: int, out_dim: int) -> nn.Module:
     raise ValueError(f"unknown connector type {cfg.type!r}")
 
 
-def build_model(cfg: DictConfig, *, cache_dir: str | Path | None = None) -> BuiltModel:
-    """Vision tower, connector and causal LM from the ``model`` section of an experiment config."""
-    llm_dir = resolve_model_path(cfg.llm.path, cache_dir)
-    tokenizer = load_tokenizer(
-        llm_dir,
-        extra_special_tokens=[IMAGE_TOKEN] + grounding_tokens(cfg),
-        chat_template=cfg.llm.chat_template,
-        trust_remote_code=cfg.llm.trust_remote_code,
-    )
-    llm = load_causal_lm(
-        llm_dir,
-        vocab_size=len(tokenizer),
-        dtype=cfg.llm.dtype,
-        trust_remote_code=cfg.llm.trust_remote_code,
-        attn_implementation=cfg.llm.attn_implementation,
-    )
+def build_model(
+    cfg: DictConfig,
+    *,
+    cache_dir: str | Path | None = None,
+    weights: Weights = "pretrained",
+    device: str | torch.device | None = None,
+) -> BuiltModel:
+    """Vision tower, connector, causal LM (and MedPLIB's grounding head) from the ``model`` section of an
+    experiment config.
+
+    ``weights="pretrained"`` (training, evaluation): every part from its checkpoint. ``weights="none"``
+    (``medpipe params`` / ``memory``): the same shapes from the checkpoints' configs with fresh weights,
+    no weight file read; a path absent on disk falls back to the built-in architecture its name matches
+    (``pipeline/architectures.py``), logged in one line; without the LLM's tokenizer files ``tokenizer`` is
+    None and the added tokens get the ids after the released vocabulary. ``device``: where parameters are
+    created (``"meta"``: no memory); None keeps the loaders' default.
+    """
+    if weights not in WEIGHTS:
+        raise ValueError(f"weights must be one of {WEIGHTS}, got {weights!r}")
+    for path in _tiny_paths(cfg):  # built (trained and saved) on first use: never under the device context
+        resolve_model_path(path, cache_dir)
+    with torch.device(device) if device is not None else contextlib.nullcontext():
+        return _build(cfg, cache_dir=cache_dir, pretrained=weights == "pretrained")
+
+
+def _tiny_paths(cfg: DictConfig) -> list[str]:
+    grounding = cfg.get("grounding")
+    paths = [cfg.llm.path, cfg.vision.path] + ([grounding.sam_path] if grounding is not None else [])
+    return [p for p in paths if str(p).startswith("tiny:")]
+
+
+def _build(cfg: DictConfig, *, cache_dir: str | Path | None, pretrained: bool) -> BuiltModel:
+    extra_tokens = [IMAGE_TOKEN] + grounding_tokens(cfg)
+    llm, tokenizer, token_ids = _language_model(cfg.llm, extra_tokens, cache_dir=cache_dir, pretrained=pretrained)
     if cfg.llm.gradient_checkpointing:
         llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if is_timm_path(cfg.vision.path):  # e.g. Uni-Med's EVA-CLIP ViT-g/14 (optional extra medpipe[timm])
-        encoder = load_timm_vision(
-            cfg.vision.path, checkpoint=cfg.vision.checkpoint, select_layer=cfg.vision.select_layer
-        )
-        transform = ImageTransform(**timm_transform_settings(encoder), pad_square=cfg.vision.pad_square)
-    else:
-        vision_dir = resolve_model_path(cfg.vision.path, cache_dir)
-        encoder = load_vision_model(vision_dir)
-        transform = ImageTransform.from_pretrained(vision_dir, pad_square=cfg.vision.pad_square)
+    encoder, transform = _vision_encoder(cfg.vision, cache_dir=cache_dir, pretrained=pretrained)
     vision = VisionTower(
         encoder=encoder, select_layer=cfg.vision.select_layer, select_feature=cfg.vision.select_feature, frozen=True
     )
@@ -87,12 +111,93 @@ def build_model(cfg: DictConfig, *, cache_dir: str | Path | None = None) -> Buil
         aggregation=aggregation,
         connector=connector,
         llm=llm,
-        image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        image_token_id=token_ids[IMAGE_TOKEN],
         num_image_tokens=num_tokens,
     )
     if cfg.get("grounding") is not None:  # MedPLIB: SAM grounding head + region adapter
         model, sam_transform = build_grounded(
-            cfg.grounding, model, tokenizer=tokenizer, transform=transform, cache_dir=cache_dir
+            cfg.grounding,
+            model,
+            token_ids=token_ids,
+            cache_dir=cache_dir,
+            weights="pretrained" if pretrained else "none",
         )
-        return BuiltModel(model=model, tokenizer=tokenizer, transform=transform, sam_transform=sam_transform)
+        return BuiltModel(
+            model=model,
+            tokenizer=tokenizer,
+            transform=transform,
+            sam_transform=sam_transform,
+            region_grid_size=None if model.region is None else model.region.grid_size,
+        )
     return BuiltModel(model=model, tokenizer=tokenizer, transform=transform)
+
+
+def _language_model(
+    cfg: DictConfig, extra_tokens: list[str], *, cache_dir: str | Path | None, pretrained: bool
+) -> tuple[nn.Module, Any, dict[str, int]]:
+    """``(llm, tokenizer, ids of extra_tokens)`` for ``model.llm`` (tokenizer None: a built-in architecture)."""
+    llm_dir = resolve_model_path(cfg.path, cache_dir)
+    options = {
+        "dtype": cfg.dtype,
+        "trust_remote_code": cfg.trust_remote_code,
+        "attn_implementation": cfg.attn_implementation,
+    }
+    if not pretrained and not llm_dir.is_dir():
+        architecture = architecture_for("model.llm.path", cfg.path, "llm")
+        token_ids = {token: architecture.tokenizer_size + i for i, token in enumerate(extra_tokens)}
+        vocab_size = architecture.tokenizer_size + len(extra_tokens)
+        return causal_lm_from_config(architecture.hf_config(), vocab_size=vocab_size, **options), None, token_ids
+    tokenizer = load_tokenizer(
+        llm_dir,
+        extra_special_tokens=extra_tokens,
+        chat_template=cfg.chat_template,
+        trust_remote_code=cfg.trust_remote_code,
+    )
+    token_ids = {token: tokenizer.convert_tokens_to_ids(token) for token in extra_tokens}
+    if pretrained:
+        return load_causal_lm(llm_dir, vocab_size=len(tokenizer), **options), tokenizer, token_ids
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(llm_dir, trust_remote_code=cfg.trust_remote_code)
+    return causal_lm_from_config(config, vocab_size=len(tokenizer), **options), tokenizer, token_ids
+
+
+def _vision_encoder(
+    cfg: DictConfig, *, cache_dir: str | Path | None, pretrained: bool
+) -> tuple[nn.Module, ImageTransform]:
+    """The vision encoder of ``model.vision`` and its image transform."""
+    if is_timm_path(cfg.path):  # e.g. Uni-Med's EVA-CLIP ViT-g/14 (optional extra medpipe[timm])
+        if pretrained:
+            encoder = load_timm_vision(cfg.path, checkpoint=cfg.checkpoint, select_layer=cfg.select_layer)
+            return encoder, ImageTransform(**timm_transform_settings(encoder), pad_square=cfg.pad_square)
+        try:
+            timm = import_timm()
+        except ImportError:
+            architecture = architecture_for(
+                "model.vision.path", cfg.path, "vision", reason="needs timm (not installed)"
+            )
+            return vision_model_from_config(architecture.hf_config()), _preset_transform(architecture, cfg.pad_square)
+        model = timm.create_model(cfg.path.removeprefix(TIMM_PREFIX), pretrained=False, num_classes=0)
+        encoder = TimmVisionEncoder(model, select_layer=cfg.select_layer)
+        return encoder, ImageTransform(**timm_transform_settings(encoder), pad_square=cfg.pad_square)
+    vision_dir = resolve_model_path(cfg.path, cache_dir)
+    if pretrained:
+        return load_vision_model(vision_dir), ImageTransform.from_pretrained(vision_dir, pad_square=cfg.pad_square)
+    if vision_dir.is_dir():
+        from transformers import AutoConfig
+
+        encoder = vision_model_from_config(AutoConfig.from_pretrained(vision_dir))
+        return encoder, ImageTransform.from_pretrained(vision_dir, pad_square=cfg.pad_square)
+    architecture = architecture_for("model.vision.path", cfg.path, "vision")
+    return vision_model_from_config(architecture.hf_config()), _preset_transform(architecture, cfg.pad_square)
+
+
+def _preset_transform(architecture: Architecture, pad_square: bool) -> ImageTransform:
+    size = architecture.image_size
+    return ImageTransform(
+        size={"shortest_edge": size},
+        crop_size={"height": size, "width": size},
+        image_mean=architecture.image_mean,
+        image_std=architecture.image_std,
+        pad_square=pad_square,
+    )

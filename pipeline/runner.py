@@ -1,4 +1,9 @@
-"""The stage runner: for each stage build, restore, train, hand over; then evaluate."""
+"""The stage runner: for each stage build, restore, train, hand over; then evaluate.
+
+What differs between stages (structure, trainable groups, LightningModule, callbacks, artifacts, whether
+it is evaluated) is decided by its ``Stage`` object (``pipeline/stages/``); the runner owns the run state:
+resume, MLflow runs and hand-overs.
+"""
 
 from __future__ import annotations
 
@@ -7,31 +12,30 @@ import logging
 import os
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 from omegaconf import DictConfig, OmegaConf
+from torch import nn
 
 from datamodules.datamodule import VQADataModule
-from datamodules.specs import TASKS
-from lightningmodules.grounding_module import vlm_module_class
-from lightningmodules.vlm_module import NonFiniteLossError, VLMModule
-from pipeline.callbacks import LossHistory, RoutingHeatmap
+from lightningmodules.vlm_module import NonFiniteLossError
+from pipeline.callbacks import LossHistory
 from pipeline.checkpointing import DataPosition, RngState, StageCheckpoint, last_checkpoint
 from pipeline.config import ConfigError
 from pipeline.evaluation import EvalResult, evaluate_model
 from pipeline.fingerprints import dataset_fingerprints, fingerprint_params
-from pipeline.gradient_conflict import GradientConflict
 from pipeline.handover import restore, save_handover
 from pipeline.model_factory import BuiltModel, build_model
-from pipeline.moe_stage import adjust_trainable, log_stage_artifacts, prepare_stage, stage_module
 from pipeline.plots import learning_curve
 from pipeline.reproducibility import cpu_numerics, kernel_fingerprint
 from pipeline.run_state import RunState, StageState, describe, save_run_state, state_for_resume
+from pipeline.stages import Stage, stage_for
 from pipeline.tracking import Tracker, check_tracking_uri, hardware_tags
-from pipeline.trainable import add_lora, merge_lora, set_trainable
+from pipeline.trainable import merge_lora
 from pipeline.trainer_factory import build_trainer
 
 log = logging.getLogger("medpipe")
@@ -99,7 +103,8 @@ def connect(dm: VQADataModule, built: BuiltModel) -> VQADataModule:
         built.tokenizer,
         built.transform,
         num_image_tokens=built.model.num_image_tokens,
-        **({"sam_transform": built.sam_transform} if getattr(built, "sam_transform", None) else {}),
+        sam_transform=built.sam_transform,
+        region_grid_size=built.region_grid_size,
     )
 
 
@@ -126,7 +131,12 @@ def package_tags() -> dict[str, str]:
     return tags
 
 
-def stage_init(cfg: DictConfig, index: int, name: str, done: list[StageResult]) -> Path | None:
+# called with (stage name, model) once the model is prepared, before training: tests snapshot the weights
+StageStartHook = Callable[[str, nn.Module], None]
+
+
+def stage_init(cfg: DictConfig, name: str, done: list[StageResult]) -> Path | None:
+    """The hand-over stage ``name`` starts from: ``init_from`` (a stage name or a file), else the previous stage's."""
     init = cfg.stages[name].init_from
     by_name = {s.name: s.handover for s in done}
     if init is None:
@@ -134,48 +144,14 @@ def stage_init(cfg: DictConfig, index: int, name: str, done: list[StageResult]) 
     return by_name.get(init, Path(init))
 
 
-def run_stage(
-    cfg: DictConfig,
-    name: str,
-    *,
-    init: Path | None,
-    tracker: Tracker,
-    out_dir: Path,
-    handovers: dict[str, Path] | None = None,
-    state: RunState | None = None,
-) -> StageResult:
-    stage = cfg.stages[name]
-    start = time.perf_counter()
-    L.seed_everything(cfg.seed, workers=True, verbose=False)
-    built = build_model(cfg.model, cache_dir=cfg.cache_dir)
-    if init is not None:
-        restore(built.model, init)
-        log.info("stage %s: starting from %s", name, init)
-    prepare_stage(cfg, name, built.model, handovers or {})  # router classifier / MoE layers (moe_stage.py)
-    if stage.lora is not None:
-        add_lora(built.model, stage.lora)
-    trainable = adjust_trainable(cfg, name, built.model, set_trainable(built.model, list(stage.train)))
-    log.info("stage %s: training %s", name, ", ".join(f"{g} ({n:,} params)" for g, n in trainable.items()))
-
-    dm = connect(build_datamodule(cfg, list(stage.datasets) if stage.datasets else None), built)
-    optim = stage.optim
-    module = stage_module(cfg, name, built.model) or vlm_module_class(cfg, stage)(  # router: RouterModule
-        model=built.model,
-        tokenizer=built.tokenizer,
-        lr=optim.lr,
-        weight_decay=optim.weight_decay,
-        betas=tuple(optim.betas),
-        warmup_ratio=optim.warmup_ratio,
-        scheduler=optim.scheduler,
-        min_lr_ratio=optim.min_lr_ratio,
-        max_new_tokens=cfg.evaluation.max_new_tokens,
-        task_names=list(TASKS),
-    )
-    state = state or RunState(name=cfg.name)
+def start_stage_run(
+    cfg: DictConfig, name: str, *, tracker: Tracker, state: RunState, out_dir: Path
+) -> tuple[str | None, Path | None, bool]:
+    """The stage's MLflow run (resumed when this stage had started before the run stopped) and the checkpoint
+    to continue from; records the run id in the run state. Returns (run id, checkpoint or None, resuming)."""
     stage_state = state.stage(name)
-    ckpt_dir = out_dir / "stages" / name / "checkpoints"
-    resuming = bool(cfg.resume and stage_state.run_id)  # this stage had started before the run stopped
-    ckpt = last_checkpoint(ckpt_dir) if resuming else None
+    resuming = bool(cfg.resume and stage_state.run_id)
+    ckpt = last_checkpoint(out_dir / "stages" / name / "checkpoints") if resuming else None
     if resuming:
         run_id = tracker.resume_child(stage_state.run_id)
         log.info("stage %s: resuming MLflow run %s from %s", name, stage_state.run_id, ckpt or "its start")
@@ -183,46 +159,69 @@ def run_stage(
         run_id = tracker.start_child(run_name=name, tags={"stage": name})
     stage_state.run_id = run_id or stage_state.run_id
     save_run_state(state, out_dir, is_writer=tracker.enabled)
+    return run_id, ckpt, resuming
+
+
+def checkpoint_callbacks(cfg: DictConfig, ckpt_dir: Path) -> list[L.Callback]:
+    """Atomic ``last.ckpt`` with the data position and RNG states (``trainer.save_checkpoints``)."""
+    if not cfg.trainer.save_checkpoints:
+        return []
+    return [StageCheckpoint(ckpt_dir, every_n_steps=cfg.trainer.checkpoint_every_n_steps), DataPosition(), RngState()]
+
+
+def run_stage(
+    cfg: DictConfig,
+    stage: Stage,
+    *,
+    init: Path | None,
+    tracker: Tracker,
+    out_dir: Path,
+    handovers: dict[str, Path] | None = None,
+    state: RunState | None = None,
+    on_stage_start: StageStartHook | None = None,
+) -> StageResult:
+    name, stage_dir = stage.name, out_dir / "stages" / stage.name
+    start = time.perf_counter()
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    built = build_model(cfg.model, cache_dir=cfg.cache_dir)
+    if init is not None:
+        restore(built.model, init)
+        log.info("stage %s: starting from %s", name, init)
+    stage.prepare(built.model, handovers or {})
+    trainable = stage.set_trainable(built.model)
+    log.info("stage %s: training %s", name, ", ".join(f"{g} ({n:,} params)" for g, n in trainable.items()))
+    if on_stage_start is not None:
+        on_stage_start(name, built.model)
+
+    dm = connect(build_datamodule(cfg, list(stage.config.datasets) if stage.config.datasets else None), built)
+    module = stage.module(built)
+    state = state or RunState(name=cfg.name)
+    run_id, ckpt, resuming = start_stage_run(cfg, name, tracker=tracker, state=state, out_dir=out_dir)
     history = LossHistory()
-    callbacks = [history, *routing_callbacks(module, tracker=tracker, run_id=run_id, stage=name)]
-    conflict = cfg.analysis.grad_conflict
-    if conflict.every_n_steps and stage.kind != "router":
-        callbacks.append(
-            GradientConflict(
-                every_n_steps=conflict.every_n_steps,
-                samples_per_task=conflict.samples_per_task,
-                groups=list(conflict.groups),
-                tracker=tracker,
-                run_id=run_id,
-            )
-        )
-    if cfg.trainer.save_checkpoints:
-        callbacks += [
-            StageCheckpoint(ckpt_dir, every_n_steps=cfg.trainer.checkpoint_every_n_steps),
-            DataPosition(),
-            RngState(),
-        ]
+    callbacks = [
+        history,
+        *stage.callbacks(module, tracker=tracker, run_id=run_id),
+        *checkpoint_callbacks(cfg, stage_dir / "checkpoints"),
+    ]
     trainer = build_trainer(
         cfg.trainer,
-        max_epochs=stage.max_epochs,
-        max_steps=stage.max_steps,
+        max_epochs=stage.config.max_epochs,
+        max_steps=stage.config.max_steps,
         logger=tracker.lightning_logger(run_id),
         callbacks=callbacks,
-        root_dir=out_dir / "stages" / name,
+        root_dir=stage_dir,
         enable_checkpointing=cfg.trainer.save_checkpoints,
     )
     with tracker.system_metrics(run_id, cfg.mlflow.system_metrics, cfg.mlflow.system_metrics_interval, resume=resuming):
         try:
             trainer.fit(module, datamodule=dm, ckpt_path=str(ckpt) if ckpt else None)
         except NonFiniteLossError as e:
-            kept = last_checkpoint(ckpt_dir)
+            kept = last_checkpoint(stage_dir / "checkpoints")
             raise NonFiniteLossError(f"stage {name}: {e}; last good checkpoint: {kept or 'none written yet'}") from None
     log_stage_records(tracker, run_id, dm, history, name)
-    log_stage_artifacts(tracker, run_id, module, name, out_dir / "stages" / name)
+    stage.log_artifacts(module, tracker=tracker, run_id=run_id, out_dir=stage_dir)
     merge_lora(built.model)
-    handover = save_handover(
-        built.model, out_dir / "stages" / name / "handover.pt", stage=name, meta={"trainable": trainable}
-    )
+    handover = save_handover(built.model, stage_dir / "handover.pt", stage=name, meta={"trainable": trainable})
     result = StageResult(
         name=name,
         handover=handover,
@@ -233,12 +232,13 @@ def run_stage(
         trainable=trainable,
         epoch_losses=history.epoch_losses,
     )
+    stage_state = state.stage(name)
     stage_state.handover, stage_state.trainable = str(handover), dict(trainable)
     stage_state.losses, stage_state.val_losses = list(history.losses), list(history.val_losses)
     stage_state.epoch_losses = list(history.epoch_losses)
-    if cfg.evaluation.enabled and cfg.evaluation.after_each_stage and stage.kind != "router":  # LLM unchanged
+    if cfg.evaluation.enabled and cfg.evaluation.after_each_stage and stage.evaluated:
         result.evaluation = evaluate_model(
-            cfg, built, tracker=tracker, run_id=run_id, out_dir=out_dir / "stages" / name / "eval", module=module
+            cfg, built, tracker=tracker, run_id=run_id, out_dir=stage_dir / "eval", module=module
         )
     result.seconds = stage_state.seconds = time.perf_counter() - start
     stage_state.status = "done"
@@ -261,13 +261,6 @@ def finished_stage(name: str, stage_state: StageState) -> StageResult | None:
         epoch_losses=stage_state.epoch_losses,
         trainable=stage_state.trainable,
     )
-
-
-def routing_callbacks(module: VLMModule, *, tracker: Tracker, run_id: str | None, stage: str) -> list[L.Callback]:
-    """The routing heatmap artifact when the connector is a mixture of experts (CMoE)."""
-    if module.routing is None:
-        return []
-    return [RoutingHeatmap(tracker=tracker, run_id=run_id, task_names=list(TASKS), title=f"stage {stage}")]
 
 
 def log_stage_records(tracker: Tracker, run_id: str | None, dm: VQADataModule, history: LossHistory, name: str) -> None:
@@ -308,13 +301,15 @@ def register_final_model(
     return uri
 
 
-def run_experiment(cfg: DictConfig) -> ExperimentResult:
-    """Train every stage in order, each starting from the previous one's hand-over, then evaluate."""
+def run_experiment(cfg: DictConfig, *, on_stage_start: StageStartHook | None = None) -> ExperimentResult:
+    """Train every stage in order, each starting from the previous one's hand-over, then evaluate.
+
+    ``on_stage_start(name, model)`` runs once each stage's model is prepared, before it trains."""
     with cpu_numerics(cfg.trainer):  # before the first tensor operation of the run
-        return _run_experiment(cfg)
+        return _run_experiment(cfg, on_stage_start)
 
 
-def _run_experiment(cfg: DictConfig) -> ExperimentResult:
+def _run_experiment(cfg: DictConfig, on_stage_start: StageStartHook | None) -> ExperimentResult:
     start = time.perf_counter()
     out_dir = Path(cfg.output_dir)
     check_tracking_uri(cfg.mlflow.tracking_uri)
@@ -340,22 +335,22 @@ def _run_experiment(cfg: DictConfig) -> ExperimentResult:
     result = ExperimentResult(parent_run_id=parent)
     status = "FAILED"
     try:
-        for index, name in enumerate(cfg.stages.keys()):
+        for name in cfg.stages.keys():
             done = finished_stage(name, state.stages[name]) if name in state.stages else None
             if done is not None:
                 log.info("stage %s: finished before the resume, hand-over %s", name, done.handover)
                 result.stages.append(done)
                 continue
-            init = stage_init(cfg, index, name, result.stages)
             result.stages.append(
                 run_stage(
                     cfg,
-                    name,
-                    init=init,
+                    stage_for(cfg, name),
+                    init=stage_init(cfg, name, result.stages),
                     tracker=tracker,
                     out_dir=out_dir,
                     handovers={s.name: s.handover for s in result.stages},
                     state=state,
+                    on_stage_start=on_stage_start,
                 )
             )
         if cfg.evaluation.enabled and not cfg.evaluation.after_each_stage:

@@ -9,6 +9,11 @@ weights, so the next stage, ``medpipe evaluate`` and registry loading all see th
 Replaying only rebuilds shapes (experts are copies of the dense FFN, routers random): the weights
 come from the hand-over right after.
 
+``stage_structure(cfg, stage)`` derives a stage's entries from the config alone; the runner applies them
+(with the router classifier and source LLMs it has), ``medpipe params`` / ``memory`` replay them on the
+model built without weights (``structure_after``), and ``restore`` replays a hand-over's recorded list:
+every path goes through :func:`apply_entry`.
+
 Entries (JSON-able, loadable with ``torch.load(weights_only=True)``):
 
     {"kind": "modality_classifier", "modalities": ["CT", "MRI", ...]}
@@ -21,6 +26,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from omegaconf import DictConfig
 from torch import nn
 
 from lightningmodules.models.modality_router import ModalityClassifier
@@ -60,21 +66,26 @@ def add_modality_classifier(model: nn.Module, modalities: Sequence[str]) -> Moda
     return classifier
 
 
+DEFAULT_NUM_EXPERTS = 4  # moe.num_experts unset and no moe.sources
+
+
 def moe_entry(
     *,
-    layers: list[int],
-    num_experts: int,
-    top_k: int,
-    meta_expert: bool,
-    renormalize: bool,
-    capacity_factor: float | None,
-    aux_loss_coef: float,
-    z_loss_coef: float,
+    layers: Any = "every_other",
+    num_experts: int = DEFAULT_NUM_EXPERTS,
+    top_k: int = 1,
+    meta_expert: bool = True,
+    renormalize: bool = False,
+    capacity_factor: float | None = None,
+    aux_loss_coef: float = 0.0,
+    z_loss_coef: float = 0.0,
     jitter: float = 0.0,
 ) -> dict[str, Any]:
+    """An ``moe`` entry; ``layers``: ``every_other`` / ``all`` (resolved against the model when applied) or
+    decoder layer indices (what the model records)."""
     return {
         "kind": "moe",
-        "layers": [int(i) for i in layers],
+        "layers": layers if isinstance(layers, str) else [int(i) for i in layers],
         "num_experts": int(num_experts),
         "top_k": int(top_k),
         "meta_expert": bool(meta_expert),
@@ -86,80 +97,132 @@ def moe_entry(
     }
 
 
+def stage_structure(cfg: DictConfig, name: str) -> list[dict[str, Any]]:
+    """The entries stage ``name`` adds to the model it starts from, from the config alone: the modality
+    classifier of a router stage, the MoE layers of an ``moe`` block (experts from ``moe.sources`` have
+    the shapes of upcycled ones: the stage passes the source LLMs to :func:`apply_entry`)."""
+    stage = cfg.stages[name]
+    entries = []
+    if stage.router is not None:  # only router stages have a router section (config validation)
+        entries.append({"kind": "modality_classifier", "modalities": list(stage.router.modalities)})
+    moe = stage.moe
+    if moe is not None:
+        entries.append(
+            moe_entry(
+                layers=moe.layers if isinstance(moe.layers, str) else list(moe.layers),
+                num_experts=moe.num_experts or len(moe.sources or []) or DEFAULT_NUM_EXPERTS,
+                top_k=moe.top_k,
+                meta_expert=moe.meta_expert,
+                renormalize=moe.renormalize,
+                capacity_factor=moe.capacity_factor,
+                aux_loss_coef=moe.aux_loss_coef,
+                z_loss_coef=moe.z_loss_coef,
+                jitter=moe.jitter,
+            )
+        )
+    return entries
+
+
+def structure_after(cfg: DictConfig, name: str) -> list[dict[str, Any]]:
+    """The entries of the model after stage ``name`` trained: those of the model it starts from (its
+    ``init_from`` stage, else the previous stage; a hand-over file's own list) plus its own."""
+    names = list(cfg.stages.keys())
+    if name not in names:
+        raise ValueError(f"stage {name!r} is not in the config (stages: {', '.join(names)})")
+    init = cfg.stages[name].init_from
+    if init in names:
+        start = structure_after(cfg, init)
+    elif init is not None:
+        from pipeline.handover import handover_structure
+
+        start = handover_structure(init)
+    else:
+        index = names.index(name)
+        start = structure_after(cfg, names[index - 1]) if index else []
+    return start + stage_structure(cfg, name)
+
+
 def add_moe(
     model: nn.Module,
     *,
-    layers: Any = "every_other",
-    num_experts: int = 4,
-    top_k: int = 1,
-    meta_expert: bool = True,
-    renormalize: bool = False,
-    capacity_factor: float | None = None,
-    aux_loss_coef: float = 0.0,
-    z_loss_coef: float = 0.0,
-    jitter: float = 0.0,
+    router_init: nn.Linear | None = None,
+    sources: Sequence[nn.Module] | None = None,
+    **fields: Any,
+) -> dict[str, Any]:
+    """Turn decoder FFNs of ``model.llm`` into MoE layers: :func:`apply_entry` of ``moe_entry(**fields)``."""
+    if sources:
+        fields["num_experts"] = len(sources)
+    return apply_entry(model, moe_entry(**fields), router_init=router_init, sources=sources)
+
+
+def _apply_modality_classifier(model: nn.Module, entry: dict[str, Any], **_: Any) -> dict[str, Any]:
+    add_modality_classifier(model, entry["modalities"])
+    return model_structure(model)[-1]
+
+
+def _apply_moe(
+    model: nn.Module,
+    entry: dict[str, Any],
+    *,
     router_init: nn.Linear | None = None,
     sources: Sequence[nn.Module] | None = None,
 ) -> dict[str, Any]:
-    """Turn the selected decoder FFNs of ``model.llm`` into MoE layers and record the entry.
-
-    Without ``sources`` the experts are ``num_experts`` copies of each dense FFN (Med-MoE upcycling);
+    """Without ``sources`` the experts are ``num_experts`` copies of each dense FFN (Med-MoE upcycling);
     with ``sources`` (causal LMs of the same architecture, e.g. MedPLIB's stage-II and stage-III LLMs)
-    expert e of layer i is ``sources[e]``'s FFN i (``convert_from_sources``). ``meta_expert`` keeps the
-    model's own FFN always on. ``router_init``: a classifier ``Linear(D, E)`` copied into every router.
-    """
+    expert e of layer i is ``sources[e]``'s FFN i. ``meta_expert`` keeps the model's own FFN always on;
+    ``router_init``: a classifier ``Linear(D, E)`` copied into every router."""
     from lightningmodules.models.moe import convert_from_sources, convert_to_moe
 
+    fields = moe_entry(**{k: v for k, v in entry.items() if k != "kind"})  # hand-overs before jitter lack it
     common = {
-        "top_k": top_k,
-        "meta_expert": meta_expert,
-        "renormalize": renormalize,
+        "top_k": fields["top_k"],
+        "meta_expert": fields["meta_expert"],
+        "renormalize": fields["renormalize"],
         "router_init": router_init,
-        "capacity_factor": capacity_factor,
-        "load_balance_coef": aux_loss_coef,
-        "z_loss_coef": z_loss_coef,
-        "jitter": jitter,
+        "capacity_factor": fields["capacity_factor"],
+        "load_balance_coef": fields["aux_loss_coef"],
+        "z_loss_coef": fields["z_loss_coef"],
+        "jitter": fields["jitter"],
     }
-    layers = list(layers) if not isinstance(layers, str) else layers
     if sources:
-        num_experts = len(sources)
-        replaced = convert_from_sources(model.llm, list(sources), layers=layers, **common)
+        if len(sources) != fields["num_experts"]:
+            raise ValueError(f"{len(sources)} source LLMs for an moe entry of {fields['num_experts']} experts")
+        replaced = convert_from_sources(model.llm, list(sources), layers=fields["layers"], **common)
     else:
-        replaced = convert_to_moe(model.llm, layers=layers, num_experts=num_experts, **common)
-    entry = moe_entry(
-        layers=replaced,
-        num_experts=num_experts,
-        top_k=top_k,
-        meta_expert=meta_expert,
-        renormalize=renormalize,
-        capacity_factor=capacity_factor,
-        aux_loss_coef=aux_loss_coef,
-        z_loss_coef=z_loss_coef,
-        jitter=jitter,
-    )
-    return _record(model, entry)
+        replaced = convert_to_moe(model.llm, layers=fields["layers"], num_experts=fields["num_experts"], **common)
+    return _record(model, {**fields, "layers": [int(i) for i in replaced]})
 
 
-def apply_entry(model: nn.Module, entry: dict[str, Any]) -> None:
-    """Rebuild one recorded change (shapes only; the weights are loaded afterwards)."""
-    kind = entry.get("kind")
-    if kind == "modality_classifier":
-        add_modality_classifier(model, entry["modalities"])
-    elif kind == "moe":
-        add_moe(
-            model,
-            layers=entry["layers"],
-            num_experts=entry["num_experts"],
-            top_k=entry["top_k"],
-            meta_expert=entry["meta_expert"],
-            renormalize=entry["renormalize"],
-            capacity_factor=entry["capacity_factor"],
-            aux_loss_coef=entry["aux_loss_coef"],
-            z_loss_coef=entry["z_loss_coef"],
-            jitter=entry.get("jitter", 0.0),
-        )
-    else:
-        raise ValueError(f"unknown model structure entry {entry!r} (this medpipe knows modality_classifier, moe)")
+_APPLY = {"modality_classifier": _apply_modality_classifier, "moe": _apply_moe}
+
+
+def apply_entry(
+    model: nn.Module,
+    entry: dict[str, Any],
+    *,
+    router_init: nn.Linear | None = None,
+    sources: Sequence[nn.Module] | None = None,
+) -> dict[str, Any]:
+    """Apply one entry to ``model`` and record it (MoE layers as resolved indices); returns the recorded
+    entry. Replayed without ``router_init`` / ``sources`` it rebuilds shapes only (routers random, experts
+    copies of the dense FFN): a hand-over's weights are loaded right after."""
+    apply = _APPLY.get(entry.get("kind"))
+    if apply is None:
+        raise ValueError(f"unknown model structure entry {entry!r} (this medpipe knows {', '.join(_APPLY)})")
+    return apply(model, entry, router_init=router_init, sources=sources)
+
+
+def apply_stage_structure(
+    cfg: DictConfig,
+    name: str,
+    model: nn.Module,
+    *,
+    router_init: nn.Linear | None = None,
+    sources: Sequence[nn.Module] | None = None,
+) -> list[dict[str, Any]]:
+    """Apply :func:`stage_structure` of stage ``name`` to ``model``; ``router_init`` / ``sources`` go to its
+    MoE entry (without them: shapes only). Returns the recorded entries."""
+    return [apply_entry(model, entry, router_init=router_init, sources=sources) for entry in stage_structure(cfg, name)]
 
 
 def apply_structure(model: nn.Module, entries: Sequence[dict[str, Any]], *, source: str = "hand-over") -> int:

@@ -109,18 +109,19 @@ def grounding_parameter_groups(model: MultimodalLM) -> dict[str, list[str]]:
     return {"grounding": grounding, "region": region, "embeddings": embeddings}
 
 
-def set_trainable(model: MultimodalLM, groups: list[str]) -> dict[str, int]:
-    """Train exactly the listed groups; returns trainable parameter counts per group."""
+def set_trainable(
+    model: MultimodalLM, groups: list[str], *, frozen: list[str] | tuple[str, ...] = ()
+) -> dict[str, int]:
+    """Train exactly the listed groups, less the parameters of the ``frozen`` groups (MoE routers inside
+    ``llm``); returns trainable parameter counts per group."""
     names = parameter_groups(model)
-    unknown = set(groups) - set(names)
+    unknown = (set(groups) | set(frozen)) - set(names)
     if unknown:
         raise ValueError(f"unknown parameter groups {sorted(unknown)}; known: {sorted(names)}")
-    wanted = {n for g in groups for n in names[g]}
-    counts = {g: 0 for g in groups}
+    wanted = {n for g in groups for n in names[g]} - {n for g in frozen for n in names[g]}
     for name, param in model.named_parameters():
         param.requires_grad_(name in wanted)
     params = dict(model.named_parameters())
-    for g in groups:
-        counts[g] = sum(params[n].numel() for n in names[g])
+    counts = {g: sum(params[n].numel() for n in names[g] if n in wanted) for g in groups}
     model.vision.frozen = "vision" not in groups
     return counts

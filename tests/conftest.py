@@ -37,14 +37,14 @@ def cache_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_llama(cache_dir: Path) -> Path:
-    from lightningmodules.models.tiny import ensure_tiny
+    from pipeline.zoo import ensure_tiny
 
     return ensure_tiny("llama", cache_dir)
 
 
 @pytest.fixture(scope="session")
 def tiny_clip(cache_dir: Path) -> Path:
-    from lightningmodules.models.tiny import ensure_tiny
+    from pipeline.zoo import ensure_tiny
 
     return ensure_tiny("clip", cache_dir)
 

@@ -31,22 +31,16 @@ def tiny_demo_overrides(tmp: Path) -> list[str]:
 
 def run_tiny_demo(tmp: Path):
     """Run the tiny two-stage experiment once; snapshot each stage's weights as training starts."""
-    from pipeline import runner
     from pipeline.config import load_config
+    from pipeline.runner import run_experiment
 
     cfg = load_config(DEMO, tiny_demo_overrides(tmp))
     snapshots: dict[int, dict[str, torch.Tensor]] = {}
-    original = runner.set_trainable
 
-    def snapshot_then_set(model, groups):
+    def snapshot(name: str, model: torch.nn.Module) -> None:
         snapshots[len(snapshots)] = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        return original(model, groups)
 
-    runner.set_trainable = snapshot_then_set
-    try:
-        result = runner.run_experiment(cfg)
-    finally:
-        runner.set_trainable = original
+    result = run_experiment(cfg, on_stage_start=snapshot)
     return cfg, result, snapshots, tmp
 
 
@@ -123,21 +117,14 @@ def run_tiny_med_moe(tmp: Path, family: str = "llama"):
 def run_with_snapshots(cfg):
     """Run an experiment on one thread, snapshotting each stage's weights as its training starts (after
     the hand-over is restored and any MoE built): (result, {stage name: state dict})."""
-    from pipeline import runner
+    from pipeline.runner import run_experiment
 
     snapshots: dict[str, dict[str, torch.Tensor]] = {}
-    original = runner.set_trainable
-    names = list(cfg.stages.keys())
 
-    def snapshot_then_set(model, groups):
-        snapshots[names[len(snapshots)]] = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        return original(model, groups)
+    def snapshot(name: str, model: torch.nn.Module) -> None:
+        snapshots[name] = {k: v.detach().clone() for k, v in model.state_dict().items()}
 
-    runner.set_trainable = snapshot_then_set
-    try:
-        result = runner.run_experiment(cfg)  # one thread: tiny.yaml's trainer.num_threads
-    finally:
-        runner.set_trainable = original
+    result = run_experiment(cfg, on_stage_start=snapshot)  # one thread: tiny.yaml's trainer.num_threads
     return result, snapshots
 
 

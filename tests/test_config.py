@@ -44,7 +44,7 @@ def chain(tmp_path: Path) -> Path:
         seed: 1
         data:
           batch_size: 4
-          eval_batch_size: 5
+          num_workers: 5
           max_length: 100
         model:
           connector: {type: linear}
@@ -87,7 +87,7 @@ def test_demo_resolves() -> None:
     assert ds.synthetic.train_images == 240 and ds.synthetic.test_images == 60
     assert ds.synthetic.questions_per_image == 6  # schema default under a file-given section
     assert cfg.data.batch_size == 16  # demo.yaml beats defaults.yaml (8)
-    assert cfg.data.eval_batch_size == 16  # from defaults.yaml
+    assert cfg.data.num_workers == 0  # from defaults.yaml
     assert list(cfg.stages) == ["align", "instruct"]  # stage order kept
     assert list(cfg.stages.align.train) == ["connector"]
     assert cfg.stages.align.lora is None
@@ -125,7 +125,7 @@ def test_precedence_defaults_file_cli(chain: Path) -> None:
     assert cfg.name == "exp"  # file beats base
     assert cfg.seed == 2  # mid beats base
     assert cfg.data.batch_size == 6  # mid beats base
-    assert cfg.data.eval_batch_size == 5  # only in base
+    assert cfg.data.num_workers == 5  # only in base
     assert cfg.data.max_length == 200  # file beats base
     assert cfg.model.connector.type == "linear"  # only in base
     assert cfg.model.connector.aggregation == "none"  # schema default
@@ -134,8 +134,8 @@ def test_precedence_defaults_file_cli(chain: Path) -> None:
     assert cfg.stages.s1.optim.scheduler == "linear"
     assert cfg.stages.s1.optim.warmup_ratio == pytest.approx(0.03)  # schema default inside a stage
 
-    cfg = load_config(chain, ["seed=9", "data.eval_batch_size=7", "name=cli"])
-    assert cfg.seed == 9 and cfg.data.eval_batch_size == 7 and cfg.name == "cli"
+    cfg = load_config(chain, ["seed=9", "data.num_workers=7", "name=cli"])
+    assert cfg.seed == 9 and cfg.data.num_workers == 7 and cfg.name == "cli"
     assert cfg.output_dir == "outputs/cli"
     assert cfg.data.batch_size == 6  # untouched by the overrides
 

@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 def test_a_tiny_build_leaves_the_callers_random_state_as_it_was(tmp_path: Path) -> None:
     """A cold cache (the build runs here) and a warm one must initialise the run's own weights identically."""
-    from lightningmodules.models.tiny import cache_key, ensure_tiny
+    from pipeline.zoo import cache_key, ensure_tiny
 
     def draws() -> tuple[list[float], float, float]:
         return torch.rand(4).tolist(), float(np.random.rand()), random.random()
@@ -38,18 +38,18 @@ def test_a_tiny_build_leaves_the_callers_random_state_as_it_was(tmp_path: Path) 
 
 
 def test_the_cache_key_follows_what_decides_the_build(monkeypatch: pytest.MonkeyPatch) -> None:
-    from lightningmodules.models import tiny
+    from pipeline.zoo import cache
 
-    base = tiny.cache_key("clip")
-    assert tiny.cache_key("clip") == base  # stable
-    monkeypatch.setattr(tiny, "BUILD_THREADS", 2)
-    assert tiny.cache_key("clip") != base
-    monkeypatch.setattr(tiny, "BUILD_THREADS", 1)
+    base = cache.cache_key("clip")
+    assert cache.cache_key("clip") == base  # stable
+    monkeypatch.setattr(cache, "BUILD_THREADS", 2)
+    assert cache.cache_key("clip") != base
+    monkeypatch.setattr(cache, "BUILD_THREADS", 1)
     monkeypatch.setenv("MKL_CBWR", "COMPATIBLE")
-    assert tiny.cache_key("clip") != base
+    assert cache.cache_key("clip") != base
     monkeypatch.undo()
-    monkeypatch.setitem(tiny.BUILD_SOURCES, "clip", ("datamodules/synthetic/phantoms.py",))  # one source fewer
-    assert tiny.cache_key("clip") != base
+    monkeypatch.setitem(cache.BUILD_SOURCES, "clip", ("datamodules/synthetic/phantoms.py",))  # one source fewer
+    assert cache.cache_key("clip") != base
 
 
 def test_intra_op_threads_sets_and_restores() -> None:
@@ -66,7 +66,7 @@ def test_run_experiment_applies_num_threads(tmp_path: Path, monkeypatch: pytest.
     from pipeline.config import load_config
 
     seen = []
-    monkeypatch.setattr(runner, "_run_experiment", lambda cfg: seen.append(torch.get_num_threads()))
+    monkeypatch.setattr(runner, "_run_experiment", lambda *args: seen.append(torch.get_num_threads()))
     cfg = load_config(REPO / "experiments" / "demo.yaml", [f"output_dir={tmp_path}", "trainer.num_threads=3"])
     saved = torch.get_num_threads()
     runner.run_experiment(cfg)

@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any
 
-from datamodules.problems import ProblemLog
-from datamodules.readers.json_stream import iter_json_list
+from datamodules.problems import FILE_LEVEL, DataError, Problem, ProblemLog, file_error
 from datamodules.records import closed_if_yes_no
+
+# Annotation files are a few MB (SLAKE's train.json: 14k records); a file past this is not an annotation
+# list, and json.load would hold ~10x its size in Python objects.
+MAX_JSON_BYTES = 512 << 20
+_WHITESPACE = re.compile(r"[ \t\n\r]*")
+_TOP_LEVEL = {"{": "object", '"': "string", "t": "boolean", "f": "boolean", "n": "null"}
 
 # answer_type spellings across the releases -> ours
 ANSWER_TYPE_ALIASES = {
@@ -27,9 +34,59 @@ def record_label(index: int, rid: object | None = None) -> str:
     return str(index) if rid is None else f"{index} (id {rid})"
 
 
-def load_json_list(path: Path) -> list[Any]:
-    """Load a JSON list; malformed JSON or another top-level type is an error naming the file."""
-    return list(iter_json_list(path))
+def load_json_list(path: Path, *, max_bytes: int = MAX_JSON_BYTES) -> list[Any]:
+    """The elements of the JSON list in ``path``.
+
+    A missing, oversized, non-UTF-8 or malformed file, or another top-level type, is a one-line
+    :class:`DataError` naming the file (and, for malformed JSON, the list element and json's line
+    and column).
+    """
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        raise file_error(path, "<file>", "file not found", "missing_file") from None
+    if size > max_bytes:
+        reason = f"{size >> 20} MiB is more than an annotation file's limit of {max_bytes >> 20} MiB"
+        raise file_error(path, "<json>", reason, "file_too_large")
+    try:
+        text = path.read_text(encoding="utf-8-sig")  # files saved by Windows tools may start with a BOM
+    except UnicodeDecodeError as e:
+        raise file_error(path, "<json>", f"not UTF-8 text ({e.reason})", "malformed_json") from None
+    first = text[_WHITESPACE.match(text).end() :][:1]
+    if first != "[":
+        kind = (
+            "an empty file"
+            if not first
+            else _TOP_LEVEL.get(first, "a number" if first in "-0123456789" else repr(first))
+        )
+        raise file_error(path, "<json>", f"expected a JSON list of records, got {kind}", "malformed_json")
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        record = _element_at_error(text)
+        reason = f"malformed JSON at line {e.lineno} column {e.colno}: {e.msg}"
+        problem = Problem(str(path), FILE_LEVEL if record is None else str(record), "<json>", reason, "malformed_json")
+        raise DataError(str(problem), problem) from None
+
+
+def _element_at_error(text: str) -> int | None:
+    """Index of the list element a malformed list breaks in (None: after the list's end)."""
+    decoder = json.JSONDecoder()
+    pos = _WHITESPACE.match(text, text.index("[") + 1).end()
+    if text.startswith("]", pos):
+        return None
+    index = 0
+    while True:
+        try:
+            _, end = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError:
+            return index
+        pos = _WHITESPACE.match(text, end).end()
+        if not text.startswith(",", pos):
+            return None if text.startswith("]", pos) else index
+        pos = _WHITESPACE.match(text, pos + 1).end()
+        index += 1
 
 
 def require_fields(item: Any, fields: tuple[str, ...], path: Path, record: str, problems: ProblemLog) -> bool:

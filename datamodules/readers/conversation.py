@@ -13,8 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from datamodules.problems import ProblemLog, file_error
-from datamodules.readers.common import PathResolver, answer_type_of, record_label
-from datamodules.readers.json_stream import iter_json_list
+from datamodules.readers.common import PathResolver, answer_type_of, load_json_list, record_label
 from datamodules.records import Record, Turn
 
 HUMAN_ROLES = ("human", "user")
@@ -53,7 +52,7 @@ def read_conversation(
     path = conversation_file(root, split)
     images = PathResolver(Path(image_root) if image_root else root, check_exists=check_images)
     records: list[Record] = []
-    for index, item in enumerate(iter_json_list(path)):
+    for index, item in enumerate(load_json_list(path)):
         if not isinstance(item, dict):
             problems.report(path, index, "<record>", f"expected an object, got {type(item).__name__}", "not_an_object")
             continue

@@ -22,9 +22,8 @@ import re
 from pathlib import Path
 
 from datamodules.problems import DataError, ProblemLog, file_error
-from datamodules.readers.common import PathResolver, answer_type_of, record_label
+from datamodules.readers.common import PathResolver, answer_type_of, load_json_list, record_label
 from datamodules.readers.conversation import conversation_messages, parse_turns
-from datamodules.readers.json_stream import iter_json_list
 from datamodules.records import Record, Turn
 
 log = logging.getLogger(__name__)
@@ -117,7 +116,7 @@ def read_mecovqa(
     files = PathResolver(Path(image_root) if image_root else root, check_exists=check_images)
     records: list[Record] = []
     for subset, path in subset_files(root, split, subsets):
-        for index, item in enumerate(iter_json_list(path)):
+        for index, item in enumerate(load_json_list(path)):
             record = _record(
                 item,
                 index=index,

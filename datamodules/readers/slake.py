@@ -22,8 +22,8 @@ from datamodules.readers.common import (
     require_fields,
     shared,
 )
-from datamodules.readers.json_stream import iter_json_list
 from datamodules.records import Record
+from medcore.boxes import format_box
 
 SPLIT_FILES = {
     "train": ("train.json",),
@@ -74,7 +74,7 @@ def read_slake(
     images = PathResolver(root / "imgs", check_exists=check_images)
     organ_masks: dict[str, str] = {}  # image path -> its folder's mask.png, one string per image
     records: list[Record] = []
-    for index, item in enumerate(iter_json_list(path)):
+    for index, item in enumerate(load_json_list(path)):
         label = record_label(index, item.get("qid") if isinstance(item, dict) else None)
         if not require_fields(item, REQUIRED, path, label, problems):
             continue
@@ -119,8 +119,6 @@ def read_slake(
 
 def box_records(qa_records: list[Record], *, task: str, dataset: str, problems: ProblemLog) -> list[Record]:
     """Uni-Med's refer / identify records from the detection.json of every image of a split."""
-    from lightningmodules.metrics.boxes import format_box
-
     out: list[Record] = []
     seen: set[str] = set()
     for qa in qa_records:

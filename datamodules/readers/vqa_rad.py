@@ -11,9 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from datamodules.problems import DataError, ProblemLog, file_error
-from datamodules.readers.common import PathResolver, record_label, require_fields
+from datamodules.readers.common import PathResolver, load_json_list, record_label, require_fields
 from datamodules.readers.hub_parquet import has_parquet, parquet_splits, read_hub_parquet
-from datamodules.readers.json_stream import iter_json_list
 from datamodules.records import Record
 
 ANNOTATIONS = "VQA_RAD Dataset Public.json"
@@ -61,7 +60,7 @@ def read_vqa_rad(
     path = root / ANNOTATIONS
     images = PathResolver(root / IMAGE_FOLDER, check_exists=check_images)
     records: list[Record] = []
-    for index, item in enumerate(iter_json_list(path)):
+    for index, item in enumerate(load_json_list(path)):
         label = record_label(index, item.get("qid") if isinstance(item, dict) else None)
         if not require_fields(item, REQUIRED, path, label, problems):
             continue

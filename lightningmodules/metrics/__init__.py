@@ -1,7 +1,6 @@
 """Pure scoring layer (no Lightning, no models): text, VQA protocols, boxes, segmentation."""
 
-from .boxes import Box, box_iou, format_box, parse_box, rec_scores
-from .normalize import normalize_answer, tokens
+from .boxes import box_iou, rec_scores
 from .protocols import PROTOCOLS, answer_kind, closed_hit, open_scores, score_protocol
 from .segmentation import binarize, dice_from_iou, mask_iou, segmentation_scores
 from .text_scores import (
@@ -18,7 +17,6 @@ from .text_scores import (
 
 __all__ = [
     "PROTOCOLS",
-    "Box",
     "answer_kind",
     "binarize",
     "box_iou",
@@ -27,11 +25,8 @@ __all__ = [
     "cumulative_bleu",
     "dice_from_iou",
     "exact_match",
-    "format_box",
     "mask_iou",
-    "normalize_answer",
     "open_scores",
-    "parse_box",
     "rec_scores",
     "rouge_l",
     "score_protocol",
@@ -41,5 +36,4 @@ __all__ = [
     "token_precision",
     "token_prf",
     "token_recall",
-    "tokens",
 ]

@@ -38,30 +38,6 @@ def _preview(ids: Iterable[str], limit: int = 5) -> str:
     return ", ".join(ids[:limit]) + more
 
 
-def _id_of(item: Any, key: str) -> str:
-    if isinstance(item, Mapping):
-        return str(item[key] if key in item else item["id"])
-    return str(item.id)
-
-
-def dedupe_by_id(items: Iterable[Any], key: str = "question_id") -> list[Any]:
-    """The first item per id, in order (ids compare as strings).
-
-    Lightning's DistributedSampler pads evaluation sets so every rank gets the same number of
-    samples; the padding repeats samples, so gathered predictions hold some ids twice. Items are
-    mappings (``key``, else ``id``) or objects with an ``id`` (records). The project's one
-    de-duplication helper: :mod:`datamodules.sharding` re-exports it.
-    """
-    seen: set[str] = set()
-    kept = []
-    for item in items:
-        rid = _id_of(item, key)
-        if rid not in seen:
-            seen.add(rid)
-            kept.append(item)
-    return kept
-
-
 def pair_by_id(predictions: Mapping[str, str] | list[tuple[str, str]], references: list[Reference]) -> list[Pair]:
     """One pair per reference; a reference without a prediction, a duplicate prediction id, or a
     prediction whose id no reference has is an error naming the ids."""

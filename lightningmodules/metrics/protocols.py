@@ -19,7 +19,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from .normalize import normalize_answer
+from medcore.text import normalize_answer
+
 from .text_scores import cumulative_bleu, token_prf
 
 __all__ = ["PROTOCOLS", "answer_kind", "closed_hit", "open_scores", "score_protocol"]

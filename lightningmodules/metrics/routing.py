@@ -10,6 +10,26 @@ import torch
 from torchmetrics import Metric
 
 
+def routing_sums_by_task(
+    weights: torch.Tensor, task_ids: torch.Tensor, num_tasks: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum of every image's mean routing weight per (task, expert) and the images per task:
+    (N, P, E) weights, (N,) ids -> (num_tasks, E) sums, (num_tasks,) counts, in the weights' dtype."""
+    per_image = weights.mean(dim=1)  # (N, E)
+    sums = per_image.new_zeros(num_tasks, per_image.shape[1]).index_add_(0, task_ids, per_image)  # (tasks, E)
+    counts = torch.bincount(task_ids, minlength=num_tasks).to(sums.dtype)  # (tasks,)
+    return sums, counts
+
+
+def mean_weights_by_task(weights: torch.Tensor, task_ids: torch.Tensor, num_tasks: int) -> torch.Tensor:
+    """Mean routing weight per (task, expert) of one batch: (N, P, E) weights, (N,) ids -> (num_tasks, E).
+
+    Tasks without any image in ``task_ids`` get a row of NaN (no data, not "zero weight").
+    """
+    sums, counts = routing_sums_by_task(weights.float(), task_ids, num_tasks)
+    return sums / counts.unsqueeze(1)  # (tasks, E); 0 / 0 = NaN for absent tasks
+
+
 class RoutingByTask(Metric):
     """``update((N, P, E) weights, (N,) task ids)``; ``compute()`` -> (num_tasks, E) mean weights, NaN rows
     for tasks without images."""
@@ -31,9 +51,11 @@ class RoutingByTask(Metric):
             raise ValueError(f"need one task id per image: {tuple(task_ids.shape)} ids for {weights.shape[0]} images")
         if task_ids.numel() and (task_ids.min() < 0 or task_ids.max() >= self.num_tasks):
             raise ValueError(f"task ids must be in [0, {self.num_tasks}), got {task_ids.tolist()}")
-        per_image = weights.detach().to(self.sums.device, torch.float64).mean(dim=1)  # (N, E)
-        self.sums.index_add_(0, task_ids, per_image)  # (tasks, E)
-        self.counts += torch.bincount(task_ids, minlength=self.num_tasks).to(self.counts.dtype)  # (tasks,)
+        sums, counts = routing_sums_by_task(
+            weights.detach().to(self.sums.device, torch.float64), task_ids, self.num_tasks
+        )  # (tasks, E), (tasks,)
+        self.sums += sums
+        self.counts += counts
 
     def compute(self) -> torch.Tensor:
         return (self.sums / self.counts.unsqueeze(1)).float()  # (tasks, E); 0 / 0 = NaN for absent tasks

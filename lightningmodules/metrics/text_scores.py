@@ -12,7 +12,7 @@ import sys
 from collections import Counter
 from collections.abc import Sequence
 
-from .normalize import normalize_answer, tokens
+from medcore.text import normalize_answer, tokens
 
 __all__ = [
     "TextOrTokens",

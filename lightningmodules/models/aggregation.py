@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-AGGREGATIONS = ("none", "concat4", "avgpool", "maxpool")
+from medcore.choices import AGGREGATIONS
 
 
 class TokenAggregation(nn.Module):

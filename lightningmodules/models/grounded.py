@@ -5,9 +5,11 @@
 - ``grounding`` (:class:`GroundingHead`): the last-layer hidden state of the position that predicts
   ``<SEG>`` -> ``seg_projection`` MLP -> sparse prompt of SAM's mask decoder -> one mask per ``<SEG>``
   at the image's original resolution (:meth:`segment`, :meth:`generate_with_masks`);
-- ``region`` (:class:`RegionEncoder`, optional): the vision tower's patch features under a region mask
+- ``region`` (:class:`RegionEncoder`, optional): the vision tower's patch features under a region
   pooled into one token, written over the ``<region_feat>`` placeholder the encoder puts between
-  ``<region>`` and ``</region>`` (:meth:`embed`).
+  ``<region>`` and ``</region>`` (the :meth:`extra_embeddings` hook of ``MultimodalLM.embed``). The
+  collator hands over each region as patch-grid weights: ``region_weights`` (R, G, G) in reading
+  order and ``region_batch_index`` (R,), the sample of each (``datamodules/regions.py``).
 
 The LightningModule (``lightningmodules/grounding_module.py``) owns the CE + mask losses. Tokens:
 :data:`GROUNDING_TOKENS` are added to the tokenizer by ``pipeline/model_factory.py`` when
@@ -26,16 +28,14 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from lightningmodules.models.grounding import SEG_TOKEN, GroundingHead, seg_hidden_states
-from lightningmodules.models.multimodal import IGNORE_INDEX, MultimodalLM, MultimodalOutput
+from lightningmodules.models.multimodal import MultimodalLM
 from lightningmodules.models.region import (
     REGION_END,
     REGION_PLACEHOLDER,
     REGION_START,
     RegionEncoder,
-    region_grid_weights,
     splice_region_tokens,
 )
 
@@ -45,11 +45,7 @@ GROUNDING_TOKENS = [SEG_TOKEN, REGION_START, REGION_END, MASK_START, MASK_END, R
 
 
 class GroundedMultimodalLM(MultimodalLM):
-    """``MultimodalLM`` + ``grounding`` head + optional ``region`` encoder (see the module docstring).
-
-    ``image_transform`` is the vision tower's ``ImageTransform``: region masks follow the image through
-    its pad / resize / crop onto the patch grid (``region_grid_weights``).
-    """
+    """``MultimodalLM`` + ``grounding`` head + optional ``region`` encoder (see the module docstring)."""
 
     def __init__(
         self,
@@ -58,7 +54,6 @@ class GroundedMultimodalLM(MultimodalLM):
         seg_token_id: int,
         region: RegionEncoder | None = None,
         region_token_id: int | None = None,
-        image_transform: Any = None,
         **parts: Any,
     ) -> None:
         super().__init__(**parts)
@@ -66,7 +61,6 @@ class GroundedMultimodalLM(MultimodalLM):
         self.region = region
         self.seg_token_id = int(seg_token_id)
         self.region_token_id = None if region_token_id is None else int(region_token_id)
-        self.image_transform = image_transform
 
     def train(self, mode: bool = True) -> GroundedMultimodalLM:
         super().train(mode)
@@ -74,93 +68,60 @@ class GroundedMultimodalLM(MultimodalLM):
         return self
 
     # -- regions -----------------------------------------------------------------------------------
-    def region_weights(self, masks: Sequence[torch.Tensor]) -> torch.Tensor:
-        """(H_i, W_i) masks at original resolution -> (R, G, G) patch coverage on the vision grid."""
-        grid = self.region.grid_size
-        return torch.stack(
-            [region_grid_weights(m.cpu(), grid_size=grid, image_transform=self.image_transform) for m in masks]
-        )  # (R, G, G)
-
     def region_tokens(
-        self, input_ids: torch.Tensor, features: torch.Tensor | None, region_masks: Sequence[Any] | None
+        self,
+        input_ids: torch.Tensor,
+        image_features: torch.Tensor | None,
+        region_weights: torch.Tensor | None,
+        region_batch_index: torch.Tensor | None,
     ) -> torch.Tensor | None:
-        """(R, d_llm) tokens for the ``<region_feat>`` placeholders, in reading order; None without any."""
+        """(R, d_llm) tokens for the ``<region_feat>`` placeholders, in reading order; None without any.
+
+        ``region_weights`` (R, G, G) and ``region_batch_index`` (R,) come sample by sample; the regions
+        of a sample without placeholders (truncated away) are dropped.
+        """
         if self.region is None or self.region_token_id is None:
             return None
-        placeholders = input_ids == self.region_token_id  # (B, T)
-        per_sample = placeholders.sum(dim=1).tolist()  # (B,)
-        if sum(per_sample) == 0:
+        per_sample = (input_ids == self.region_token_id).sum(dim=1)  # (B,)
+        if int(per_sample.sum()) == 0:
             return None
+        samples = (
+            torch.zeros(0, dtype=torch.long, device=input_ids.device)
+            if region_batch_index is None
+            else region_batch_index.to(input_ids.device)
+        )  # (R,)
+        given = torch.bincount(samples, minlength=input_ids.shape[0])  # (B,)
         has_image = (input_ids == self.image_token_id).any(dim=1)  # (B,)
-        image_index = torch.cumsum(has_image.long(), 0) - 1  # (B,): sample -> row of pixel_values
-        masks, rows = [], []
-        for b, count in enumerate(per_sample):
-            if count == 0:
-                continue
-            given = None if region_masks is None else region_masks[b]
-            sample_masks = [] if given is None else [given] if isinstance(given, torch.Tensor) else list(given)
-            if len(sample_masks) != count or not bool(has_image[b]):
-                raise ValueError(
-                    f"sample {b}: {count} <region> prompt(s) but {len(sample_masks)} region mask(s) "
-                    f"{'' if has_image[b] else 'and no image '}in the batch ('region_masks')"
-                )
-            masks += sample_masks
-            rows += [int(image_index[b])] * count
-        weights = self.region_weights(masks).to(features.device)  # (R, G, G)
-        return self.region(features[rows], weights)  # (R, d_llm)
-
-    # -- forward -----------------------------------------------------------------------------------
-    def embed(
-        self,
-        input_ids: torch.Tensor,
-        pixel_values: torch.Tensor | None = None,
-        image_task_ids: torch.Tensor | None = None,
-        region_masks: Sequence[Any] | None = None,
-    ) -> torch.Tensor:
-        """Token embeddings with visual tokens at image positions and region tokens at placeholders."""
-        embeds = self.input_embeddings()(input_ids)  # (B, T, D)
-        image_positions = input_ids == self.image_token_id  # (B, T)
-        n_images = 0 if pixel_values is None else pixel_values.shape[0]
-        if int(image_positions.sum()) != n_images * self.num_image_tokens:
+        wrong = (per_sample > 0) & ((given != per_sample) | ~has_image)  # (B,)
+        if bool(wrong.any()):
+            b = int(wrong.nonzero()[0, 0])
             raise ValueError(
-                f"batch has {int(image_positions.sum())} image-token positions but {n_images} images x "
-                f"{self.num_image_tokens} tokens; the collator and model disagree on num_image_tokens"
+                f"sample {b}: {int(per_sample[b])} <region> prompt(s) but {int(given[b])} region mask(s) "
+                f"{'' if has_image[b] else 'and no image '}in the batch ('region_weights')"
             )
-        features = None
-        if n_images:
-            features = self.vision(pixel_values)  # (N, P, D_vision)
-            visual = self.connector(self.aggregation(features), task_ids=image_task_ids).to(embeds.dtype)  # (N, I, D)
-            embeds = embeds.masked_scatter(image_positions.unsqueeze(-1), visual.reshape(-1, visual.shape[-1]))
-        tokens = self.region_tokens(input_ids, features, region_masks)
-        if tokens is not None:
-            embeds = splice_region_tokens(embeds, input_ids, tokens, placeholder_id=self.region_token_id)
-        elif self.region is not None and self.training and self.region.adapter.weight.requires_grad:
-            # no region in this batch: an exact 0 keeps the adapter in the graph (DDP without unused parameters)
-            embeds = embeds + 0.0 * (self.region.adapter.weight.sum() + self.region.adapter.bias.sum())
-        return embeds
+        image_index = torch.cumsum(has_image.long(), 0) - 1  # (B,): sample -> row of pixel_values
+        kept = per_sample[samples] > 0  # (R,)
+        weights = region_weights.to(image_features.device)[kept.to(image_features.device)]  # (R', G, G)
+        return self.region(image_features[image_index[samples[kept]]], weights)  # (R', d_llm)
 
-    def forward(
+    def extra_embeddings(
         self,
+        embeds: torch.Tensor,
+        *,
         input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
-        labels: torch.Tensor | None = None,
-        pixel_values: torch.Tensor | None = None,
-        image_task_ids: torch.Tensor | None = None,
-        region_masks: Sequence[Any] | None = None,
-        **_: object,
-    ) -> MultimodalOutput:
-        embeds = self.embed(input_ids, pixel_values, image_task_ids, region_masks)
-        hidden = self.decoder()(
-            inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False
-        ).last_hidden_state  # (B, T, D)
-        loss, count = None, 0
-        if labels is not None:
-            targets = labels[:, 1:]  # (B, T-1): position t predicts token t+1
-            supervised = targets != IGNORE_INDEX  # (B, T-1)
-            count = int(supervised.sum())
-            logits = self.lm_head()(hidden[:, :-1][supervised])  # (n_targets, V)
-            loss = F.cross_entropy(logits.float(), targets[supervised]) if count else hidden.sum() * 0.0
-        return MultimodalOutput(loss=loss, hidden_states=hidden, token_count=count)
+        image_features: torch.Tensor | None,
+        region_weights: torch.Tensor | None = None,
+        region_batch_index: torch.Tensor | None = None,
+        **_: Any,
+    ) -> torch.Tensor:
+        """Region tokens over the ``<region_feat>`` placeholders (the hook of ``MultimodalLM.embed``)."""
+        tokens = self.region_tokens(input_ids, image_features, region_weights, region_batch_index)
+        if tokens is not None:
+            return splice_region_tokens(embeds, input_ids, tokens, placeholder_id=self.region_token_id)
+        if self.region is not None and self.training and self.region.adapter.weight.requires_grad:
+            # no region in this batch: an exact 0 keeps the adapter in the graph (DDP without unused parameters)
+            return embeds + 0.0 * (self.region.adapter.weight.sum() + self.region.adapter.bias.sum())
+        return embeds
 
     # -- masks -------------------------------------------------------------------------------------
     def segment(
@@ -191,7 +152,6 @@ class GroundedMultimodalLM(MultimodalLM):
         attention_mask: torch.Tensor,
         pixel_values: torch.Tensor | None = None,
         image_task_ids: torch.Tensor | None = None,
-        region_masks: Sequence[Any] | None = None,
         *,
         sam_pixel_values: torch.Tensor | None,
         image_sizes: Sequence[Any] | None,
@@ -199,19 +159,19 @@ class GroundedMultimodalLM(MultimodalLM):
         max_new_tokens: int = 32,
         eos_token_id: int | list[int] | None = None,
         pad_token_id: int | None = None,
-        **_: object,
+        **inputs: Any,
     ) -> tuple[torch.Tensor, list[Any]]:
-        """Greedy answers (B, K) and per sample the first ``<SEG>``'s (H, W) mask logits or None (fallback)."""
-        embeds = self.embed(input_ids, pixel_values, image_task_ids, region_masks)  # (B, T, D)
-        generated = self.llm.generate(
-            inputs_embeds=embeds,
-            attention_mask=attention_mask,
+        """Greedy answers (B, K) and per sample the first ``<SEG>``'s (H, W) mask logits or None (fallback).
+
+        ``inputs`` are the further model inputs of :meth:`embed` (``region_weights``, ``region_batch_index``).
+        """
+        embeds = self.embed(input_ids, pixel_values, image_task_ids, **inputs)  # (B, T, D)
+        generated = self.generate_from_embeds(
+            embeds,
+            attention_mask,
             max_new_tokens=max_new_tokens,
-            do_sample=False,
-            num_beams=1,
             eos_token_id=eos_token_id,
             pad_token_id=pad_token_id,
-            use_cache=True,
         )  # (B, K)
         batch = input_ids.shape[0]
         produced = generated == self.seg_token_id  # (B, K)

@@ -2,9 +2,9 @@
 
 Pieces, in the order a batch meets them:
 
-- :func:`sam_preprocess` / :class:`SamImageTransform`: SAM's own input transform (resize the longest
-  side to S, normalise, pad bottom/right with zeros to S x S). It is separate from the vision
-  tower's transform: SAM sees its own copy of the image.
+- ``sam_pixel_values`` (B, 3, S, S): SAM's own copy of each image, prepared by the dataset
+  (``datamodules.images.SamImageTransform``: resize the longest side to S, normalise, pad
+  bottom/right with zeros to S x S), with each image's resized (h, w) and original (H, W) sizes.
 - :func:`seg_hidden_states` (teacher forcing) and :func:`generation_seg_hidden_states` (greedy
   generation): the last-layer hidden state of the position whose next-token prediction is
   ``<SEG>``. Every ``<SEG>`` counts; each one yields one mask.
@@ -23,20 +23,14 @@ MedPLIB metrics score a missing mask as IoU 0) and adds one to ``no_seg_count``.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch import nn
 
 SEG_TOKEN = "<SEG>"
-IMAGENET_MEAN = (0.485, 0.456, 0.406)  # SAM's pixel_mean 123.675, 116.28, 103.53 over 255
-IMAGENET_STD = (0.229, 0.224, 0.225)  # SAM's pixel_std 58.395, 57.12, 57.375 over 255
-
 Size = tuple[int, int]
 
 
@@ -45,71 +39,6 @@ def load_sam(path: str | Path) -> nn.Module:
     from transformers import SamModel
 
     return SamModel.from_pretrained(path)
-
-
-# -- SAM input transform --------------------------------------------------------------------------
-
-
-def resized_shape(height: int, width: int, longest_edge: int) -> Size:
-    """SAM's ResizeLongestSide: the longest side becomes ``longest_edge``, rounded half up."""
-    scale = longest_edge / max(height, width)
-    return int(height * scale + 0.5), int(width * scale + 0.5)
-
-
-def sam_preprocess(
-    image: Image.Image | np.ndarray,
-    *,
-    image_size: int = 1024,
-    image_mean: Sequence[float] = IMAGENET_MEAN,
-    image_std: Sequence[float] = IMAGENET_STD,
-) -> tuple[torch.Tensor, Size, Size]:
-    """PIL image or uint8 (H, W[, 3]) array -> ``(pixels (3, S, S), resized (h, w), original (H, W))``.
-
-    Resize the longest side to S (bilinear), scale to [0, 1], normalise, then pad the bottom and
-    right with zeros (after normalisation, as SAM does), so the image sits in the top-left corner.
-    """
-    if isinstance(image, np.ndarray):
-        image = Image.fromarray(image)
-    image = image.convert("RGB")
-    original = (image.height, image.width)
-    resized = resized_shape(*original, image_size)
-    image = image.resize((resized[1], resized[0]), Image.BILINEAR)
-    array = np.asarray(image, dtype=np.float32) / 255.0  # (h, w, 3)
-    array = (array - np.asarray(image_mean, np.float32)) / np.asarray(image_std, np.float32)
-    pixels = torch.zeros(3, image_size, image_size)  # (3, S, S)
-    pixels[:, : resized[0], : resized[1]] = torch.from_numpy(array.transpose(2, 0, 1).copy())  # (3, h, w)
-    return pixels, resized, original
-
-
-class SamImageTransform:
-    """:func:`sam_preprocess` with the size and statistics of a SAM checkpoint directory."""
-
-    def __init__(
-        self, *, image_size: int, image_mean: Sequence[float] = IMAGENET_MEAN, image_std: Sequence[float] = IMAGENET_STD
-    ) -> None:
-        self.image_size = int(image_size)
-        self.image_mean = tuple(float(m) for m in image_mean)
-        self.image_std = tuple(float(s) for s in image_std)
-
-    @classmethod
-    def from_pretrained(cls, path: str | Path) -> SamImageTransform:
-        """Size from ``preprocessor_config.json`` (``size.longest_edge``) when present, else the
-        model's ``vision_config.image_size``; mean/std from the preprocessor config or ImageNet's."""
-        path = Path(path)
-        model_config = json.loads((path / "config.json").read_text())
-        image_size = int(model_config.get("vision_config", {}).get("image_size", 1024))
-        mean, std = IMAGENET_MEAN, IMAGENET_STD
-        processor_file = path / "preprocessor_config.json"
-        if processor_file.is_file():
-            processor = json.loads(processor_file.read_text())
-            size = processor.get("size", {})
-            image_size = int(size.get("longest_edge", image_size)) if isinstance(size, dict) else int(size)
-            mean = processor.get("image_mean", mean)
-            std = processor.get("image_std", std)
-        return cls(image_size=image_size, image_mean=mean, image_std=std)
-
-    def __call__(self, image: Image.Image | np.ndarray) -> tuple[torch.Tensor, Size, Size]:
-        return sam_preprocess(image, image_size=self.image_size, image_mean=self.image_mean, image_std=self.image_std)
 
 
 def postprocess_mask(

@@ -67,7 +67,31 @@ def load_causal_lm(
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    # new rows start at the mean embedding so new tokens do not perturb the LM's outputs
+    return fit_vocab(model, vocab_size, mean_resizing=True)
+
+
+def causal_lm_from_config(
+    config,
+    *,
+    vocab_size: int,
+    dtype: str = "float32",
+    trust_remote_code: bool = False,
+    attn_implementation: str | None = None,
+) -> nn.Module:
+    """The model :func:`load_causal_lm` loads, with fresh weights on the current default device (``meta``:
+    shapes only, no memory)."""
+    from transformers import AutoModelForCausalLM
+
+    kwargs = {"dtype": torch_dtype(dtype), "trust_remote_code": trust_remote_code}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    model = AutoModelForCausalLM.from_config(config, **kwargs)
+    return fit_vocab(model, vocab_size, mean_resizing=False)  # no weights to average
+
+
+def fit_vocab(model: nn.Module, vocab_size: int, *, mean_resizing: bool) -> nn.Module:
+    """Grow the embeddings (and LM head) to ``vocab_size`` rows when the tokenizer has more tokens."""
     if model.get_input_embeddings().num_embeddings < vocab_size:
-        # new rows start at the mean embedding so new tokens do not perturb the LM's outputs
-        model.resize_token_embeddings(vocab_size, mean_resizing=True)
+        model.resize_token_embeddings(vocab_size, mean_resizing=mean_resizing)
     return model

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -63,18 +64,25 @@ class MultimodalLM(nn.Module):
         return self.llm.get_output_embeddings()
 
     # -- forward -------------------------------------------------------------------------------
+    def visual_tokens(self, features: torch.Tensor, task_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Vision features (N, P, D_vision) -> (N, num_image_tokens, D_llm): aggregation, then connector."""
+        return self.connector(self.aggregation(features), task_ids=task_ids)
+
     def encode_images(self, pixel_values: torch.Tensor, task_ids: torch.Tensor | None = None) -> torch.Tensor:
         """(N, 3, H, W) -> (N, num_image_tokens, D_llm)."""
-        features = self.aggregation(self.vision(pixel_values))  # (N, I, D_in)
-        return self.connector(features, task_ids=task_ids)
+        return self.visual_tokens(self.vision(pixel_values), task_ids)
 
     def embed(
         self,
         input_ids: torch.Tensor,
         pixel_values: torch.Tensor | None = None,
         image_task_ids: torch.Tensor | None = None,
+        **inputs: Any,
     ) -> torch.Tensor:
-        """Token embeddings with visual tokens at the image positions: (B, T, D)."""
+        """Token embeddings with visual tokens at the image positions, then :meth:`extra_embeddings`: (B, T, D).
+
+        ``inputs`` are the batch's further model inputs, handed to the hook (e.g. region weights).
+        """
         embeds = self.input_embeddings()(input_ids)  # (B, T, D)
         image_positions = input_ids == self.image_token_id  # (B, T)
         n_positions = int(image_positions.sum())
@@ -84,11 +92,20 @@ class MultimodalLM(nn.Module):
                 f"batch has {n_positions} image-token positions but {n_images} images x "
                 f"{self.num_image_tokens} tokens; the collator and model disagree on num_image_tokens"
             )
-        if n_images == 0:
-            return embeds
-        visual = self.encode_images(pixel_values, image_task_ids).to(embeds.dtype)  # (N, I, D)
-        # row-major order of positions matches image order: sample by sample, left to right
-        return embeds.masked_scatter(image_positions.unsqueeze(-1), visual.reshape(-1, visual.shape[-1]))
+        features = None
+        if n_images:
+            features = self.vision(pixel_values)  # (N, P, D_vision)
+            visual = self.visual_tokens(features, image_task_ids).to(embeds.dtype)  # (N, I, D)
+            # row-major order of positions matches image order: sample by sample, left to right
+            embeds = embeds.masked_scatter(image_positions.unsqueeze(-1), visual.reshape(-1, visual.shape[-1]))
+        return self.extra_embeddings(embeds, input_ids=input_ids, image_features=features, **inputs)
+
+    def extra_embeddings(
+        self, embeds: torch.Tensor, *, input_ids: torch.Tensor, image_features: torch.Tensor | None, **inputs: Any
+    ) -> torch.Tensor:
+        """Hook: write further tokens into ``embeds`` (B, T, D); ``image_features`` (N, P, D_vision) are the
+        vision tower's output (None without images). The plain model adds nothing and ignores ``inputs``."""
+        return embeds
 
     def forward(
         self,
@@ -97,9 +114,10 @@ class MultimodalLM(nn.Module):
         labels: torch.Tensor | None = None,
         pixel_values: torch.Tensor | None = None,
         image_task_ids: torch.Tensor | None = None,
-        **_: object,
+        **inputs: Any,
     ) -> MultimodalOutput:
-        embeds = self.embed(input_ids, pixel_values, image_task_ids)
+        """CE over the supervised targets and the last-layer hidden states (B, T, D); ``inputs`` go to :meth:`embed`."""
+        embeds = self.embed(input_ids, pixel_values, image_task_ids, **inputs)
         out = self.decoder()(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False)
         hidden = out.last_hidden_state  # (B, T, D)
         loss, count = None, 0
@@ -124,10 +142,31 @@ class MultimodalLM(nn.Module):
         min_new_tokens: int = 0,
         eos_token_id: int | list[int] | None = None,
         pad_token_id: int | None = None,
-        **_: object,
+        **inputs: Any,
     ) -> torch.Tensor:
         """Greedy decoding with KV cache for a left-padded batch; returns (B, <=max_new_tokens)."""
-        embeds = self.embed(input_ids, pixel_values, image_task_ids)
+        embeds = self.embed(input_ids, pixel_values, image_task_ids, **inputs)
+        return self.generate_from_embeds(
+            embeds,
+            attention_mask,
+            max_new_tokens=max_new_tokens,
+            min_new_tokens=min_new_tokens,
+            eos_token_id=eos_token_id,
+            pad_token_id=pad_token_id,
+        )
+
+    @torch.no_grad()
+    def generate_from_embeds(
+        self,
+        embeds: torch.Tensor,
+        attention_mask: torch.Tensor,
+        *,
+        max_new_tokens: int = 32,
+        min_new_tokens: int = 0,
+        eos_token_id: int | list[int] | None = None,
+        pad_token_id: int | None = None,
+    ) -> torch.Tensor:
+        """Greedy decoding from prompt embeddings (B, T, D) (:meth:`embed`); returns (B, <=max_new_tokens)."""
         return self.llm.generate(
             inputs_embeds=embeds,
             attention_mask=attention_mask,

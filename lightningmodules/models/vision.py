@@ -10,21 +10,34 @@ from torch import nn
 SELECT_FEATURES = ("patch", "cls_patch")
 
 
-def load_vision_model(path: str | Path) -> nn.Module:
-    """Load the vision part of a CLIP / SigLIP / generic vision checkpoint directory.
+def vision_model_class(config) -> type:
+    """``CLIPVisionModel`` / ``SiglipVisionModel`` for CLIP / SigLIP configs (full or vision-only), else
+    ``AutoModel``: full checkpoints (text + vision) load only their vision weights."""
+    from transformers import AutoModel, CLIPVisionModel, SiglipVisionModel
 
-    Full CLIP checkpoints (text + vision) load as ``CLIPVisionModel`` so only the vision weights are
-    read; vision-only configs go through ``AutoModel``.
-    """
-    from transformers import AutoConfig, AutoModel, CLIPVisionModel, SiglipVisionModel
-
-    config = AutoConfig.from_pretrained(path)
     model_type = getattr(config, "model_type", "")
     if model_type in ("clip", "clip_vision_model"):
-        return CLIPVisionModel.from_pretrained(path)
+        return CLIPVisionModel
     if model_type in ("siglip", "siglip_vision_model"):
-        return SiglipVisionModel.from_pretrained(path)
-    return AutoModel.from_pretrained(path)
+        return SiglipVisionModel
+    return AutoModel
+
+
+def load_vision_model(path: str | Path) -> nn.Module:
+    """Load the vision part of a CLIP / SigLIP / generic vision checkpoint directory."""
+    from transformers import AutoConfig
+
+    return vision_model_class(AutoConfig.from_pretrained(path)).from_pretrained(path)
+
+
+def vision_model_from_config(config) -> nn.Module:
+    """The model :func:`load_vision_model` loads, with fresh weights (on the current default device)."""
+    from transformers import AutoModel
+
+    model_class = vision_model_class(config)
+    if model_class is AutoModel:
+        return AutoModel.from_config(config)
+    return model_class(getattr(config, "vision_config", config))
 
 
 class VisionTower(nn.Module):

@@ -23,12 +23,9 @@ from typing import Any
 import torch
 from torch import nn
 
-TIMM_PREFIX = "timm:"
+from medcore.paths import TIMM_PREFIX
+
 INSTALL_HINT = "timm is not installed: `pip install 'medpipe[timm]'` (or `pip install timm`) to use timm: vision towers"
-
-
-def is_timm_path(path: str) -> bool:
-    return str(path).startswith(TIMM_PREFIX)
 
 
 def import_timm() -> Any:

@@ -7,6 +7,7 @@ set, so later semantic checks can name the file too.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -70,9 +71,17 @@ def _scalar_for_section(schema: DictConfig, layer: DictConfig, prefix: str = "")
     return None
 
 
+# OmegaConf's message for a value outside a Literal field, said as the other choice checks say it
+_LITERAL = re.compile(r"Invalid value (?P<value>.*), expected one of \[(?P<allowed>.*)\]$")
+
+
 def _explain(e: OmegaConfBaseException) -> str:
     text = getattr(e, "msg", None) or str(e)
     msg = text.strip().splitlines()[0] if text.strip() else type(e).__name__
+    literal = _LITERAL.match(msg)
+    if literal:
+        allowed = ", ".join(a.strip().strip("'") for a in literal["allowed"].split(","))
+        msg = f"{literal['value']} is not one of {allowed}"
     key = getattr(e, "full_key", None) or getattr(e, "key", None)
     if type(e).__name__ == "ConfigKeyError" and key:
         return f"unknown key '{key}' ({msg})"

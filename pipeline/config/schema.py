@@ -1,35 +1,52 @@
 """The one typed schema every experiment YAML is validated against.
 
-OmegaConf merges each YAML layer into these dataclasses, so an unknown key or a value of the wrong
-type fails at load time; :func:`pipeline.config.validate.check_semantics` then checks choices and
-paths. Defaults here are the shared defaults; experiments/defaults.yaml only documents and overrides.
+OmegaConf merges each YAML layer into these dataclasses, so an unknown key, a value of the wrong type or
+a choice outside its ``Literal`` fails when the layer is merged, naming the layer. What a type cannot say
+(ranges, one field against another in the same section) each dataclass lists in its ``problems(key)``,
+beside its fields; :mod:`pipeline.config.validate` adds the references between sections and the paths on
+disk. Defaults here are the shared defaults; experiments/defaults.yaml only documents and overrides.
+Nothing here imports torch.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, get_args
 
+from datamodules.problems import OnBadRecord
 from datamodules.specs import DatasetSpec
+from medcore.checks import Problem, choice, positive
+from medcore.choices import Aggregation, RouterInput, Scheduler, Weighting
+from pipeline.reproducibility import CPU_KERNELS
+from pipeline.strategies import strategy_problem
 
-CONNECTOR_TYPES = ("linear", "mlp", "cmoe")
-STAGE_KINDS = ("vlm", "router")  # router: Med-MoE's modality classifier on pooled LLM hidden states
+ConnectorType = Literal["linear", "mlp", "cmoe"]
+StageKind = Literal["vlm", "router"]  # router: Med-MoE's modality classifier on pooled LLM hidden states
 # ffn: every decoder FFN (MoE experts + meta expert where converted), experts: MoE experts + meta experts,
-# moe_router: the MoE token routers, modality_classifier: the router stage's classifier
-TRAINABLE_GROUPS = ("connector", "lora", "llm", "vision", "ffn", "experts", "moe_router", "modality_classifier")
-# MedPLIB (model.grounding): grounding = SEG projection + SAM mask decoder, region = the region-prompt adapter
+# moe_router: the MoE token routers, modality_classifier: the router stage's classifier.
+# MedPLIB (model.grounding): grounding = SEG projection + SAM mask decoder, region = the region-prompt adapter;
 # embeddings = the LLM's input embeddings and LM head (LISA / MedPLIB train them: the added tokens' rows learn)
-TRAINABLE_GROUPS += ("grounding", "region", "embeddings")
-SAM_FORMATS = ("hf", "sam_med2d")
-MOE_LAYER_CHOICES = ("every_other", "all")
-ROUTER_INITS = ("random", "modality_classifier")
+TrainableGroup = Literal[
+    "connector", "lora", "llm", "vision", "ffn", "experts", "moe_router", "modality_classifier", "grounding", "region",
+    "embeddings",
+]  # fmt: skip
+SamFormat = Literal["hf", "sam_med2d"]
+MoELayerChoice = Literal["every_other", "all"]
+RouterInit = Literal["random", "modality_classifier"]
+SelectFeature = Literal["patch", "cls_patch"]
+LLMDtype = Literal["float32", "bfloat16", "float16"]
+
+TRAINABLE_GROUPS: tuple[str, ...] = get_args(TrainableGroup)  # a list field: checked in StageConfig.problems
+MOE_LAYER_CHOICES: tuple[str, ...] = get_args(MoELayerChoice)  # or a list of indices: MoEConfig.problems
+# a str field, not a Literal: YAML gives `precision: 32` as an int, which Lightning accepts as "32"
+PRECISIONS = ("32-true", "32", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true")
 
 
 @dataclass
 class VisionConfig:
     path: str = "tiny:clip"  # HF checkpoint dir, or tiny:<name> for the built-in tiny models
     select_layer: int = -2
-    select_feature: str = "patch"
+    select_feature: SelectFeature = "patch"
     pad_square: bool = False  # LLaVA's expand2square with the mean colour before resizing
     # path "timm:<model name>" (e.g. timm:eva_giant_patch14_clip_224, Uni-Med's EVA-CLIP ViT-g/14; needs the
     # optional extra medpipe[timm]) loads its weights from this local file; never downloaded
@@ -38,23 +55,35 @@ class VisionConfig:
 
 @dataclass
 class ConnectorConfig:
-    type: str = "mlp"
-    aggregation: str = "none"  # none | concat4 | avgpool | maxpool (visual tokens before the connector)
+    type: ConnectorType = "mlp"
+    aggregation: Aggregation = "none"  # visual tokens before the connector
     pool: int = 2  # pooling window for avgpool / maxpool
     # cmoe only (Uni-Med connector mixture-of-experts, lightningmodules/models/cmoe.py)
     num_experts: int = 5
-    router_input: str = "task_token"  # task_token | token | task
-    weighting: str = "soft"  # soft | sparse | hard (task t -> expert t mod E) | constant (1/E)
+    router_input: RouterInput = "task_token"
+    weighting: Weighting = "soft"  # hard: task t -> expert t mod E, constant: 1/E
     top_k: int = 2  # experts per token for sparse
     router_hidden_ratio: float = 4.0  # router hidden width / router input width (paper: 4)
     num_tasks: int = 6  # learned task embeddings (task ids 0..num_tasks-1)
     task_embed_dim: int | None = None  # None: min(768, connector input width); 768 as in Uni-Med
 
+    def problems(self, key: str) -> list[Problem]:
+        found = [
+            p
+            for name in ("num_experts", "num_tasks", "router_hidden_ratio")
+            for p in positive(f"{key}.{name}", getattr(self, name))
+        ]
+        if self.task_embed_dim is not None:
+            found += positive(f"{key}.task_embed_dim", self.task_embed_dim)
+        if self.weighting == "sparse" and not 1 <= self.top_k <= self.num_experts:
+            found.append((f"{key}.top_k", f"must be in [1, num_experts={self.num_experts}], got {self.top_k}"))
+        return found
+
 
 @dataclass
 class LLMConfig:
     path: str = "tiny:llama"
-    dtype: str = "float32"
+    dtype: LLMDtype = "float32"
     chat_template: str | None = None  # jinja; used when given or when the tokenizer has none
     system_prompt: str | None = None
     attn_implementation: str | None = None
@@ -69,6 +98,16 @@ class ModelConfig:
     llm: LLMConfig = field(default_factory=LLMConfig)
     grounding: GroundingConfig | None = None  # MedPLIB: <SEG> -> SAM mask decoder, region prompts
 
+    def problems(self, key: str) -> list[Problem]:
+        if self.grounding is not None and self.grounding.region and self.vision.select_feature != "patch":
+            return [
+                (
+                    f"{key}.grounding.region",
+                    "region prompts pool the patch grid: needs model.vision.select_feature: patch",
+                )
+            ]
+        return []
+
 
 @dataclass
 class GroundingLossConfig:
@@ -80,13 +119,20 @@ class GroundingLossConfig:
     focal: float = 0.0  # optional sigmoid focal loss (alpha 0.25)
     focal_gamma: float = 2.0
 
+    def problems(self, key: str) -> list[Problem]:
+        return [
+            (f"{key}.{term}", f"loss weights must be >= 0, got {getattr(self, term)}")
+            for term in ("ce", "bce", "dice", "focal")
+            if getattr(self, term) < 0
+        ]
+
 
 @dataclass
 class GroundingConfig:
     """MedPLIB's grounding head and region adapter (lightningmodules/models/grounded.py)."""
 
     sam_path: str = "tiny:medsam"  # HF SamModel dir or tiny:<name>; sam_med2d: the sam-med2d_b.pth file
-    sam_format: str = "hf"  # hf | sam_med2d (key-mapping converter, lightningmodules/models/sam_convert.py)
+    sam_format: SamFormat = "hf"  # sam_med2d: the key-mapping converter, lightningmodules/models/sam_convert.py)
     sam_allow_missing_adapters: bool = False  # sam_med2d: load without the image-encoder adapters (see docs)
     train_mask_decoder: bool = True
     region: bool = True  # the <region> adapter: Linear(d_vision, d_llm) over pooled patch features
@@ -102,6 +148,9 @@ class LoraConfig:
     # "all-linear" = every Linear of the LLM except lm_head (peft's convention)
     target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
 
+    def problems(self, key: str) -> list[Problem]:
+        return positive(f"{key}.r", self.r)
+
 
 @dataclass
 class OptimConfig:
@@ -109,8 +158,14 @@ class OptimConfig:
     weight_decay: float = 0.0
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     warmup_ratio: float = 0.03
-    scheduler: str = "cosine"
+    scheduler: Scheduler = "cosine"
     min_lr_ratio: float = 0.0
+
+    def problems(self, key: str) -> list[Problem]:
+        found = positive(f"{key}.lr", self.lr)
+        if not 0 <= self.warmup_ratio < 1:
+            found.append((f"{key}.warmup_ratio", f"must be in [0, 1), got {self.warmup_ratio}"))
+        return found
 
 
 @dataclass
@@ -122,7 +177,7 @@ class MoEConfig:
     top_k: int = 1
     meta_expert: bool = True  # the dense FFN stays always on: out = moe(x) + ffn(x)
     renormalize: bool = False  # Med-MoE: combine weight = softmax prob of the chosen expert, not renormalised
-    router_init: str = "random"  # random | modality_classifier (Med-MoE)
+    router_init: RouterInit = "random"  # modality_classifier: Med-MoE
     router_stage: str | None = None  # the router stage for modality_classifier; default: the last earlier one
     router_trainable: bool = False  # Med-MoE: frozen
     capacity_factor: float | None = None  # null = dropless
@@ -130,6 +185,40 @@ class MoEConfig:
     z_loss_coef: float = 0.0  # router z-loss
     jitter: float = 0.0  # multiplicative router input noise while training
     sources: list[str] | None = None  # earlier stages whose FFNs become the experts (MedPLIB stage IV)
+
+    def expert_count(self) -> int:
+        """``num_experts``, else one per source stage, else 4."""
+        return self.num_experts if self.num_experts is not None else (len(self.sources or []) or 4)
+
+    def problems(self, key: str) -> list[Problem]:
+        found: list[Problem] = []
+        if isinstance(self.layers, str):
+            found += choice(f"{key}.layers", self.layers, MOE_LAYER_CHOICES)
+        else:
+            values = list(self.layers) if self.layers is not None else []
+            if not values or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values):
+                found.append(
+                    (
+                        f"{key}.layers",
+                        f"every_other, all, or a non-empty list of layer indices >= 0, got {self.layers!r}",
+                    )
+                )
+        sources = list(self.sources or [])
+        if self.sources is not None and len(sources) < 2:
+            found.append((f"{key}.sources", f"needs >= 2 earlier stages (one per expert), got {sources}"))
+        experts = self.expert_count()
+        if sources and experts != len(sources):
+            found.append((f"{key}.num_experts", f"{experts} but sources name {len(sources)} stages (one expert each)"))
+        found += positive(f"{key}.num_experts", experts)
+        if not 1 <= self.top_k <= experts:
+            found.append((f"{key}.top_k", f"must be in [1, num_experts={experts}], got {self.top_k}"))
+        if self.capacity_factor is not None:
+            found += positive(f"{key}.capacity_factor", self.capacity_factor)
+        for coef in ("aux_loss_coef", "z_loss_coef", "jitter"):
+            found += positive(f"{key}.{coef}", getattr(self, coef), allow_zero=True)
+        if self.router_init != "modality_classifier" and self.router_stage is not None:
+            found.append((f"{key}.router_stage", "set only with router_init: modality_classifier"))
+        return found
 
 
 @dataclass
@@ -140,10 +229,21 @@ class RouterStageConfig:
     # records without a modality (PathVQA has none): the dataset's modality, e.g. {pathvqa: Pathology}
     dataset_modality: dict[str, str] = field(default_factory=dict)
 
+    def problems(self, key: str) -> list[Problem]:
+        if len(self.modalities) < 2:
+            return [(f"{key}.modalities", "a router stage needs >= 2 modality names (class c = MoE expert c)")]
+        if len(set(self.modalities)) != len(self.modalities):
+            return [(f"{key}.modalities", f"names repeat: {list(self.modalities)}")]
+        return [
+            p
+            for ds, modality in self.dataset_modality.items()
+            for p in choice(f"{key}.dataset_modality.{ds}", modality, self.modalities)
+        ]
+
 
 @dataclass
 class StageConfig:
-    kind: str = "vlm"
+    kind: StageKind = "vlm"
     train: list[str] = field(default_factory=lambda: ["connector"])  # parameter groups that learn
     lora: LoraConfig | None = None  # LoRA adapters for this stage, merged into the weights after it
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -155,6 +255,39 @@ class StageConfig:
     router: RouterStageConfig | None = None  # kind: router only
     grounding_loss: GroundingLossConfig | None = None  # grounded models: this stage's weights (else model's)
 
+    def problems(self, key: str) -> list[Problem]:
+        """The stage's own fields; what it names elsewhere (datasets, earlier stages) is checked in validate.py."""
+        found: list[Problem] = []
+        if self.max_epochs < 1 and self.max_steps < 1:
+            found.append((f"{key}.max_epochs", "set max_epochs >= 1 or max_steps >= 1"))
+        found += [p for group in self.train for p in choice(f"{key}.train", group, TRAINABLE_GROUPS)]
+        if "lora" in self.train and self.lora is None:
+            found.append((f"{key}.train", "'lora' is trainable but the stage has no lora section"))
+        if self.kind == "router":  # the config's own rule for router stages, not a dispatch on kind
+            if self.router is None:
+                found.append(
+                    (f"{key}.router.modalities", "a router stage needs >= 2 modality names (class c = MoE expert c)")
+                )
+            if list(self.train) != ["modality_classifier"]:
+                found.append(
+                    (
+                        f"{key}.train",
+                        f"a router stage trains the modality classifier only: set train: "
+                        f"[modality_classifier] (got {list(self.train)})",
+                    )
+                )
+            if self.moe is not None or self.lora is not None:
+                found.append(
+                    (f"{key}.{'moe' if self.moe is not None else 'lora'}", "a router stage changes no LLM weights")
+                )
+        elif self.router is not None:
+            found.append((f"{key}.router", "only kind: router stages take a router section"))
+        elif "modality_classifier" in self.train:
+            found.append((f"{key}.train", "modality_classifier trains in a kind: router stage"))
+        if self.moe is not None and "moe_router" in self.train and not self.moe.router_trainable:
+            found.append((f"{key}.train", "moe_router is listed but moe.router_trainable is false"))
+        return found
+
 
 @dataclass
 class MixtureConfig:
@@ -163,19 +296,28 @@ class MixtureConfig:
     one_task_per_batch: bool = False  # every batch from one (dataset, task) group, drawn by weight
     samples_per_epoch: int | None = None  # over all ranks; default: the train records' total
 
+    def problems(self, key: str) -> list[Problem]:
+        return [] if self.samples_per_epoch is None else positive(f"{key}.samples_per_epoch", self.samples_per_epoch)
+
 
 @dataclass
 class DataConfig:
     datasets: dict[str, DatasetSpec] = field(default_factory=dict)
-    batch_size: int = 8
-    eval_batch_size: int = 16
+    batch_size: int = 8  # training; evaluation.batch_size sets the validation and generation batches
     num_workers: int = 0
     max_length: int = 512
-    on_bad_record: str = "error"
+    on_bad_record: OnBadRecord = "error"
     task_prefix: bool = False
     prompt_templates: bool = False  # per-task instruction templates (datamodules/prompts.py), random in training
     mixture: MixtureConfig = field(default_factory=MixtureConfig)
     verify_images: bool = False  # decode every image and mask when a split is read (as `data check` does)
+
+    def problems(self, key: str) -> list[Problem]:
+        return (
+            positive(f"{key}.batch_size", self.batch_size)
+            + positive(f"{key}.max_length", self.max_length)
+            + positive(f"{key}.num_workers", self.num_workers, allow_zero=True)
+        )
 
 
 @dataclass
@@ -199,6 +341,45 @@ class TrainerConfig:
     save_checkpoints: bool = True  # <output_dir>/stages/<stage>/checkpoints/last.ckpt, what resume=true continues from
     checkpoint_every_n_steps: int | None = None  # None: at the end of every epoch
 
+    def problems(self, key: str) -> list[Problem]:
+        """Strategy (DeepSpeed only when installed), devices, and precisions the accelerator can run."""
+        found = choice(f"{key}.precision", self.precision, PRECISIONS)
+        found += choice(f"{key}.cpu_kernels", self.cpu_kernels, CPU_KERNELS)
+        for name in ("num_threads", "checkpoint_every_n_steps"):
+            if getattr(self, name) is not None:
+                found += positive(f"{key}.{name}", getattr(self, name))
+        problem = strategy_problem(self.strategy, self.accelerator)
+        if problem:
+            found.append((f"{key}.strategy", problem))
+        if not devices_ok(self.devices):
+            found.append(
+                (
+                    f"{key}.devices",
+                    f"'auto', a count >= 1 (-1: all), a list of device indices or '0,1'; got {self.devices!r}",
+                )
+            )
+        if self.accelerator == "cpu" and self.precision in ("16-mixed", "16"):
+            found.append((f"{key}.precision", "16-mixed needs a GPU; on CPU use bf16-mixed or 32-true"))
+        return (
+            found
+            + positive(f"{key}.num_nodes", self.num_nodes)
+            + positive(f"{key}.accumulate_grad_batches", self.accumulate_grad_batches)
+        )
+
+
+def devices_ok(devices: Any) -> bool:
+    """Lightning's accepted ``devices`` forms: "auto", an int >= 1 or -1, a list of indices, "0,1" / "2"."""
+    if isinstance(devices, bool):
+        return False
+    if isinstance(devices, int):
+        return devices >= 1 or devices == -1
+    if isinstance(devices, str):
+        parts = [p.strip() for p in devices.split(",") if p.strip()]
+        return devices == "auto" or (bool(parts) and all(p.lstrip("-").isdigit() for p in parts))
+    if isinstance(devices, (list, tuple)):
+        return len(devices) > 0 and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in devices)
+    return False
+
 
 @dataclass
 class EvaluationConfig:
@@ -210,12 +391,22 @@ class EvaluationConfig:
     batch_size: int = 32
     mask_threshold: float = 0.1  # grounding masks: sigmoid(logit) > threshold (MedPLIB's eval uses 0.1)
 
+    def problems(self, key: str) -> list[Problem]:
+        return positive(f"{key}.batch_size", self.batch_size) + positive(f"{key}.max_new_tokens", self.max_new_tokens)
+
 
 @dataclass
 class GradConflictConfig:
     every_n_steps: int | None = None  # None: off; else per-task gradient cosine every N optimiser steps
     samples_per_task: int = 8  # fixed probe batch per task
     groups: list[str] = field(default_factory=lambda: ["connector", "experts"])  # or any parameter-name substring
+
+    def problems(self, key: str) -> list[Problem]:
+        if self.every_n_steps is None:
+            return []
+        return positive(f"{key}.every_n_steps", self.every_n_steps) + positive(
+            f"{key}.samples_per_task", self.samples_per_task
+        )
 
 
 @dataclass

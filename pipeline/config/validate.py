@@ -1,25 +1,25 @@
-"""Checks the type system cannot express: choices, cross-references and paths on disk."""
+"""Checks after the merge: each section's own ``problems`` (beside its dataclass in ``schema.py`` and
+``datamodules/specs.py``), the references between sections, and paths on disk. Imports no torch.
+
+The first problem found becomes a :class:`ConfigError` naming the file (or the command line) that last set
+the key.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from dataclasses import fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from datamodules.problems import ON_BAD_RECORD
-from datamodules.readers import SPLIT_NAMES
-from datamodules.readers.mecovqa import SUBSETS as MECOVQA_SUBSETS
-from datamodules.specs import FORMATS, LAYOUTS, SYNTHETIC_KINDS, TASK_IDS, TASKS
-from lightningmodules.models.aggregation import AGGREGATIONS
-from lightningmodules.models.cmoe import ROUTER_INPUTS, WEIGHTINGS
-from lightningmodules.schedules import SCHEDULERS
+from datamodules.specs import TASK_IDS
+from medcore.checks import Problem, choice
+from medcore.choices import TINY_MODELS
+from medcore.paths import is_timm_path, tiny_name
 from pipeline.config.errors import ConfigError
-from pipeline.config.schema import CONNECTOR_TYPES, MOE_LAYER_CHOICES, ROUTER_INITS, STAGE_KINDS, TRAINABLE_GROUPS
-from pipeline.reproducibility import CPU_KERNELS
-from pipeline.strategies import strategy_problem
-
-PRECISIONS = ("32-true", "32", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true")
+from pipeline.config.schema import ExperimentConfig
 
 
 def config_source(provenance: dict[str, str], key: str, default: str) -> str:
@@ -32,287 +32,143 @@ def config_source(provenance: dict[str, str], key: str, default: str) -> str:
     return default
 
 
-class _Checker:
-    def __init__(self, provenance: dict[str, str], default_source: str) -> None:
-        self.provenance = provenance
-        self.default_source = default_source
-
-    def fail(self, key: str, reason: str) -> None:
-        raise ConfigError(f"{config_source(self.provenance, key, self.default_source)}: key '{key}': {reason}")
-
-    def choice(self, key: str, value: Any, allowed: tuple) -> None:
-        if value not in allowed:
-            self.fail(key, f"{value!r} is not one of {', '.join(map(str, allowed))}")
-
-    def positive(self, key: str, value: float, allow_zero: bool = False) -> None:
-        if value < 0 or (value == 0 and not allow_zero):
-            self.fail(key, f"must be {'>= 0' if allow_zero else '> 0'}, got {value}")
-
-    def model_path(self, key: str, value: str) -> None:
-        if value.startswith("tiny:"):
-            from lightningmodules.models.tiny import MODEL_NAMES
-
-            self.choice(key, value.removeprefix("tiny:"), MODEL_NAMES)
-        elif value.startswith("timm:"):  # weights come from model.vision.checkpoint (checked below)
-            if key != "model.vision.path":
-                self.fail(key, "timm: models are vision towers only")
-        elif not Path(value).expanduser().is_dir():
-            self.fail(key, f"checkpoint directory not found: {value}")
-
-    def existing_path(self, key: str, value: str, what: str) -> None:
-        if not Path(value).expanduser().exists():
-            self.fail(key, f"{what} not found: {value}")
-
-
 def check_semantics(
     cfg: DictConfig, *, provenance: dict[str, str], default_source: str, check_paths: bool = True
 ) -> None:
-    c = _Checker(provenance, default_source)
-    c.choice("model.connector.type", cfg.model.connector.type, CONNECTOR_TYPES)
-    c.choice("model.connector.aggregation", cfg.model.connector.aggregation, AGGREGATIONS)
+    """Raise a ConfigError for the first problem; ``check_paths=False`` skips everything on disk (checkpoint
+    folders, dataset folders, hand-over files), e.g. for ``medpipe params`` on a machine without them."""
+    for key, reason in problems(cfg, check_paths=check_paths):
+        raise ConfigError(f"{config_source(provenance, key, default_source)}: key '{key}': {reason}")
+
+
+def problems(cfg: DictConfig, *, check_paths: bool = True) -> Iterator[Problem]:
+    missing = [name for name, ds in cfg.data.datasets.items() if OmegaConf.is_missing(ds, "path")]
+    if missing:  # before anything reads the typed object, which needs every value
+        yield f"data.datasets.{missing[0]}.path", "missing: set the dataset folder"
+        return
+    typed: ExperimentConfig = OmegaConf.to_object(cfg)
+    yield from section_problems(typed, "")
+    yield from cross_references(typed)
+    yield from path_problems(typed, check_paths=check_paths)
+
+
+def section_problems(node: Any, key: str) -> Iterator[Problem]:
+    """Every dataclass's own ``problems(key)``, depth first in field order (sections in dicts by name)."""
+    if hasattr(node, "problems"):
+        yield from node.problems(key)
+    for f in fields(node):
+        value = getattr(node, f.name)
+        items = value.items() if isinstance(value, dict) else [(None, value)]
+        for name, child in items:
+            if is_dataclass(child):
+                yield from section_problems(child, ".".join(k for k in (key, f.name, name) if k))
+
+
+def cross_references(cfg: ExperimentConfig) -> Iterator[Problem]:
+    """What one section says about another: dataset and stage names, task ids, groups that need a part."""
+    datasets = tuple(cfg.data.datasets)
     connector = cfg.model.connector
-    c.choice("model.connector.router_input", connector.router_input, ROUTER_INPUTS)
-    c.choice("model.connector.weighting", connector.weighting, WEIGHTINGS)
-    for key in ("num_experts", "num_tasks", "router_hidden_ratio"):
-        c.positive(f"model.connector.{key}", connector[key])
-    if connector.task_embed_dim is not None:
-        c.positive("model.connector.task_embed_dim", connector.task_embed_dim)
-    if connector.weighting == "sparse" and not 1 <= connector.top_k <= connector.num_experts:
-        c.fail("model.connector.top_k", f"must be in [1, num_experts={connector.num_experts}], got {connector.top_k}")
     if connector.type == "cmoe":  # task embeddings are indexed by TASK_IDS: every image task needs one
         for name, ds in cfg.data.datasets.items():
             if ds.task in TASK_IDS and TASK_IDS[ds.task] >= connector.num_tasks:
-                c.fail(
+                yield (
                     "model.connector.num_tasks",
                     f"{connector.num_tasks} task embeddings, but dataset {name!r} has "
                     f"task {ds.task!r} with task id {TASK_IDS[ds.task]} (ids: {TASK_IDS}); raise num_tasks",
                 )
-    c.choice("model.vision.select_feature", cfg.model.vision.select_feature, ("patch", "cls_patch"))
-    check_grounding(c, cfg, check_paths=check_paths)
-    c.choice("model.llm.dtype", cfg.model.llm.dtype, ("float32", "bfloat16", "float16"))
-    c.choice("data.on_bad_record", cfg.data.on_bad_record, ON_BAD_RECORD)
-    c.choice("trainer.precision", str(cfg.trainer.precision), PRECISIONS)
-    c.choice("trainer.cpu_kernels", cfg.trainer.cpu_kernels, CPU_KERNELS)
-    if cfg.trainer.num_threads is not None:
-        c.positive("trainer.num_threads", cfg.trainer.num_threads)
-    check_trainer(c, cfg.trainer)
-    if cfg.analysis.grad_conflict.every_n_steps is not None:
-        c.positive("analysis.grad_conflict.every_n_steps", cfg.analysis.grad_conflict.every_n_steps)
-        c.positive("analysis.grad_conflict.samples_per_task", cfg.analysis.grad_conflict.samples_per_task)
-    if cfg.trainer.checkpoint_every_n_steps is not None:
-        c.positive("trainer.checkpoint_every_n_steps", cfg.trainer.checkpoint_every_n_steps)
-    for key in (
-        "data.batch_size",
-        "data.eval_batch_size",
-        "data.max_length",
-        "evaluation.batch_size",
-        "evaluation.max_new_tokens",
-        "trainer.num_nodes",
-        "trainer.accumulate_grad_batches",
-    ):
-        c.positive(key, OmegaConf.select(cfg, key))
-    c.positive("data.num_workers", cfg.data.num_workers, allow_zero=True)
-
-    if cfg.data.mixture.samples_per_epoch is not None:
-        c.positive("data.mixture.samples_per_epoch", cfg.data.mixture.samples_per_epoch)
-    for name, ds in cfg.data.datasets.items():
-        key = f"data.datasets.{name}"
-        c.choice(f"{key}.format", ds.format, FORMATS)
-        c.choice(f"{key}.task", ds.task, TASKS)
-        c.positive(f"{key}.weight", ds.weight)
-        if OmegaConf.is_missing(ds, "path"):
-            c.fail(f"{key}.path", "missing: set the dataset folder")
-        if check_paths and ds.synthetic is None:
-            c.existing_path(f"{key}.path", ds.path, "dataset folder")
-        splits = SPLIT_NAMES[ds.format]
-        for split_key in ("train_split", "val_split", "test_split"):
-            value = ds[split_key]
-            if splits is not None and value is not None and value not in splits:
-                c.fail(
-                    f"{key}.{split_key}",
-                    f"{ds.format} has no split {value!r} (it has "
-                    f"{', '.join(splits)}; set null when the release has no such split)",
-                )
-        for subset in ds.subsets or []:
-            c.choice(f"{key}.subsets", subset, MECOVQA_SUBSETS)
-
-    for ds in cfg.evaluation.datasets or []:
-        c.choice("evaluation.datasets", ds, tuple(cfg.data.datasets.keys()))
-    for name, ds in cfg.data.datasets.items():
-        if ds.synthetic is not None:
-            c.choice(
-                f"data.datasets.{name}.synthetic.kind", ds.synthetic.kind, SYNTHETIC_KINDS.get(ds.format, ("vqa",))
-            )
-            if ds.synthetic.layout is not None:
-                c.choice(f"data.datasets.{name}.synthetic.layout", ds.synthetic.layout, LAYOUTS[ds.format])
-
-    names = list(cfg.stages.keys())
-    for i, (name, stage) in enumerate(cfg.stages.items()):
-        key = f"stages.{name}"
-        c.choice(f"{key}.kind", stage.kind, STAGE_KINDS)
-        c.choice(f"{key}.optim.scheduler", stage.optim.scheduler, SCHEDULERS)
-        c.positive(f"{key}.optim.lr", stage.optim.lr)
-        if not 0 <= stage.optim.warmup_ratio < 1:
-            c.fail(f"{key}.optim.warmup_ratio", f"must be in [0, 1), got {stage.optim.warmup_ratio}")
-        if stage.max_epochs < 1 and stage.max_steps < 1:
-            c.fail(f"{key}.max_epochs", "set max_epochs >= 1 or max_steps >= 1")
-        for group in stage.train:
-            c.choice(f"{key}.train", group, TRAINABLE_GROUPS)
-        if "lora" in stage.train and stage.lora is None:
-            c.fail(f"{key}.train", "'lora' is trainable but the stage has no lora section")
-        if stage.lora is not None:
-            c.positive(f"{key}.lora.r", stage.lora.r)
-        for ds in stage.datasets or []:
-            c.choice(f"{key}.datasets", ds, tuple(cfg.data.datasets.keys()))
-        if stage.init_from is not None and stage.init_from not in names[:i]:
-            if check_paths:
-                c.existing_path(f"{key}.init_from", stage.init_from, "hand-over file (or an earlier stage)")
-        check_moe_stage(c, cfg, name, names[:i])
-
-    if check_paths:
-        c.model_path("model.vision.path", cfg.model.vision.path)
-        c.model_path("model.llm.path", cfg.model.llm.path)
-        if str(cfg.model.vision.path).startswith("timm:"):
-            if cfg.model.vision.checkpoint is None:
-                c.fail(
-                    "model.vision.checkpoint", "a timm: vision tower needs its local weights file (never downloaded)"
-                )
-            c.existing_path("model.vision.checkpoint", cfg.model.vision.checkpoint, "vision weights file")
-        if cfg.ckpt is not None and not str(cfg.ckpt).startswith(("models:/", "runs:/")):
-            c.existing_path("ckpt", cfg.ckpt, "checkpoint")
-
-
-def check_moe_stage(c: _Checker, cfg: DictConfig, name: str, earlier: list[str]) -> None:
-    """``kind: router`` stages and ``moe`` blocks (Med-MoE / MedPLIB); ``earlier`` = stage names before it."""
-    stage = cfg.stages[name]
-    key = f"stages.{name}"
-    if stage.kind == "router":
-        if stage.router is None or len(stage.router.modalities) < 2:
-            c.fail(f"{key}.router.modalities", "a router stage needs >= 2 modality names (class c = MoE expert c)")
-        if len(set(stage.router.modalities)) != len(stage.router.modalities):
-            c.fail(f"{key}.router.modalities", f"names repeat: {list(stage.router.modalities)}")
-        for ds, modality in stage.router.dataset_modality.items():
-            c.choice(f"{key}.router.dataset_modality", ds, tuple(cfg.data.datasets.keys()))
-            c.choice(f"{key}.router.dataset_modality.{ds}", modality, tuple(stage.router.modalities))
-        if list(stage.train) != ["modality_classifier"]:
-            c.fail(
-                f"{key}.train",
-                f"a router stage trains the modality classifier only: set train: "
-                f"[modality_classifier] (got {list(stage.train)})",
-            )
-        if stage.moe is not None or stage.lora is not None:
-            c.fail(f"{key}.{'moe' if stage.moe is not None else 'lora'}", "a router stage changes no LLM weights")
-    elif stage.router is not None:
-        c.fail(f"{key}.router", "only kind: router stages take a router section")
-    elif "modality_classifier" in stage.train:
-        c.fail(f"{key}.train", "modality_classifier trains in a kind: router stage")
-    moe_groups = {"experts", "moe_router"} & set(stage.train)
-    moe_before = any(cfg.stages[n].moe is not None for n in earlier)
-    if moe_groups and stage.moe is None and not moe_before:
-        c.fail(f"{key}.train", f"{sorted(moe_groups)} need MoE layers: add a moe section to this or an earlier stage")
-    if stage.moe is None:
-        return
-    moe = stage.moe
-    mkey = f"{key}.moe"
-    if moe_before:
-        c.fail(
-            mkey,
-            f"an earlier stage already converted the LLM to MoE "
-            f"({[n for n in earlier if cfg.stages[n].moe is not None]}); only one moe stage per experiment",
-        )
-    layers = moe.layers
-    if isinstance(layers, str):
-        c.choice(f"{mkey}.layers", layers, MOE_LAYER_CHOICES)
-    else:
-        values = list(layers) if layers is not None else []
-        if not values or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values):
-            c.fail(f"{mkey}.layers", f"every_other, all, or a non-empty list of layer indices >= 0, got {layers!r}")
-    sources = list(moe.sources or [])
-    for src in sources:
-        c.choice(f"{mkey}.sources", src, tuple(earlier))
-    if moe.sources is not None and len(sources) < 2:
-        c.fail(f"{mkey}.sources", f"needs >= 2 earlier stages (one per expert), got {sources}")
-    num_experts = moe.num_experts if moe.num_experts is not None else (len(sources) or 4)
-    if sources and num_experts != len(sources):
-        c.fail(f"{mkey}.num_experts", f"{num_experts} but sources name {len(sources)} stages (one expert each)")
-    c.positive(f"{mkey}.num_experts", num_experts)
-    if not 1 <= moe.top_k <= num_experts:
-        c.fail(f"{mkey}.top_k", f"must be in [1, num_experts={num_experts}], got {moe.top_k}")
-    if moe.capacity_factor is not None:
-        c.positive(f"{mkey}.capacity_factor", moe.capacity_factor)
-    for coef in ("aux_loss_coef", "z_loss_coef", "jitter"):
-        c.positive(f"{mkey}.{coef}", moe[coef], allow_zero=True)
-    c.choice(f"{mkey}.router_init", moe.router_init, ROUTER_INITS)
-    if "moe_router" in stage.train and not moe.router_trainable:
-        c.fail(f"{key}.train", "moe_router is listed but moe.router_trainable is false")
-    if moe.router_init == "modality_classifier":
-        routers = [n for n in earlier if cfg.stages[n].kind == "router"]
-        router_stage = moe.router_stage or (routers[-1] if routers else None)
-        if router_stage is None:
-            c.fail(f"{mkey}.router_init", "modality_classifier needs an earlier kind: router stage")
-        c.choice(f"{mkey}.router_stage", router_stage, tuple(routers))
-        classes = len(cfg.stages[router_stage].router.modalities)
-        if classes != num_experts:
-            c.fail(
-                f"{mkey}.num_experts",
-                f"{num_experts} experts but router stage {router_stage!r} classifies "
-                f"{classes} modalities (class c initialises expert c's router row)",
-            )
-    elif moe.router_stage is not None:
-        c.fail(f"{mkey}.router_stage", "set only with router_init: modality_classifier")
-
-
-def check_trainer(c: _Checker, trainer: DictConfig) -> None:
-    """Strategy (DeepSpeed only when installed), devices, and precisions the accelerator can run."""
-    problem = strategy_problem(str(trainer.strategy), str(trainer.accelerator))
-    if problem:
-        c.fail("trainer.strategy", problem)
-    devices = trainer.devices
-    if not devices_ok(devices):
-        c.fail("trainer.devices", f"'auto', a count >= 1 (-1: all), a list of device indices or '0,1'; got {devices!r}")
-    if trainer.accelerator == "cpu" and str(trainer.precision) in ("16-mixed", "16"):
-        c.fail("trainer.precision", "16-mixed needs a GPU; on CPU use bf16-mixed or 32-true")
-
-
-def devices_ok(devices: Any) -> bool:
-    """Lightning's accepted ``devices`` forms: "auto", an int >= 1 or -1, a list of indices, "0,1" / "2"."""
-    if isinstance(devices, bool):
-        return False
-    if isinstance(devices, int):
-        return devices >= 1 or devices == -1
-    if isinstance(devices, str):
-        parts = [p.strip() for p in devices.split(",") if p.strip()]
-        return devices == "auto" or (bool(parts) and all(p.lstrip("-").isdigit() for p in parts))
-    if OmegaConf.is_list(devices) or isinstance(devices, (list, tuple)):
-        return len(devices) > 0 and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in devices)
-    return False
-
-
-def check_grounding(c: _Checker, cfg: DictConfig, *, check_paths: bool) -> None:
-    """MedPLIB: ``model.grounding`` choices and paths; its parameter groups need it."""
-    from pipeline.config.schema import SAM_FORMATS
-
-    grounding = cfg.model.get("grounding")
-    if grounding is None:
+    if cfg.model.grounding is None:
         for name, stage in cfg.stages.items():
             for group in ("grounding", "region"):
                 if group in stage.train:
-                    c.fail(
+                    yield (
                         f"stages.{name}.train",
                         f"group {group!r} needs model.grounding (MedPLIB's grounding head and region adapter)",
                     )
+    for ds in cfg.evaluation.datasets or []:
+        yield from choice("evaluation.datasets", ds, datasets)
+    names = list(cfg.stages)
+    for i, (name, stage) in enumerate(cfg.stages.items()):
+        for ds in stage.datasets or []:
+            yield from choice(f"stages.{name}.datasets", ds, datasets)
+        if stage.router is not None:
+            for ds in stage.router.dataset_modality:
+                yield from choice(f"stages.{name}.router.dataset_modality", ds, datasets)
+        yield from moe_references(cfg, name, names[:i])
+
+
+def moe_references(cfg: ExperimentConfig, name: str, earlier: list[str]) -> Iterator[Problem]:
+    """An ``moe`` block against the stages before it (``earlier``): one conversion, its sources and router stage."""
+    stage, key = cfg.stages[name], f"stages.{name}"
+    moe_groups = {"experts", "moe_router"} & set(stage.train)
+    converted = [n for n in earlier if cfg.stages[n].moe is not None]
+    if moe_groups and stage.moe is None and not converted:
+        yield f"{key}.train", f"{sorted(moe_groups)} need MoE layers: add a moe section to this or an earlier stage"
+    if stage.moe is None:
         return
-    c.choice("model.grounding.sam_format", grounding.sam_format, SAM_FORMATS)
-    if grounding.sam_format == "sam_med2d" and check_paths:
-        c.existing_path("model.grounding.sam_path", grounding.sam_path, "SAM-Med2D checkpoint")
-    elif grounding.sam_format == "hf" and (check_paths or grounding.sam_path.startswith("tiny:")):
-        c.model_path("model.grounding.sam_path", grounding.sam_path)  # tiny:<name> or a checkpoint folder
-    if grounding.region and cfg.model.vision.select_feature != "patch":
-        c.fail("model.grounding.region", "region prompts pool the patch grid: needs model.vision.select_feature: patch")
-    weights = [("model.grounding.loss", grounding.loss)] + [
-        (f"stages.{n}.grounding_loss", s.grounding_loss) for n, s in cfg.stages.items() if s.grounding_loss is not None
-    ]
-    for key, loss in weights:
-        for term in ("ce", "bce", "dice", "focal"):
-            if loss[term] < 0:
-                c.fail(f"{key}.{term}", f"loss weights must be >= 0, got {loss[term]}")
+    if converted:
+        yield (
+            f"{key}.moe",
+            (f"an earlier stage already converted the LLM to MoE ({converted}); only one moe stage per experiment"),
+        )
+    for src in stage.moe.sources or []:
+        yield from choice(f"{key}.moe.sources", src, earlier)
+    if stage.moe.router_init == "modality_classifier":
+        routers = [n for n in earlier if cfg.stages[n].kind == "router"]  # validates the reference's target
+        router_stage = stage.moe.router_stage or (routers[-1] if routers else None)
+        if router_stage is None:
+            yield f"{key}.moe.router_init", "modality_classifier needs an earlier kind: router stage"
+            return
+        yield from choice(f"{key}.moe.router_stage", router_stage, routers)
+        if router_stage in routers:
+            classes = len(cfg.stages[router_stage].router.modalities)
+            if classes != stage.moe.expert_count():
+                yield (
+                    f"{key}.moe.num_experts",
+                    f"{stage.moe.expert_count()} experts but router stage {router_stage!r} classifies "
+                    f"{classes} modalities (class c initialises expert c's router row)",
+                )
+
+
+def path_problems(cfg: ExperimentConfig, *, check_paths: bool) -> Iterator[Problem]:
+    """Model paths (``tiny:<name>`` must name a tiny model, ``timm:`` only for the vision tower), and with
+    ``check_paths`` the files and folders the config names: checkpoints, datasets, hand-overs."""
+    grounding = cfg.model.grounding
+    if grounding is not None and grounding.sam_format == "sam_med2d" and check_paths:
+        yield from existing("model.grounding.sam_path", grounding.sam_path, "SAM-Med2D checkpoint")
+    elif grounding is not None and grounding.sam_format == "hf":
+        yield from model_path("model.grounding.sam_path", grounding.sam_path, check_paths=check_paths)
+    if check_paths:
+        for name, ds in cfg.data.datasets.items():
+            if ds.synthetic is None:
+                yield from existing(f"data.datasets.{name}.path", ds.path, "dataset folder")
+        names = list(cfg.stages)
+        for i, (name, stage) in enumerate(cfg.stages.items()):
+            if stage.init_from is not None and stage.init_from not in names[:i]:
+                yield from existing(f"stages.{name}.init_from", stage.init_from, "hand-over file (or an earlier stage)")
+    yield from model_path("model.vision.path", cfg.model.vision.path, check_paths=check_paths)
+    yield from model_path("model.llm.path", cfg.model.llm.path, check_paths=check_paths)
+    if not check_paths:
+        return
+    if is_timm_path(cfg.model.vision.path):
+        if cfg.model.vision.checkpoint is None:
+            yield "model.vision.checkpoint", "a timm: vision tower needs its local weights file (never downloaded)"
+        else:
+            yield from existing("model.vision.checkpoint", cfg.model.vision.checkpoint, "vision weights file")
+    if cfg.ckpt is not None and not str(cfg.ckpt).startswith(("models:/", "runs:/")):
+        yield from existing("ckpt", cfg.ckpt, "checkpoint")
+
+
+def model_path(key: str, path: str, *, check_paths: bool) -> Iterator[Problem]:
+    """``tiny:<name>`` names a tiny model; ``timm:`` is a vision tower; else (``check_paths``) a checkpoint folder."""
+    if tiny_name(path) is not None:
+        yield from choice(key, tiny_name(path), TINY_MODELS)
+    elif is_timm_path(path):  # weights come from model.vision.checkpoint
+        if key != "model.vision.path":
+            yield key, "timm: models are vision towers only"
+    elif check_paths and not Path(path).expanduser().is_dir():
+        yield key, f"checkpoint directory not found: {path}"
+
+
+def existing(key: str, value: str, what: str) -> Iterator[Problem]:
+    if not Path(value).expanduser().exists():
+        yield key, f"{what} not found: {value}"

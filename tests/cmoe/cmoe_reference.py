@@ -14,8 +14,8 @@ from lightningmodules.models.cmoe import CMoEConnector
 def naive_expert(cmoe: CMoEConnector, tokens: torch.Tensor, expert: int) -> torch.Tensor:
     """Expert ``expert`` as two nn.Linear-style layers: (..., in) -> (..., d)."""
     experts = cmoe.experts
-    hidden = F.gelu(F.linear(tokens, experts.w1[expert].t(), experts.b1[expert]))
-    return F.linear(hidden, experts.w2[expert].t(), experts.b2[expert])
+    hidden = F.gelu(F.linear(tokens, experts.w_in[expert].t(), experts.b_in[expert]))
+    return F.linear(hidden, experts.w_out[expert].t(), experts.b_out[expert])
 
 
 def naive_router_logits(cmoe: CMoEConnector, features: torch.Tensor, task_ids: torch.Tensor | None) -> torch.Tensor:

@@ -56,6 +56,7 @@ def test_top_k_above_the_expert_count_is_rejected_for_sparse() -> None:
 @pytest.mark.parametrize("weighting", ["soft", "sparse"])
 def test_config_round_trip_builds_a_working_cmoe_model(weighting: str, cache_dir, tiny_llama, tiny_clip) -> None:
     from lightningmodules.models.cmoe import CMoEConnector
+    from lightningmodules.models.moe import moe_context
     from pipeline.model_factory import build_model
     from pipeline.trainable import set_trainable
 
@@ -74,11 +75,11 @@ def test_config_round_trip_builds_a_working_cmoe_model(weighting: str, cache_dir
     size = model.vision.image_size
     pixels = torch.randn(3, 3, size, size, generator=torch.Generator().manual_seed(0))
     task_ids = torch.tensor([1, 4, 1])
-    with torch.no_grad():
+    with torch.no_grad(), moe_context(model) as context:
         visual = model.encode_images(pixels, task_ids=task_ids)
     assert visual.shape == (3, model.num_image_tokens, model.llm.config.hidden_size)
     assert torch.isfinite(visual).all()
-    assert torch.equal(connector.last_routing.task_ids, task_ids)
+    assert torch.equal(context.routing[connector].group_ids, task_ids)
     with pytest.raises(ValueError, match="needs task_ids"):
         model.encode_images(pixels)
 
@@ -99,5 +100,5 @@ def test_config_round_trip_builds_a_working_cmoe_model(weighting: str, cache_dir
 
     counts = set_trainable(model, ["connector"])
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert "connector.router.task_embedding.weight" in trainable and "connector.experts.w1" in trainable
+    assert "connector.router.task_embedding.weight" in trainable and "connector.experts.w_in" in trainable
     assert counts["connector"] == sum(p.numel() for p in connector.parameters())

@@ -30,10 +30,10 @@ def test_gradients_reach_router_task_embeddings_and_experts(weighting: str, rout
     for name, param in [
         ("router.fc1_task.weight", router.fc1_task.weight),
         ("router.fc2.weight", router.fc2.weight),
-        ("experts.w1", cmoe.experts.w1),
-        ("experts.w2", cmoe.experts.w2),
-        ("experts.b1", cmoe.experts.b1),
-        ("experts.b2", cmoe.experts.b2),
+        ("experts.w_in", cmoe.experts.w_in),
+        ("experts.w_out", cmoe.experts.w_out),
+        ("experts.b_in", cmoe.experts.b_in),
+        ("experts.b_out", cmoe.experts.b_out),
     ]:
         assert param.grad is not None and param.grad.abs().sum() > 0, name
     embedding_grad = router.task_embedding.weight.grad  # (num_tasks, t)
@@ -49,4 +49,4 @@ def test_constant_and_hard_train_only_the_experts() -> None:
         cmoe = CMoEConnector(in_dim=12, out_dim=10, num_experts=3, weighting=weighting, num_tasks=4)
         assert {name.split(".")[0] for name, _ in cmoe.named_parameters()} == {"experts"}
         cmoe(torch.randn(2, 4, 12), task_ids=torch.tensor([0, 1])).sum().backward()
-        assert cmoe.experts.w1.grad.abs().sum() > 0
+        assert cmoe.experts.w_in.grad.abs().sum() > 0

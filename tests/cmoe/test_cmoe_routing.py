@@ -8,8 +8,9 @@ import pytest
 import torch
 from cmoe_reference import naive_router_logits
 
-import lightningmodules.models.cmoe as cmoe_module
-from lightningmodules.models.cmoe import WEIGHTINGS, CMoEConnector, mean_weights_by_task
+from lightningmodules.metrics.routing import mean_weights_by_task
+from lightningmodules.models.cmoe import WEIGHTINGS, CMoEConnector
+from lightningmodules.models.moe import MoEStats, RoutingRecord, moe_context
 
 IN_DIM, OUT_DIM = 24, 16
 
@@ -25,12 +26,19 @@ def inputs(n: int = 6, p: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(n, p, IN_DIM, generator=g), torch.arange(n) % 6
 
 
+def routed(cmoe: CMoEConnector, features: torch.Tensor, **kwargs) -> tuple[torch.Tensor, RoutingRecord, MoEStats]:
+    """One forward in a step context: the output and what the connector recorded."""
+    with moe_context(cmoe) as context:
+        out = cmoe(features, **kwargs)
+    return out, context.routing[cmoe], context.stats[cmoe]
+
+
 @pytest.mark.parametrize("router_input", ["task_token", "token", "task"])
 def test_soft_weights_are_positive_and_sum_to_one(router_input: str) -> None:
     cmoe = make(weighting="soft", router_input=router_input)
     features, task_ids = inputs()
-    cmoe(features, task_ids=task_ids)
-    weights = cmoe.last_routing.weights
+    _, record, _ = routed(cmoe, features, task_ids=task_ids)
+    weights = record.dense_weights()
     assert weights.shape == (6, 8, 5)
     assert (weights > 0).all()
     torch.testing.assert_close(weights.sum(-1), torch.ones(6, 8))
@@ -39,51 +47,23 @@ def test_soft_weights_are_positive_and_sum_to_one(router_input: str) -> None:
     torch.testing.assert_close(weights, scores / scores.sum(-1, keepdim=True))
 
 
-@pytest.mark.parametrize("dispatch", ["per_expert", "padded"])
 @pytest.mark.parametrize("top_k", [1, 2, 4])
-def test_sparse_runs_exactly_k_experts_per_token(top_k: int, dispatch: str, monkeypatch) -> None:
-    """The expert matmuls see each token exactly k times, each time in one of its top-k experts (padded
-    dispatch: the real rows of each expert's block; padding rows are dropped)."""
+def test_sparse_runs_exactly_k_experts_per_token(top_k: int) -> None:
+    """The experts compute each token exactly k times, each time in one of its top-k experts."""
     cmoe = make(weighting="sparse", top_k=top_k)
-    cmoe.experts.pad_slack = math.inf if dispatch == "padded" else 0.0
     features, task_ids = inputs()
     tokens = features.reshape(-1, IN_DIM)  # (N*P, in)
-    calls: list[tuple[int, torch.Tensor]] = []
-    padded_calls: list[torch.Tensor] = []
-    block_forward = cmoe_module.expert_block_forward
-    padded_forward = cmoe_module.padded_block_forward
-
-    def counting_block_forward(rows: torch.Tensor, expert: int, *args: torch.Tensor) -> None:
-        calls.append((expert, rows.clone()))
-        block_forward(rows, expert, *args)
-
-    def counting_padded_forward(blocks: torch.Tensor, *args: torch.Tensor) -> torch.Tensor:
-        padded_calls.append(blocks.clone())
-        return padded_forward(blocks, *args)
-
-    monkeypatch.setattr(cmoe_module, "expert_block_forward", counting_block_forward)
-    monkeypatch.setattr(cmoe_module, "padded_block_forward", counting_padded_forward)
-    cmoe(features, task_ids=task_ids)
-    if dispatch == "padded":
-        assert not calls and len(padded_calls) == 1  # every expert in one batched matmul
-        (blocks,) = padded_calls
-        assert blocks.shape[:2] == (cmoe.num_experts, max(cmoe.last_expert_token_counts))
-        calls = [(e, blocks[e, :n]) for e, n in enumerate(cmoe.last_expert_token_counts) if n]
-    else:
-        assert not padded_calls
+    _, record, stats = routed(cmoe, features, task_ids=task_ids)
 
     chosen = naive_router_logits(cmoe, features, task_ids).topk(top_k, dim=-1).indices.reshape(-1, top_k)
     seen = torch.zeros(tokens.shape[0], cmoe.num_experts, dtype=torch.long)  # (N*P, E) times a token ran
-    for expert, rows in calls:
-        token_index = (rows.unsqueeze(1) == tokens.unsqueeze(0)).all(-1).float().argmax(1)  # (n,)
-        torch.testing.assert_close(tokens[token_index], rows, atol=0, rtol=0)
-        seen[token_index, expert] += 1
-    assert sum(rows.shape[0] for _, rows in calls) == tokens.shape[0] * top_k
-    assert len({e for e, _ in calls}) == len(calls)  # one matmul per non-empty expert
+    seen.scatter_add_(1, record.indices.reshape(-1, top_k), torch.ones_like(chosen))
     expected = torch.zeros_like(seen).scatter(1, chosen, 1)
     assert torch.equal(seen, expected)
-    assert cmoe.last_expert_token_counts == expected.sum(0).tolist()
-    weights = cmoe.last_routing.weights
+    assert int(stats.kept_counts.sum()) == tokens.shape[0] * top_k
+    assert stats.kept_counts.tolist() == expected.sum(0).tolist()
+    assert stats.computed_rows == expected.sum(0).tolist()  # one block per expert, exactly its tokens
+    weights = record.dense_weights()
     assert ((weights > 0).sum(-1) == top_k).all()
     torch.testing.assert_close(weights.sum(-1), torch.ones(6, 8))
 
@@ -91,11 +71,11 @@ def test_sparse_runs_exactly_k_experts_per_token(top_k: int, dispatch: str, monk
 def test_hard_routes_by_task_id_modulo_experts() -> None:
     cmoe = make(weighting="hard", num_experts=4)
     features, task_ids = inputs()  # tasks 0..5 -> experts 0, 1, 2, 3, 0, 1
-    cmoe(features, task_ids=task_ids)
-    weights = cmoe.last_routing.weights
+    _, record, stats = routed(cmoe, features, task_ids=task_ids)
+    weights = record.dense_weights()
     assert torch.equal(weights.argmax(-1), (task_ids % 4).unsqueeze(1).expand(6, 8))
     assert torch.equal(weights.sum(-1), torch.ones(6, 8))
-    assert cmoe.last_expert_token_counts == [16, 16, 8, 8]
+    assert stats.kept_counts.tolist() == [16, 16, 8, 8]
 
 
 def test_token_router_ignores_task_ids() -> None:
@@ -110,8 +90,8 @@ def test_token_router_ignores_task_ids() -> None:
 def test_task_router_gives_one_weighting_per_image_and_task() -> None:
     cmoe = make(weighting="soft", router_input="task")
     features, _ = inputs()
-    cmoe(features, task_ids=torch.tensor([2, 2, 2, 4, 4, 4]))
-    weights = cmoe.last_routing.weights  # (N, P, E)
+    _, record, _ = routed(cmoe, features, task_ids=torch.tensor([2, 2, 2, 4, 4, 4]))
+    weights = record.dense_weights()  # (N, P, E)
     assert torch.equal(weights, weights[:, :1].expand_as(weights))  # same for every token of an image
     torch.testing.assert_close(weights[0], weights[1])
     assert not torch.allclose(weights[0], weights[3])
@@ -129,8 +109,9 @@ def test_missing_task_ids_is_a_clear_error(weighting: str, router_input: str) ->
 def test_task_ids_are_optional_when_nothing_uses_them(weighting: str, router_input: str) -> None:
     cmoe = make(weighting=weighting, router_input=router_input)
     features, _ = inputs()
-    assert cmoe(features).shape == (6, 8, OUT_DIM)
-    assert cmoe.last_routing.task_ids is None
+    out, record, _ = routed(cmoe, features)
+    assert out.shape == (6, 8, OUT_DIM)
+    assert record.group_ids is None
 
 
 def test_task_ids_must_be_one_per_image() -> None:
@@ -159,10 +140,9 @@ def test_bad_settings_fail_at_construction() -> None:
 def test_routing_record_is_detached_and_keeps_the_task_ids() -> None:
     cmoe = make(weighting="sparse")
     features, task_ids = inputs()
-    cmoe(features, task_ids=task_ids)
-    record = cmoe.last_routing
+    _, record, _ = routed(cmoe, features, task_ids=task_ids)
     assert not record.weights.requires_grad
-    assert torch.equal(record.task_ids, task_ids)
+    assert torch.equal(record.group_ids, task_ids)
 
 
 def test_mean_weights_by_task() -> None:
@@ -183,8 +163,8 @@ def test_mean_weights_by_task() -> None:
 def test_mean_weights_by_task_from_a_forward() -> None:
     cmoe = make(weighting="soft")
     features, task_ids = inputs()
-    cmoe(features, task_ids=task_ids)
-    record = cmoe.last_routing
-    means = mean_weights_by_task(record.weights, record.task_ids, cmoe.num_tasks)  # (6, 5)
+    _, record, _ = routed(cmoe, features, task_ids=task_ids)
+    weights = record.dense_weights()  # (6, 8, 5)
+    means = mean_weights_by_task(weights, record.group_ids, cmoe.num_tasks)  # (6, 5)
     torch.testing.assert_close(means.sum(-1), torch.ones(6))
-    torch.testing.assert_close(means[task_ids[0]], record.weights[0].mean(0))
+    torch.testing.assert_close(means[task_ids[0]], weights[0].mean(0))

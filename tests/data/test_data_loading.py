@@ -1,5 +1,5 @@
 """Dataset items and batches: masks at the original resolution, the mixture DataModule end to end,
-and the streaming JSON reader against ``json``."""
+and the JSON list loader's errors against ``json``'s."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from PIL import Image
 from datamodules.datamodule import VQADataModule
 from datamodules.images import load_mask
 from datamodules.problems import DataError
-from datamodules.readers.json_stream import iter_json_list
+from datamodules.readers.common import load_json_list
 from datamodules.specs import DatasetSpec
 
 # -- masks ------------------------------------------------------------------------------------------
@@ -139,11 +139,10 @@ def test_datamodule_shards_by_explicit_rank(slake_small, mecovqa_small) -> None:
     assert sorted(shards[0] + shards[1]) == list(range(len(records)))  # each record once, on one rank
 
 
-# -- streaming JSON -------------------------------------------------------------------------------------
+# -- JSON lists -----------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("chunk", [1, 5, 64, 1 << 20])
-def test_iter_json_list_matches_json(tmp_path: Path, chunk: int) -> None:
+def test_load_json_list_matches_json(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     data = [
         {"id": i, "q": "x" * int(rng.integers(0, 40)), "n": [1, 2.5, -3e5, None, True], "zh": "是"} for i in range(40)
@@ -151,46 +150,64 @@ def test_iter_json_list_matches_json(tmp_path: Path, chunk: int) -> None:
     path = tmp_path / "a.json"
     for indent in (None, 2):
         path.write_text(json.dumps(data, indent=indent, ensure_ascii=False))
-        assert list(iter_json_list(path, chunk_chars=chunk)) == data
+        assert load_json_list(path) == data
 
 
-@pytest.mark.parametrize("text", ["[1,]", "[1 2]", '[{"a": 1},\n {"a": }]', "[1] x", '[\n{"a":1},\n{"a":2,}\n]'])
-def test_iter_json_list_errors_match_json_positions(tmp_path: Path, text: str) -> None:
+@pytest.mark.parametrize(
+    "text, record",
+    [("[1,]", "1"), ("[1 2]", "0"), ('[{"a": 1},\n {"a": }]', "1"), ("[1] x", "-"), ('[\n{"a":1},\n{"a":2,}\n]', "1")],
+)
+def test_load_json_list_errors_match_json_positions(tmp_path: Path, text: str, record: str) -> None:
     path = tmp_path / "bad.json"
     path.write_text(text)
     with pytest.raises(json.JSONDecodeError) as reference:
         json.loads(text)
-    for chunk in (2, 1 << 20):
-        with pytest.raises(DataError) as info:
-            list(iter_json_list(path, chunk_chars=chunk))
-        assert f"line {reference.value.lineno} column {reference.value.colno}" in str(info.value)
+    with pytest.raises(DataError) as info:
+        load_json_list(path)
+    assert f"line {reference.value.lineno} column {reference.value.colno}" in str(info.value)
+    assert info.value.problem.record == record  # the list element being read ("-": after the list)
 
 
-def test_iter_json_list_accepts_a_byte_order_mark(tmp_path: Path) -> None:
+def test_load_json_list_accepts_a_byte_order_mark(tmp_path: Path) -> None:
     path = tmp_path / "bom.json"
     path.write_bytes(b"\xef\xbb\xbf" + json.dumps([{"q": "是"}, 2], ensure_ascii=False).encode())
-    assert list(iter_json_list(path)) == [{"q": "是"}, 2]
+    assert load_json_list(path) == [{"q": "是"}, 2]
 
 
-def test_iter_json_list_top_level_must_be_a_list(tmp_path: Path) -> None:
+def test_load_json_list_top_level_must_be_a_list(tmp_path: Path) -> None:
     path = tmp_path / "obj.json"
     path.write_text('{"a": 1}')
     with pytest.raises(DataError, match="expected a JSON list of records, got object"):
-        list(iter_json_list(path))
+        load_json_list(path)
+    path.write_text("  ")
+    with pytest.raises(DataError, match="expected a JSON list of records, got an empty file"):
+        load_json_list(path)
 
 
-def test_per_dataset_datamodules(vqa_rad_original, pathvqa_pickle, mecovqa_small, slake_small) -> None:
-    from datamodules.named import MeCoVQADataModule, PathVQADataModule, SlakeDataModule, VQARADDataModule
+def test_load_json_list_size_cap_is_a_file_error(tmp_path: Path) -> None:
+    path = tmp_path / "big.json"
+    path.write_text("[" + ",".join(["1"] * 1000) + "]")
+    with pytest.raises(DataError, match=r"big.json: record -: field '<json>': 0 MiB is more than .* limit of 0 MiB"):
+        load_json_list(path, max_bytes=1000)
+    assert len(load_json_list(path, max_bytes=1 << 20)) == 1000
 
-    rad = VQARADDataModule(vqa_rad_original[0], batch_size=2)
+
+def test_one_dataset_datamodules(vqa_rad_original, pathvqa_pickle, mecovqa_small, slake_small) -> None:
+    """The mixture DataModule over a single release, with that release's split names."""
+
+    def one(spec: DatasetSpec, **options) -> VQADataModule:
+        return VQADataModule(datasets={spec.format: spec}, **options)
+
+    rad = one(DatasetSpec(format="vqa_rad", path=str(vqa_rad_original[0]), val_split=None), batch_size=2)
     assert len(rad.split_records("train")) == vqa_rad_original[1]["train"] and rad.val_dataloader() == []
+    pathvqa = DatasetSpec(format="pathvqa", path=str(pathvqa_pickle[0]), val_split="validation")
     with pytest.raises(DataError, match="executes code"):
-        PathVQADataModule(pathvqa_pickle[0]).split_records("val")
-    pvqa = PathVQADataModule(pathvqa_pickle[0], allow_pickle=True)
+        one(pathvqa).split_records("val")
+    pvqa = one(DatasetSpec(format="pathvqa", path=str(pathvqa_pickle[0]), val_split="validation", allow_pickle=True))
     assert len(pvqa.split_records("val")) == pathvqa_pickle[1]["val"]
-    meco = MeCoVQADataModule(mecovqa_small[0], subsets=["region"])
+    meco = one(DatasetSpec(format="mecovqa", path=str(mecovqa_small[0]), val_split=None, subsets=["region"]))
     assert {r.task for r in meco.split_records("test")} == {"region"} and len(meco.split_records("test")) == 3
-    refer = SlakeDataModule(slake_small[0], task="refer").split_records("val")
+    refer = one(DatasetSpec(format="slake", path=str(slake_small[0]), task="refer")).split_records("val")
     assert refer and {r.task for r in refer} == {"refer"}
 
 

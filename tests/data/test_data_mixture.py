@@ -9,7 +9,8 @@ import pytest
 
 from datamodules.mixture import Group, MixtureSampler, largest_remainder, mixture_groups
 from datamodules.records import Record
-from datamodules.sharding import dedupe_by_id, world_of
+from datamodules.sharding import world_of
+from medcore.ids import dedupe_by_id
 
 
 def records(spec: dict[tuple[str, str], int]) -> list[Record]:
@@ -163,10 +164,13 @@ def test_eval_shards_with_padding_dedupe_to_the_split() -> None:
 
 
 def test_one_dedupe_implementation() -> None:
+    from datamodules import sharding
     from lightningmodules.metrics import pairing
+    from pipeline import evaluation
 
-    assert dedupe_by_id is pairing.dedupe_by_id  # evaluation and DataModule users share it
-    assert not hasattr(pairing, "drop_padding_duplicates")
+    assert evaluation.dedupe_by_id is dedupe_by_id  # evaluation and DataModule users share medcore's
+    for module in (pairing, sharding):
+        assert not hasattr(module, "dedupe_by_id") and not hasattr(module, "drop_padding_duplicates")
 
 
 def test_bad_mixtures_are_errors() -> None:

@@ -115,7 +115,7 @@ def test_slake_validation_file_names(slake_small, tmp_path: Path) -> None:
 
 
 def test_slake_refer_and_identify_boxes(slake_small) -> None:
-    from lightningmodules.metrics.boxes import parse_box
+    from medcore.boxes import parse_box
 
     root, _ = slake_small
     qa = read_slake(root, "test")

@@ -109,6 +109,8 @@ def test_mlflow_records_parent_and_nested_runs(two_stage) -> None:
         assert len(history) >= 3
         assert "val/loss" in child.data.metrics
         assert "test/closed_accuracy" in child.data.metrics
+        # one evaluation path: the headline test metric is the de-duplicated evaluation's number
+        assert child.data.metrics["test/closed_accuracy"] == child.data.metrics["eval/closed_accuracy"]
         assert "baseline/closed_accuracy" in child.data.metrics
         evaluation = [a.path for a in client.list_artifacts(child.info.run_id, "evaluation")]
         assert sorted(evaluation) == [

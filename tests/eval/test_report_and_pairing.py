@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from lightningmodules.metrics.pairing import Pair, PairingError, Reference, dedupe_by_id, pair_by_id
+from lightningmodules.metrics.pairing import Pair, PairingError, Reference, pair_by_id
 from lightningmodules.metrics.report import evaluation_report, flat_metrics, format_report
+from medcore.ids import dedupe_by_id
 
 
 def ref(i, answer, kind="closed", task="vqa", modality="CT", dataset="d"):

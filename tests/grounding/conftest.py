@@ -12,7 +12,7 @@ LLM_HIDDEN = 24  # stands in for the LLM's hidden size
 
 @pytest.fixture(scope="session")
 def tiny_sam_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from lightningmodules.models.tiny import ensure_tiny
+    from pipeline.zoo import ensure_tiny
 
     return ensure_tiny("sam", tmp_path_factory.mktemp("medpipe_cache"))
 

@@ -5,9 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from datamodules.images import SamImageTransform
 from lightningmodules.losses import mask_losses
-from lightningmodules.models.grounding import GroundingHead, SamImageTransform, load_sam, pair_with_targets
-from lightningmodules.models.tiny import BUILDERS, MODEL_NAMES
+from lightningmodules.models.grounding import GroundingHead, load_sam, pair_with_targets
+from medcore.choices import TINY_MODELS
+from pipeline.zoo.builders import BUILDERS
 
 LLM_HIDDEN = 24  # conftest's head fixture
 
@@ -26,7 +28,7 @@ def _batch(head: GroundingHead, sizes: list[tuple[int, int]]):
 
 
 def test_tiny_sam_is_a_model_path(tiny_sam_dir) -> None:
-    assert "sam" in MODEL_NAMES and "sam" in BUILDERS
+    assert "sam" in TINY_MODELS and "sam" in BUILDERS
     assert (tiny_sam_dir / "preprocessor_config.json").is_file()
     transform = SamImageTransform.from_pretrained(tiny_sam_dir)
     assert transform.image_size == 64

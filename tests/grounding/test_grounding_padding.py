@@ -6,7 +6,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from lightningmodules.models.grounding import GroundingHead, postprocess_mask, resized_shape, sam_preprocess
+from datamodules.images import sam_preprocess, sam_resized_shape
+from lightningmodules.models.grounding import GroundingHead, postprocess_mask
 
 HIGH, LOW = 10.0, -10.0
 
@@ -35,11 +36,11 @@ def _positive_span(logits: torch.Tensor) -> tuple[tuple[int, int], tuple[int, in
 
 
 def test_resize_longest_side() -> None:
-    assert resized_shape(80, 128, 64) == (40, 64)
-    assert resized_shape(128, 48, 64) == (64, 24)
-    assert resized_shape(100, 30, 64) == (64, 19)  # 19.2 -> 19
-    assert resized_shape(30, 100, 64) == (19, 64)
-    assert resized_shape(684, 1024, 1024) == (684, 1024)
+    assert sam_resized_shape(80, 128, 64) == (40, 64)
+    assert sam_resized_shape(128, 48, 64) == (64, 24)
+    assert sam_resized_shape(100, 30, 64) == (64, 19)  # 19.2 -> 19
+    assert sam_resized_shape(30, 100, 64) == (19, 64)
+    assert sam_resized_shape(684, 1024, 1024) == (684, 1024)
 
 
 def test_preprocess_pads_bottom_right_and_matches_transformers() -> None:

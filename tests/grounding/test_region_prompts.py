@@ -6,14 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from lightningmodules.models.region import (
-    RegionEncoder,
-    box_mask,
-    point_mask,
-    region_grid_weights,
-    region_mask,
-    splice_region_tokens,
-)
+from datamodules.regions import box_mask, point_mask, region_grid_weights, region_mask
+from lightningmodules.models.region import RegionEncoder, splice_region_tokens
 
 
 def _rows_cols(mask: torch.Tensor) -> tuple[list[int], list[int]]:

@@ -152,7 +152,8 @@ def test_sam_med2d_adapters_are_reported(random_hf_model, tmp_path) -> None:
         assert torch.equal(model.state_dict()[key], value), key
 
     out_dir = save_hf_checkpoint(model, tmp_path / "hf", image_mean=mean, image_std=std)
-    from lightningmodules.models.grounding import SamImageTransform, load_sam
+    from datamodules.images import SamImageTransform
+    from lightningmodules.models.grounding import load_sam
 
     assert torch.equal(
         load_sam(out_dir).state_dict()["mask_decoder.iou_token.weight"],

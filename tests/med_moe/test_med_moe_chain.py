@@ -158,7 +158,7 @@ def test_mlflow_has_router_and_expert_load_artifacts(chain) -> None:
     assert "val/accuracy" in router_metrics and "router/val_accuracy_final" in router_metrics
     stage3 = client.get_run(runs["stage3"]).data.metrics
     loads = [k for k in stage3 if k.startswith("moe/layer0/load_expert")]
-    assert len(loads) == 3 and "moe/dropped" in stage3 and "train/aux_loss" in stage3
+    assert len(loads) == 3 and "moe/dropped" in stage3 and "train/aux_loss" in stage3 and "train/lm_loss" in stage3
     assert any(k.startswith("moe/layer0/") and "/expert" in k and "load_" not in k for k in stage3)  # per modality
     files = {f.path for f in client.list_artifacts(runs["stage3"], "moe")}
     assert "moe/expert_load.json" in files

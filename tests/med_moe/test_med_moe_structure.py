@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from lightningmodules.models.modality_router import ModalityClassifier, masked_mean
-from lightningmodules.models.moe import count_parameters, moe_layers, token_mask
+from lightningmodules.models.moe import count_parameters, moe_context, moe_layers
 from pipeline.config import ConfigError, load_config
 from pipeline.handover import load_handover, restore, save_handover
 from pipeline.model_factory import build_model
@@ -83,7 +83,7 @@ def test_moe_structure_survives_handover(family: str, tmp_path: Path) -> None:
         assert torch.equal(fresh.state_dict()[key], value), key
     batch = _batch(len(built.tokenizer))
     model.eval(), fresh.eval()
-    with torch.no_grad(), token_mask(model, batch["attention_mask"]), token_mask(fresh, batch["attention_mask"]):
+    with torch.no_grad(), moe_context(model, batch["attention_mask"]), moe_context(fresh, batch["attention_mask"]):
         a, b = model(**batch), fresh(**batch)
     torch.testing.assert_close(a.loss, b.loss, rtol=0, atol=0)
     # the router rows are the classifier's (Linear with bias)
@@ -194,12 +194,12 @@ def test_vlm_module_adds_weighted_aux_loss_over_real_tokens() -> None:
     batch = _batch(len(built.tokenizer))
     with torch.no_grad():
         loss = module.training_step(batch, 0)
-        with token_mask(model, batch["attention_mask"]):
+        with moe_context(model, batch["attention_mask"]):
             lm_loss = model(**batch).loss
     real = int(batch["attention_mask"].sum())
     expected_aux = 0.0
     for _, layer in moe_layers(model):
-        stats = layer.last_stats
+        stats = module.moe.context.stats[layer]  # the training step's context
         assert stats.num_tokens == real and int(stats.routed_counts.sum()) == real  # padding not routed
         expected_aux += 0.5 * float(stats.load_balancing_loss) + 0.25 * float(stats.z_loss)
     assert expected_aux > 0
@@ -208,4 +208,4 @@ def test_vlm_module_adds_weighted_aux_loss_over_real_tokens() -> None:
     assert sum(metrics[f"moe/layer0/load_expert{e}"] for e in range(3)) == pytest.approx(1.0)
     assert metrics["moe/dropped"] == 0.0
     module.moe.end()
-    assert all(layer.token_mask is None for _, layer in moe_layers(model))
+    assert all(layer.moe_context is None for _, layer in moe_layers(model))

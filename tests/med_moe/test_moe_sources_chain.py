@@ -146,7 +146,7 @@ def test_rebuilt_moe_runs_exactly_one_source_ffn_per_real_token(sources_chain) -
     """The stage's hand-over, rebuilt (structure replayed) and run on a padded batch: every layer computes
     each real token in exactly one expert (router counts = group sizes, summing to the real tokens), and
     its output is that source stage's own FFN module on the token (weight 1: renormalised top-1)."""
-    from lightningmodules.models.moe import moe_layers, set_token_mask
+    from lightningmodules.models.moe import moe_context, moe_layers
     from pipeline.handover import restore
     from pipeline.model_factory import build_model
 
@@ -172,19 +172,18 @@ def test_rebuilt_moe_runs_exactly_one_source_ffn_per_real_token(sources_chain) -
         layer.register_forward_hook(lambda m, args, out, name=name: captured.__setitem__(name, (args[0], out)))
         for name, layer in layers.items()
     ]
-    set_token_mask(model, attention_mask)
-    with torch.no_grad():
+    with torch.no_grad(), moe_context(model, attention_mask) as context:
         model(input_ids=input_ids, attention_mask=attention_mask)
     for hook in hooks:
         hook.remove()
     assert len(layers) >= 2
     mask = attention_mask.bool()  # (B, T)
     for name, layer in layers.items():
-        stats = layer.last_stats
+        stats = context.stats[layer]
         assert stats.num_tokens == real and int(stats.routed_counts.sum()) == real
-        assert stats.kept_counts.tolist() == stats.routed_counts.tolist() == layer.experts.last_group_sizes
+        assert stats.kept_counts.tolist() == stats.routed_counts.tolist() == stats.computed_rows
         x, out = captured[name]  # (B, T, D) each
-        chosen = layer.last_routing.indices[..., 0]  # (B, T)
+        chosen = context.routing[layer].indices[..., 0]  # (B, T)
         index = int(name.split(".layers.")[1].split(".")[0])
         with torch.no_grad():
             expected = torch.stack(
@@ -194,4 +193,4 @@ def test_rebuilt_moe_runs_exactly_one_source_ffn_per_real_token(sources_chain) -
         reference = torch.where(chosen.unsqueeze(-1) == 0, expected[0], expected[1])  # (B, T, D)
         torch.testing.assert_close(out[mask], reference[mask], rtol=1e-5, atol=1e-5)
         assert float(out[~mask].abs().max()) == 0.0  # padding: no expert ran
-    assert any(min(layer.last_stats.routed_counts.tolist()) > 0 for layer in layers.values())  # both experts used
+    assert any(min(context.stats[layer].routed_counts.tolist()) > 0 for layer in layers.values())  # both experts used

@@ -33,23 +33,17 @@ def chain_overrides() -> list[str]:
 
 @pytest.fixture(scope="module")
 def chain(tmp_path_factory: pytest.TempPathFactory, tiny_llama: Path, tiny_clip: Path):
-    """Run the tiny chain once: (result, {stage index: (model, state at the start of training)})."""
-    from pipeline import runner
+    """Run the tiny chain once: (result, {stage index: (model, state at the start of training)}, cfg)."""
+    from pipeline.runner import run_experiment
 
     cfg = tiny_cfg(tmp_path_factory.mktemp("medplib-chain"), *chain_overrides())
     starts: dict[int, tuple[torch.nn.Module, dict[str, torch.Tensor]]] = {}
-    original = runner.set_trainable
 
-    def snapshot_then_set(model, groups):
+    def snapshot(name: str, model: torch.nn.Module) -> None:
         starts[len(starts)] = (model, {k: v.detach().clone() for k, v in model.state_dict().items()})
-        return original(model, groups)
 
-    runner.set_trainable = snapshot_then_set
-    try:
-        result = runner.run_experiment(cfg)  # one thread: tiny.yaml's trainer.num_threads
-    finally:
-        runner.set_trainable = original
-    return result, starts
+    result = run_experiment(cfg, on_stage_start=snapshot)  # one thread: tiny.yaml's trainer.num_threads
+    return result, starts, cfg
 
 
 def _state(stage) -> dict[str, torch.Tensor]:
@@ -65,7 +59,7 @@ def _ffn(state: dict[str, torch.Tensor], layer: int) -> tuple[torch.Tensor, torc
 
 @pytest.mark.slow
 def test_stage_chain_hands_weights_over_by_value(chain) -> None:
-    result, starts = chain
+    result, starts, _ = chain
     assert [s.name for s in result.stages] == ["alignment", "language_expert", "grounding_expert", "moe"]
     align, language, grounding, _ = (_state(s) for s in result.stages)
     # II starts from I's connector; III from II's connector and region adapter
@@ -97,25 +91,34 @@ def test_stage_chain_hands_weights_over_by_value(chain) -> None:
 
 @pytest.mark.slow
 def test_stage_four_runs_exactly_one_expert_ffn_per_token(chain) -> None:
-    from lightningmodules.models.moe import moe_layers, set_token_mask
+    from lightningmodules.models.moe import moe_context, moe_layers
 
-    result, starts = chain
+    result, starts, _ = chain
     model = starts[3][0]
     layers = moe_layers(model)
     assert len(layers) == model.llm.config.num_hidden_layers  # every FFN
     batch_ids = torch.tensor([[5, 6, 7, 8, 9, 10], [11, 12, 13, 0, 0, 0]])
     attention = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0]])
-    set_token_mask(model, attention)
-    with torch.no_grad():
+    with torch.no_grad(), moe_context(model, attention) as context:
         model(batch_ids, attention)
-    set_token_mask(model, None)
     for name, layer in layers:
         assert layer.meta_expert is None and layer.top_k == 1 and layer.num_experts == 2, name
-        computed = layer.experts.last_group_sizes  # rows each expert's FFN ran on
-        assert sum(computed) == layer.last_stats.num_tokens == 9, (name, computed)  # 9 real tokens, once each
+        computed = context.stats[layer].computed_rows  # rows each expert's FFN ran on
+        assert sum(computed) == context.stats[layer].num_tokens == 9, (name, computed)  # 9 real tokens, once each
     # the hand-over of IV rebuilds the MoE structure for evaluation
     state = _state(result.stages[3])
     assert any(k.endswith("mlp.router.linear.weight") or ".router." in k for k in state)
     metrics = result.evaluation.metrics
     assert "seg/mdice" in metrics and "seg/mdice/CT" in metrics  # grounding, per modality
     assert metrics["region/closed_count"] + metrics["region/open_count"] == 4  # MeCoVQA-Region test records
+
+
+@pytest.mark.slow
+def test_grounded_moe_stage_logs_lm_mask_and_aux_losses(chain) -> None:
+    """Stage IV trains the grounded model with MoE layers: the generic training step logs the LM loss,
+    the mask losses of the grounding module's loss and the MoE aux loss side by side."""
+    from mlflow.tracking import MlflowClient
+
+    result, _, cfg = chain
+    metrics = MlflowClient(tracking_uri=cfg.mlflow.tracking_uri).get_run(result.stages[3].run_id).data.metrics
+    assert {"train/loss", "train/lm_loss", "train/aux_loss", "train/ce", "train/bce", "train/dice"} <= set(metrics)

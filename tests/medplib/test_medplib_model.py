@@ -7,11 +7,11 @@ import pytest
 import torch
 from medplib_helpers import batch_of
 
+from datamodules.regions import region_grid_weights
 from lightningmodules.grounding_module import GroundingVLMModule, draw_overlay, grounding_module_settings
 from lightningmodules.losses import mask_losses
 from lightningmodules.metrics.grounding_summary import grounding_summary, region_vqa_summary
 from lightningmodules.models.grounded import GROUNDING_TOKENS, GroundedMultimodalLM
-from lightningmodules.models.region import region_grid_weights
 
 
 def _module(cfg, built, stage: str = "grounding_expert") -> GroundingVLMModule:
@@ -42,7 +42,13 @@ def test_region_token_is_the_adapted_weighted_mean_of_patch_features(grounded) -
     model = built.model
     batch = batch_of(dm, "train", lambda r: r.task == "region", n=2)
     with torch.no_grad():
-        embeds = model.embed(batch["input_ids"], batch["pixel_values"], batch["image_task_ids"], batch["region_masks"])
+        embeds = model.embed(
+            batch["input_ids"],
+            batch["pixel_values"],
+            batch["image_task_ids"],
+            region_weights=batch["region_weights"],
+            region_batch_index=batch["region_batch_index"],
+        )
         features = model.vision(batch["pixel_values"])  # (2, 64, D_vision)
     positions = (batch["input_ids"] == model.region_token_id).nonzero()  # (2, 2): one placeholder per sample
     assert positions[:, 0].tolist() == [0, 1]
@@ -55,6 +61,70 @@ def test_region_token_is_the_adapted_weighted_mean_of_patch_features(grounded) -
         pooled = (weights[:, None] * features[b]).sum(0) / weights.sum()  # (D_vision,)
         by_hand = pooled @ model.region.adapter.weight.T + model.region.adapter.bias  # (d_llm,)
         torch.testing.assert_close(embeds[b, t], by_hand, atol=1e-5, rtol=1e-4)
+
+
+def test_collator_gives_the_tensors_the_model_used_to_compute(grounded) -> None:
+    """Image-side preprocessing runs in the dataset / collator: the region weights are what the model's
+    forward used to compute (``region_grid_weights`` per mask, sample by sample) and SAM's pixels are
+    transformers' ``SamImageProcessor`` output."""
+    from transformers.models.sam.image_processing_pil_sam import SamImageProcessorPil
+
+    from datamodules.images import load_image
+
+    _, built, dm = grounded
+    dataset = dm.dataset("train", with_answers=True)
+    by_task = {task: [i for i, r in enumerate(dataset.records) if r.task == task] for task in ("region", "grounding")}
+    items = [dataset[i] for i in (by_task["region"][0], by_task["grounding"][0], by_task["region"][1])]
+    batch = dm._collator(False)(items)
+    expected, samples = [], []
+    for b, mask in enumerate(batch["region_masks"]):
+        if mask is not None:
+            grid = built.model.region.grid_size
+            expected.append(region_grid_weights(mask.cpu(), grid_size=grid, image_transform=built.transform))
+            samples.append(b)
+    assert samples == [0, 2]
+    assert torch.equal(batch["region_weights"], torch.stack(expected))  # (2, G, G)
+    assert batch["region_batch_index"].tolist() == samples
+    size = built.model.grounding.image_size
+    processor = SamImageProcessorPil(size={"longest_edge": size}, pad_size={"height": size, "width": size})
+    assert batch["sam_pixel_values"].shape == (3, 3, size, size)
+    for b, record in enumerate(batch["records"]):
+        image = np.asarray(load_image(record.image_path, record.image_bytes, record=record.id))  # (H, W, 3)
+        reference = processor(images=image, return_tensors="pt")
+        torch.testing.assert_close(batch["sam_pixel_values"][b], reference["pixel_values"][0], atol=1e-5, rtol=0)
+        assert list(batch["sam_resized_sizes"][b]) == [int(v) for v in reference["reshaped_input_sizes"][0]]
+        assert tuple(batch["image_sizes"][b]) == image.shape[:2]
+
+
+def test_region_weights_must_match_the_placeholders(grounded) -> None:
+    _, built, dm = grounded
+    model = built.model
+    batch = batch_of(dm, "train", lambda r: r.task == "region", n=2)
+    inputs = (batch["input_ids"], batch["pixel_values"], batch["image_task_ids"])
+    with torch.no_grad(), pytest.raises(ValueError, match="sample 1: 1 <region> prompt"):
+        model.embed(
+            *inputs, region_weights=batch["region_weights"][:1], region_batch_index=batch["region_batch_index"][:1]
+        )
+    with torch.no_grad(), pytest.raises(ValueError, match="sample 0: 1 <region> prompt"):
+        model.embed(*inputs)
+    # a region whose placeholder was truncated away is dropped, as before
+    truncated = batch["input_ids"].clone()
+    truncated[1][truncated[1] == model.region_token_id] = built.tokenizer.pad_token_id
+    with torch.no_grad():
+        embeds = model.embed(
+            truncated,
+            *inputs[1:],
+            region_weights=batch["region_weights"],
+            region_batch_index=batch["region_batch_index"],
+        )
+        alone = model.embed(
+            truncated[:1],
+            batch["pixel_values"][:1],
+            batch["image_task_ids"][:1],
+            region_weights=batch["region_weights"][:1],
+            region_batch_index=batch["region_batch_index"][:1],
+        )
+    torch.testing.assert_close(embeds[0], alone[0])
 
 
 def test_seg_selection_in_generation_and_no_seg_fallback(grounded, monkeypatch) -> None:
@@ -183,7 +253,15 @@ def test_loss_is_the_weighted_sum_on_a_mixed_batch(grounded) -> None:
     out = built.model(
         **{
             k: batch[k]
-            for k in ("input_ids", "attention_mask", "labels", "pixel_values", "image_task_ids", "region_masks")
+            for k in (
+                "input_ids",
+                "attention_mask",
+                "labels",
+                "pixel_values",
+                "image_task_ids",
+                "region_weights",
+                "region_batch_index",
+            )
         }
     )
     masks, index = built.model.segment(

@@ -2,7 +2,8 @@
 
 import pytest
 
-from lightningmodules.metrics import box_iou, format_box, parse_box, rec_scores
+from lightningmodules.metrics import box_iou, rec_scores
+from medcore.boxes import format_box, parse_box
 
 
 @pytest.mark.parametrize(

@@ -2,7 +2,7 @@
 
 import pytest
 
-from lightningmodules.metrics import normalize_answer, tokens
+from medcore.text import normalize_answer, tokens
 
 
 @pytest.mark.parametrize(

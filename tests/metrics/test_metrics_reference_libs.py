@@ -8,7 +8,8 @@ import pytest
 from nltk.translate import bleu_score as nltk_bleu
 from rouge_score import rouge_scorer
 
-from lightningmodules.metrics import corpus_bleu, cumulative_bleu, rouge_l, sentence_bleu, tokens
+from lightningmodules.metrics import corpus_bleu, cumulative_bleu, rouge_l, sentence_bleu
+from medcore.text import tokens
 
 # Small vocabulary so that n-gram matches are frequent; "the"/"a" and number words exercise the
 # normalisation, which both sides share through tokens().

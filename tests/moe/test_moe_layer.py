@@ -11,8 +11,8 @@ from lightningmodules.models.moe import (
     GroupedExperts,
     MoEFeedForward,
     TopKRouter,
+    moe_context,
     moe_from_ffns,
-    set_token_mask,
     upcycle_ffn,
 )
 
@@ -57,10 +57,10 @@ def test_autocast_bf16_and_frozen_experts() -> None:
     x = torch.randn(2, 6, HIDDEN, requires_grad=True)
     with torch.no_grad():
         reference = moe(x)  # fp32
-    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+    with torch.autocast(device_type="cpu", dtype=torch.bfloat16), moe_context(moe) as context:
         out = moe(x)
     assert out.dtype == torch.bfloat16
-    assert moe.last_routing.weights.dtype == torch.float32  # routing stays in float32
+    assert context.routing[moe].weights.dtype == torch.float32  # routing stays in float32
     torch.testing.assert_close(out.float(), reference, atol=3e-2, rtol=3e-2)
     out.float().sum().backward()
     assert moe.experts.w_in.grad.dtype == torch.float32 and x.grad is not None
@@ -163,13 +163,13 @@ def test_counts_exclude_padding_and_padding_is_never_computed() -> None:
     layer = _layer(num_experts=4, top_k=2)
     x = torch.randn(2, 6, HIDDEN)
     mask = torch.tensor([[1, 1, 1, 1, 0, 0], [0, 1, 1, 1, 1, 1]], dtype=torch.bool)
-    set_token_mask(layer, mask)
-    out = layer(x)
-    routing = layer.last_routing
+    with moe_context(layer, mask) as context:
+        out = layer(x)
+    routing, stats = context.routing[layer], context.stats[layer]
     expected = torch.bincount(routing.indices[mask].reshape(-1), minlength=4)
-    assert torch.equal(layer.last_stats.routed_counts, expected)
-    assert int(layer.last_stats.routed_counts.sum()) == 9 * 2 and layer.last_stats.num_tokens == 9
-    assert layer.experts.last_group_sizes == expected.tolist()  # rows fed to each expert's matmul
+    assert torch.equal(stats.routed_counts, expected)
+    assert int(stats.routed_counts.sum()) == 9 * 2 and stats.num_tokens == 9
+    assert stats.computed_rows == expected.tolist()  # rows fed to each expert's matmul
     assert torch.all(out[~mask] == 0)  # padding rows: no expert ran, no meta expert configured
 
 
@@ -187,10 +187,11 @@ def test_experts_compute_only_routed_tokens() -> None:
         return original(projected)
 
     layer.experts._hidden = spy
-    layer(x)
-    assert layer.last_routing.indices.view(-1).tolist() == choice.tolist()
+    with moe_context(layer) as context:
+        layer(x)
+    assert context.routing[layer].indices.view(-1).tolist() == choice.tolist()
     assert seen == [(4, 2 * FFN), (2, 2 * FFN), (4, 2 * FFN)]  # expert 1 got nothing and never ran
-    assert layer.experts.last_group_sizes == [4, 0, 2, 4]
+    assert context.stats[layer].computed_rows == [4, 0, 2, 4]
 
 
 def test_every_expert_gets_a_grad_even_with_zero_tokens() -> None:
@@ -206,8 +207,8 @@ def test_every_expert_gets_a_grad_even_with_zero_tokens() -> None:
 
     # no token at all reaches any expert (all padding): still every parameter joins autograd
     layer = _layer(num_experts=4, top_k=1)
-    set_token_mask(layer, torch.zeros(1, 5, dtype=torch.bool))
-    layer(torch.randn(1, 5, HIDDEN)).sum().backward()
+    with moe_context(layer, torch.zeros(1, 5, dtype=torch.bool)):
+        layer(torch.randn(1, 5, HIDDEN)).sum().backward()
     assert all(p.grad is not None for p in layer.experts.parameters())
 
 
@@ -221,8 +222,9 @@ def test_loop_backward_equals_autograd_of_the_per_expert_reference(gated: bool, 
         layer.router.linear.bias.copy_(torch.tensor([2.0, 0.0, -50.0, 1.0]))  # expert 2: never chosen
     x = torch.randn(2, 7, HIDDEN, requires_grad=True)
     upstream = torch.randn(2, 7, HIDDEN)
-    (layer(x) * upstream).sum().backward()
-    assert layer.last_stats.routed_counts[2] == 0
+    with moe_context(layer) as context:
+        (layer(x) * upstream).sum().backward()
+    assert context.stats[layer].routed_counts[2] == 0
     ours = {n: p.grad.clone() for n, p in layer.named_parameters()}
     ours_x = x.grad.clone()
 
@@ -250,8 +252,9 @@ def test_capacity_factor_drops_and_counts() -> None:
     x = torch.empty(8, HIDDEN)
     choice = torch.tensor([0, 0, 0, 0, 0, 1, 2, 0])  # expert 0 wants 6, capacity = ceil(1.0 * 8 / 4) = 2
     _force_router(layer, choice, x)
-    out = layer(x)
-    stats = layer.last_stats
+    with moe_context(layer) as context:
+        out = layer(x)
+    stats = context.stats[layer]
     assert stats.capacity == 2 and stats.dropped == 4
     assert stats.routed_counts.tolist() == [6, 1, 1, 0] and stats.kept_counts.tolist() == [2, 1, 1, 0]
     kept_rows = {0, 1, 5, 6}  # first two of expert 0 in token order, and the others
@@ -260,8 +263,9 @@ def test_capacity_factor_drops_and_counts() -> None:
     # dropless default keeps everything
     dropless = _layer(num_experts=4, top_k=1)
     dropless.load_state_dict(layer.state_dict())
-    dropless(x)
-    assert dropless.last_stats.dropped == 0 and dropless.last_stats.capacity is None
+    with moe_context(dropless) as context:
+        dropless(x)
+    assert context.stats[dropless].dropped == 0 and context.stats[dropless].capacity is None
     torch.testing.assert_close(dropless(x)[sorted(kept_rows)], out[sorted(kept_rows)], atol=1e-6, rtol=0)
 
 
@@ -269,10 +273,12 @@ def test_capacity_prefers_first_choices_over_second() -> None:
     layer = _layer(num_experts=2, top_k=2, capacity_factor=0.5)  # capacity = ceil(0.5 * 4 * 2 / 2) = 2
     x = torch.empty(4, HIDDEN)
     _force_router(layer, torch.tensor([0, 0, 1, 1]), x)
-    layer(x)
+    with moe_context(layer) as context:
+        layer(x)
     # each expert: 2 first choices + 2 second choices routed; the first choices fill the capacity
-    assert layer.last_stats.kept_counts.tolist() == [2, 2] and layer.last_stats.dropped == 4
-    w_first = layer.last_routing.weights[..., 0]
+    stats = context.stats[layer]
+    assert stats.kept_counts.tolist() == [2, 2] and stats.dropped == 4
+    w_first = context.routing[layer].weights[..., 0]
     manual = torch.stack(
         [layer.experts.expert_forward(int(e), x[i : i + 1])[0] * w_first[i] for i, e in enumerate([0, 0, 1, 1])]
     )
@@ -290,8 +296,9 @@ def test_frozen_router_unchanged_after_optimizer_step() -> None:
     moe.router.requires_grad_(False)
     before = {k: v.clone() for k, v in moe.state_dict().items()}
     optimizer = torch.optim.AdamW([p for p in moe.parameters() if p.requires_grad], lr=1e-2)
-    out = moe(torch.randn(2, 8, HIDDEN))
-    (out.pow(2).mean() + moe.last_aux_loss).backward()
+    with moe_context(moe) as context:
+        out = moe(torch.randn(2, 8, HIDDEN))
+    (out.pow(2).mean() + context.aux_loss()).backward()
     optimizer.step()
     after = moe.state_dict()
     assert torch.equal(after["router.linear.weight"], before["router.linear.weight"])

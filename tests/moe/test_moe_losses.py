@@ -7,7 +7,7 @@ import math
 import torch
 from moe_tiny import FFN, HIDDEN
 
-from lightningmodules.models.moe import MoEFeedForward, set_token_mask
+from lightningmodules.models.moe import MoEFeedForward, moe_context
 
 
 def _hand_losses(logits: list[list[float]], real: list[bool], top_k: int) -> tuple[float, float]:
@@ -38,25 +38,26 @@ def _check(top_k: int) -> None:
     torch.nn.init.normal_(layer.router.linear.bias, std=0.3)
     x = torch.randn(2, 4, HIDDEN)
     mask = torch.tensor([[1, 1, 1, 0], [0, 1, 1, 1]], dtype=torch.bool)
-    set_token_mask(layer, mask)
-    layer(x)
+    with moe_context(layer, mask) as context:
+        layer(x)
     with torch.no_grad():
         logits = (x @ layer.router.linear.weight.t() + layer.router.linear.bias).reshape(8, 3).tolist()
     balance, z_loss = _hand_losses(logits, mask.reshape(-1).tolist(), top_k)
-    stats = layer.last_stats
+    stats = context.stats[layer]
     assert math.isclose(float(stats.load_balancing_loss), balance, rel_tol=1e-5)
     assert math.isclose(float(stats.z_loss), z_loss, rel_tol=1e-5)
-    assert math.isclose(float(layer.last_aux_loss.detach()), 0.5 * balance + 0.25 * z_loss, rel_tol=1e-5)
+    assert math.isclose(float(context.aux_loss().detach()), 0.5 * balance + 0.25 * z_loss, rel_tol=1e-5)
 
     # padding content must not matter, and unmasked padding would have changed the losses
     x_other = x.clone()
     x_other[~mask] = 5.0 * torch.randn(int((~mask).sum()), HIDDEN)
-    layer(x_other)
-    assert math.isclose(float(layer.last_stats.load_balancing_loss), balance, rel_tol=1e-5)
-    assert math.isclose(float(layer.last_stats.z_loss), z_loss, rel_tol=1e-5)
-    set_token_mask(layer, None)
-    layer(x_other)
-    assert not math.isclose(float(layer.last_stats.z_loss), z_loss, rel_tol=1e-3)
+    with moe_context(layer, mask) as context:
+        layer(x_other)
+    assert math.isclose(float(context.stats[layer].load_balancing_loss), balance, rel_tol=1e-5)
+    assert math.isclose(float(context.stats[layer].z_loss), z_loss, rel_tol=1e-5)
+    with moe_context(layer, None) as context:
+        layer(x_other)
+    assert not math.isclose(float(context.stats[layer].z_loss), z_loss, rel_tol=1e-3)
 
 
 def test_aux_losses_top1_match_hand_computation() -> None:
@@ -72,14 +73,17 @@ def test_balance_loss_is_one_when_uniform() -> None:
     with torch.no_grad():
         layer.router.linear.weight.zero_()
         layer.router.linear.bias.zero_()
-    layer(torch.randn(16, HIDDEN))
+    with moe_context(layer) as context:
+        layer(torch.randn(16, HIDDEN))
     # all probs 1/4; ties all go to one expert: f = (1, 0, 0, 0) -> loss = 4 * 1 * 1/4 = 1
-    assert math.isclose(float(layer.last_stats.load_balancing_loss), 1.0, rel_tol=1e-6)
-    assert math.isclose(float(layer.last_stats.z_loss), math.log(4) ** 2, rel_tol=1e-6)
+    assert math.isclose(float(context.stats[layer].load_balancing_loss), 1.0, rel_tol=1e-6)
+    assert math.isclose(float(context.stats[layer].z_loss), math.log(4) ** 2, rel_tol=1e-6)
 
 
 def test_default_coefficients_are_zero_but_losses_are_computed() -> None:
     layer = MoEFeedForward.build(hidden_size=HIDDEN, ffn_size=FFN, num_experts=4, top_k=1)
-    layer(torch.randn(6, HIDDEN))
-    assert float(layer.last_aux_loss.detach()) == 0.0 and layer.last_aux_loss.requires_grad
-    assert float(layer.last_stats.load_balancing_loss) > 0 and float(layer.last_stats.z_loss) > 0
+    with moe_context(layer) as context:
+        layer(torch.randn(6, HIDDEN))
+    aux_loss, stats = context.aux_loss(), context.stats[layer]
+    assert float(aux_loss.detach()) == 0.0 and aux_loss.requires_grad
+    assert float(stats.load_balancing_loss) > 0 and float(stats.z_loss) > 0

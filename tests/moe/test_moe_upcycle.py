@@ -8,14 +8,14 @@ from moe_tiny import FFN, HIDDEN, VOCAB, tiny_lm
 from torch import nn
 
 from lightningmodules.models.moe import (
+    MoEContext,
     MoEFeedForward,
-    collect_aux_loss,
-    collect_stats,
+    attach_context,
     convert_from_sources,
     convert_to_moe,
     inspect_ffn,
-    set_token_mask,
-    token_mask,
+    moe_context,
+    moe_layers,
 )
 
 
@@ -93,12 +93,12 @@ def test_upcycled_lm_equals_dense_at_init(family: str) -> None:
     for layer in model.get_decoder().layers:  # a random router must not matter: experts are identical
         nn.init.normal_(layer.mlp.router.linear.weight, std=1.0)
     input_ids, attention_mask = _batch()
-    with torch.no_grad(), token_mask(model, attention_mask):
+    with torch.no_grad(), moe_context(model, attention_mask) as context:
         logits_moe = model(input_ids=input_ids, attention_mask=attention_mask).logits
         logits_dense = dense(input_ids=input_ids, attention_mask=attention_mask).logits
     real = attention_mask.bool()
     torch.testing.assert_close(logits_moe[real], logits_dense[real], atol=1e-5, rtol=0)
-    routed = {tuple(stats.routed_counts.tolist()) for stats in collect_stats(model).values()}
+    routed = {tuple(stats.routed_counts.tolist()) for stats in context.stats.values()}
     assert all(sum(counts) == int(real.sum()) for counts in routed)  # padding excluded everywhere
     assert any(len([c for c in counts if c > 0]) > 1 for counts in routed)  # tokens really went to several experts
 
@@ -121,7 +121,7 @@ def test_state_dict_round_trip(family: str) -> None:
     result = fresh.load_state_dict(state, strict=True)
     assert not result.missing_keys and not result.unexpected_keys
     input_ids, attention_mask = _batch()
-    with torch.no_grad(), token_mask(model, attention_mask), token_mask(fresh, attention_mask):
+    with torch.no_grad(), moe_context(model, attention_mask), moe_context(fresh, attention_mask):
         a = model(input_ids=input_ids, attention_mask=attention_mask).logits
         b = fresh(input_ids=input_ids, attention_mask=attention_mask).logits
     torch.testing.assert_close(a, b, atol=0, rtol=0)
@@ -132,9 +132,10 @@ def test_lm_training_step_collects_aux_loss_and_masks(family: str) -> None:
     convert_to_moe(model, num_experts=4, top_k=1, load_balance_coef=0.01, z_loss_coef=0.001)
     input_ids, attention_mask = _batch()
     labels = input_ids.masked_fill(attention_mask == 0, -100)
-    assert set_token_mask(model, attention_mask) == 2
+    context = MoEContext(attention_mask)
+    assert attach_context(model, context) == 2
     out = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
-    aux = collect_aux_loss(model)
+    aux = context.aux_loss()
     assert aux is not None and aux.requires_grad and float(aux.detach()) > 0
     (out.loss + aux).backward()
     moe = model.get_decoder().layers[0].mlp
@@ -142,7 +143,7 @@ def test_lm_training_step_collects_aux_loss_and_masks(family: str) -> None:
     # a stale mask of another shape is an error, not a silent mis-route
     with pytest.raises(ValueError, match="token mask"):
         model(input_ids=input_ids[:, :5])
-    set_token_mask(model, None)
+    attach_context(model, None)
     model(input_ids=input_ids[:, :5])
 
 
@@ -169,11 +170,11 @@ def test_gradient_checkpointing_with_mask_kept_through_backward() -> None:
     convert_to_moe(model, num_experts=4, top_k=1)
     input_ids, attention_mask = _batch()
     labels = input_ids.masked_fill(attention_mask == 0, -100)
-    with token_mask(model, attention_mask):
+    with moe_context(model, attention_mask) as context:
         out = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
-        (out.loss + collect_aux_loss(model)).backward()
+        (out.loss + context.aux_loss()).backward()
     assert model.get_decoder().layers[0].mlp.experts.w_in.grad is not None
-    assert model.get_decoder().layers[0].mlp.last_stats.num_tokens == int(attention_mask.sum())
+    assert context.stats[model.get_decoder().layers[0].mlp].num_tokens == int(attention_mask.sum())
 
 
 @pytest.mark.parametrize("other_family", ["qwen2", "stablelm"])
@@ -182,7 +183,7 @@ def test_other_gated_families_upcycle_exactly(other_family: str) -> None:
     assert inspect_ffn(model.get_decoder().layers[0].mlp).kind == "gated"
     assert convert_to_moe(model, num_experts=3, top_k=1, meta_expert=False, renormalize=True) == [0, 2]
     input_ids, attention_mask = _batch()
-    with torch.no_grad(), token_mask(model, attention_mask):
+    with torch.no_grad(), moe_context(model, attention_mask):
         a = model(input_ids=input_ids, attention_mask=attention_mask).logits
         b = dense(input_ids=input_ids, attention_mask=attention_mask).logits
     real = attention_mask.bool()
@@ -195,9 +196,11 @@ def test_converted_model_deepcopies_after_a_training_forward() -> None:
     model = tiny_lm("phi").train()
     convert_to_moe(model, num_experts=2, load_balance_coef=0.1)
     input_ids, attention_mask = _batch()
-    set_token_mask(model, attention_mask)
+    context = MoEContext(attention_mask)
+    attach_context(model, context)
     model(input_ids=input_ids, attention_mask=attention_mask)
-    assert collect_aux_loss(model).requires_grad
+    assert context.aux_loss().requires_grad
     twin = copy.deepcopy(model)  # e.g. EMA / stage hand-over copies; the graph tensors are not copied
-    assert collect_aux_loss(twin) is None and twin.get_decoder().layers[0].mlp.token_mask is None
+    assert all(layer.moe_context is None for _, layer in moe_layers(twin))
+    assert model.get_decoder().layers[0].mlp.moe_context is context  # the original keeps its step context
     assert torch.equal(twin.get_decoder().layers[0].mlp.experts.w_in, model.get_decoder().layers[0].mlp.experts.w_in)

@@ -23,7 +23,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from lightningmodules.models.moe.layer import MoEFeedForward
+from lightningmodules.models.moe import MoEContext, MoEFeedForward, attach_context
 from pipeline.strategies import shutdown_distributed
 
 D, E = 6, 3
@@ -40,7 +40,8 @@ class TinyMoE(nn.Module):
             self.moe.router.linear.bias.zero_()
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        self.moe.token_mask = mask  # (B, T) bool or None
+        self.context = MoEContext(mask)  # (B, T) bool or None; kept for the step's statistics
+        attach_context(self, self.context)
         y = self.moe(x)  # (B, T, D)
         return self.head(y).squeeze(-1)  # (B, T)
 
@@ -88,7 +89,7 @@ def main() -> int:
             {
                 "grad_max_diff": max((grads[n] - ref_grads[n]).abs().max().item() for n in grads),
                 "expert_grad_norms": [w_in[e].norm().item() for e in range(E)],
-                "local_routed": model.moe.last_stats.routed_counts.tolist(),
+                "local_routed": model.context.stats[model.moe].routed_counts.tolist(),
             }
         )
         opt.step()

@@ -204,12 +204,12 @@ def test_moe_expert_without_tokens_on_a_rank_trains_under_ddp(tmp_path: Path) ->
 def test_moe_layer_gives_every_parameter_a_gradient_on_a_batch_of_padding_only() -> None:
     """No real token: every parameter (router included) still gets a gradient, all exactly 0, so DDP
     (find_unused_parameters=False) does not wait; the output is exactly 0 (no expert computed anything)."""
-    from lightningmodules.models.moe.layer import MoEFeedForward
+    from lightningmodules.models.moe import MoEFeedForward, moe_context
 
     layer = MoEFeedForward.build(hidden_size=6, ffn_size=8, num_experts=3)
-    layer.token_mask = torch.zeros(2, 4, dtype=torch.bool)  # (B, T): padding only
-    out = layer(torch.randn(2, 4, 6))
+    with moe_context(layer, torch.zeros(2, 4, dtype=torch.bool)) as context:  # (B, T): padding only
+        out = layer(torch.randn(2, 4, 6))
     out.sum().backward()
     assert [n for n, p in layer.named_parameters() if p.grad is None] == []
     assert all(float(p.grad.abs().max()) == 0.0 for p in layer.parameters())
-    assert float(out.detach().abs().max()) == 0.0 and layer.last_stats.num_tokens == 0
+    assert float(out.detach().abs().max()) == 0.0 and context.stats[layer].num_tokens == 0

@@ -1,42 +1,50 @@
-"""``medpipe memory``: exact parameter counts from configs on the meta device, hand-checked bytes."""
+"""``medpipe memory``: exact parameter counts of each stage's model built on the meta device, hand-checked bytes."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
-from pipeline.memory import ModelCounts, count_model, lora_params, stage_memory
+from pipeline.config import load_config
+from pipeline.memory import StageCounts, stage_counts, stage_memory
+
+DEMO = Path(__file__).resolve().parents[2] / "experiments" / "demo.yaml"
 
 
 def test_counts_equal_the_real_tiny_models(tiny_llama, tiny_clip) -> None:
     from transformers import AutoModelForCausalLM, CLIPVisionModel
 
-    counts = count_model(str(tiny_llama), str(tiny_clip), None, connector_in=64, connector="mlp")
+    cfg = load_config(DEMO, [], check_paths=False)  # tiny CLIP + tiny Llama; align: connector, instruct: + LoRA r16
+    align = stage_counts(cfg, "align")
     llm = AutoModelForCausalLM.from_pretrained(tiny_llama)
     vision = CLIPVisionModel.from_pretrained(tiny_clip)
-    assert counts.llm == sum(p.numel() for p in llm.parameters())
-    assert counts.vision == sum(p.numel() for p in vision.parameters())
     h = llm.config.hidden_size
-    assert counts.connector == 64 * h + h + h * h + h  # mlp2x_gelu
-    assert counts.ffn_per_layer == sum(p.numel() for p in llm.model.layers[0].mlp.parameters())
+    connector = 64 * h + h + h * h + h  # mlp2x_gelu from the 64-wide tiny CLIP
+    dense = sum(p.numel() for p in llm.parameters()) + sum(p.numel() for p in vision.parameters())
+    assert align.total == dense + connector
+    assert align.trainable == connector
+    assert align.layers == llm.config.num_hidden_layers and align.hidden == h and align.vocab == llm.config.vocab_size
     # LoRA r on every Linear but lm_head: r * (in + out) each
     from torch import nn
 
-    expected = sum(
-        8 * (m.in_features + m.out_features)
+    r = cfg.stages.instruct.lora.r
+    lora = sum(
+        r * (m.in_features + m.out_features)
         for n, m in llm.named_modules()
         if isinstance(m, nn.Linear) and "lm_head" not in n
     )
-    assert lora_params(counts.linear_shapes, 8) == expected
+    instruct = stage_counts(cfg, "instruct")
+    assert instruct.trainable == connector + lora
+    assert instruct.total == align.total + lora
 
 
 def test_stage_bytes_by_hand() -> None:
-    counts = ModelCounts(total=1_000, llm=800, ffn_per_layer=50, layers=4, hidden=8, vocab=10, connector=100)
+    counts = StageCounts(total=1_000, trainable=900, layers=4, hidden=8, vocab=10)  # connector 100 + llm 800
     gb = 1024**3
     full = stage_memory(
         counts,
-        {"train": ["connector", "llm"]},
         devices=4,
         strategy="ddp",
         precision="bf16-mixed",
@@ -51,7 +59,6 @@ def test_stage_bytes_by_hand() -> None:
     assert full["activations_gb"] * gb == pytest.approx(34 * 16 * 2 * 8 * 4 + 2 * 3 * 10 * 4)
     sharded = stage_memory(
         counts,
-        {"train": ["connector", "llm"]},
         devices=4,
         strategy="deepspeed_stage_2",
         micro_batch=2,
@@ -61,12 +68,24 @@ def test_stage_bytes_by_hand() -> None:
     assert sharded["weights_gb"] == full["weights_gb"]
     assert sharded["gradients_gb"] == pytest.approx(full["gradients_gb"] / 4)
     assert sharded["optimizer_gb"] == pytest.approx(full["optimizer_gb"] / 4)
-    fsdp = stage_memory(counts, {"train": ["llm"]}, devices=4, strategy="fsdp", precision="bf16-true")
+    fsdp = stage_memory(
+        StageCounts(total=1_000, trainable=800, layers=4, hidden=8, vocab=10),
+        devices=4,
+        strategy="fsdp",
+        precision="bf16-true",
+    )
     assert fsdp["weights_gb"] * gb == pytest.approx(1_000 * 2 / 4)
-    # MoE: every 2nd layer of 4 gets 4 experts + meta -> 2 layers x 4 extra FFNs; FFN activations x (k + meta)
+    # MoE: every 2nd layer of 4 gets 4 experts + meta -> 2 layers x 4 extra FFNs (of 50) and routers
+    # Linear(8, 4); FFN activations x (k + meta). The counts of a real MoE model: tests/test_params_memory.py
     moe = stage_memory(
-        counts,
-        {"train": ["ffn"], "moe": {"num_experts": 4, "top_k": 1, "meta": True, "every": 2}},
+        StageCounts(
+            total=1_000 + 2 * 4 * 50 + 2 * 9 * 4,
+            trainable=4 * 50 + 2 * 4 * 50,
+            layers=4,
+            hidden=8,
+            vocab=10,
+            ffn_scale=2,
+        ),
         micro_batch=2,
         seq_len=16,
         answer_tokens=0,
@@ -81,7 +100,7 @@ def test_memory_command_json(capsys) -> None:
 
     assert main(["memory", "--recipe", "med_moe_stablelm", "--json", "--gradient-checkpointing"]) == 0
     table = json.loads(capsys.readouterr().out)["med_moe_stablelm"]
-    assert list(table) == ["stage1", "stage2", "stage3"]
+    assert list(table) == ["stage1", "stage2", "router", "stage3"]  # experiments/med_moe/med_moe.yaml's stages
     # StableLM-2-1.6B + CLIP ViT-L/14-336 + connector: about 1.95 B parameters
     assert 1.9 < table["stage2"]["params_total"] < 2.0
     assert table["stage3"]["params_total"] > table["stage2"]["params_total"]  # upcycled experts

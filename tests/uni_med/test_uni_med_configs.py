@@ -155,5 +155,6 @@ def test_tiny_ablation_trains_a_few_steps(name: str, tmp_path: Path, uni_med_dat
     if name == "weighting_constant":
         torch.testing.assert_close(table[0], torch.full((connector.num_experts,), 1 / connector.num_experts))
     if name == "weighting_sparse":
-        assert connector.last_expert_token_counts is not None
-        assert sum(connector.last_expert_token_counts) == 2 * connector.last_routing.weights.shape[:2].numel()
+        stats, record = module.moe.context.stats[connector], module.moe.context.routing[connector]  # last step
+        assert stats.kept_counts is not None
+        assert int(stats.kept_counts.sum()) == 2 * record.weights.shape[:2].numel()

@@ -156,6 +156,7 @@ def _png(image) -> bytes:
 
 def test_mixed_text_and_image_batch_trains_and_task_ids_reach_the_connector(tiny_cmoe) -> None:
     from datamodules.dataset import Collator
+    from lightningmodules.models.moe import moe_context
 
     model = tiny_cmoe.model
     spy = SpyConnector(model.connector)
@@ -168,14 +169,15 @@ def test_mixed_text_and_image_batch_trains_and_task_ids_reach_the_connector(tiny
         assert batch["image_task_ids"].tolist() == [1, 4, 0]  # only the samples with an image
         assert batch["pixel_values"].shape[0] == 3
         model.train()
-        out = model(
-            **{k: batch[k] for k in ("input_ids", "attention_mask", "labels", "pixel_values", "image_task_ids")}
-        )
+        with moe_context(model) as context:
+            out = model(
+                **{k: batch[k] for k in ("input_ids", "attention_mask", "labels", "pixel_values", "image_task_ids")}
+            )
         assert torch.isfinite(out.loss)
         out.loss.backward()
         assert spy.calls == [[1, 4, 0]]
         # hard routing: each image went to expert (task id mod 5)
-        weights = spy.inner.last_routing.weights  # (3, P, 5)
+        weights = context.routing[spy.inner].dense_weights()  # (3, P, 5)
         assert weights.argmax(-1)[:, 0].tolist() == [1, 4, 0]
         # text-only samples are supervised too: their answer tokens count in the loss
         labels = batch["labels"]

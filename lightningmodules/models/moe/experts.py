@@ -6,13 +6,15 @@ projections are stored side by side in ``w_in`` as ``[gate | up]``. Ungated expe
 (``x @ w``), as torchtune and megablocks do:
 
     w_in  (E, D, 2F) gated or (E, D, F) ungated      b_in  (E, 2F) or (E, F)   [bias=True]
-    w_out (E, F, D)                                  b_out (E, D)              [bias=True]
+    w_out (E, F, O)                                  b_out (E, O)              [bias=True]
 
-``forward`` gathers the rows of each expert's tokens into one contiguous block per expert (a
-``DispatchPlan`` from ``dispatch.py``), runs one matmul per expert and projection, weights the rows by the
-combine weights and scatters them back with ``index_add``. The per-expert matmuls are either one
-``torch.nn.functional.grouped_mm`` call per projection or a loop over the non-empty experts with a
-hand-written backward (``LoopExpertsFFN``); see ``GroupedExperts`` for which runs when.
+with output width O = D for a decoder's FFN (the CMoE connector's experts map D = vision width to
+O = F = LLM width). ``forward`` gathers the rows of each expert's tokens into one contiguous block per
+expert (a ``DispatchPlan`` from ``dispatch.py``), runs the experts on their blocks, weights the rows by the
+combine weights and scatters them back with ``index_add``. The experts run as one
+``torch.nn.functional.grouped_mm`` call per projection or as a loop over the non-empty experts with a
+hand-written backward (``LoopExpertsFFN``); see ``GroupedExperts`` for which runs when. ``mix_dense``
+runs every expert on every token and mixes them with dense weights (the CMoE's ``soft`` / ``constant``).
 
 Distributed training: the experts of a layer are three or four stacked Parameters, so as soon as one token
 reaches one expert every expert's slice gets a gradient (zeros for experts without tokens), and a layer
@@ -84,7 +86,7 @@ class LoopExpertsFFN(torch.autograd.Function):
         hidden_fn,
     ) -> torch.Tensor:
         projected = x_sorted.new_empty(x_sorted.shape[0], w_in.shape[2])  # (S, 2F|F)
-        out = x_sorted.new_empty(x_sorted.shape[0], w_out.shape[2])  # (S, D)
+        out = x_sorted.new_empty(x_sorted.shape[0], w_out.shape[2])  # (S, O)
         start = 0
         with torch.no_grad():
             for e, rows in enumerate(group_sizes):
@@ -142,14 +144,18 @@ class LoopExpertsFFN(torch.autograd.Function):
 
 
 class GroupedExperts(nn.Module):
-    """``num_experts`` FFNs ``hidden_size -> ffn_size -> hidden_size`` with weights stacked on dim 0.
+    """``num_experts`` FFNs ``hidden_size -> ffn_size -> out_size`` (default ``hidden_size``), stacked on dim 0.
 
-    ``grouped_mm``: ``"auto"`` uses ``torch.nn.functional.grouped_mm`` on CUDA (sm80+) in bf16/fp16, where it
-    is one fast kernel, and the per-expert loop elsewhere: torch 2.13 has a CPU grouped_mm, but on this
-    project's CPU benchmark it was slower than the loop (forward 95 vs 55 ms, forward+backward 208 vs 182 ms
-    at 4096 tokens, d 256, ffn 688, 4 experts, 1 thread), and in a later run within noise of it
+    Dispatch: ``grouped_mm`` ``"auto"`` uses ``torch.nn.functional.grouped_mm`` on CUDA
+    (sm80+) in bf16/fp16, where it is one fast kernel; torch 2.13 has a CPU grouped_mm, but on this project's
+    CPU benchmark it was slower than the loop (forward 95 vs 55 ms, forward+backward 208 vs 182 ms at 4096
+    tokens, d 256, ffn 688, 4 experts, 1 thread), and in a later run within noise of it
     (``benchmarks/moe.py``, top-1 of 4 + meta: 181 vs 184 ms at 2 threads, 350 vs 354 ms at 1) with a higher
-    peak (118 vs 103 MB: autograd keeps its projections). ``"always"`` / ``"never"`` force one path.
+    peak (118 vs 103 MB: autograd keeps its projections). ``"always"`` / ``"never"`` force it on or off.
+    Otherwise one matmul per non-empty expert on exactly its rows. (Padding every expert's block to the
+    largest one and running one batched matmul, as the CMoE once did for balanced routing, was no faster
+    than this loop: CMoE sparse top-2 of 5 1.00x, hard 1.16x, LLM top-1 of 4 1.04x, top-2 of 8 1.17x the
+    loop's forward+backward time, 1 thread.)
     """
 
     def __init__(
@@ -161,6 +167,7 @@ class GroupedExperts(nn.Module):
         gated: bool,
         bias: bool,
         activation: str,
+        out_size: int | None = None,
         grouped_mm: GroupedMM = "auto",
     ) -> None:
         super().__init__()
@@ -171,16 +178,16 @@ class GroupedExperts(nn.Module):
         self.num_experts = num_experts
         self.hidden_size = hidden_size
         self.ffn_size = ffn_size
+        self.out_size = out_size or hidden_size
         self.gated = gated
         self.activation_name = activation
         self.grouped_mm = grouped_mm
         in_width = 2 * ffn_size if gated else ffn_size
         self.w_in = nn.Parameter(torch.empty(num_experts, hidden_size, in_width))
-        self.w_out = nn.Parameter(torch.empty(num_experts, ffn_size, hidden_size))
+        self.w_out = nn.Parameter(torch.empty(num_experts, ffn_size, self.out_size))
         self.b_in = nn.Parameter(torch.empty(num_experts, in_width)) if bias else None
-        self.b_out = nn.Parameter(torch.empty(num_experts, hidden_size)) if bias else None
+        self.b_out = nn.Parameter(torch.empty(num_experts, self.out_size)) if bias else None
         self.activation = make_activation(activation)
-        self.last_group_sizes: list[int] = [0] * num_experts  # rows each expert computed in the last forward
         self.reset_parameters()
 
     @property
@@ -206,7 +213,7 @@ class GroupedExperts(nn.Module):
         b_in: torch.Tensor | None = None,
         b_out: torch.Tensor | None = None,
     ) -> None:
-        """Copy one expert's weights, given in matmul layout: ``w_in`` (D, 2F or F), ``w_out`` (F, D)."""
+        """Copy one expert's weights, given in matmul layout: ``w_in`` (D, 2F or F), ``w_out`` (F, O)."""
         if tuple(w_in.shape) != tuple(self.w_in.shape[1:]) or tuple(w_out.shape) != tuple(self.w_out.shape[1:]):
             raise ValueError(
                 f"expert {index}: got w_in {tuple(w_in.shape)} and w_out {tuple(w_out.shape)}, "
@@ -221,18 +228,18 @@ class GroupedExperts(nn.Module):
             self.b_out[index].copy_(b_out if b_out is not None else torch.zeros_like(self.b_out[index]))
 
     def _hidden(self, projected: torch.Tensor) -> torch.Tensor:
-        """Activation (gated: ``act(gate) * up``) of the input projection (n, 2F or F) -> (n, F)."""
+        """Activation (gated: ``act(gate) * up``) of the input projection (..., 2F or F) -> (..., F)."""
         if self.gated:
-            gate, up = projected.chunk(2, dim=-1)  # (n, F), (n, F)
+            gate, up = projected.chunk(2, dim=-1)  # (..., F), (..., F)
             return self.activation(gate) * up
         return self.activation(projected)
 
     def expert_forward(self, index: int, x: torch.Tensor) -> torch.Tensor:
-        """Expert ``index`` on every row of ``x`` (n, D) -> (n, D). For tests and reference code."""
+        """Expert ``index`` on every row of ``x`` (n, D) -> (n, O). For tests and reference code."""
         projected = x @ self.w_in[index]  # (n, 2F or F)
         if self.has_bias:
             projected = projected + self.b_in[index]
-        out = self._hidden(projected) @ self.w_out[index]  # (n, D)
+        out = self._hidden(projected) @ self.w_out[index]  # (n, O)
         return out + self.b_out[index] if self.has_bias else out
 
     def _use_grouped_mm(self, x: torch.Tensor) -> bool:
@@ -260,9 +267,9 @@ class GroupedExperts(nn.Module):
         projected = _grouped_mm(x_sorted, w_in, offsets)  # (S, 2F|F)
         if b_in is not None:
             projected = projected + b_in.repeat_interleave(sizes, dim=0, output_size=x_sorted.shape[0])  # (S, 2F|F)
-        out = _grouped_mm(self._hidden(projected).contiguous(), w_out, offsets)  # (S, D)
+        out = _grouped_mm(self._hidden(projected).contiguous(), w_out, offsets)  # (S, O)
         if b_out is not None:
-            out = out + b_out.repeat_interleave(sizes, dim=0, output_size=x_sorted.shape[0])  # (S, D)
+            out = out + b_out.repeat_interleave(sizes, dim=0, output_size=x_sorted.shape[0])  # (S, O)
         return out
 
     def _zero_touch(self) -> torch.Tensor:
@@ -273,22 +280,43 @@ class GroupedExperts(nn.Module):
         return total * 0.0
 
     def forward(self, x: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
-        """Experts on their routed rows of ``x`` (N, D), weighted and summed per token -> (N, D)."""
-        self.last_group_sizes = list(plan.group_sizes)
+        """Experts on their routed rows of ``x`` (N, D), weighted and summed per token -> (N, O)."""
         if plan.token_index.numel() == 0:
-            return x.new_zeros(x.shape) + self._zero_touch().to(x.dtype)  # (N, D)
+            return x.new_zeros(x.shape[0], self.out_size) + self._zero_touch().to(x.dtype)  # (N, O)
         x_sorted = x.index_select(0, plan.token_index)  # (S, D) grouped by expert
         if self._use_grouped_mm(x):
-            y_sorted = self._grouped_ffn(x_sorted, plan.group_sizes)  # (S, D)
+            y_sorted = self._grouped_ffn(x_sorted, plan.group_sizes)  # (S, O)
         else:
-            y_sorted = self._loop_ffn(x_sorted, plan.group_sizes)  # (S, D)
-        y_sorted = y_sorted * plan.weights.to(y_sorted.dtype).unsqueeze(1)  # (S, D)
-        out = y_sorted.new_zeros(x.shape)  # (N, D); tokens with no kept assignment stay 0
-        return out.index_add(0, plan.token_index, y_sorted)  # (N, D)
+            y_sorted = self._loop_ffn(x_sorted, plan.group_sizes)  # (S, O)
+        y_sorted = y_sorted * plan.weights.to(y_sorted.dtype).unsqueeze(1)  # (S, O)
+        out = y_sorted.new_zeros(x.shape[0], self.out_size)  # (N, O); tokens with no kept assignment stay 0
+        return out.index_add(0, plan.token_index, y_sorted)  # (N, O)
+
+    def mix_dense(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """``sum_e w_e * expert_e(x)`` with every expert on every row: (N, D), (N|1, E) -> (N, O).
+
+        The input projection is one batched matmul; the weights scale the hidden activations (the output
+        projection is linear), so it plus the weighted sum over experts is a single matmul contracting (E, F).
+        """
+        num_rows = x.shape[0]
+        shared = x.unsqueeze(0).expand(self.num_experts, -1, -1)  # (E, N, D), no copy
+        if self.has_bias:
+            projected = torch.baddbmm(self.b_in.unsqueeze(1), shared, self.w_in)  # (E, N, 2F|F)
+        else:
+            projected = torch.bmm(shared, self.w_in)  # (E, N, 2F|F)
+        hidden = self._hidden(projected)  # (E, N, F)
+        # (N, E, 1) first: the product takes its memory layout, so it is born row-major per token and the
+        # reshape below is a view, not a copy
+        weighted = weights.unsqueeze(-1) * hidden.transpose(0, 1)  # (N, E, F)
+        flat = weighted.reshape(num_rows, self.num_experts * self.ffn_size)  # (N, E*F)
+        w_out = self.w_out.reshape(self.num_experts * self.ffn_size, self.out_size)  # (E*F, O)
+        if self.has_bias:
+            return torch.addmm(weights @ self.b_out, flat, w_out)  # (N, O)
+        return flat @ w_out  # (N, O)
 
     def extra_repr(self) -> str:
         return (
             f"num_experts={self.num_experts}, hidden_size={self.hidden_size}, ffn_size={self.ffn_size}, "
-            f"gated={self.gated}, bias={self.has_bias}, activation={self.activation_name!r}, "
-            f"grouped_mm={self.grouped_mm!r}"
+            f"out_size={self.out_size}, gated={self.gated}, bias={self.has_bias}, "
+            f"activation={self.activation_name!r}, grouped_mm={self.grouped_mm!r}"
         )

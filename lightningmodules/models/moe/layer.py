@@ -2,9 +2,9 @@
 
 ``out = sum_k w_k * expert_{i_k}(x) [+ meta_expert(x)]`` per token (Med-MoE: the meta expert is the
 original dense FFN). HF decoder layers call ``mlp(hidden_states)`` without a padding mask, so the mask
-reaches the layer through ``set_token_mask`` (``context.py``), stored on every MoE layer before the LM
-forward. After each forward the layer keeps ``last_aux_loss`` (weighted aux losses, part of the graph),
-``last_stats`` (``MoEStats``) and ``last_routing`` (per-token choices) for the LightningModule.
+reaches the layer through the step's ``MoEContext`` (``context.py``), attached before the LM forward; the
+layer records into it its weighted aux loss (part of the graph), ``MoEStats`` and ``RoutingRecord``.
+Without a context every token is routed and nothing is recorded (generation).
 """
 
 from __future__ import annotations
@@ -12,20 +12,21 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .dispatch import plan_dispatch
+from .context import MoEContext, UsesMoEContext, context_users
+from .dispatch import DispatchPlan, plan_dispatch
 from .experts import GroupedExperts, GroupedMM
 from .losses import load_balancing_loss, router_z_loss
-from .router import TopKRouter
+from .router import RouterOutput, TopKRouter
 from .stats import MoEStats, RoutingRecord
 
 
-class MoEFeedForward(nn.Module):
+class MoEFeedForward(UsesMoEContext):
     """Token-level top-k mixture of ``experts`` chosen by ``router``, plus an optional ``meta_expert``.
 
     ``capacity_factor`` None is dropless; otherwise each expert computes at most
     ``ceil(capacity_factor * real_tokens * k / E)`` assignments and the rest contribute 0 (counted in
-    ``last_stats.dropped``). Aux losses are computed every forward (for logging) and weighted by
-    ``load_balance_coef`` / ``z_loss_coef`` (0 by default, as Med-MoE released) into ``last_aux_loss``.
+    ``MoEStats.dropped``). Aux losses are computed every forward with a context (for logging) and weighted
+    by ``load_balance_coef`` / ``z_loss_coef`` (0 by default, as Med-MoE released) into the recorded aux loss.
     """
 
     def __init__(
@@ -49,19 +50,6 @@ class MoEFeedForward(nn.Module):
         self.capacity_factor = capacity_factor
         self.load_balance_coef = load_balance_coef
         self.z_loss_coef = z_loss_coef
-        self.token_mask: torch.Tensor | None = None  # (B, T) bool, set by ``set_token_mask``; not state
-        self.last_aux_loss: torch.Tensor | None = None
-        self.last_stats: MoEStats | None = None
-        self.last_routing: RoutingRecord | None = None
-
-    _TRANSIENT = ("token_mask", "last_aux_loss", "last_stats", "last_routing")
-
-    def __getstate__(self) -> dict:
-        """Pickle / deepcopy without the last forward's tensors (the aux loss is a non-leaf graph tensor)."""
-        state = self.__dict__.copy()
-        for name in self._TRANSIENT:
-            state[name] = None
-        return state
 
     @classmethod
     def build(
@@ -112,22 +100,12 @@ class MoEFeedForward(nn.Module):
     def top_k(self) -> int:
         return self.router.top_k
 
-    def _flat_token_mask(self, leading_shape: torch.Size, device: torch.device) -> torch.Tensor | None:
-        if self.token_mask is None:
-            return None
-        if tuple(self.token_mask.shape) != tuple(leading_shape):
-            raise ValueError(
-                f"MoE token mask has shape {tuple(self.token_mask.shape)} but the layer got hidden states "
-                f"with leading shape {tuple(leading_shape)}; set it with set_token_mask(model, "
-                f"attention_mask) for this batch, or clear_token_mask(model) (e.g. before generate)"
-            )
-        return self.token_mask.to(device=device, dtype=torch.bool).reshape(-1)  # (B*T,)
-
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """(..., D) -> (..., D); typically (B, T, D)."""
         leading_shape = hidden_states.shape[:-1]
         x = hidden_states.reshape(-1, hidden_states.shape[-1])  # (B*T, D)
-        token_mask = self._flat_token_mask(leading_shape, x.device)  # (B*T,) or None
+        context = self.moe_context
+        token_mask = None if context is None else context.flat_token_mask(leading_shape, x.device)  # (B*T,)
 
         routing = self.router(x, token_mask=token_mask)
         plan = plan_dispatch(
@@ -144,29 +122,47 @@ class MoEFeedForward(nn.Module):
             out = out + 0.0 * routing.logits.sum().to(out.dtype)  # (B*T, D)
         if self.meta_expert is not None:
             out = out + self.meta_expert(x)  # (B*T, D)
+        if context is not None:
+            self._record(context, routing, plan, token_mask, leading_shape)  # token_mask (B*T,)
+        return out.view(hidden_states.shape)  # (B, T, D)
 
+    def _record(
+        self,
+        context: MoEContext,
+        routing: RouterOutput,
+        plan: DispatchPlan,
+        token_mask: torch.Tensor | None,
+        leading_shape: torch.Size,
+    ) -> None:
+        """Aux losses, statistics and per-token choices of this forward into the step's context."""
         balance = load_balancing_loss(routing.probs, routing.counts, token_mask)
         z_loss = router_z_loss(routing.logits, token_mask)
-        self.last_aux_loss = self.load_balance_coef * balance + self.z_loss_coef * z_loss
-        self.last_stats = MoEStats(
+        stats = MoEStats(
             routed_counts=routing.counts.detach(),
             kept_counts=torch.tensor(plan.group_sizes, device=routing.counts.device),
+            computed_rows=list(plan.group_sizes),
             num_tokens=plan.num_real_tokens,
             dropped=plan.dropped,
             capacity=plan.capacity,
             load_balancing_loss=balance.detach(),
             z_loss=z_loss.detach(),
         )
-        top_k = self.top_k
-        self.last_routing = RoutingRecord(
-            indices=routing.indices.detach().view(*leading_shape, top_k),  # (B, T, k)
-            weights=routing.weights.detach().view(*leading_shape, top_k),  # (B, T, k)
-            token_mask=None if token_mask is None else token_mask.view(leading_shape),
-        )  # (B, T)
-        return out.view(hidden_states.shape)  # (B, T, D)
+        record = RoutingRecord(
+            indices=routing.indices.detach().view(*leading_shape, self.top_k),  # (B, T, k)
+            weights=routing.weights.detach().view(*leading_shape, self.top_k),  # (B, T, k)
+            token_mask=None if token_mask is None else token_mask.view(leading_shape),  # (B, T)
+            num_experts=self.num_experts,
+        )
+        aux_loss = self.load_balance_coef * balance + self.z_loss_coef * z_loss
+        context.record(self, routing=record, stats=stats, aux_loss=aux_loss)
 
     def extra_repr(self) -> str:
         return (
             f"capacity_factor={self.capacity_factor}, load_balance_coef={self.load_balance_coef}, "
             f"z_loss_coef={self.z_loss_coef}"
         )
+
+
+def moe_layers(model: nn.Module) -> list[tuple[str, MoEFeedForward]]:
+    """Every ``MoEFeedForward`` in ``model`` with its qualified name, in module order."""
+    return [(name, part) for name, part in context_users(model) if isinstance(part, MoEFeedForward)]

@@ -22,8 +22,8 @@ class RouterOutput:
     weights: torch.Tensor  # (N, k) float32 combine weights of the chosen experts
     indices: torch.Tensor  # (N, k) long, chosen experts, best first
     counts: torch.Tensor  # (E,) long, assignments per expert over all k; padding excluded
-    logits: torch.Tensor  # (N, E) float32
-    probs: torch.Tensor  # (N, E) float32 softmax over all experts
+    logits: torch.Tensor | None = None  # (N, E) float32; None for routers without scores (CMoE hard, constant)
+    probs: torch.Tensor | None = None  # (N, E) float32 softmax over all experts
 
 
 class TopKRouter(nn.Module):

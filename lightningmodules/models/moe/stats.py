@@ -1,4 +1,8 @@
-"""What an MoE layer did in its last forward: counts, drops, aux losses and per-token expert choices."""
+"""What an MoE part did in one forward: counts, drops, aux losses and per-token expert choices.
+
+Both the LLM's ``MoEFeedForward`` layers and the connector mixture (CMoE) record these into the step's
+``MoEContext``.
+"""
 
 from __future__ import annotations
 
@@ -9,15 +13,16 @@ import torch
 
 @dataclass
 class MoEStats:
-    """Per-layer routing statistics of the last forward (all tensors detached)."""
+    """Routing statistics of one forward (all tensors detached)."""
 
     routed_counts: torch.Tensor  # (E,) long, assignments per expert over all k, padding excluded
     kept_counts: torch.Tensor  # (E,) long, assignments computed (routed minus capacity drops)
+    computed_rows: list[int]  # E ints, rows each expert's FFN ran on (dense mixing: every token)
     num_tokens: int  # real (non-padding) tokens routed
-    dropped: int  # assignments dropped by the capacity limit (0 when dropless)
-    capacity: int | None  # per-expert limit, None = dropless
-    load_balancing_loss: torch.Tensor  # () float, before its coefficient
-    z_loss: torch.Tensor  # () float, before its coefficient
+    dropped: int = 0  # assignments dropped by the capacity limit (0 when dropless)
+    capacity: int | None = None  # per-expert limit, None = dropless
+    load_balancing_loss: torch.Tensor | None = None  # () float, before its coefficient (LLM layers)
+    z_loss: torch.Tensor | None = None  # () float, before its coefficient (LLM layers)
 
     @property
     def load(self) -> torch.Tensor:
@@ -28,11 +33,21 @@ class MoEStats:
 
 @dataclass
 class RoutingRecord:
-    """Per-token expert choices of the last forward, shaped like the layer input's leading dims."""
+    """Per-token expert choices of one forward, shaped like the input's leading dims (B, T) or (N, P).
+
+    Dense mixtures (CMoE ``soft`` / ``constant``) list every expert per token (k = E).
+    """
 
     indices: torch.Tensor  # (B, T, k) long chosen experts
     weights: torch.Tensor  # (B, T, k) float combine weights
     token_mask: torch.Tensor | None  # (B, T) bool, True = real token; None = all real
+    num_experts: int
+    group_ids: torch.Tensor | None = None  # (B,) long, e.g. the CMoE's task id per image
+
+    def dense_weights(self) -> torch.Tensor:
+        """The combine weight of every expert per token (0 for experts not chosen): (B, T, E)."""
+        zeros = self.weights.new_zeros(*self.indices.shape[:-1], self.num_experts)  # (B, T, E)
+        return zeros.scatter(-1, self.indices, self.weights)  # (B, T, E)
 
 
 def expert_load_by_group(

@@ -98,7 +98,7 @@ def inspect_ffn(mlp: nn.Module, *, hidden_act: str | None = None) -> FFNSpec:
             f"{type(mlp).__name__}: children {others} have parameters but are not nn.Linear "
             f"(merge LoRA adapters into the weights before upcycling)"
         )
-    for _kind, gate_name, in_name, out_name in _LAYOUTS:
+    for kind, gate_name, in_name, out_name in _LAYOUTS:  # noqa: B007 (kind is read after the loop)
         names = [n for n in (gate_name, in_name, out_name) if n is not None]
         if all(n in linears for n in names) and len(linears) == len(names):
             break

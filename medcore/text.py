@@ -1,5 +1,6 @@
 """Answer normalisation shared by the LLaVA-Med, Med-MoE, Uni-Med and MedPLIB scoring scripts.
 
+Scoring uses it, and so do the readers (a release without answer types: yes / no answers are closed).
 This is the VQA-v2 evaluation normalisation (``normalize_word`` in those repositories), reproduced
 behaviour for behaviour so that scores computed here match the published scripts.
 """

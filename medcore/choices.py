@@ -1,0 +1,40 @@
+"""Config choices that parts outside the config also check: one ``Literal`` per choice, its values as a tuple.
+
+The config schema (``pipeline/config/schema.py``) types its fields with these, so OmegaConf rejects any
+other value when a YAML layer is merged; the parts (aggregation, CMoE connector, LR schedules, the tiny
+model zoo) check their keyword arguments against the same tuples.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, get_args
+
+__all__ = [
+    "AGGREGATIONS",
+    "ROUTER_INPUTS",
+    "SCHEDULERS",
+    "TINY_MODELS",
+    "WEIGHTINGS",
+    "Aggregation",
+    "RouterInput",
+    "Scheduler",
+    "TinyModel",
+    "Weighting",
+]
+
+# visual tokens before the connector (lightningmodules/models/aggregation.py)
+Aggregation = Literal["none", "concat4", "avgpool", "maxpool"]
+# what the CMoE router reads (lightningmodules/models/cmoe.py)
+RouterInput = Literal["task_token", "token", "task"]
+# how CMoE mixes its experts: hard = task t -> expert t mod E, constant = 1/E
+Weighting = Literal["soft", "sparse", "hard", "constant"]
+# learning-rate schedule after warmup (lightningmodules/schedules.py)
+Scheduler = Literal["cosine", "linear", "constant"]
+# what a tiny:<name> model path may name (pipeline/zoo builds them; "tokenizer" is not a model)
+TinyModel = Literal["clip", "llama", "phi", "qwen2", "stablelm", "sam", "medsam"]
+
+AGGREGATIONS: tuple[str, ...] = get_args(Aggregation)
+ROUTER_INPUTS: tuple[str, ...] = get_args(RouterInput)
+WEIGHTINGS: tuple[str, ...] = get_args(Weighting)
+SCHEDULERS: tuple[str, ...] = get_args(Scheduler)
+TINY_MODELS: tuple[str, ...] = get_args(TinyModel)

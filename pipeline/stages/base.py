@@ -1,0 +1,89 @@
+"""The Stage protocol: everything that differs between stage kinds, decided in one object.
+
+A stage decides, once, what it does to the freshly built (and restored) model (``prepare``: structural
+changes and LoRA adapters), which parameters train (``set_trainable``: the trainable groups, MoE routers
+included), which LightningModule runs it (``module``), which callbacks and artifacts it adds
+(``callbacks``, ``log_artifacts``) and whether it is evaluated (``evaluated``). The runner
+(``pipeline/runner.py``) is a loop over stages that owns the run state (resume, MLflow runs, hand-overs).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from omegaconf import DictConfig
+from torch import nn
+
+from pipeline.structure import apply_entry, stage_structure
+from pipeline.trainable import add_lora, set_trainable
+
+log = logging.getLogger("medpipe")
+
+
+class Stage:
+    """One entry of the experiment's ``stages``; subclasses: ``VLMStage``, ``GroundingStage``, ``RouterStage``."""
+
+    evaluated = True  # generation-based evaluation after the stage (evaluation.after_each_stage)
+
+    def __init__(self, cfg: DictConfig, name: str) -> None:
+        self.cfg = cfg
+        self.name = name
+        self.config = cfg.stages[name]
+
+    # -- model -----------------------------------------------------------------------------------
+    def prepare(self, model: nn.Module, handovers: dict[str, Path]) -> None:
+        """This stage's structure entries (``stage_structure``: modality classifier, MoE layers; recorded in
+        the model so hand-overs rebuild them), then its LoRA adapters; ``handovers``: earlier stage -> file."""
+        weights = self.structure_weights(handovers)
+        for entry in stage_structure(self.cfg, self.name):
+            recorded = apply_entry(model, entry, **weights)
+            log.info("stage %s: structure %s", self.name, recorded)
+        if self.config.lora is not None:
+            add_lora(model, self.config.lora)
+
+    def structure_weights(self, handovers: dict[str, Path]) -> dict[str, Any]:
+        """Hook: what the entries are applied with beyond their shapes (``apply_entry``'s ``router_init``,
+        ``sources``); none by default."""
+        return {}
+
+    def trained_groups(self) -> list[str]:
+        """Parameter groups that train (the YAML's ``train`` list, plus what the stage adds)."""
+        return list(self.config.train)
+
+    def frozen_groups(self) -> list[str]:
+        """Parameter groups kept frozen even when a trained group contains them."""
+        return []
+
+    def set_trainable(self, model: nn.Module) -> dict[str, int]:
+        """Train exactly this stage's groups; returns trainable parameter counts per group."""
+        return set_trainable(model, self.trained_groups(), frozen=self.frozen_groups())
+
+    # -- training --------------------------------------------------------------------------------
+    def optim_settings(self) -> dict[str, Any]:
+        """The LightningModule's optimiser keyword arguments (``lightningmodules/optimization.py``)."""
+        optim = self.config.optim
+        return {
+            "lr": optim.lr,
+            "weight_decay": optim.weight_decay,
+            "betas": tuple(optim.betas),
+            "warmup_ratio": optim.warmup_ratio,
+            "scheduler": optim.scheduler,
+            "min_lr_ratio": optim.min_lr_ratio,
+        }
+
+    def module(self, built: Any) -> L.LightningModule:
+        """The LightningModule that trains this stage on ``built`` (a ``BuiltModel``)."""
+        raise NotImplementedError
+
+    def callbacks(self, module: L.LightningModule, *, tracker: Any, run_id: str | None) -> list[L.Callback]:
+        """Callbacks this stage adds to the runner's (loss history, checkpoints)."""
+        return []
+
+    def log_artifacts(
+        self, module: L.LightningModule, *, tracker: Any, run_id: str | None, out_dir: Path
+    ) -> dict[str, Any]:
+        """After training: this stage's artifacts (written to ``out_dir`` and MLflow); returns what was logged."""
+        return {}
