@@ -17,23 +17,20 @@ that position's hidden state (:meth:`GroundedMultimodalLM.generate_with_masks`).
 mask gets per-image ``iou`` (MedPLIB: sigmoid(logit) > ``mask_threshold``, IoU 0 for an empty union or
 no mask), ``dice`` = 2 IoU / (1 + IoU) and ``pixel_dice`` (MONAI's per-image Dice, None for an empty
 target) in its prediction row; ``seg_produced`` False marks the no-``<SEG>`` fallback (an empty mask,
-i.e. IoU 0), counted in ``no_seg_count``. The first ``overlay_count`` grounding samples are drawn to
-``overlay_dir`` (prediction red, target green, overlap yellow) for MLflow.
+i.e. IoU 0), counted in ``no_seg_count``. The first ``overlay_count`` grounding samples are kept in
+``overlay_samples`` (record, predicted mask, target mask); the evaluation draws them for MLflow.
 """
 
 from __future__ import annotations
 
-import re
-from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from lightningmodules.losses import mask_losses
 from lightningmodules.metrics.segmentation import binarize, dice_from_iou, mask_iou
 from lightningmodules.models.grounding import pair_with_targets
-from lightningmodules.vlm_module import StepLoss, VLMModule, model_inputs
+from lightningmodules.vlm_module import OverlaySample, StepLoss, VLMModule, model_inputs
 
 GROUNDING_INPUTS = ("region_weights", "region_batch_index")
 
@@ -79,8 +76,6 @@ class GroundingVLMModule(VLMModule):
     ) -> None:
         super().__init__(**kwargs)
         self.save_hyperparameters(ignore=["model", "tokenizer"])
-        self.overlay_dir: Path | None = None  # set by the evaluation before testing
-        self.overlays: list[Path] = []
         self.no_seg_count = 0
 
     # -- losses ------------------------------------------------------------------------------------
@@ -119,14 +114,7 @@ class GroundingVLMModule(VLMModule):
     # -- evaluation ----------------------------------------------------------------------------------
     def on_test_epoch_start(self) -> None:
         super().on_test_epoch_start()
-        self.overlays = []
         self.no_seg_count = 0
-
-    def prepare_evaluation(self, out_dir: Path) -> None:
-        self.overlay_dir = out_dir / "overlays"
-
-    def evaluation_artifacts(self) -> dict[str, list[Path]]:
-        return {"evaluation/overlays": list(self.overlays)}  # png: prediction red, target green, overlap yellow
 
     def generate_answers(self, batch: dict[str, Any]) -> tuple[list[str], list[dict[str, Any]]]:
         """Greedy answers and, for samples with a target mask, the scores of the mask decoded at ``<SEG>``."""
@@ -155,34 +143,14 @@ class GroundingVLMModule(VLMModule):
         if pred is None:
             self.no_seg_count += 1
         iou = mask_iou(pred, target.cpu())
-        if self.overlay_dir is not None and len(self.overlays) < self.hparams.overlay_count:
-            self.overlays.append(draw_overlay(record, pred, target.cpu(), self.overlay_dir))
+        if len(self.overlay_samples) < self.hparams.overlay_count:
+            self.overlay_samples.append(OverlaySample(record=record, pred=pred, target=target.cpu()))
         return {
             "seg_produced": pred is not None,
             "iou": iou,
             "dice": dice_from_iou(iou),
             "pixel_dice": pixel_dice(pred, target.cpu()),
         }
-
-
-def draw_overlay(record: Any, pred: torch.Tensor | None, target: torch.Tensor, out_dir: Path) -> Path:
-    """The image in grey with the target in green and the prediction in red (overlap yellow), as png."""
-    from PIL import Image
-
-    from datamodules.images import load_image
-
-    image = np.asarray(
-        load_image(record.image_path, record.image_bytes, record=record.id).convert("L"), dtype=np.float32
-    )  # (H, W)
-    rgb = np.repeat(image[..., None] * 0.6, 3, axis=-1)  # (H, W, 3)
-    truth = target.numpy().astype(bool)  # (H, W)
-    rgb[..., 1] = np.where(truth, 255.0, rgb[..., 1])
-    if pred is not None:
-        rgb[..., 0] = np.where(pred.numpy().astype(bool), 255.0, rgb[..., 0])
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', record.id)}.png"
-    Image.fromarray(rgb.clip(0, 255).astype(np.uint8)).save(path)
-    return path
 
 
 def grounding_module_settings(cfg: Any, stage: Any = None) -> dict[str, Any]:

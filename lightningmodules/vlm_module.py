@@ -11,7 +11,6 @@ metrics are computed once, on de-duplicated predictions, by ``pipeline/evaluatio
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -33,6 +32,16 @@ MODEL_INPUTS = ("input_ids", "attention_mask", "labels", "pixel_values", "image_
 def model_inputs(batch: dict[str, Any], *, with_labels: bool = True) -> dict[str, Any]:
     keys = MODEL_INPUTS if with_labels else tuple(k for k in MODEL_INPUTS if k != "labels")
     return {k: batch.get(k) for k in keys}
+
+
+@dataclass
+class OverlaySample:
+    """A grounded prediction kept for drawing: the record, the binarised predicted mask (None: no ``<SEG>``)
+    and the target mask, both (H, W) bool on the CPU."""
+
+    record: Any
+    pred: torch.Tensor | None
+    target: torch.Tensor
 
 
 @dataclass
@@ -65,6 +74,7 @@ class VLMModule(L.LightningModule):
         self.tokenizer = tokenizer
         self.save_hyperparameters(ignore=["model", "tokenizer"])
         self.predictions: list[dict[str, Any]] = []
+        self.overlay_samples: list[OverlaySample] = []  # grounded models: masks the evaluation draws
         self.task_names = list(task_names or [])
         self.routing_table: torch.Tensor | None = None  # (tasks, E) of the last validation epoch
         self.moe = MoEMonitor(model)  # the MoE context of each step; no-op without MoE parts
@@ -176,15 +186,9 @@ class VLMModule(L.LightningModule):
         for record, text, extra in zip(batch["records"], texts, extras, strict=True):
             self.predictions.append({**prediction_row(record, text), **extra})
 
-    def prepare_evaluation(self, out_dir: Path) -> None:
-        """Hook: where this module writes evaluation files (grounded models: mask overlays)."""
-
-    def evaluation_artifacts(self) -> dict[str, list[Path]]:
-        """Hook: files written during the last test epoch, by MLflow artifact folder."""
-        return {}
-
     def on_test_epoch_start(self) -> None:
         self.predictions = []
+        self.overlay_samples = []
 
     def on_test_epoch_end(self) -> None:
         self.predictions = gather_predictions(self.predictions)

@@ -23,6 +23,7 @@ from lightningmodules.metrics.pairing import Pair, Reference, pair_by_id
 from lightningmodules.metrics.report import evaluation_report, flat_metrics, format_report
 from lightningmodules.vlm_module import VLMModule
 from medcore.ids import dedupe_by_id
+from pipeline.plots import draw_overlay
 from pipeline.stages import evaluation_module
 from pipeline.trainer_factory import build_trainer
 
@@ -91,7 +92,6 @@ def evaluate_model(
     dm.prepare_data()
     if module is None:
         module = evaluation_module(cfg, built)
-    module.prepare_evaluation(out_dir)
     trainer = build_trainer(cfg.trainer, logger=tracker.lightning_logger(run_id), root_dir=out_dir)
     trainer.test(module, dataloaders=dm.generation_dataloader(split), verbose=False)
     if not trainer.is_global_zero:
@@ -133,9 +133,9 @@ def evaluate_model(
     )
     for name in ("predictions.jsonl", "metrics.json", "report.md"):
         tracker.log_file(run_id, out_dir / name, "evaluation")
-    for folder, files in module.evaluation_artifacts().items():  # grounded models: mask overlays
-        for path in files:
-            tracker.log_file(run_id, path, folder)
+    for sample in module.overlay_samples:  # grounded models: predicted / target masks of the first samples
+        overlay = draw_overlay(sample.record, sample.pred, sample.target, out_dir / "overlays")
+        tracker.log_file(run_id, overlay, "evaluation/overlays")
     by_id = {r.id: r for r in records}
     tracker.log_table(
         run_id,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
 from typing import Any
 
 
@@ -102,3 +104,25 @@ def similarity_figure(matrix: Any, labels: list[str], *, title: str) -> Any:
     ax.set_title(title)
     fig.tight_layout()
     return fig
+
+
+def draw_overlay(record: Any, pred: Any, target: Any, out_dir: Path) -> Path:
+    """The record's image in grey with the target mask in green and the predicted one in red (overlap yellow),
+    written as ``<out_dir>/<record id>.png``; masks are (H, W) bool tensors, ``pred`` None = no prediction."""
+    import numpy as np
+    from PIL import Image
+
+    from datamodules.images import load_image
+
+    image = np.asarray(
+        load_image(record.image_path, record.image_bytes, record=record.id).convert("L"), dtype=np.float32
+    )  # (H, W)
+    rgb = np.repeat(image[..., None] * 0.6, 3, axis=-1)  # (H, W, 3)
+    truth = target.numpy().astype(bool)  # (H, W)
+    rgb[..., 1] = np.where(truth, 255.0, rgb[..., 1])
+    if pred is not None:
+        rgb[..., 0] = np.where(pred.numpy().astype(bool), 255.0, rgb[..., 0])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', record.id)}.png"
+    Image.fromarray(rgb.clip(0, 255).astype(np.uint8)).save(path)
+    return path

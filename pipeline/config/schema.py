@@ -18,6 +18,7 @@ from datamodules.specs import DatasetSpec
 from medcore.checks import Problem, choice, positive
 from medcore.choices import Aggregation, RouterInput, Scheduler, Weighting
 from pipeline.reproducibility import CPU_KERNELS
+from pipeline.stages.kinds import is_router_stage
 from pipeline.strategies import strategy_problem
 
 ConnectorType = Literal["linear", "mlp", "cmoe"]
@@ -263,7 +264,7 @@ class StageConfig:
         found += [p for group in self.train for p in choice(f"{key}.train", group, TRAINABLE_GROUPS)]
         if "lora" in self.train and self.lora is None:
             found.append((f"{key}.train", "'lora' is trainable but the stage has no lora section"))
-        if self.kind == "router":  # the config's own rule for router stages, not a dispatch on kind
+        if is_router_stage(self):
             if self.router is None:
                 found.append(
                     (f"{key}.router.modalities", "a router stage needs >= 2 modality names (class c = MoE expert c)")

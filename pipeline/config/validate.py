@@ -20,6 +20,7 @@ from medcore.choices import TINY_MODELS
 from medcore.paths import is_timm_path, tiny_name
 from pipeline.config.errors import ConfigError
 from pipeline.config.schema import ExperimentConfig
+from pipeline.stages.kinds import is_router_stage
 
 
 def config_source(provenance: dict[str, str], key: str, default: str) -> str:
@@ -113,7 +114,7 @@ def moe_references(cfg: ExperimentConfig, name: str, earlier: list[str]) -> Iter
     for src in stage.moe.sources or []:
         yield from choice(f"{key}.moe.sources", src, earlier)
     if stage.moe.router_init == "modality_classifier":
-        routers = [n for n in earlier if cfg.stages[n].kind == "router"]  # validates the reference's target
+        routers = [n for n in earlier if is_router_stage(cfg.stages[n])]  # validates the reference's target
         router_stage = stage.moe.router_stage or (routers[-1] if routers else None)
         if router_stage is None:
             yield f"{key}.moe.router_init", "modality_classifier needs an earlier kind: router stage"

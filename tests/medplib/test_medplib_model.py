@@ -8,10 +8,11 @@ import torch
 from medplib_helpers import batch_of
 
 from datamodules.regions import region_grid_weights
-from lightningmodules.grounding_module import GroundingVLMModule, draw_overlay, grounding_module_settings
+from lightningmodules.grounding_module import GroundingVLMModule, grounding_module_settings
 from lightningmodules.losses import mask_losses
 from lightningmodules.metrics.grounding_summary import grounding_summary, region_vqa_summary
 from lightningmodules.models.grounded import GROUNDING_TOKENS, GroundedMultimodalLM
+from pipeline.plots import draw_overlay
 
 
 def _module(cfg, built, stage: str = "grounding_expert") -> GroundingVLMModule:
@@ -174,7 +175,6 @@ def test_test_step_scores_masks_and_counts_the_fallback(grounded, monkeypatch, t
     batch = batch_of(dm, "test", lambda r: r.task == "grounding", n=3, generation=True)
     eos = built.tokenizer.eos_token_id
     monkeypatch.setattr(built.model.llm, "generate", lambda **_: torch.full((3, 2), eos))  # never <SEG>
-    module.overlay_dir = tmp_path / "overlays"
     module.on_test_epoch_start()
     module.test_step(batch, 0)
     rows = module.predictions
@@ -182,7 +182,9 @@ def test_test_step_scores_masks_and_counts_the_fallback(grounded, monkeypatch, t
     assert all(r["iou"] == 0.0 and r["dice"] == 0.0 for r in rows)
     summary = grounding_summary(rows)
     assert summary["seg/no_mask"] == 3 and summary["seg/mdice"] == 0.0 and summary["seg/count"] == 3
-    assert len(module.overlays) == 3 and all(p.suffix == ".png" and p.is_file() for p in module.overlays)
+    assert len(module.overlay_samples) == 3 and all(s.pred is None for s in module.overlay_samples)
+    drawn = [draw_overlay(s.record, s.pred, s.target, tmp_path / "overlays") for s in module.overlay_samples]
+    assert all(p.suffix == ".png" and p.is_file() for p in drawn)
 
 
 def test_grounding_summary_by_hand() -> None:
