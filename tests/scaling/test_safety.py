@@ -64,9 +64,13 @@ def test_trust_remote_code_only_when_the_config_sets_it(setting, expected, monke
     class Stop(Exception):
         pass
 
+    class StandInTokenizer(list):  # len() = 0; every added token maps to id 0
+        def convert_tokens_to_ids(self, token: str) -> int:
+            return 0
+
     def tokenizer(path, **kwargs):
         seen["tokenizer"] = kwargs["trust_remote_code"]
-        return []  # stands in for the tokenizer: len() = 0
+        return StandInTokenizer()
 
     def causal_lm(path, **kwargs):
         seen["llm"] = kwargs["trust_remote_code"]
