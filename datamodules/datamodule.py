@@ -176,12 +176,10 @@ class VQADataModule(L.LightningDataModule):
             rank=rank,
         )
 
-    def train_collator(self) -> Collator:
-        """The collate function of the training loader (right padding, answers as labels)."""
+    def collator(self, generation: bool = False) -> Collator:
+        """The collate function of the loaders: right padding with answers as labels for training and
+        scoring, left padding for generation."""
         self._require_connected()
-        return self._collator(False)
-
-    def _collator(self, generation: bool) -> Collator:
         return Collator(pad_token_id=self.tokenizer.pad_token_id, padding_side="left" if generation else "right")
 
     def _loader(self, split: str, *, train: bool, generation: bool = False) -> DataLoader:
@@ -195,7 +193,7 @@ class VQADataModule(L.LightningDataModule):
             sampler=sampler,
             shuffle=False,
             num_workers=self.num_workers,
-            collate_fn=self._collator(generation),
+            collate_fn=self.collator(generation),
             persistent_workers=self.num_workers > 0,
             drop_last=False,
         )

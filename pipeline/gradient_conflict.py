@@ -94,7 +94,7 @@ class GradientConflict(L.Callback):
         if len(by_task) < 2:
             log.warning("gradient conflict: the training data has one task (%s); nothing to compare", list(by_task))
             return
-        collate = dm.train_collator()
+        collate = dm.collator()
         self.probes = {task: collate([dataset[i] for i in indices]) for task, indices in sorted(by_task.items())}
         params = group_parameters(pl_module.model, self.groups)
         missing = sorted(set(self.groups) - set(params))

@@ -26,7 +26,7 @@ buffers come on top.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +56,7 @@ class StageCounts:
     hidden: int  # LLM hidden size
     vocab: int  # LM head rows
     ffn_scale: int = 1  # FFN activations per token, in dense FFNs: top_k + meta expert with MoE layers
+    parts: dict[str, int] = field(default_factory=dict)  # parameters per part (``pipeline.params.PARTS``)
 
 
 def stage_counts(cfg: DictConfig, name: str) -> StageCounts:
@@ -64,6 +65,7 @@ def stage_counts(cfg: DictConfig, name: str) -> StageCounts:
 
     from lightningmodules.models.moe import moe_layers
     from pipeline.model_factory import build_model
+    from pipeline.params import part_counts
     from pipeline.stages import stage_for
     from pipeline.structure import apply_structure, structure_after
     from pipeline.trainable import add_lora
@@ -83,6 +85,7 @@ def stage_counts(cfg: DictConfig, name: str) -> StageCounts:
         hidden=int(llm.config.hidden_size),
         vocab=int(llm.get_output_embeddings().weight.shape[0]),
         ffn_scale=moe[0].top_k + (moe[0].meta_expert is not None) if moe else 1,
+        parts=part_counts(model),
     )
 
 

@@ -133,6 +133,8 @@ def package_tags() -> dict[str, str]:
 
 # called with (stage name, model) once the model is prepared, before training: tests snapshot the weights
 StageStartHook = Callable[[str, nn.Module], None]
+# called with the stage name: more Lightning callbacks for that stage's trainer (after the stage's own)
+StageCallbacks = Callable[[str], list[L.Callback]]
 
 
 def stage_init(cfg: DictConfig, name: str, done: list[StageResult]) -> Path | None:
@@ -179,6 +181,7 @@ def run_stage(
     handovers: dict[str, Path] | None = None,
     state: RunState | None = None,
     on_stage_start: StageStartHook | None = None,
+    extra_callbacks: StageCallbacks | None = None,
 ) -> StageResult:
     name, stage_dir = stage.name, out_dir / "stages" / stage.name
     start = time.perf_counter()
@@ -202,6 +205,7 @@ def run_stage(
         history,
         *stage.callbacks(module, tracker=tracker, run_id=run_id),
         *checkpoint_callbacks(cfg, stage_dir / "checkpoints"),
+        *(extra_callbacks(name) if extra_callbacks is not None else []),
     ]
     trainer = build_trainer(
         cfg.trainer,
@@ -301,15 +305,23 @@ def register_final_model(
     return uri
 
 
-def run_experiment(cfg: DictConfig, *, on_stage_start: StageStartHook | None = None) -> ExperimentResult:
+def run_experiment(
+    cfg: DictConfig,
+    *,
+    on_stage_start: StageStartHook | None = None,
+    extra_callbacks: StageCallbacks | None = None,
+) -> ExperimentResult:
     """Train every stage in order, each starting from the previous one's hand-over, then evaluate.
 
-    ``on_stage_start(name, model)`` runs once each stage's model is prepared, before it trains."""
+    ``on_stage_start(name, model)`` runs once each stage's model is prepared, before it trains;
+    ``extra_callbacks(name)`` adds Lightning callbacks to that stage's trainer."""
     with cpu_numerics(cfg.trainer):  # before the first tensor operation of the run
-        return _run_experiment(cfg, on_stage_start)
+        return _run_experiment(cfg, on_stage_start, extra_callbacks)
 
 
-def _run_experiment(cfg: DictConfig, on_stage_start: StageStartHook | None) -> ExperimentResult:
+def _run_experiment(
+    cfg: DictConfig, on_stage_start: StageStartHook | None, extra_callbacks: StageCallbacks | None
+) -> ExperimentResult:
     start = time.perf_counter()
     out_dir = Path(cfg.output_dir)
     check_tracking_uri(cfg.mlflow.tracking_uri)
@@ -351,6 +363,7 @@ def _run_experiment(cfg: DictConfig, on_stage_start: StageStartHook | None) -> E
                     handovers={s.name: s.handover for s in result.stages},
                     state=state,
                     on_stage_start=on_stage_start,
+                    extra_callbacks=extra_callbacks,
                 )
             )
         if cfg.evaluation.enabled and not cfg.evaluation.after_each_stage:

@@ -42,14 +42,12 @@ def test_the_cache_key_follows_what_decides_the_build(monkeypatch: pytest.Monkey
 
     base = cache.cache_key("clip")
     assert cache.cache_key("clip") == base  # stable
-    monkeypatch.setattr(cache, "BUILD_THREADS", 2)
-    assert cache.cache_key("clip") != base
-    monkeypatch.setattr(cache, "BUILD_THREADS", 1)
+    assert cache.cache_key("clip", threads=cache.BUILD_THREADS, sources=cache.BUILD_SOURCES["clip"]) == base
+    assert cache.cache_key("clip", threads=2) != base
     monkeypatch.setenv("MKL_CBWR", "COMPATIBLE")
-    assert cache.cache_key("clip") != base
+    assert cache.cache_key("clip", threads=1) != base
     monkeypatch.undo()
-    monkeypatch.setitem(cache.BUILD_SOURCES, "clip", ("datamodules/synthetic/phantoms.py",))  # one source fewer
-    assert cache.cache_key("clip") != base
+    assert cache.cache_key("clip", sources=("datamodules/synthetic/phantoms.py",)) != base  # one source fewer
 
 
 def test_intra_op_threads_sets_and_restores() -> None:
@@ -61,15 +59,28 @@ def test_intra_op_threads_sets_and_restores() -> None:
         assert torch.get_num_threads() == saved
 
 
-def test_run_experiment_applies_num_threads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_run_experiment_applies_num_threads(tmp_path: Path) -> None:
     from pipeline import runner
     from pipeline.config import load_config
 
+    class Stop(Exception):
+        pass
+
     seen = []
-    monkeypatch.setattr(runner, "_run_experiment", lambda *args: seen.append(torch.get_num_threads()))
-    cfg = load_config(REPO / "experiments" / "demo.yaml", [f"output_dir={tmp_path}", "trainer.num_threads=3"])
+
+    def stop(name: str, model: torch.nn.Module) -> None:
+        seen.append(torch.get_num_threads())
+        raise Stop  # the first stage's model is built: nothing needs training
+
+    overrides = [
+        f"output_dir={tmp_path}",
+        f"mlflow.tracking_uri=sqlite:///{tmp_path}/mlflow.db",
+        "trainer.num_threads=3",
+    ]
+    cfg = load_config(REPO / "experiments" / "demo.yaml", overrides)
     saved = torch.get_num_threads()
-    runner.run_experiment(cfg)
+    with pytest.raises(Stop):
+        runner.run_experiment(cfg, on_stage_start=stop)
     assert seen == [3] and torch.get_num_threads() == saved
 
 

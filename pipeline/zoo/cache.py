@@ -41,31 +41,32 @@ BUILD_SOURCES: dict[str, tuple[str, ...]] = {
 }
 
 
-def build_inputs(name: str) -> dict[str, str]:
-    """Everything that decides the bytes of a tiny build: recipe version, the sources it runs, the library
-    versions, the CPU kernels torch dispatches to and the thread count."""
+def build_inputs(name: str, *, threads: int = BUILD_THREADS, sources: tuple[str, ...] | None = None) -> dict[str, str]:
+    """Everything that decides the bytes of a tiny build: recipe version, the sources it runs (besides the
+    zoo's code: ``sources``, default ``BUILD_SOURCES[name]``), the library versions, the CPU kernels torch
+    dispatches to and the thread count (``threads``)."""
     import tokenizers
     import torch
     import transformers
 
     from lightningmodules.models.language import DEFAULT_CHAT_TEMPLATE
 
-    sources = hashlib.sha256()
+    digest = hashlib.sha256()
     for path in sorted(_ZOO.glob("*.py")):
-        sources.update(path.read_bytes())
-    for relative in BUILD_SOURCES[name]:
-        sources.update((_REPO / relative).read_bytes())
-    sources.update(DEFAULT_CHAT_TEMPLATE.encode())
+        digest.update(path.read_bytes())
+    for relative in BUILD_SOURCES[name] if sources is None else sources:
+        digest.update((_REPO / relative).read_bytes())
+    digest.update(DEFAULT_CHAT_TEMPLATE.encode())
     return {
         "recipe": TINY_VERSION,
-        "sources": sources.hexdigest()[:16],
+        "sources": digest.hexdigest()[:16],
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "tokenizers": tokenizers.__version__,
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "mkl_cbwr": os.environ.get("MKL_CBWR", "auto"),
         "onednn_isa": os.environ.get("ONEDNN_MAX_CPU_ISA", "auto"),
-        "build_threads": str(BUILD_THREADS),
+        "build_threads": str(threads),
     }
 
 
@@ -73,8 +74,8 @@ def _digest(inputs: dict[str, str]) -> str:
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def cache_key(name: str) -> str:
-    return _digest(build_inputs(name))
+def cache_key(name: str, *, threads: int = BUILD_THREADS, sources: tuple[str, ...] | None = None) -> str:
+    return _digest(build_inputs(name, threads=threads, sources=sources))
 
 
 def ensure_tiny(name: str, cache_dir: str | Path | None = None) -> Path:

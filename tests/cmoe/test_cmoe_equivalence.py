@@ -91,7 +91,9 @@ def test_hard_gives_each_image_the_output_of_its_task_expert() -> None:
     for image, task in enumerate(task_ids.tolist()):
         expected = naive_expert(cmoe, features[image], task % 4)
         torch.testing.assert_close(out[image], expected, atol=1e-6, rtol=1e-5)
-    assert context.stats[cmoe].kept_counts.tolist() == [7, 21, 7, 0]  # P = 7 tokens per image; expert 3 never runs
+    stats = context.stats[cmoe]
+    assert stats.kept_counts.tolist() == [7, 21, 7, 0]  # P = 7 tokens per image
+    assert stats.computed_rows == [7, 21, 7, 0]  # rows of each expert's matmul; expert 3 never runs
 
 
 @pytest.mark.parametrize("weighting", WEIGHTINGS)

@@ -10,7 +10,7 @@ from cmoe_reference import naive_router_logits
 
 from lightningmodules.metrics.routing import mean_weights_by_task
 from lightningmodules.models.cmoe import WEIGHTINGS, CMoEConnector
-from lightningmodules.models.moe import MoEStats, RoutingRecord, moe_context
+from lightningmodules.models.moe import DispatchPlan, MoEStats, RoutingRecord, moe_context
 
 IN_DIM, OUT_DIM = 24, 16
 
@@ -49,17 +49,40 @@ def test_soft_weights_are_positive_and_sum_to_one(router_input: str) -> None:
 
 @pytest.mark.parametrize("top_k", [1, 2, 4])
 def test_sparse_runs_exactly_k_experts_per_token(top_k: int) -> None:
-    """The experts compute each token exactly k times, each time in one of its top-k experts."""
+    """The experts compute each token exactly k times, each time in one of its top-k experts: the rows each
+    expert's block holds (a pre-hook on the experts sees ``x`` and the plan) are matched to the tokens by value,
+    and a hook on the activation sees what each expert really computed (one call per non-empty expert)."""
     cmoe = make(weighting="sparse", top_k=top_k)
     features, task_ids = inputs()
     tokens = features.reshape(-1, IN_DIM)  # (N*P, in)
+    dispatched: list[tuple[torch.Tensor, DispatchPlan]] = []
+    activations: list[torch.Tensor] = []  # input of each activation call: (n_e, F) pre-activation rows
+    hooks = [
+        cmoe.experts.register_forward_pre_hook(lambda _, args: dispatched.append((args[0].clone(), args[1]))),
+        cmoe.experts.activation.register_forward_hook(lambda _, args, out: activations.append(args[0].clone())),
+    ]
     _, record, stats = routed(cmoe, features, task_ids=task_ids)
+    for hook in hooks:
+        hook.remove()
 
     chosen = naive_router_logits(cmoe, features, task_ids).topk(top_k, dim=-1).indices.reshape(-1, top_k)
-    seen = torch.zeros(tokens.shape[0], cmoe.num_experts, dtype=torch.long)  # (N*P, E) times a token ran
-    seen.scatter_add_(1, record.indices.reshape(-1, top_k), torch.ones_like(chosen))
-    expected = torch.zeros_like(seen).scatter(1, chosen, 1)
+    expected = torch.zeros(tokens.shape[0], cmoe.num_experts, dtype=torch.long).scatter(1, chosen, 1)  # (N*P, E)
+    (x, plan), experts = dispatched[0], cmoe.experts
+    assert len(dispatched) == 1
+    blocks = x[plan.token_index].split(plan.group_sizes)  # E x (n_e, in), grouped by expert
+    seen = torch.zeros_like(expected)  # (N*P, E) times a token's row sat in an expert's block
+    ran = [e for e, rows in enumerate(blocks) if rows.shape[0]]  # experts with rows, in the loop's order
+    assert len(activations) == len(ran)  # each non-empty expert ran once, the empty ones never
+    for e, rows in enumerate(blocks):
+        token_index = (rows.unsqueeze(1) == tokens.unsqueeze(0)).all(-1).float().argmax(1)  # (n_e,)
+        torch.testing.assert_close(tokens[token_index], rows, atol=0, rtol=0)
+        seen[token_index, e] += 1
+    for e, computed in zip(ran, activations, strict=True):  # what expert e's first matmul really computed
+        torch.testing.assert_close(computed, blocks[e] @ experts.w_in[e] + experts.b_in[e], atol=1e-6, rtol=1e-5)
     assert torch.equal(seen, expected)
+    assert sum(a.shape[0] for a in activations) == tokens.shape[0] * top_k
+    assert [a.shape[0] for a in activations] == [n for n in expected.sum(0).tolist() if n]
+    assert torch.equal(record.dense_weights() > 0, expected.view(6, 8, -1).bool())
     assert int(stats.kept_counts.sum()) == tokens.shape[0] * top_k
     assert stats.kept_counts.tolist() == expected.sum(0).tolist()
     assert stats.computed_rows == expected.sum(0).tolist()  # one block per expert, exactly its tokens
@@ -76,6 +99,7 @@ def test_hard_routes_by_task_id_modulo_experts() -> None:
     assert torch.equal(weights.argmax(-1), (task_ids % 4).unsqueeze(1).expand(6, 8))
     assert torch.equal(weights.sum(-1), torch.ones(6, 8))
     assert stats.kept_counts.tolist() == [16, 16, 8, 8]
+    assert stats.computed_rows == [16, 16, 8, 8]  # rows of each expert's matmul
 
 
 def test_token_router_ignores_task_ids() -> None:

@@ -18,4 +18,4 @@ def batch_of(dm, split: str, predicate, *, n: int = 4, generation: bool = False)
     """A collated batch of the first ``n`` records of ``split`` that satisfy ``predicate``."""
     dataset = dm.dataset(split, with_answers=not generation)
     items = [dataset[i] for i, r in enumerate(dataset.records) if predicate(r)][:n]
-    return dm._collator(generation)(items)
+    return dm.collator(generation)(items)

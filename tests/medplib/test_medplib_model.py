@@ -76,7 +76,7 @@ def test_collator_gives_the_tensors_the_model_used_to_compute(grounded) -> None:
     dataset = dm.dataset("train", with_answers=True)
     by_task = {task: [i for i, r in enumerate(dataset.records) if r.task == task] for task in ("region", "grounding")}
     items = [dataset[i] for i in (by_task["region"][0], by_task["grounding"][0], by_task["region"][1])]
-    batch = dm._collator(False)(items)
+    batch = dm.collator()(items)
     expected, samples = [], []
     for b, mask in enumerate(batch["region_masks"]):
         if mask is not None:
@@ -246,7 +246,7 @@ def test_loss_is_the_weighted_sum_on_a_mixed_batch(grounded) -> None:
         i for i, r in enumerate(dataset.records) if r.task == "region"
     ][:3]
     items = [dataset[i] for i in sorted(pick, key=lambda i: i % 5)]  # interleaved
-    batch = dm._collator(False)(items)
+    batch = dm.collator()(items)
     n_masks = sum(m is not None for m in batch["masks"])
     assert 0 < n_masks < len(items)  # samples with and without masks
     torch.manual_seed(0)

@@ -174,23 +174,19 @@ def test_counts_exclude_padding_and_padding_is_never_computed() -> None:
 
 
 def test_experts_compute_only_routed_tokens() -> None:
-    """Count the rows each expert's matmul receives with a hook on torch.mm-level inputs."""
+    """Count the rows each expert computes with a forward hook on the experts' activation (one call per
+    non-empty expert, on its gate half (n_e, FFN))."""
     layer = _layer(num_experts=4, top_k=1, grouped_mm="never")
     x = torch.empty(10, HIDDEN)
     choice = torch.tensor([0, 0, 0, 2, 2, 0, 3, 3, 3, 3])
     _force_router(layer, choice, x)
     seen: list[tuple[int, int]] = []
-    original = layer.experts._hidden
-
-    def spy(projected: torch.Tensor) -> torch.Tensor:
-        seen.append(tuple(projected.shape))
-        return original(projected)
-
-    layer.experts._hidden = spy
+    hook = layer.experts.activation.register_forward_hook(lambda _, args, out: seen.append(tuple(args[0].shape)))
     with moe_context(layer) as context:
         layer(x)
+    hook.remove()
     assert context.routing[layer].indices.view(-1).tolist() == choice.tolist()
-    assert seen == [(4, 2 * FFN), (2, 2 * FFN), (4, 2 * FFN)]  # expert 1 got nothing and never ran
+    assert seen == [(4, FFN), (2, FFN), (4, FFN)]  # expert 1 got nothing and never ran
     assert context.stats[layer].computed_rows == [4, 0, 2, 4]
 
 

@@ -16,24 +16,19 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from pipeline import runner
 from pipeline.config import load_config
+from pipeline.runner import run_experiment
 from pipeline.strategies import shutdown_distributed
 
 
 def main() -> int:
     cfg = load_config(sys.argv[1], sys.argv[2:])
-    original = runner.save_handover
     rank = int(os.environ.get("RANK", 0))
-
-    def save_per_rank(model, path, **kwargs):
+    models: dict[str, torch.nn.Module] = {}
+    run_experiment(cfg, on_stage_start=models.__setitem__)  # each stage's model, trained in place
+    for name, model in models.items():  # as the hand-over has it: trained, LoRA merged
         state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        torch.save(state, Path(path).parent / f"rank{rank}.pt")
-        return original(model, path, **kwargs)
-
-    runner.save_handover = save_per_rank
-    runner.run_experiment(cfg)
+        torch.save(state, Path(cfg.output_dir) / "stages" / name / f"rank{rank}.pt")
     shutdown_distributed()  # as `medpipe train` does after a successful run
     return 0
 

@@ -1,5 +1,7 @@
-"""Run ``medpipe train`` and SIGKILL the process after optimiser step K of one stage (a hard crash:
-no exception handlers, no flushing). Usage: python kill_at_step.py STAGE K CONFIG [key=value ...]"""
+"""Run an experiment as ``medpipe train`` does and SIGKILL the process after optimiser step K of one stage
+(a hard crash: no exception handlers, no flushing). Usage: python kill_at_step.py STAGE K CONFIG [key=value ...]
+
+The kill is a Lightning callback added to that stage's trainer through ``run_experiment(extra_callbacks=...)``."""
 
 from __future__ import annotations
 
@@ -9,8 +11,8 @@ import sys
 
 import lightning as L
 
-from pipeline import runner
-from pipeline.cli import main
+from pipeline.config import load_config
+from pipeline.runner import run_experiment
 
 
 class KillAt(L.Callback):
@@ -23,13 +25,6 @@ class KillAt(L.Callback):
 
 
 if __name__ == "__main__":
-    stage, step, *argv = sys.argv[1:]
-    build_trainer = runner.build_trainer
-
-    def build_with_kill(*args, callbacks=None, root_dir=".", **kwargs):
-        if os.path.basename(str(root_dir)) == stage:
-            callbacks = [*(callbacks or []), KillAt(int(step))]
-        return build_trainer(*args, callbacks=callbacks, root_dir=root_dir, **kwargs)
-
-    runner.build_trainer = build_with_kill
-    sys.exit(main(["train", *argv]))
+    stage, step, config, *overrides = sys.argv[1:]
+    cfg = load_config(config, overrides)
+    run_experiment(cfg, extra_callbacks=lambda name: [KillAt(int(step))] if name == stage else [])

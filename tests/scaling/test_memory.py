@@ -10,7 +10,9 @@ import pytest
 from pipeline.config import load_config
 from pipeline.memory import StageCounts, stage_counts, stage_memory
 
-DEMO = Path(__file__).resolve().parents[2] / "experiments" / "demo.yaml"
+EXPERIMENTS = Path(__file__).resolve().parents[2] / "experiments"
+DEMO = EXPERIMENTS / "demo.yaml"
+MED_MOE_TINY = EXPERIMENTS / "med_moe" / "tiny.yaml"
 
 
 def test_counts_equal_the_real_tiny_models(tiny_llama, tiny_clip) -> None:
@@ -22,8 +24,13 @@ def test_counts_equal_the_real_tiny_models(tiny_llama, tiny_clip) -> None:
     vision = CLIPVisionModel.from_pretrained(tiny_clip)
     h = llm.config.hidden_size
     connector = 64 * h + h + h * h + h  # mlp2x_gelu from the 64-wide tiny CLIP
+    assert align.parts["llm"] == sum(p.numel() for p in llm.parameters())
+    assert align.parts["vision"] == sum(p.numel() for p in vision.parameters())
+    assert align.parts["connector"] == connector
+    assert align.total == sum(align.parts.values())
     dense = sum(p.numel() for p in llm.parameters()) + sum(p.numel() for p in vision.parameters())
     assert align.total == dense + connector
+    assert align.ffn_scale == 1  # no MoE layer: one FFN per token and layer
     assert align.trainable == connector
     assert align.layers == llm.config.num_hidden_layers and align.hidden == h and align.vocab == llm.config.vocab_size
     # LoRA r on every Linear but lm_head: r * (in + out) each
@@ -75,24 +82,33 @@ def test_stage_bytes_by_hand() -> None:
         precision="bf16-true",
     )
     assert fsdp["weights_gb"] * gb == pytest.approx(1_000 * 2 / 4)
-    # MoE: every 2nd layer of 4 gets 4 experts + meta -> 2 layers x 4 extra FFNs (of 50) and routers
-    # Linear(8, 4); FFN activations x (k + meta). The counts of a real MoE model: tests/test_params_memory.py
-    moe = stage_memory(
-        StageCounts(
-            total=1_000 + 2 * 4 * 50 + 2 * 9 * 4,
-            trainable=4 * 50 + 2 * 4 * 50,
-            layers=4,
-            hidden=8,
-            vocab=10,
-            ffn_scale=2,
-        ),
-        micro_batch=2,
-        seq_len=16,
-        answer_tokens=0,
-    )
-    assert moe["params_total"] * 1e9 == pytest.approx(1_000 + 2 * 4 * 50 + 2 * 9 * 4)
-    assert moe["params_trainable"] * 1e9 == pytest.approx(4 * 50 + 2 * 4 * 50)
-    assert moe["activations_gb"] * gb == pytest.approx(((34 - 19) + 19 * 2) * 16 * 2 * 8 * 4)
+
+
+def test_moe_stage_bytes_by_hand(tiny_llama, tiny_clip) -> None:
+    """The tiny Med-MoE's stage 3, counted by ``stage_counts`` on the model built from its YAML, against the
+    counts by hand: every other layer of 2 (layer 0) -> 3 upcycled experts + the meta expert (the dense FFN)
+    + a router Linear(h, 3); the router stage added the modality classifier Linear(h, 3); stage 3 trains the
+    connector and every FFN (experts, meta expert, the dense layer's FFN), routers frozen."""
+    from transformers import AutoConfig
+
+    llm = AutoConfig.from_pretrained(tiny_llama)
+    h, layers = llm.hidden_size, llm.num_hidden_layers
+    ffn = 3 * h * llm.intermediate_size  # gate, up, down (no bias)
+    linear = h * 3 + 3  # Linear(h, 3): the router of the MoE layer, the modality classifier
+    cfg = load_config(MED_MOE_TINY, [], check_paths=False)
+    dense, counts = stage_counts(cfg, "stage1"), stage_counts(cfg, "stage3")  # stage 1 trains the connector
+    assert layers == 2 and dense.ffn_scale == 1
+    assert counts.total == dense.total + linear + (3 * ffn + linear)
+    assert counts.trainable == dense.trainable + layers * ffn + 3 * ffn
+    assert counts.ffn_scale == 2  # top-1 + the meta expert
+    gb = 1024**3
+    moe = stage_memory(counts, devices=1, micro_batch=2, seq_len=16, answer_tokens=0)
+    assert moe["params_total"] * 1e9 == pytest.approx(dense.total + linear + 3 * ffn + linear)
+    assert moe["params_trainable"] * 1e9 == pytest.approx(dense.trainable + layers * ffn + 3 * ffn)
+    assert moe["weights_gb"] * gb == pytest.approx(counts.total * 4)  # fp32 under bf16-mixed
+    assert moe["optimizer_gb"] * gb == pytest.approx(counts.trainable * 8)
+    # the FFN's 19 s b h of each layer's 34 s b h scaled by k + meta = 2
+    assert moe["activations_gb"] * gb == pytest.approx(((34 - 19) + 19 * 2) * 16 * 2 * h * layers)
 
 
 def test_memory_command_json(capsys) -> None:

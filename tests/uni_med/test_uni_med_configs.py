@@ -154,7 +154,13 @@ def test_tiny_ablation_trains_a_few_steps(name: str, tmp_path: Path, uni_med_dat
         torch.testing.assert_close(table[0], torch.eye(connector.num_experts)[0])  # task 0 -> expert 0
     if name == "weighting_constant":
         torch.testing.assert_close(table[0], torch.full((connector.num_experts,), 1 / connector.num_experts))
-    if name == "weighting_sparse":
-        stats, record = module.moe.context.stats[connector], module.moe.context.routing[connector]  # last step
-        assert stats.kept_counts is not None
-        assert int(stats.kept_counts.sum()) == 2 * record.weights.shape[:2].numel()
+    stats, record = module.moe.context.stats[connector], module.moe.context.routing[connector]  # last step
+    tokens = record.weights.shape[:2].numel()  # N*P visual tokens of the last forward
+    if name == "weighting_sparse":  # dispatched: each expert ran on exactly its kept rows, 2 per token
+        assert stats.computed_rows == stats.kept_counts.tolist()
+        assert sum(stats.computed_rows) == int(stats.kept_counts.sum()) == 2 * tokens
+    elif name == "weighting_hard":  # dispatched: one expert per token
+        assert stats.computed_rows == stats.kept_counts.tolist()
+        assert sum(stats.computed_rows) == tokens
+    else:  # soft / constant: the dense mix runs every expert on every token
+        assert stats.computed_rows == [tokens] * connector.num_experts
