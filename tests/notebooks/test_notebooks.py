@@ -52,8 +52,14 @@ def test_01_compare_runs(tiny_demo_run) -> None:
     runs = client.search_runs([client.get_experiment_by_name("e2e").experiment_id])
     parents = sum("mlflow.parentRunId" not in r.data.tags for r in runs)
     assert parents >= 1 and len(runs) - parents >= 2
-    cells = execute("01_compare_runs.ipynb", {"TRACKING_URI": f"sqlite:///{tmp}/mlflow.db", "EXPERIMENTS": ["e2e"],
-                                              "METRICS": ["eval/closed_accuracy", "eval/open_recall"]})
+    cells = execute(
+        "01_compare_runs.ipynb",
+        {
+            "TRACKING_URI": f"sqlite:///{tmp}/mlflow.db",
+            "EXPERIMENTS": ["e2e"],
+            "METRICS": ["eval/closed_accuracy", "eval/open_recall"],
+        },
+    )
     text = outputs_text(cells)
     assert f"{parents} experiment runs, {len(runs) - parents} stage runs" in text
     assert "instruct" in text and "align" in text
@@ -72,15 +78,20 @@ def test_03_tug_of_war(tiny_conflict_run) -> None:
     text = outputs_text(cells)
     assert "1 stage runs with gradient-conflict metrics for group 'connector'" in text
     # the summary table holds MLflow's numbers
-    history = MlflowClient(tracking_uri=uri).get_metric_history(result.stages[-1].run_id,
-                                                                 "grad_conflict/connector/mean_cos")
+    history = MlflowClient(tracking_uri=uri).get_metric_history(
+        result.stages[-1].run_id, "grad_conflict/connector/mean_cos"
+    )
     assert f"{history[-1].value:.6f}"[:6] in text or f"{history[-1].value:.4f}"[:5] in text
     assert any(out.get("output_type") == "display_data" for c in cells for out in c.get("outputs", []))
 
 
 def _images(cells: list) -> int:
-    return sum("image/png" in out.get("data", {}) for c in cells for out in c.get("outputs", [])
-               if out.get("output_type") == "display_data")
+    return sum(
+        "image/png" in out.get("data", {})
+        for c in cells
+        for out in c.get("outputs", [])
+        if out.get("output_type") == "display_data"
+    )
 
 
 @pytest.mark.slow
@@ -99,14 +110,21 @@ def test_02_expert_routing(tiny_med_moe_run, tiny_cmoe_run) -> None:
     per_task = sorted(k for k in cmoe if k.startswith("routing/") and k.endswith("/expert_0"))
     assert per_modality and per_task
 
-    cells = execute("02_expert_routing.ipynb", {"TRACKING_URI": uri, "EXPERIMENT": cfg.mlflow.experiment_name,
-                                                "CMOE_EXPERIMENT": cmoe_cfg.mlflow.experiment_name})
+    cells = execute(
+        "02_expert_routing.ipynb",
+        {
+            "TRACKING_URI": uri,
+            "EXPERIMENT": cfg.mlflow.experiment_name,
+            "CMOE_EXPERIMENT": cmoe_cfg.mlflow.experiment_name,
+        },
+    )
     text = outputs_text(cells)
     assert "1 connector-MoE stage runs in 'uni-med-cmoe', 1 LLM-MoE stage runs in 'med-moe'" in text
     for key in per_modality + per_task:  # the tables hold MLflow's numbers
         assert f"{stage3.get(key, cmoe.get(key)):.4f}" in text, key
-    layer0 = client.get_metric_history(next(s.run_id for s in result.stages if s.name == "stage3"),
-                                       "moe/layer0/load_expert0")
+    layer0 = client.get_metric_history(
+        next(s.run_id for s in result.stages if s.name == "stage3"), "moe/layer0/load_expert0"
+    )
     assert f"{sorted(layer0, key=lambda m: m.step)[-1].value:.4f}" in text  # load over time: last step
     summary = json.loads((Path(cfg.output_dir) / "stages" / "stage3" / "expert_load.json").read_text())
     total = sum(map(sum, summary["layers"]["layer0"]["by_modality"].values()))
@@ -114,8 +132,10 @@ def test_02_expert_routing(tiny_med_moe_run, tiny_cmoe_run) -> None:
     assert _images(cells) >= 5  # CMoE heatmap + its logged png, modality heatmaps, two over-time figures
 
     # without the connector-MoE experiment: skipped with a note, the LLM MoE part unchanged
-    cells = execute("02_expert_routing.ipynb", {"TRACKING_URI": uri, "EXPERIMENT": cfg.mlflow.experiment_name,
-                                                "CMOE_EXPERIMENT": "no-such-experiment"})
+    cells = execute(
+        "02_expert_routing.ipynb",
+        {"TRACKING_URI": uri, "EXPERIMENT": cfg.mlflow.experiment_name, "CMOE_EXPERIMENT": "no-such-experiment"},
+    )
     text = outputs_text(cells)
     assert f"no MLflow experiment 'no-such-experiment' at {uri}: skipped" in text
     assert "no connector-MoE runs with routing/ metrics: nothing to show" in text
@@ -125,8 +145,10 @@ def test_02_expert_routing(tiny_med_moe_run, tiny_cmoe_run) -> None:
 @pytest.mark.slow
 def test_04_grounding_gallery(tiny_grounding_run) -> None:
     cfg, result, counts = tiny_grounding_run
-    cells = execute("04_grounding_gallery.ipynb", {"TRACKING_URI": cfg.mlflow.tracking_uri,
-                                                   "EXPERIMENT": cfg.mlflow.experiment_name, "MAX_IMAGES": 4})
+    cells = execute(
+        "04_grounding_gallery.ipynb",
+        {"TRACKING_URI": cfg.mlflow.tracking_uri, "EXPERIMENT": cfg.mlflow.experiment_name, "MAX_IMAGES": 4},
+    )
     text = outputs_text(cells)
     assert "1 runs with grounding evaluations" in text
     metrics = result.evaluation.metrics
