@@ -1,9 +1,10 @@
 """Image loading and the vision processor's transform, read from the checkpoint's own config.
 
-``ImageTransform`` reproduces HF's CLIP/SigLIP image processors (resize, center crop, rescale,
-normalise) from ``preprocessor_config.json``, with LLaVA's optional pad-to-square in the mean colour,
-without the per-call overhead of the HF processor classes. ``SamImageTransform`` is SAM's own input
-transform (MedPLIB grounding: SAM sees a separate copy of each image, resized and padded to S x S).
+``ImageTransform`` reproduces HF's image processors (CLIP, SigLIP, DINOv2's BiT: resize, center crop,
+rescale, normalise) with the settings HF's own class reads from ``preprocessor_config.json``, with LLaVA's
+optional pad-to-square in the mean colour, without the per-call overhead of the HF processor classes.
+``SamImageTransform`` is SAM's own input transform (MedPLIB grounding: SAM sees a separate copy of each
+image, resized and padded to S x S).
 """
 
 from __future__ import annotations
@@ -84,7 +85,12 @@ def pad_to_square(img: Image.Image, fill: tuple[int, int, int]) -> Image.Image:
 
 @dataclass
 class ImageTransform:
-    """PIL image -> normalised (3, H, W) float tensor, as the vision checkpoint expects."""
+    """PIL image -> normalised (3, H, W) float tensor, as the vision checkpoint expects.
+
+    ``size`` / ``crop_size`` are HF's size dicts: ``{"shortest_edge": n}`` (the short side becomes n, the
+    aspect ratio kept) or ``{"height": h, "width": w}``. The steps and their order are HF's image
+    processors' (resize, center crop, rescale, normalise), each switched by its ``do_*`` flag.
+    """
 
     size: dict
     crop_size: dict | None
@@ -94,25 +100,38 @@ class ImageTransform:
     do_center_crop: bool = True
     rescale_factor: float = 1 / 255
     pad_square: bool = False
+    do_resize: bool = True
+    do_rescale: bool = True
+    do_normalize: bool = True
 
     @classmethod
     def from_pretrained(cls, path: str | Path, *, pad_square: bool = False) -> ImageTransform:
+        """The settings of ``preprocessor_config.json`` as HF's own image processor class reads them.
+
+        HF's class resolves every shape the file may take (``"size": 336`` as openai's CLIP ships it,
+        size dicts, missing keys with the class's defaults); a file naming no known processor class is
+        read with CLIP's rules.
+        """
         file = Path(path) / "preprocessor_config.json"
         if not file.is_file():
             raise FileNotFoundError(f"{file}: the vision checkpoint has no preprocessor_config.json")
-        cfg = json.loads(file.read_text())
-        size = cfg.get("size", {"shortest_edge": 224})
-        if isinstance(size, int):
-            size = {"shortest_edge": size}
+        processor = _hf_image_processor(Path(path))
+        size = _plain_size(processor.size) or {}
+        if "shortest_edge" not in size and not {"height", "width"} <= size.keys():
+            raise ValueError(f"{file}: size {size} is not supported: give shortest_edge, or height and width")
+        crop_size = _plain_size(getattr(processor, "crop_size", None))
         return cls(
             size=size,
-            crop_size=cfg.get("crop_size"),
-            image_mean=tuple(cfg["image_mean"]),
-            image_std=tuple(cfg["image_std"]),
-            resample=int(cfg.get("resample", 3)),
-            do_center_crop=bool(cfg.get("do_center_crop", False)),
-            rescale_factor=float(cfg.get("rescale_factor", 1 / 255)),
+            crop_size=crop_size,
+            image_mean=tuple(float(m) for m in processor.image_mean),
+            image_std=tuple(float(s) for s in processor.image_std),
+            resample=int(processor.resample),
+            do_center_crop=bool(getattr(processor, "do_center_crop", False)) and crop_size is not None,
+            rescale_factor=float(processor.rescale_factor),
             pad_square=pad_square,
+            do_resize=bool(processor.do_resize),
+            do_rescale=bool(processor.do_rescale),
+            do_normalize=bool(processor.do_normalize),
         )
 
     @property
@@ -124,6 +143,9 @@ class ImageTransform:
         return int(self.size["height"]), int(self.size["width"])
 
     def resize(self, img: Image.Image) -> Image.Image:
+        """HF's resize rule (``int(edge * long / short)`` for the long side), with PIL's filter as HF uses it."""
+        if not self.do_resize:
+            return img
         resample = _RESAMPLE.get(self.resample, Image.BICUBIC)
         if "shortest_edge" in self.size:
             edge = int(self.size["shortest_edge"])
@@ -141,11 +163,36 @@ class ImageTransform:
         if self.do_center_crop and self.crop_size:
             ch, cw = int(self.crop_size["height"]), int(self.crop_size["width"])
             w, h = img.size
-            left, top = (w - cw) // 2, (h - ch) // 2  # HF's CLIP processors floor the offset
+            left, top = (w - cw) // 2, (h - ch) // 2  # HF floors the offset; outside the image PIL pads black, as HF
             img = img.crop((left, top, left + cw, top + ch))
-        arr = np.asarray(img, dtype=np.float32) * self.rescale_factor  # (H, W, 3)
-        arr = (arr - np.asarray(self.image_mean, np.float32)) / np.asarray(self.image_std, np.float32)
+        arr = np.asarray(img)  # (H, W, 3) uint8
+        if self.do_rescale:  # in float64, then float32: HF's rounding, so the pixels equal HF's exactly
+            arr = (arr.astype(np.float64) * self.rescale_factor).astype(np.float32)
+        else:
+            arr = arr.astype(np.float32)
+        if self.do_normalize:
+            arr = (arr - np.asarray(self.image_mean, np.float32)) / np.asarray(self.image_std, np.float32)
         return torch.from_numpy(arr.transpose(2, 0, 1).copy())  # (3, H, W)
+
+
+def _hf_image_processor(path: Path):
+    """HF's PIL image processor for the checkpoint folder (CLIP's class when the file names none)."""
+    from transformers import AutoImageProcessor
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    try:
+        return AutoImageProcessor.from_pretrained(path, backend="pil")
+    except ValueError:  # no image_processor_type / feature_extractor_type / model_type to go by
+        return CLIPImageProcessorPil.from_pretrained(path)
+
+
+def _plain_size(size) -> dict | None:
+    """HF's ``SizeDict`` (or dict) -> a plain dict of the keys that are set; None when there is none."""
+    if size is None:
+        return None
+    items = size.items() if isinstance(size, dict) else vars(size).items()
+    plain = {key: int(value) for key, value in items if value is not None}
+    return plain or None
 
 
 # -- SAM's own copy of the image (MedPLIB grounding) ------------------------------------------------

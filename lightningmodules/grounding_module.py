@@ -30,6 +30,7 @@ import torch
 from lightningmodules.losses import mask_losses
 from lightningmodules.metrics.segmentation import binarize, dice_from_iou, mask_iou
 from lightningmodules.models.grounding import pair_with_targets
+from lightningmodules.models.language import decode_answers
 from lightningmodules.vlm_module import OverlaySample, StepLoss, VLMModule, model_inputs
 
 GROUNDING_INPUTS = ("region_weights", "region_batch_index")
@@ -121,14 +122,11 @@ class GroundingVLMModule(VLMModule):
         if self.tokenizer is None:
             raise RuntimeError("GroundingVLMModule needs a tokenizer to generate")
         self.moe.end()  # KV-cache steps route every token, whatever the last batch's mask
+        settings = self.generation_settings()
         ids, masks = self.model.generate_with_masks(
-            **grounded_inputs(batch, with_labels=False),
-            **sam_inputs(batch),
-            max_new_tokens=self.hparams.max_new_tokens,
-            eos_token_id=self.tokenizer.eos_token_id,
-            pad_token_id=self.tokenizer.pad_token_id,
+            **grounded_inputs(batch, with_labels=False), **sam_inputs(batch), **settings
         )
-        texts = [t.strip() for t in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
+        texts = decode_answers(self.tokenizer, ids, settings["eos_token_id"])
         records = batch["records"]
         targets = batch.get("masks") or [None] * len(records)
         extras = [

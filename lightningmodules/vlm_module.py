@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from lightningmodules.metrics.routing import RoutingByTask, routing_metric_names
+from lightningmodules.models.language import decode_answers, stop_token_ids
 from lightningmodules.moe_monitor import MoEMonitor
 from lightningmodules.optimization import configure_from_hparams
 
@@ -166,13 +167,18 @@ class VLMModule(L.LightningModule):
         if self.tokenizer is None:
             raise RuntimeError("VLMModule needs a tokenizer to generate")
         self.moe.end()  # KV-cache steps route every token, whatever the last batch's mask
-        ids = self.model.generate(
-            **model_inputs(batch, with_labels=False),
-            max_new_tokens=self.hparams.max_new_tokens,
-            eos_token_id=self.tokenizer.eos_token_id,
-            pad_token_id=self.tokenizer.pad_token_id,
-        )
-        return [t.strip() for t in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
+        settings = self.generation_settings()
+        ids = self.model.generate(**model_inputs(batch, with_labels=False), **settings)
+        return decode_answers(self.tokenizer, ids, settings["eos_token_id"])
+
+    def generation_settings(self) -> dict[str, Any]:
+        """Greedy decoding's length, stop tokens (tokenizer eos, the chat template's end-of-turn token and
+        the checkpoint's eos list) and pad token."""
+        return {
+            "max_new_tokens": self.hparams.max_new_tokens,
+            "eos_token_id": self.model.stop_token_ids(stop_token_ids(self.tokenizer)),
+            "pad_token_id": self.tokenizer.pad_token_id,
+        }
 
     def generate_answers(self, batch: dict[str, Any]) -> tuple[list[str], list[dict[str, Any]]]:
         """Hook: each sample's generated text and the extra fields of its prediction row (none here;

@@ -289,10 +289,48 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def expected_errors() -> tuple[type[BaseException], ...]:
+    """Failures a user can fix (config, data, checkpoint folders, pre-flight checks, processor files, chat
+    templates, optional extras): one ``medpipe: error:`` line each; anything else is a bug and keeps its traceback."""
+    from datamodules.problems import DataError
+    from pipeline.config import ConfigError
+
+    errors: tuple[type[BaseException], ...] = (
+        ConfigError,
+        DataError,
+        OSError,  # FileNotFoundError, NotACheckpointError, HF's missing-file errors
+        ValueError,  # our checks, PreflightError
+        RuntimeError,
+        TypeError,  # e.g. an image processor file whose fields have other types than expected
+        ImportError,  # optional extras (timm)
+    )
+    try:
+        from jinja2.exceptions import TemplateError  # chat templates
+
+        errors += (TemplateError,)
+    except ImportError:
+        pass
+    return errors
+
+
+def error_line(error: BaseException) -> str:
+    """The one line a user sees: the first line of the message, with the type for library errors whose
+    message alone does not say what failed (a TypeError, a jinja TemplateError)."""
+    message = str(error).strip()
+    reason = message.splitlines()[0] if message else type(error).__name__
+    from pipeline.config import ConfigError
+
+    ours_or_self_explaining = isinstance(error, (ConfigError, OSError, ValueError, RuntimeError, ImportError))
+    if message and not ours_or_self_explaining:
+        reason = f"{type(error).__name__}: {reason}"
+    return f"medpipe: error: {reason}"
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; expected failures exit 1 (2: usage and config errors, as argparse) with one
+    ``medpipe: error:`` line, the traceback only with ``--traceback`` (or ``MEDPIPE_TRACEBACK=1``)."""
     args = build_parser().parse_args(argv)
     _setup_logging(args.verbose)
-    from datamodules.problems import DataError
     from pipeline.config import ConfigError
 
     try:
@@ -305,11 +343,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("medpipe: interrupted", file=sys.stderr)
         return 130
-    except (ConfigError, DataError, FileNotFoundError, ValueError, RuntimeError, OSError) as e:
+    except expected_errors() as e:
         if args.traceback or os.environ.get("MEDPIPE_TRACEBACK"):
             raise
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(f"medpipe: error: {reason}", file=sys.stderr)
+        print(error_line(e), file=sys.stderr)
         return 2 if isinstance(e, ConfigError) else 1
 
 

@@ -7,9 +7,11 @@ no weights (``build_model(weights="none")``: the checkpoints' configs, or the bu
 (``structure_after``), its LoRA adapters added, and its trainable groups set by the stage itself
 (``pipeline/stages``). Parameter counts are therefore exact; the rest is the standard accounting:
 
-- weights: every parameter in its storage dtype (fp32 under ``*-mixed`` precision, bf16/fp16 under
-  ``*-true``); gradients: trainable parameters, same dtype; AdamW state: two tensors per trainable
-  parameter in the parameter dtype (fp32 under mixed precision);
+- weights: every parameter in its storage dtype: under ``*-mixed`` the trainable ones in fp32 (master
+  copies) and the frozen ones in their load dtype (``model.llm.dtype`` / ``model.vision.dtype``: bf16
+  halves them; fsdp loads float32), under ``*-true`` bf16/fp16 all; gradients: trainable parameters,
+  same dtype; AdamW state: two tensors per trainable parameter in the parameter dtype (fp32 under mixed
+  precision);
 - sharding: ``fsdp`` / ``deepspeed_stage_3`` divide weights, gradients and optimizer state by the
   number of GPUs, ``deepspeed_stage_2`` gradients and optimizer state, ``deepspeed_stage_1`` the
   optimizer state; ``ddp`` nothing;
@@ -57,6 +59,7 @@ class StageCounts:
     vocab: int  # LM head rows
     ffn_scale: int = 1  # FFN activations per token, in dense FFNs: top_k + meta expert with MoE layers
     parts: dict[str, int] = field(default_factory=dict)  # parameters per part (``pipeline.params.PARTS``)
+    frozen_half: int = 0  # frozen parameters loaded in bf16 / fp16: 2 bytes even under mixed precision
 
 
 def stage_counts(cfg: DictConfig, name: str) -> StageCounts:
@@ -86,6 +89,7 @@ def stage_counts(cfg: DictConfig, name: str) -> StageCounts:
         vocab=int(llm.get_output_embeddings().weight.shape[0]),
         ffn_scale=moe[0].top_k + (moe[0].meta_expert is not None) if moe else 1,
         parts=part_counts(model),
+        frozen_half=sum(p.numel() for p in model.parameters() if not p.requires_grad and p.element_size() == 2),
     )
 
 
@@ -108,7 +112,8 @@ def stage_memory(
     shard_weights = devices if strategy in ("fsdp", "deepspeed_stage_3") else 1
     shard_grads = devices if strategy in ("fsdp", "deepspeed_stage_2", "deepspeed_stage_3") else 1
     shard_optim = devices if strategy != "ddp" else 1
-    weights = counts.total * param_bytes / shard_weights
+    half = 0 if strategy == "fsdp" else counts.frozen_half  # fsdp loads float32 (config validation)
+    weights = ((counts.total - half) * param_bytes + half * 2) / shard_weights
     grads = counts.trainable * param_bytes / shard_grads
     optim = counts.trainable * 2 * param_bytes / shard_optim
 

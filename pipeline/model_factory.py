@@ -16,7 +16,13 @@ from datamodules.images import ImageTransform
 from lightningmodules.models.aggregation import TokenAggregation
 from lightningmodules.models.cmoe import CMoEConnector
 from lightningmodules.models.connector import LinearConnector, MLPConnector
-from lightningmodules.models.language import IMAGE_TOKEN, causal_lm_from_config, load_causal_lm, load_tokenizer
+from lightningmodules.models.language import (
+    IMAGE_TOKEN,
+    causal_lm_from_config,
+    load_causal_lm,
+    load_tokenizer,
+    torch_dtype,
+)
 from lightningmodules.models.multimodal import MultimodalLM
 from lightningmodules.models.vision import VisionTower, load_vision_model, vision_model_from_config
 from lightningmodules.models.vision_timm import (
@@ -27,6 +33,7 @@ from lightningmodules.models.vision_timm import (
 )
 from medcore.paths import TIMM_PREFIX, is_timm_path
 from pipeline.architectures import Architecture, architecture_for
+from pipeline.config.errors import ConfigError
 from pipeline.grounding_factory import build_grounded, grounding_tokens
 from pipeline.zoo import resolve_model_path
 
@@ -95,16 +102,26 @@ def _tiny_paths(cfg: DictConfig) -> list[str]:
 
 
 def _build(cfg: DictConfig, *, cache_dir: str | Path | None, pretrained: bool) -> BuiltModel:
+    # the vision side first (loading it draws no random numbers): a patch grid the aggregation cannot
+    # handle fails here, before the LLM loads
+    encoder, transform = _vision_encoder(cfg.vision, cache_dir=cache_dir, pretrained=pretrained)
+    encoder = encoder.to(torch_dtype(cfg.vision.dtype))  # every tower kind; its trainable weights go float32 later
+    vision = VisionTower(
+        encoder=encoder,
+        select_layer=cfg.vision.select_layer,
+        select_feature=cfg.vision.select_feature,
+        frozen=True,
+        image_size=transform.output_size[0],
+    )
+    aggregation = TokenAggregation(mode=cfg.connector.aggregation, pool=cfg.connector.pool)
+    try:
+        num_tokens, in_dim = aggregation.output_shape(vision.num_tokens, vision.hidden_size)
+    except ValueError as e:
+        raise ConfigError(f"model.connector.aggregation: {e}") from None
     extra_tokens = [IMAGE_TOKEN] + grounding_tokens(cfg)
     llm, tokenizer, token_ids = _language_model(cfg.llm, extra_tokens, cache_dir=cache_dir, pretrained=pretrained)
     if cfg.llm.gradient_checkpointing:
         llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    encoder, transform = _vision_encoder(cfg.vision, cache_dir=cache_dir, pretrained=pretrained)
-    vision = VisionTower(
-        encoder=encoder, select_layer=cfg.vision.select_layer, select_feature=cfg.vision.select_feature, frozen=True
-    )
-    aggregation = TokenAggregation(mode=cfg.connector.aggregation, pool=cfg.connector.pool)
-    num_tokens, in_dim = aggregation.output_shape(vision.num_tokens, vision.hidden_size)
     connector = build_connector(cfg.connector, in_dim=in_dim, out_dim=llm.config.hidden_size)
     model = MultimodalLM(
         vision=vision,

@@ -31,6 +31,7 @@ from pipeline.fingerprints import dataset_fingerprints, fingerprint_params
 from pipeline.handover import restore, save_handover
 from pipeline.model_factory import BuiltModel, build_model
 from pipeline.plots import learning_curve
+from pipeline.preflight import check_checkpoints, preflight
 from pipeline.reproducibility import cpu_numerics, kernel_fingerprint
 from pipeline.run_state import RunState, StageState, describe, save_run_state, state_for_resume
 from pipeline.stages import Stage, stage_for
@@ -326,6 +327,7 @@ def _run_experiment(
     out_dir = Path(cfg.output_dir)
     check_tracking_uri(cfg.mlflow.tracking_uri)
     check_writable(out_dir)
+    preflight(cfg)  # checkpoint folders, every stage's LoRA targets and trainable groups: before anything trains
     tracker = Tracker(tracking_uri=cfg.mlflow.tracking_uri, experiment_name=cfg.mlflow.experiment_name)
     tags = {
         "recipe": cfg.name,
@@ -400,6 +402,7 @@ def _evaluate_handover(
     cfg: DictConfig, handover: str | Path, *, tracker: Tracker, out_dir: Path, run_name: str
 ) -> EvalResult:
     start = time.perf_counter()
+    check_checkpoints(cfg.model)
     built = build_model(cfg.model, cache_dir=cfg.cache_dir)
     restore(built.model, handover)
     run_id = tracker.start_child(run_name=run_name, tags={"stage": "evaluate", "checkpoint": str(handover)})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from omegaconf import DictConfig
 
 from lightningmodules.models.multimodal import MultimodalLM
@@ -88,6 +89,7 @@ def set_moe_routers_trainable(model: MultimodalLM, trainable: bool) -> int:
         if name in names:
             param.requires_grad_(trainable)
             count += param.numel()
+    float32_masters(model)
     return count
 
 
@@ -121,7 +123,22 @@ def set_trainable(
     wanted = {n for g in groups for n in names[g]} - {n for g in frozen for n in names[g]}
     for name, param in model.named_parameters():
         param.requires_grad_(name in wanted)
+    float32_masters(model)
     params = dict(model.named_parameters())
     counts = {g: sum(params[n].numel() for n in names[g] if n in wanted) for g in groups}
     model.vision.frozen = "vision" not in groups
     return counts
+
+
+def float32_masters(model: MultimodalLM) -> int:
+    """Cast every trainable half-precision parameter to float32, in place; frozen ones keep their load dtype.
+
+    AdamW's steps (~lr) are below half a bf16 ulp of most weights at lr 2e-5, so a bf16 parameter would lose
+    them; the float32 copy keeps them, and autocast (``trainer.precision: bf16-mixed``) runs the matmuls in
+    16 bits beside the frozen half weights. Returns the number of parameters cast."""
+    cast = 0
+    for param in model.parameters():
+        if param.requires_grad and param.is_floating_point() and param.dtype != torch.float32:
+            param.data = param.data.float()
+            cast += 1
+    return cast

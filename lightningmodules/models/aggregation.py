@@ -29,16 +29,20 @@ class TokenAggregation(nn.Module):
         self.pool = pool
 
     def output_shape(self, num_tokens: int, dim: int) -> tuple[int, int]:
-        """(tokens, width) after aggregation, checked against what the mode can handle."""
+        """(tokens, width) after aggregation; a ValueError naming the grid when the mode cannot handle it
+        (an odd grid such as SigLIP so400m's 27x27 has no 2x2 cells: it fails here, not in the first batch)."""
         if self.mode == "none":
             return num_tokens, dim
+        side = math.isqrt(num_tokens)
+        grid = f"{side}x{side}" if side * side == num_tokens else f"{num_tokens} tokens, not a square grid"
         if self.mode == "concat4":
             if num_tokens % 4:
-                raise ValueError(f"concat4 needs a token count divisible by 4, got {num_tokens}")
+                raise ValueError(
+                    f"concat4 needs a token count divisible by 4 (an even patch grid), the vision tower gives {grid}"
+                )
             return num_tokens // 4, dim * 4
-        side = math.isqrt(num_tokens)
         if side * side != num_tokens or side % self.pool:
-            raise ValueError(f"{self.mode} needs a square grid divisible by {self.pool}, got {num_tokens} tokens")
+            raise ValueError(f"{self.mode} needs a square grid divisible by {self.pool}, the vision tower gives {grid}")
         return num_tokens // (self.pool * self.pool), dim
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:

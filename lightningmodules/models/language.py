@@ -95,3 +95,41 @@ def fit_vocab(model: nn.Module, vocab_size: int, *, mean_resizing: bool) -> nn.M
     if model.get_input_embeddings().num_embeddings < vocab_size:
         model.resize_token_embeddings(vocab_size, mean_resizing=mean_resizing)
     return model
+
+
+_TURN_MARKER = "MEDPIPE_ANSWER_END"
+
+
+def end_of_turn_token_id(tokenizer) -> int | None:
+    """The special token the chat template writes right after an assistant answer (``<end_of_turn>``,
+    ``<|im_end|>``, ``<|eot_id|>``, ``</s>``), or None when that is not a single special token (or the
+    template cannot render a plain user/assistant exchange)."""
+    conversation = [{"role": "user", "content": "Q"}, {"role": "assistant", "content": _TURN_MARKER}]
+    try:
+        text = tokenizer.apply_chat_template(conversation, tokenize=False)
+    except Exception:  # a template that rejects the exchange has no end-of-turn token to find
+        return None
+    if not isinstance(text, str) or _TURN_MARKER not in text:
+        return None
+    after = text.split(_TURN_MARKER, 1)[1].lstrip()
+    ids = tokenizer(after, add_special_tokens=False)["input_ids"] if after else []
+    if not ids:
+        return None
+    added = getattr(tokenizer, "added_tokens_decoder", {}).get(ids[0])
+    return ids[0] if ids[0] in tokenizer.all_special_ids or (added is not None and added.special) else None
+
+
+def stop_token_ids(tokenizer) -> list[int]:
+    """The tokenizer's stop tokens: its eos and the chat template's end-of-turn token (the model adds its
+    checkpoint's eos list, :meth:`MultimodalLM.stop_token_ids`)."""
+    ids = [tokenizer.eos_token_id, end_of_turn_token_id(tokenizer)]
+    return list(dict.fromkeys(i for i in ids if i is not None))
+
+
+def decode_answers(tokenizer, generated: torch.Tensor, stop_ids: list[int]) -> list[str]:
+    """Generated ids (B, K) -> answer texts: each row cut at its first stop token, special tokens dropped."""
+    texts = []
+    for row in generated.tolist():
+        end = next((i for i, token in enumerate(row) if token in stop_ids), len(row))
+        texts.append(tokenizer.decode(row[:end], skip_special_tokens=True).strip())
+    return texts

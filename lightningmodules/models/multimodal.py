@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -62,6 +64,11 @@ class MultimodalLM(nn.Module):
 
     def lm_head(self) -> nn.Module:
         return self.llm.get_output_embeddings()
+
+    def output_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Hidden states (..., D) -> logits (..., V) as the LLM's own forward computes them: the LM head,
+        then the family's transform of the logits (:func:`family_logits`)."""
+        return family_logits(self.lm_head()(hidden), self.llm.config)
 
     # -- forward -------------------------------------------------------------------------------
     def visual_tokens(self, features: torch.Tensor, task_ids: torch.Tensor | None = None) -> torch.Tensor:
@@ -126,7 +133,7 @@ class MultimodalLM(nn.Module):
             supervised = targets != IGNORE_INDEX
             count = int(supervised.sum())
             # the LM head only runs where there is a target: answers are a few % of the tokens
-            logits = self.lm_head()(hidden[:, :-1][supervised])  # (n_targets, V)
+            logits = self.output_logits(hidden[:, :-1][supervised])  # (n_targets, V)
             loss = F.cross_entropy(logits.float(), targets[supervised]) if count else hidden.sum() * 0.0
         return MultimodalOutput(loss=loss, hidden_states=hidden, token_count=count)
 
@@ -144,7 +151,9 @@ class MultimodalLM(nn.Module):
         pad_token_id: int | None = None,
         **inputs: Any,
     ) -> torch.Tensor:
-        """Greedy decoding with KV cache for a left-padded batch; returns (B, <=max_new_tokens)."""
+        """Greedy decoding with KV cache for a left-padded batch; returns (B, <=max_new_tokens).
+
+        See :meth:`generate_from_embeds` for the stop tokens and the settings used."""
         embeds = self.embed(input_ids, pixel_values, image_task_ids, **inputs)
         return self.generate_from_embeds(
             embeds,
@@ -154,6 +163,11 @@ class MultimodalLM(nn.Module):
             eos_token_id=eos_token_id,
             pad_token_id=pad_token_id,
         )
+
+    def stop_token_ids(self, eos_token_id: int | list[int] | None = None) -> list[int]:
+        """``eos_token_id`` (the caller's: tokenizer eos, end-of-turn token) followed by the checkpoint's
+        generation-config eos ids (e.g. Gemma-2-it ``[1, 107]``), without repeats."""
+        return unique_ids(eos_token_id, self.llm.generation_config.eos_token_id)
 
     @torch.no_grad()
     def generate_from_embeds(
@@ -166,15 +180,80 @@ class MultimodalLM(nn.Module):
         eos_token_id: int | list[int] | None = None,
         pad_token_id: int | None = None,
     ) -> torch.Tensor:
-        """Greedy decoding from prompt embeddings (B, T, D) (:meth:`embed`); returns (B, <=max_new_tokens)."""
-        return self.llm.generate(
-            inputs_embeds=embeds,
-            attention_mask=attention_mask,
+        """Greedy decoding from prompt embeddings (B, T, D) (:meth:`embed`); returns (B, <=max_new_tokens).
+
+        Greedy means greedy: no repetition penalty, sampling or other logits processing from the
+        checkpoint's ``generation_config.json`` (HF fills every unset field of a passed config from the
+        model's, so the model's is swapped for a neutral one for the call). Decoding stops at any of
+        :meth:`stop_token_ids`.
+        """
+        config = greedy_config(
             max_new_tokens=max_new_tokens,
-            min_new_tokens=min_new_tokens or None,
-            do_sample=False,
-            num_beams=1,
-            eos_token_id=eos_token_id,
+            min_new_tokens=min_new_tokens,
+            eos_token_id=self.stop_token_ids(eos_token_id),
             pad_token_id=pad_token_id,
-            use_cache=True,
         )
+        with neutral_generation_config(self.llm):
+            return self.llm.generate(inputs_embeds=embeds, attention_mask=attention_mask, generation_config=config)
+
+
+def unique_ids(*ids: int | list[int] | None) -> list[int]:
+    """Token ids (each an int, a list or None) flattened in order, without repeats."""
+    out: list[int] = []
+    for value in ids:
+        for token in [] if value is None else [value] if isinstance(value, int) else value:
+            if token not in out:
+                out.append(int(token))
+    return out
+
+
+def greedy_config(*, max_new_tokens: int, min_new_tokens: int, eos_token_id: list[int], pad_token_id: int | None):
+    """A ``GenerationConfig`` for plain greedy decoding: HF's global defaults (no penalty, no sampling)
+    with our length, stop and pad settings."""
+    from transformers import GenerationConfig
+
+    settings = {
+        **GenerationConfig._get_default_generation_params(),
+        "do_sample": False,
+        "num_beams": 1,
+        "use_cache": True,
+        "max_length": None,
+        "max_new_tokens": max_new_tokens,
+        "min_new_tokens": min_new_tokens or None,
+        "eos_token_id": eos_token_id or None,
+        "pad_token_id": pad_token_id,
+    }
+    return GenerationConfig(**settings)
+
+
+@contextmanager
+def neutral_generation_config(llm: nn.Module) -> Iterator[None]:
+    """Within the block, ``llm.generation_config`` is an empty one: ``generate`` then takes nothing from
+    the checkpoint's (``penalty``, ``temperature``, ``suppress_tokens``, ``cache_implementation``...).
+    A LoRA-wrapped LLM (PEFT) reads its base model's, so the swap happens there."""
+    from transformers import GenerationConfig
+
+    hf_model = llm.get_base_model() if hasattr(llm, "get_base_model") else llm
+    checkpoint = hf_model.generation_config
+    hf_model.generation_config = GenerationConfig()
+    try:
+        yield
+    finally:
+        hf_model.generation_config = checkpoint
+
+
+def family_logits(logits: torch.Tensor, config: Any) -> torch.Tensor:
+    """The transform a family's ``ForCausalLM.forward`` applies after the LM head, from its config:
+    Cohere's ``logit_scale`` (multiply), Granite's ``logits_scaling`` (divide), Gemma-2/3's
+    ``final_logit_softcapping`` (``cap * tanh(logits / cap)``). Other families: unchanged."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    scale = getattr(text, "logit_scale", None)
+    if scale is not None:
+        logits = logits * scale
+    scaling = getattr(text, "logits_scaling", None)
+    if scaling is not None:
+        logits = logits / scaling
+    cap = getattr(text, "final_logit_softcapping", None)
+    if cap is not None:
+        logits = torch.tanh(logits / cap) * cap
+    return logits

@@ -40,14 +40,41 @@ def vision_model_from_config(config) -> nn.Module:
     return model_class(getattr(config, "vision_config", config))
 
 
-class VisionTower(nn.Module):
-    """Runs the encoder and returns hidden states of ``select_layer`` (LLaVA: -2), CLS dropped.
+def prefix_token_counts(encoder: nn.Module) -> tuple[int, int]:
+    """``(cls, registers)``: the tokens an encoder puts before its patch tokens, from its class and config.
 
-    ``frozen`` keeps the weights fixed and runs without autograd, as every recipe here does.
+    CLS when the embeddings have a class token (CLIP's ``class_embedding``, ViT / DINOv2's ``cls_token``;
+    SigLIP has none); registers from ``config.num_register_tokens`` (DINOv2 with registers). A timm tower
+    says it itself (``num_prefix_tokens``: CLS and registers).
+    """
+    if hasattr(encoder, "num_prefix_tokens"):
+        prefix = int(encoder.num_prefix_tokens)
+        return min(prefix, 1), prefix - min(prefix, 1)
+    embeddings = getattr(encoder, "embeddings", None)
+    if embeddings is None:  # CLIPVisionModel / SiglipVisionModel wrap a vision_model
+        embeddings = getattr(getattr(encoder, "vision_model", None), "embeddings", None)
+    has_cls = any(hasattr(embeddings, name) for name in ("class_embedding", "cls_token"))
+    return int(has_cls), int(getattr(encoder.config, "num_register_tokens", 0) or 0)
+
+
+class VisionTower(nn.Module):
+    """Runs the encoder and returns hidden states of ``select_layer`` (LLaVA: -2), prefix tokens dropped.
+
+    The encoder's sequence is ``[CLS?, registers..., patches]``; ``patch`` keeps the grid x grid patch
+    tokens, ``cls_patch`` the CLS token (when there is one) and the patches. ``image_size``: the pixel
+    size the transform delivers (default the config's; DINOv2 interpolates its position embeddings, so
+    its 224 px crops give a 16 x 16 grid whatever ``config.image_size`` says). ``frozen`` keeps the
+    weights fixed and runs without autograd, as every recipe here does.
     """
 
     def __init__(
-        self, *, encoder: nn.Module, select_layer: int = -2, select_feature: str = "patch", frozen: bool = True
+        self,
+        *,
+        encoder: nn.Module,
+        select_layer: int = -2,
+        select_feature: str = "patch",
+        frozen: bool = True,
+        image_size: int | None = None,
     ) -> None:
         super().__init__()
         if select_feature not in SELECT_FEATURES:
@@ -58,14 +85,12 @@ class VisionTower(nn.Module):
         self.frozen = frozen
         config = encoder.config
         self.hidden_size = int(config.hidden_size)
-        self.image_size = int(config.image_size)
+        self.image_size = int(image_size if image_size is not None else config.image_size)
         self.patch_size = int(config.patch_size)
         self.grid_size = self.image_size // self.patch_size
-        # CLIP-style encoders prepend a CLS token; SigLIP does not; timm towers say how many (CLS, registers)
-        self.num_prefix_tokens = int(
-            getattr(encoder, "num_prefix_tokens", int(getattr(config, "model_type", "").startswith("clip")))
-        )
-        self.has_cls = self.num_prefix_tokens > 0
+        num_cls, self.num_registers = prefix_token_counts(encoder)
+        self.has_cls = num_cls > 0
+        self.num_prefix_tokens = num_cls + self.num_registers
         if frozen:
             self.encoder.requires_grad_(False)
 
@@ -78,11 +103,18 @@ class VisionTower(nn.Module):
         return self.num_patches + int(self.select_feature == "cls_patch" and self.has_cls)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """(N, 3, H, W) -> (N, P, D_vision)."""
+        """(N, 3, H, W) -> (N, num_tokens, D_vision)."""
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
             dtype = next(self.encoder.parameters()).dtype
             out = self.encoder(pixel_values=pixel_values.to(dtype), output_hidden_states=True)
-            features = out.hidden_states[self.select_layer]  # (N, 1 + P, D) for CLIP
-        if self.has_cls and self.select_feature == "patch":
-            features = features[:, self.num_prefix_tokens :]  # (N, P, D)
-        return features
+            features = out.hidden_states[self.select_layer]  # (N, prefix + P, D)
+        expected = self.num_prefix_tokens + self.num_patches
+        if features.shape[1] != expected:  # a wrong count would shift one image's tokens into the next's slots
+            raise ValueError(
+                f"vision tower: {features.shape[1]} tokens per image, expected {self.num_prefix_tokens} prefix "
+                f"(CLS, registers) + {self.grid_size}x{self.grid_size} patches = {expected}"
+            )
+        patches = features[:, self.num_prefix_tokens :]  # (N, P, D)
+        if self.select_feature == "cls_patch" and self.has_cls:
+            return torch.cat([features[:, :1], patches], dim=1)  # (N, 1 + P, D): CLS, registers left out
+        return patches

@@ -41,6 +41,9 @@ TRAINABLE_GROUPS: tuple[str, ...] = get_args(TrainableGroup)  # a list field: ch
 MOE_LAYER_CHOICES: tuple[str, ...] = get_args(MoELayerChoice)  # or a list of indices: MoEConfig.problems
 # a str field, not a Literal: YAML gives `precision: 32` as an int, which Lightning accepts as "32"
 PRECISIONS = ("32-true", "32", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true")
+NO_AUTOCAST = ("32-true", "32")  # *-true half / 64-true: Lightning casts every weight, nothing is mixed
+# groups whose float32 copies run inside a half-loaded LLM (LoRA casts its own input; new heads are float32)
+LLM_FLOAT32_GROUPS = {"llm", "ffn", "experts", "moe_router", "embeddings"}
 
 
 @dataclass
@@ -49,6 +52,7 @@ class VisionConfig:
     select_layer: int = -2
     select_feature: SelectFeature = "patch"
     pad_square: bool = False  # LLaVA's expand2square with the mean colour before resizing
+    dtype: LLMDtype = "float32"  # load dtype; trainable weights train in float32 (docs/scaling.md, precision)
     # path "timm:<model name>" (e.g. timm:eva_giant_patch14_clip_224, Uni-Med's EVA-CLIP ViT-g/14; needs the
     # optional extra medpipe[timm]) loads its weights from this local file; never downloaded
     checkpoint: str | None = None
@@ -442,3 +446,30 @@ class ExperimentConfig:
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
     analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
+
+    def problems(self, key: str) -> list[Problem]:
+        """Trainable weights of a half-precision part train in float32 copies beside its frozen half weights,
+        which needs autocast: 32-bit precisions cannot run the mix (docs/scaling.md, precision)."""
+        half = [part for part in ("llm", "vision") if getattr(self.model, part).dtype != "float32"]
+        if self.trainer.strategy == "fsdp" and half:
+            reason = (
+                f"fsdp flattens each layer's weights into one dtype and computes in 16 bits itself (MixedPrecision): "
+                f"set model.{half[0]}.dtype: float32 (got {getattr(self.model, half[0]).dtype})"
+            )
+            return [("trainer.strategy", reason)]
+        if self.trainer.precision not in NO_AUTOCAST:
+            return []
+        fix = f"which needs autocast: use bf16-mixed, got {self.trainer.precision}"
+        if self.model.vision.dtype != "float32":
+            reason = f"model.vision.dtype {self.model.vision.dtype}: the float32 connector reads its features, {fix}"
+            return [("trainer.precision", reason)]
+        dtype = self.model.llm.dtype
+        for name, stage in self.stages.items():
+            trained = sorted(set(stage.train) & LLM_FLOAT32_GROUPS)
+            if dtype != "float32" and trained:
+                reason = (
+                    f"stage {name} trains {', '.join(trained)} of the {dtype} model.llm in float32 master copies, "
+                    f"{fix} (or model.llm.dtype: float32)"
+                )
+                return [("trainer.precision", reason)]
+        return []

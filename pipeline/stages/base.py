@@ -37,12 +37,17 @@ class Stage:
     def prepare(self, model: nn.Module, handovers: dict[str, Path]) -> None:
         """This stage's structure entries (``stage_structure``: modality classifier, MoE layers; recorded in
         the model so hand-overs rebuild them), then its LoRA adapters; ``handovers``: earlier stage -> file."""
-        weights = self.structure_weights(handovers)
-        for entry in stage_structure(self.cfg, self.name):
-            recorded = apply_entry(model, entry, **weights)
+        for recorded in self.apply_changes(model, **self.structure_weights(handovers)):
             log.info("stage %s: structure %s", self.name, recorded)
+
+    def apply_changes(self, model: nn.Module, **weights: Any) -> list[dict[str, Any]]:
+        """This stage's structure entries, applied with ``weights`` (``apply_entry``'s ``router_init``,
+        ``sources``; none: shapes only, as the pre-flight check does), then its LoRA adapters; returns the
+        recorded entries."""
+        recorded = [apply_entry(model, entry, **weights) for entry in stage_structure(self.cfg, self.name)]
         if self.config.lora is not None:
             add_lora(model, self.config.lora)
+        return recorded
 
     def structure_weights(self, handovers: dict[str, Path]) -> dict[str, Any]:
         """Hook: what the entries are applied with beyond their shapes (``apply_entry``'s ``router_init``,

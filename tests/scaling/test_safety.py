@@ -83,7 +83,6 @@ def test_trust_remote_code_only_when_the_config_sets_it(setting, expected, monke
 
     monkeypatch.setattr(factory, "load_tokenizer", tokenizer)
     monkeypatch.setattr(factory, "load_causal_lm", causal_lm)
-    monkeypatch.setattr(factory, "resolve_model_path", lambda path, cache: path)
     overrides = [] if setting is None else [f"model.llm.trust_remote_code={setting}"]
     cfg = load_config(REPO / "experiments" / "demo.yaml", overrides, check_paths=False)
     with pytest.raises(Stop):

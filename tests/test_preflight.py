@@ -1,0 +1,146 @@
+"""Pre-flight checks (issue 14, point 8): LoRA targets and trainable groups resolve in the built model, per
+family, and model paths are checkpoint folders, all checked before any stage trains."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+DEMO = REPO / "experiments" / "demo.yaml"
+
+PHI_LORA_ERROR = (
+    "stages.instruct.lora.target_modules: gate_proj, up_proj not in the LLM "
+    "(its Linear layers: q_proj, k_proj, v_proj, dense, fc1, fc2, lm_head)"
+)
+
+
+def _demo(tmp_path: Path, *overrides: str, check_paths: bool = True):
+    from pipeline.config import load_config
+
+    base = [f"output_dir={tmp_path}/out", f"mlflow.tracking_uri=sqlite:///{tmp_path}/mlflow.db"]
+    return load_config(DEMO, [*base, *overrides], check_paths=check_paths)
+
+
+def test_phi_lora_targets_fail_before_any_stage_trains(tmp_path: Path, cache_dir: Path) -> None:
+    """Llama's FFN names on a Phi LLM (fc1 / fc2, dense): the run stops before its first stage starts."""
+    from pipeline.preflight import PreflightError
+    from pipeline.runner import run_experiment
+
+    cfg = _demo(tmp_path, "model.llm.path=tiny:phi", "stages.instruct.lora.target_modules=[q_proj,gate_proj,up_proj]")
+    started: list[str] = []
+    with pytest.raises(PreflightError) as info:
+        run_experiment(cfg, on_stage_start=lambda name, model: started.append(name))
+    assert str(info.value) == PHI_LORA_ERROR
+    assert started == []  # stage align (which has no LoRA) did not train either
+    assert not (tmp_path / "out" / "stages").exists()
+    assert not (tmp_path / "mlflow.db").exists()  # nothing was logged: the check runs before the MLflow run
+
+
+def test_phi_targets_pass_and_all_linear_always_resolves(tmp_path: Path, cache_dir: Path) -> None:
+    from pipeline.preflight import preflight
+
+    preflight(_demo(tmp_path, "model.llm.path=tiny:phi", "stages.instruct.lora.target_modules=[q_proj,fc1,fc2]"))
+    preflight(_demo(tmp_path, "model.llm.path=tiny:phi"))  # the demo's all-linear
+
+
+def test_lora_targets_match_as_peft_matches_them(tiny_llama: Path, cache_dir: Path) -> None:
+    """A target is a module's last name or a dotted suffix of its name."""
+    from transformers import AutoConfig
+
+    from lightningmodules.models.language import causal_lm_from_config
+    from pipeline.preflight import linear_names, lora_problem
+
+    llm = causal_lm_from_config(AutoConfig.from_pretrained(tiny_llama), vocab_size=64)
+    assert "gate_proj" in linear_names(llm) and "fc1" not in linear_names(llm)
+    assert lora_problem(llm, ["q_proj", "mlp.down_proj"]) is None
+    assert lora_problem(llm, ["all-linear"]) is None
+    problem = lora_problem(llm, ["q_proj", "fc1", "dense"])
+    assert problem is not None and problem.startswith("fc1, dense not in the LLM (its Linear layers: q_proj, ")
+
+
+def test_an_empty_trainable_group_fails_naming_the_groups_the_model_has(tmp_path: Path, cache_dir: Path) -> None:
+    """MedPLIB without its region adapter: stage II's ``region`` group has no parameters."""
+    from pipeline.config import load_config
+    from pipeline.preflight import PreflightError, preflight
+
+    cfg = load_config(
+        REPO / "experiments" / "medplib" / "tiny.yaml",
+        ["model.grounding.region=false", f"output_dir={tmp_path}/out"],
+        check_paths=False,
+    )
+    with pytest.raises(PreflightError) as info:
+        preflight(cfg, checkpoints=False)
+    message = str(info.value)
+    assert message.startswith("stages.language_expert.train: region has no parameters in this model (groups with")
+    assert "connector" in message and "lora" in message and "grounding" in message
+
+
+@pytest.mark.parametrize("recipe", ["demo.yaml", "med_moe/med_moe.yaml", "medplib/medplib.yaml", "uni_med/recipe.yaml"])
+def test_shipped_recipes_pass_preflight_at_paper_size(recipe: str, tmp_path: Path, cache_dir: Path) -> None:
+    """Every stage of the papers' recipes resolves on the paper-size models (meta device, no memory)."""
+    from pipeline.config import load_config
+    from pipeline.preflight import preflight
+
+    cfg = load_config(REPO / "experiments" / recipe, [f"output_dir={tmp_path}/out"], check_paths=False)
+    preflight(cfg, checkpoints=False)
+
+
+def test_medplib_with_phi2_fails_at_stage_three_lora(tmp_path: Path) -> None:
+    """The issue's report: MedPLIB's stage III targets gate/up/down_proj, which Phi-2 does not have."""
+    from pipeline.config import load_config
+    from pipeline.preflight import PreflightError, preflight
+
+    cfg = load_config(
+        REPO / "experiments" / "medplib" / "medplib.yaml",
+        ["model.llm.path=/models/phi-2", f"output_dir={tmp_path}/out"],
+        check_paths=False,
+    )
+    with pytest.raises(PreflightError) as info:
+        preflight(cfg, checkpoints=False)
+    assert str(info.value) == (
+        "stages.grounding_expert.lora.target_modules: gate_proj, up_proj, down_proj not in the LLM "
+        "(its Linear layers: q_proj, k_proj, v_proj, dense, fc1, fc2, lm_head)"
+    )
+
+
+def _folder(root: Path, *files: str) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    for name in files:
+        (root / name).write_text(json.dumps({}))
+    return root
+
+
+def test_a_folder_that_is_not_a_checkpoint_names_the_missing_files(tmp_path: Path) -> None:
+    from pipeline.preflight import NotACheckpointError, require_checkpoint
+
+    empty = _folder(tmp_path / "empty")
+    with pytest.raises(NotACheckpointError) as info:
+        require_checkpoint("model.llm.path", str(empty), tokenizer=True)
+    message = str(info.value)
+    assert message.startswith(f"model.llm.path: {empty} is not a checkpoint folder: no config.json; no tokenizer")
+    assert "model.safetensors" in message
+
+    llm = _folder(tmp_path / "llm", "config.json", "model.safetensors")
+    with pytest.raises(NotACheckpointError, match=r"no tokenizer files \(one of tokenizer.json, tokenizer.model"):
+        require_checkpoint("model.llm.path", str(llm), tokenizer=True)
+    require_checkpoint("model.llm.path", str(_folder(llm, "tokenizer.json")), tokenizer=True)
+
+    vision = _folder(tmp_path / "vision", "config.json", "model.safetensors")
+    with pytest.raises(NotACheckpointError, match="no preprocessor_config.json in it"):
+        require_checkpoint("model.vision.path", str(vision), processor=True)
+    with pytest.raises(NotACheckpointError, match="does not exist"):
+        require_checkpoint("model.vision.path", str(tmp_path / "absent"), processor=True)
+    require_checkpoint("model.vision.path", "tiny:clip", processor=True)  # the zoo builds it on first use
+
+
+def test_run_names_the_not_a_checkpoint_llm_folder(tmp_path: Path, cache_dir: Path) -> None:
+    """A folder with a config.json and weights but no tokenizer files: named before the tokenizer is read."""
+    from pipeline.preflight import NotACheckpointError
+    from pipeline.runner import run_experiment
+
+    llm = _folder(tmp_path / "llm", "config.json", "model.safetensors")
+    with pytest.raises(NotACheckpointError, match=r"^model.llm.path: .* is not a checkpoint folder: no tokenizer"):
+        run_experiment(_demo(tmp_path, f"model.llm.path={llm}"))
