@@ -51,6 +51,7 @@ class VQADataModule(L.LightningDataModule):
         max_length: int = 512,
         on_bad_record: str = "error",
         system_prompt: str | None = None,
+        enable_thinking: bool = False,
         task_prefix: bool = False,
         pad_square: bool = False,
         seed: int = 0,
@@ -68,6 +69,7 @@ class VQADataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.max_length = max_length
         self.system_prompt = system_prompt
+        self.enable_thinking = enable_thinking
         self.task_prefix = task_prefix
         self.pad_square = pad_square
         self.seed = seed
@@ -103,6 +105,7 @@ class VQADataModule(L.LightningDataModule):
             num_image_tokens=num_image_tokens,
             max_length=self.max_length,
             system_prompt=self.system_prompt,
+            enable_thinking=self.enable_thinking,
             task_prefix=self.task_prefix,
         )
         return self

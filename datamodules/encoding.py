@@ -41,12 +41,17 @@ class ConversationEncoder:
         max_length: int = 512,
         system_prompt: str | None = None,
         task_prefix: bool = False,
+        enable_thinking: bool = False,
     ) -> None:
         self.tokenizer = tokenizer
         self.num_image_tokens = num_image_tokens
         self.max_length = max_length
         self.system_prompt = system_prompt
         self.task_prefix = task_prefix
+        # Qwen3-style switch, passed to every template (those without it ignore it)
+        self.enable_thinking = enable_thinking
+        # Gemma-2 and Mistral-Instruct templates raise on a system message: it goes into the first user turn
+        self.merge_system_prompt = bool(system_prompt) and not accepts_system_role(tokenizer)
         self.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
         if self.image_token_id is None or self.image_token_id == tokenizer.unk_token_id:
             raise ValueError(f"tokenizer has no {IMAGE_TOKEN} token; load it with load_tokenizer()")
@@ -56,7 +61,7 @@ class ConversationEncoder:
 
     def messages(self, record: Record, *, with_answers: bool) -> list[dict[str, str]]:
         msgs: list[dict[str, str]] = []
-        if self.system_prompt:
+        if self.system_prompt and not self.merge_system_prompt:
             msgs.append({"role": "system", "content": self.system_prompt})
         for i, turn in enumerate(record.turns if with_answers else record.turns[:1]):
             question = _IMAGE_PLACEHOLDER.sub(" ", turn.question).strip()
@@ -65,13 +70,17 @@ class ConversationEncoder:
                     question = f"[{record.task}] {question}"
                 if record.has_image:
                     question = f"{IMAGE_TOKEN}\n{question}"
+                if self.merge_system_prompt:
+                    question = f"{self.system_prompt}\n\n{question}"
             msgs.append({"role": "user", "content": question})
             if with_answers:
                 msgs.append({"role": "assistant", "content": turn.answer})
         return msgs
 
     def _render(self, msgs: list[dict[str, str]], generation_prompt: bool) -> str:
-        return self.tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=generation_prompt)
+        return self.tokenizer.apply_chat_template(
+            msgs, tokenize=False, add_generation_prompt=generation_prompt, enable_thinking=self.enable_thinking
+        )
 
     def _ids(self, text: str) -> list[int]:
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -112,6 +121,19 @@ class ConversationEncoder:
                 )
             input_ids, labels = input_ids[: self.max_length], labels[: self.max_length]
         return EncodedSample(input_ids=input_ids, labels=labels, truncated=truncated)
+
+
+def accepts_system_role(tokenizer: Any) -> bool:
+    """Whether the tokenizer's chat template renders a system message; Gemma-2's and Mistral-Instruct's
+    raise a template error instead ("System role not supported", "Conversation roles must alternate")."""
+    from jinja2.exceptions import TemplateError
+
+    conversation = [{"role": "system", "content": "S"}, {"role": "user", "content": "U"}]
+    try:
+        tokenizer.apply_chat_template(conversation, tokenize=False)
+    except TemplateError:
+        return False
+    return True
 
 
 def _special_id(tokenizer: Any, token: str) -> int | None:

@@ -89,6 +89,7 @@ def build_datamodule(cfg: DictConfig, dataset_names: list[str] | None = None) ->
         max_length=cfg.data.max_length,
         on_bad_record=cfg.data.on_bad_record,
         system_prompt=cfg.model.llm.system_prompt,
+        enable_thinking=cfg.model.llm.enable_thinking,
         task_prefix=cfg.data.task_prefix,
         pad_square=cfg.model.vision.pad_square,
         seed=cfg.seed,

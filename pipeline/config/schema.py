@@ -90,7 +90,8 @@ class LLMConfig:
     path: str = "tiny:llama"
     dtype: LLMDtype = "float32"
     chat_template: str | None = None  # jinja; used when given or when the tokenizer has none
-    system_prompt: str | None = None
+    system_prompt: str | None = None  # merged into the first user turn when the template rejects a system role
+    enable_thinking: bool = False  # templates with a thinking switch (Qwen3): off = no reasoning block trained
     attn_implementation: str | None = None
     trust_remote_code: bool = False  # never on unless set: remote code runs from the checkpoint
     gradient_checkpointing: bool = False
