@@ -3,9 +3,9 @@
 The recipes are the experiment YAMLs (``medpipe memory CONFIG``, or ``--recipe`` for the papers' shipped
 files). For each stage the model is built the way the runner trains it, on PyTorch's ``meta`` device with
 no weights (``build_model(weights="none")``: the checkpoints' configs, or the built-in architectures of
-``pipeline/architectures.py`` when a path is absent): every structure entry up to the stage replayed
-(``structure_after``), its LoRA adapters added, and its trainable groups set by the stage itself
-(``pipeline/stages``). Parameter counts are therefore exact; the rest is the standard accounting:
+``pipeline/architectures.py`` when a path is absent): the structure it starts from and its own changes and
+LoRA adapters applied by the stage itself (``Stage.start_structure`` / ``apply_changes``, as the pre-flight
+check does), and its trainable groups set by the stage (``pipeline/stages``). Parameter counts are therefore exact; the rest is the standard accounting:
 
 - weights: every parameter in its storage dtype: under ``*-mixed`` the trainable ones in fp32 (master
   copies) and the frozen ones in their load dtype (``model.llm.dtype`` / ``model.vision.dtype``: bf16
@@ -70,15 +70,13 @@ def stage_counts(cfg: DictConfig, name: str) -> StageCounts:
     from pipeline.model_factory import build_model
     from pipeline.params import part_counts
     from pipeline.stages import stage_for
-    from pipeline.structure import apply_structure, structure_after
-    from pipeline.trainable import add_lora
 
+    stage = stage_for(cfg, name)
     model = build_model(cfg.model, cache_dir=cfg.cache_dir, weights="none", device="meta").model
-    with torch.device("meta"):
-        apply_structure(model, structure_after(cfg, name), source=f"stage {name}")  # shapes of every entry
-        if cfg.stages[name].lora is not None:
-            add_lora(model, cfg.stages[name].lora)
-    stage_for(cfg, name).set_trainable(model)
+    with torch.device("meta"):  # the stage's model as it trains, shapes only (as the pre-flight check builds it)
+        stage.start_structure(model)
+        stage.apply_changes(model)
+    stage.set_trainable(model)
     moe = [layer for _, layer in moe_layers(model)]
     llm = model.llm
     return StageCounts(

@@ -22,7 +22,6 @@ from torch import nn
 from medcore.paths import is_timm_path, tiny_name
 from pipeline.model_factory import build_model
 from pipeline.stages import stage_for
-from pipeline.structure import apply_structure, stage_structure, structure_after
 from pipeline.trainable import parameter_groups
 
 log = logging.getLogger("medpipe")
@@ -120,10 +119,8 @@ def check_stage(cfg: DictConfig, name: str, base: nn.Module) -> None:
     """Stage ``name`` on a copy of ``base`` (the built model, meta device): its LoRA targets exist, its
     structure applies and every ``train`` group has parameters; raises :class:`PreflightError`."""
     stage = stage_for(cfg, name)
-    entries = structure_after(cfg, name)
-    own = len(stage_structure(cfg, name))
     model = copy.deepcopy(base)
-    apply_structure(model, entries[: len(entries) - own], source=f"stages.{name} (the model it starts from)")
+    stage.start_structure(model)
     lora = stage.config.lora
     if lora is not None:
         problem = lora_problem(model.llm, lora.target_modules)

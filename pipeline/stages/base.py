@@ -17,7 +17,7 @@ import lightning as L
 from omegaconf import DictConfig
 from torch import nn
 
-from pipeline.structure import apply_entry, stage_structure
+from pipeline.structure import apply_entry, apply_structure, stage_structure, structure_after
 from pipeline.trainable import add_lora, set_trainable
 
 log = logging.getLogger("medpipe")
@@ -39,6 +39,13 @@ class Stage:
         the model so hand-overs rebuild them), then its LoRA adapters; ``handovers``: earlier stage -> file."""
         for recorded in self.apply_changes(model, **self.structure_weights(handovers)):
             log.info("stage %s: structure %s", self.name, recorded)
+
+    def start_structure(self, model: nn.Module) -> None:
+        """Shapes of the structure this stage starts from (the entries of the stages before it), for a model
+        built without a hand-over (pre-flight, ``medpipe memory``)."""
+        entries = structure_after(self.cfg, self.name)
+        own = len(stage_structure(self.cfg, self.name))
+        apply_structure(model, entries[: len(entries) - own], source=f"stages.{self.name} (the model it starts from)")
 
     def apply_changes(self, model: nn.Module, **weights: Any) -> list[dict[str, Any]]:
         """This stage's structure entries, applied with ``weights`` (``apply_entry``'s ``router_init``,
