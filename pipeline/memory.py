@@ -5,7 +5,8 @@ files). For each stage the model is built the way the runner trains it, on PyTor
 no weights (``build_model(weights="none")``: the checkpoints' configs, or the built-in architectures of
 ``pipeline/architectures.py`` when a path is absent): the structure it starts from and its own changes and
 LoRA adapters applied by the stage itself (``Stage.start_structure`` / ``apply_changes``, as the pre-flight
-check does), and its trainable groups set by the stage (``pipeline/stages``). Parameter counts are therefore exact; the rest is the standard accounting:
+check does), and its trainable groups set by the stage (``pipeline/stages``). Parameter counts are therefore
+exact; the rest is the standard accounting:
 
 - weights: every parameter in its storage dtype: under ``*-mixed`` the trainable ones in fp32 (master
   copies) and the frozen ones in their load dtype (``model.llm.dtype`` / ``model.vision.dtype``: bf16
