@@ -1,6 +1,7 @@
 """Generated tokens/s: our batched evaluation vs one-at-a-time HF ``generate``, side by side.
 
-Same tiny demo model, same prompts (the phantom SLAKE test split), greedy decoding with KV cache.
+Same tiny demo model, same prompts (the phantom SLAKE test split), greedy decoding with KV cache and the
+evaluation's stop ids (``VLMModule.generation_settings``: never an override of the checkpoint's eos list).
 The headline lets sequences stop at EOS (what evaluation does); a second figure forces every
 sequence to ``--max-new-tokens`` (the decode-bound case of long answers and reports).
 Batched: left-padded batches of ``--batch-size`` through ``MultimodalLM.generate``. Sequential: the
@@ -45,9 +46,12 @@ def setup(samples: int):
 def run(built, items, batch_size: int, max_new_tokens: int, forced: bool = False) -> tuple[float, int]:
     """Seconds and generated (non-pad) tokens for all items in batches of ``batch_size``."""
     from datamodules.dataset import Collator
+    from lightningmodules.models.language import stop_token_ids
 
     tok = built.tokenizer
     collate = Collator(pad_token_id=tok.pad_token_id, padding_side="left")
+    # the evaluation's stop ids: tokenizer eos, the template's end-of-turn token, the checkpoint's eos list
+    stops = built.model.stop_token_ids(stop_token_ids(tok))
     tokens = 0
     start = time.perf_counter()
     for i in range(0, len(items), batch_size):
@@ -58,7 +62,7 @@ def run(built, items, batch_size: int, max_new_tokens: int, forced: bool = False
             batch["pixel_values"],
             max_new_tokens=max_new_tokens,
             min_new_tokens=max_new_tokens if forced else 0,
-            eos_token_id=tok.eos_token_id,
+            eos_token_id=stops,
             pad_token_id=tok.pad_token_id,
         )
         tokens += int((out != tok.pad_token_id).sum())

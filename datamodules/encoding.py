@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import torch
 
 from datamodules.records import Record
+from medcore.chat import end_of_turn_token
 
 IGNORE_INDEX = -100
 IMAGE_TOKEN = "<image>"
@@ -31,6 +33,12 @@ class ConversationEncoder:
     tokenised on its own, so the prompt tokens at evaluation are exactly the prompt tokens seen in
     training. Assistant pieces are the labels; everything else is masked with -100. The ``<image>``
     placeholder is expanded to ``num_image_tokens`` copies for the model to fill with visual tokens.
+
+    Templates that are not prefix-stable (Qwen3 writes an empty think block only in the assistant turns
+    after the last user query, so a multi-turn render is not a prefix of the next) take the path of
+    :meth:`_encode_rendered_once`: the first turn's generation prompt (exactly the evaluation prompt),
+    then the whole conversation rendered once, each answer and its end-of-turn token the labels.
+    Every error names the record.
     """
 
     def __init__(
@@ -93,23 +101,19 @@ class ConversationEncoder:
 
     def encode(self, record: Record, *, with_answers: bool) -> EncodedSample:
         """Training (``with_answers``) or generation-prompt encoding of one record."""
-        msgs = self.messages(record, with_answers=with_answers)
-        input_ids: list[int] = []
-        labels: list[int] = []
-        rendered = ""
-        # piece k is the text the template adds for message k (plus the generation prompt for users)
-        for k, msg in enumerate(msgs):
-            is_user_end = msg["role"] == "user"
-            text = self._render(msgs[: k + 1], generation_prompt=is_user_end)
-            if not text.startswith(rendered):
-                raise ValueError(
-                    "the chat template does not render conversations prefix by prefix; "
-                    "set model.llm.chat_template to one that does"
-                )
-            piece, rendered = text[len(rendered) :], text
-            ids = self._ids(piece)
-            input_ids += ids
-            labels += ids if msg["role"] == "assistant" else [IGNORE_INDEX] * len(ids)
+        from jinja2.exceptions import TemplateError
+
+        try:
+            input_ids, labels = self._encode(record, with_answers=with_answers)
+        except TemplateError as e:  # raise_exception in the template, a syntax error, an undefined name
+            raise ValueError(f"record {record.id}: the chat template failed: {e}") from None
+        image_tokens = input_ids.count(self.image_token_id)
+        if record.has_image and image_tokens != self.num_image_tokens:
+            raise ValueError(
+                f"record {record.id}: the encoded conversation has {image_tokens} image tokens, not the "
+                f"{self.num_image_tokens} of one {IMAGE_TOKEN}: the chat template does not write the first "
+                "question as given"
+            )
         truncated = len(input_ids) > self.max_length
         if truncated:
             # answers may be cut (counted as truncated); the first prompt may not: it holds the image
@@ -121,6 +125,85 @@ class ConversationEncoder:
                 )
             input_ids, labels = input_ids[: self.max_length], labels[: self.max_length]
         return EncodedSample(input_ids=input_ids, labels=labels, truncated=truncated)
+
+    def _encode(self, record: Record, *, with_answers: bool) -> tuple[list[int], list[int]]:
+        msgs = self.messages(record, with_answers=with_answers)
+        pieces = self._encode_prefixes(msgs)
+        if pieces is not None:
+            return pieces
+        if not with_answers:  # a prompt whose system and user pieces do not render prefix by prefix
+            ids = self._ids(self._render(msgs, generation_prompt=True))
+            return ids, [IGNORE_INDEX] * len(ids)
+        return self._encode_rendered_once(record, msgs)
+
+    def _encode_prefixes(self, msgs: list[dict[str, str]]) -> tuple[list[int], list[int]] | None:
+        """Piece k is the text the template adds for message k (plus the generation prompt for users);
+        None when a render is not a prefix of the next (the template is not prefix-stable)."""
+        input_ids: list[int] = []
+        labels: list[int] = []
+        rendered = ""
+        for k, msg in enumerate(msgs):
+            is_user_end = msg["role"] == "user"
+            text = self._render(msgs[: k + 1], generation_prompt=is_user_end)
+            if not text.startswith(rendered):
+                return None
+            piece, rendered = text[len(rendered) :], text
+            ids = self._ids(piece)
+            input_ids += ids
+            labels += ids if msg["role"] == "assistant" else [IGNORE_INDEX] * len(ids)
+        return input_ids, labels
+
+    def _encode_rendered_once(self, record: Record, msgs: list[dict[str, str]]) -> tuple[list[int], list[int]]:
+        """Training encoding for templates that are not prefix-stable: the first turn's generation prompt
+        (the evaluation prompt's tokens), then the full conversation rendered once from the first answer on;
+        each answer plus the end-of-turn token after it is a label, everything else is masked."""
+        first = self.messages(record, with_answers=False)  # (system,) first user
+        prompt_ids, prompt_labels = self._encode(record, with_answers=False)
+        head = self._render(first, generation_prompt=False)  # the first user turn, closed
+        prompt = self._render(first, generation_prompt=True)
+        full = self._render(msgs, generation_prompt=False)
+        if not (full.startswith(head) and prompt.startswith(head)):
+            raise ValueError(
+                f"record {record.id}: the chat template renders the first question differently in a longer "
+                "conversation; set model.llm.chat_template to one that does not"
+            )
+        eot = self.end_of_turn
+        input_ids, labels = list(prompt_ids), list(prompt_labels)
+        cursor = len(head)  # every message of `first` is inside head
+        masked_from = None  # start of the masked text after the previous answer (None: the prompt covers it)
+        for k, msg in enumerate(msgs[len(first) :], start=len(first)):
+            start, end = _find_content(full, msg["content"], cursor)
+            if start < 0:
+                raise ValueError(
+                    f"record {record.id}: the chat template does not write message {k} ({msg['role']}) "
+                    "as given; set model.llm.chat_template to one that does"
+                )
+            cursor = end
+            if msg["role"] != "assistant":
+                continue
+            rest = full[end:]
+            stripped = rest.lstrip()
+            if eot is None or not stripped.startswith(eot):
+                raise ValueError(
+                    f"record {record.id}: the chat template ends answer {k} without an end-of-turn special token "
+                    f"({eot or 'none found'}); set model.llm.chat_template to one that writes one"
+                )
+            cursor = end + len(rest) - len(stripped) + len(eot)
+            if masked_from is not None:
+                ids = self._ids(full[masked_from:start])
+                input_ids += ids
+                labels += [IGNORE_INDEX] * len(ids)
+            ids = self._ids(full[start:cursor])
+            input_ids += ids
+            labels += ids
+            masked_from = cursor
+        ids = self._ids(full[masked_from:]) if masked_from is not None else []  # after the last answer
+        return input_ids + ids, labels + [IGNORE_INDEX] * len(ids)
+
+    @cached_property
+    def end_of_turn(self) -> str | None:
+        """The template's end-of-turn special token (:func:`end_of_turn_token`), found on first use."""
+        return end_of_turn_token(self.tokenizer)
 
 
 def accepts_system_role(tokenizer: Any) -> bool:
@@ -134,6 +217,16 @@ def accepts_system_role(tokenizer: Any) -> bool:
     except TemplateError:
         return False
     return True
+
+
+def _find_content(text: str, content: str, start: int) -> tuple[int, int]:
+    """Where ``content`` is written in ``text`` from ``start`` on, as the template wrote it (verbatim, else
+    stripped, as templates that trim or ``lstrip`` it do); (-1, -1) when it is not."""
+    for candidate in (content, content.strip(), content.lstrip("\n")):
+        at = text.find(candidate, start)
+        if at >= 0:
+            return at, at + len(candidate)
+    return -1, -1
 
 
 def _special_id(tokenizer: Any, token: str) -> int | None:

@@ -10,7 +10,7 @@ metrics are computed once, on de-duplicated predictions, by ``pipeline/evaluatio
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import lightning as L
@@ -19,6 +19,7 @@ from torch import nn
 
 from lightningmodules.metrics.routing import RoutingByTask, routing_metric_names
 from lightningmodules.models.language import decode_answers, stop_token_ids
+from lightningmodules.models.multimodal import GREEDY, Decoding
 from lightningmodules.moe_monitor import MoEMonitor
 from lightningmodules.optimization import configure_from_hparams
 
@@ -28,6 +29,8 @@ class NonFiniteLossError(RuntimeError):
 
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "labels", "pixel_values", "image_task_ids")
+# decoding settings (evaluation.* in the config) and their defaults: greedy decoding
+DECODING_DEFAULTS: dict[str, Any] = asdict(GREEDY)
 
 
 def model_inputs(batch: dict[str, Any], *, with_labels: bool = True) -> dict[str, Any]:
@@ -68,6 +71,13 @@ class VLMModule(L.LightningModule):
         scheduler: str = "cosine",
         min_lr_ratio: float = 0.0,
         max_new_tokens: int = 16,
+        num_beams: int = 1,
+        do_sample: bool = False,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        top_k: int | None = None,
+        repetition_penalty: float | None = None,
+        generation_seed: int | None = None,
         task_names: list[str] | None = None,
     ) -> None:
         super().__init__()
@@ -172,12 +182,15 @@ class VLMModule(L.LightningModule):
         return decode_answers(self.tokenizer, ids, settings["eos_token_id"])
 
     def generation_settings(self) -> dict[str, Any]:
-        """Greedy decoding's length, stop tokens (tokenizer eos, the chat template's end-of-turn token and
-        the checkpoint's eos list) and pad token."""
+        """The keyword arguments of ``model.generate``: length, stop tokens (tokenizer eos, the chat template's
+        end-of-turn token and the checkpoint's eos list), pad token and the decoding settings
+        (``evaluation.num_beams`` ... ``repetition_penalty``; the defaults are greedy decoding)."""
+        hp = self.hparams
         return {
-            "max_new_tokens": self.hparams.max_new_tokens,
+            "max_new_tokens": hp.max_new_tokens,
             "eos_token_id": self.model.stop_token_ids(stop_token_ids(self.tokenizer)),
             "pad_token_id": self.tokenizer.pad_token_id,
+            "decoding": Decoding(**{key: hp.get(key, default) for key, default in DECODING_DEFAULTS.items()}),
         }
 
     def generate_answers(self, batch: dict[str, Any]) -> tuple[list[str], list[dict[str, Any]]]:
@@ -195,6 +208,11 @@ class VLMModule(L.LightningModule):
     def on_test_epoch_start(self) -> None:
         self.predictions = []
         self.overlay_samples = []
+        seed = self.hparams.get("generation_seed")
+        if self.hparams.get("do_sample") and seed is not None:
+            # sampling draws from torch's global generator: the same answers for the same seed, batches and ranks,
+            # whatever ran before the evaluation
+            torch.manual_seed(seed + self.global_rank)
 
     def on_test_epoch_end(self) -> None:
         self.predictions = gather_predictions(self.predictions)

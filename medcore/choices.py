@@ -11,14 +11,20 @@ from typing import Literal, get_args
 
 __all__ = [
     "AGGREGATIONS",
+    "CONVERSATION_PRESETS",
     "ROUTER_INPUTS",
     "SCHEDULERS",
+    "TINY_LLM_FAMILIES",
     "TINY_MODELS",
+    "TINY_TOWERS",
     "WEIGHTINGS",
     "Aggregation",
+    "ConversationPreset",
     "RouterInput",
     "Scheduler",
+    "TinyLLMFamily",
     "TinyModel",
+    "TinyTower",
     "Weighting",
 ]
 
@@ -32,9 +38,27 @@ Weighting = Literal["soft", "sparse", "hard", "constant"]
 Scheduler = Literal["cosine", "linear", "constant"]
 # what a tiny:<name> model path may name (pipeline/zoo builds them; "tokenizer" is not a model)
 TinyModel = Literal["clip", "llama", "phi", "qwen2", "stablelm", "sam", "medsam"]
+# LLaVA-family conversation templates as chat templates (medcore/conversations.py, model.llm.conversation)
+ConversationPreset = Literal["vicuna_v1", "llava_v1", "llava_llama_2", "mistral_instruct", "plain", "phi", "stablelm"]
+# real-architecture checkpoints at tiny sizes, saved as each family's download looks (pipeline/zoo/families)
+TinyLLMFamily = Literal[
+    "llama2-chat",
+    "vicuna",
+    "mistral-instruct",
+    "phi2",
+    "stablelm2",
+    "qwen2-instruct",
+    "qwen3",
+    "gemma2-it",
+    "llama3-instruct",
+]
+TinyTower = Literal["clip-336", "siglip", "siglip-odd", "dinov2-reg"]
 
 AGGREGATIONS: tuple[str, ...] = get_args(Aggregation)
 ROUTER_INPUTS: tuple[str, ...] = get_args(RouterInput)
 WEIGHTINGS: tuple[str, ...] = get_args(Weighting)
 SCHEDULERS: tuple[str, ...] = get_args(Scheduler)
-TINY_MODELS: tuple[str, ...] = get_args(TinyModel)
+TINY_LLM_FAMILIES: tuple[str, ...] = get_args(TinyLLMFamily)
+TINY_TOWERS: tuple[str, ...] = get_args(TinyTower)
+TINY_MODELS: tuple[str, ...] = get_args(TinyModel) + TINY_LLM_FAMILIES + TINY_TOWERS
+CONVERSATION_PRESETS: tuple[str, ...] = get_args(ConversationPreset)

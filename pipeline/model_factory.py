@@ -31,6 +31,7 @@ from lightningmodules.models.vision_timm import (
     load_timm_vision,
     timm_transform_settings,
 )
+from medcore.conversations import conversation_template
 from medcore.paths import TIMM_PREFIX, is_timm_path
 from pipeline.architectures import Architecture, architecture_for
 from pipeline.config.errors import ConfigError
@@ -170,6 +171,8 @@ def _language_model(
         chat_template=cfg.chat_template,
         trust_remote_code=cfg.trust_remote_code,
     )
+    if cfg.get("conversation") is not None:  # a LLaVA conversation preset replaces the tokenizer's template
+        tokenizer.chat_template = conversation_template(cfg.conversation, add_bos=adds_bos(tokenizer))
     token_ids = {token: tokenizer.convert_tokens_to_ids(token) for token in extra_tokens}
     if pretrained:
         return load_causal_lm(llm_dir, vocab_size=len(tokenizer), **options), tokenizer, token_ids
@@ -177,6 +180,14 @@ def _language_model(
 
     config = AutoConfig.from_pretrained(llm_dir, trust_remote_code=cfg.trust_remote_code)
     return causal_lm_from_config(config, vocab_size=len(tokenizer), **options), tokenizer, token_ids
+
+
+def adds_bos(tokenizer: Any) -> bool:
+    """Whether the tokenizer prepends its BOS when it tokenises a text (Llama, Mistral: yes; Phi-2, StableLM-2,
+    Qwen: no): LLaVA's prompts then start with it, so a conversation preset writes ``{{ bos_token }}``."""
+    bos = tokenizer.bos_token_id
+    ids = tokenizer("a")["input_ids"]
+    return bos is not None and bool(ids) and ids[0] == bos
 
 
 def _vision_encoder(

@@ -6,12 +6,17 @@
    parameters, on the model as that stage sees it: built once on the meta device (``weights="none"``, no
    memory), then per stage the structure it starts from (``structure_after`` of the stage before), its own
    entries with shapes only and its LoRA adapters (``Stage.apply_changes``): :func:`check_stages`.
+3. The first record of every split a stage reads, of every dataset it reads, encodes with the model's
+   tokenizer and chat template as the DataModule encodes it (training for train / val, the generation prompt
+   for evaluation), so a template error, a rejected role, a dropped ``<image>`` or a prompt over
+   ``data.max_length`` fails naming stage, dataset, split and record: :func:`check_data`.
 """
 
 from __future__ import annotations
 
 import copy
 import logging
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -19,10 +24,16 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
+from datamodules.problems import ProblemLog
+from datamodules.readers import read_split
+from datamodules.records import Record
+from datamodules.specs import DatasetSpec
+from datamodules.writers import COMPLETE_MARKER, ensure_synthetic
 from medcore.paths import is_timm_path, tiny_name
-from pipeline.model_factory import build_model
+from pipeline.model_factory import BuiltModel, build_model
 from pipeline.stages import stage_for
-from pipeline.trainable import parameter_groups
+from pipeline.trainable import LoraTargetError, lora_targets, parameter_groups
+from pipeline.trainable import linear_names as linear_names  # re-exported: the names a LoRA error lists
 
 log = logging.getLogger("medpipe")
 
@@ -37,11 +48,11 @@ WEIGHT_FILES = (
 # any one of these lets AutoTokenizer build a tokenizer (fast, SentencePiece, BPE vocab, WordPiece, tiktoken)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "spiece.model", "vocab.json", "vocab.txt", "qwen.tiktoken")
 PROCESSOR_FILE = "preprocessor_config.json"
-ALL_LINEAR = "all-linear"
 
 
 class PreflightError(ValueError):
-    """A stage's LoRA targets or trainable groups do not resolve in the built model."""
+    """A stage's LoRA targets or trainable groups do not resolve in the built model, or a dataset's first record
+    does not encode with the model's chat template."""
 
 
 class NotACheckpointError(FileNotFoundError):
@@ -93,26 +104,15 @@ def check_checkpoints(model_cfg: DictConfig) -> None:
         require_checkpoint("model.grounding.sam_path", grounding.sam_path)
 
 
-def linear_names(llm: nn.Module) -> list[str]:
-    """The distinct last names of the LLM's Linear layers (what LoRA ``target_modules`` match), in model order."""
-    names: dict[str, None] = {}
-    for name, module in llm.named_modules():
-        if isinstance(module, nn.Linear):
-            names.setdefault(name.rpartition(".")[2], None)
-    return list(names)
-
-
 def lora_problem(llm: nn.Module, target_modules: Sequence[str]) -> str | None:
-    """Why ``target_modules`` do not resolve in ``llm`` (None: each names at least one Linear layer). A target
-    matches a module whose dotted name is it or ends with ``.<target>``, as peft matches them."""
-    targets = list(target_modules)
-    if targets == [ALL_LINEAR]:
-        return None
-    modules = [name for name, module in llm.named_modules() if isinstance(module, nn.Linear)]
-    absent = [t for t in targets if not any(m == t or m.endswith(f".{t}") for m in modules)]
-    if not absent:
-        return None
-    return f"{', '.join(absent)} not in the LLM (its Linear layers: {', '.join(linear_names(llm))})"
+    """Why ``target_modules`` do not resolve in ``llm`` (None: they do), by the resolution LoRA itself uses
+    (``pipeline.trainable.lora_targets``: ``all-linear``, the ``mlp`` / ``attention`` aliases found by structure,
+    or names matched as peft matches them: a module's dotted name or a ``.<target>`` suffix of it)."""
+    try:
+        lora_targets(llm, target_modules)
+    except LoraTargetError as error:
+        return str(error)
+    return None
 
 
 def check_stage(cfg: DictConfig, name: str, base: nn.Module) -> None:
@@ -146,7 +146,8 @@ def check_stages(cfg: DictConfig, model: nn.Module) -> None:
 
 def preflight(cfg: DictConfig, *, checkpoints: bool = True) -> None:
     """Everything checked before the first stage: the checkpoint folders (``checkpoints``), then every stage
-    on the model built once on the meta device. Raises :class:`NotACheckpointError` / :class:`PreflightError`."""
+    on the model built once on the meta device, then the first record of every dataset split the stages read,
+    encoded with that model's tokenizer. Raises :class:`NotACheckpointError` / :class:`PreflightError`."""
     if checkpoints:
         check_checkpoints(cfg.model)
     if not len(cfg.stages):
@@ -154,3 +155,78 @@ def preflight(cfg: DictConfig, *, checkpoints: bool = True) -> None:
     built = build_model(cfg.model, cache_dir=cfg.cache_dir, weights="none", device="meta")
     check_stages(cfg, built.model)
     log.debug("pre-flight: %d stages resolve in the model", len(cfg.stages))
+    check_data(cfg, built)
+
+
+# one encoding the run makes: (where: "stages.<name>" or "evaluation", dataset, pipeline split, with answers)
+DataCheck = tuple[str, str, str, bool]
+
+
+def data_checks(cfg: DictConfig) -> list[DataCheck]:
+    """Every (dataset, split, encoding) the run reads, once, named after the first stage that reads it: each
+    stage's datasets (``stages.<name>.datasets``, else all) in training (train and val splits, with answers)
+    and the evaluation datasets' ``evaluation.split`` as generation prompts (after each evaluated stage, or
+    once at the end)."""
+    every = list(cfg.data.datasets.keys())
+    evaluation = cfg.evaluation
+    evaluated = list(evaluation.datasets) if evaluation.datasets else every
+    checks: dict[tuple[str, str, bool], str] = {}
+    for name in cfg.stages.keys():
+        for dataset in list(cfg.stages[name].datasets or every):
+            for split in ("train", "val"):
+                checks.setdefault((dataset, split, True), f"stages.{name}")
+        if evaluation.enabled and evaluation.after_each_stage and stage_for(cfg, name).evaluated:
+            for dataset in evaluated:
+                checks.setdefault((dataset, evaluation.split, False), f"stages.{name} (evaluation)")
+    if evaluation.enabled and not evaluation.after_each_stage:
+        for dataset in evaluated:
+            checks.setdefault((dataset, evaluation.split, False), "evaluation")
+    return [(where, dataset, split, answers) for (dataset, split, answers), where in checks.items()]
+
+
+def check_data(cfg: DictConfig, built: BuiltModel) -> None:
+    """The first record of each (dataset, split) of :func:`data_checks` encoded by the DataModule's own
+    ``ConversationEncoder`` on ``built``'s tokenizer (prompt templates applied as at evaluation); raises a one-line
+    :class:`PreflightError` naming stage, dataset, split, record and the encoder's reason. Reads annotations only
+    (no image is opened); writes a ``synthetic:`` dataset first (local rank 0; other ranks skip one not yet
+    written). Nothing to check for a built-in architecture without tokenizer files (``tokenizer`` None)."""
+    if built.tokenizer is None:
+        return
+    from pipeline.runner import build_datamodule, connect  # the runner imports this module
+
+    checks = data_checks(cfg)
+    dm = connect(build_datamodule(cfg, list(dict.fromkeys(dataset for _, dataset, _, _ in checks))), built)
+    firsts: dict[tuple[str, str], Record | None] = {}
+    for where, dataset, split, with_answers in checks:
+        spec = dm.datasets[dataset]
+        release = dm.release_split(spec, split)
+        if not release:
+            continue
+        if (dataset, release) not in firsts:
+            firsts[dataset, release] = first_record(spec, dataset, release, dm.problems)
+        record = firsts[dataset, release]
+        if record is None:
+            continue
+        if dm.prompts is not None:
+            record = dm.prompts.apply(record)
+        try:
+            dm.encoder.encode(record, with_answers=with_answers)
+        except ValueError as e:
+            cause = " ".join(str(e).removeprefix(f"record {record.id}: ").split())
+            encoding = "training encoding" if with_answers else "generation prompt"
+            raise PreflightError(
+                f"{where}: dataset {dataset}, {split} split ({release}), record {record.id} ({encoding}): {cause}"
+            ) from None
+    log.debug("pre-flight: %d dataset splits encode with the chat template", len(firsts))
+
+
+def first_record(spec: DatasetSpec, name: str, release: str, problems: ProblemLog) -> Record | None:
+    """The first record of the release split ``release`` (None: no record, or synthetic data another rank
+    is still to write)."""
+    if spec.synthetic is not None and not (Path(spec.path) / COMPLETE_MARKER).is_file():
+        if os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0")) != "0":
+            return None  # local rank 0 writes it (as the DataModule's prepare_data would)
+        if ensure_synthetic(spec):
+            log.info("wrote synthetic %s dataset %r to %s", spec.format, name, spec.path)
+    records = read_split(spec, name, release, problems, check_images=False)
+    return records[0] if records else None

@@ -2,22 +2,126 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from omegaconf import DictConfig
+from torch import nn
 
 from lightningmodules.models.multimodal import MultimodalLM
 
+ALL_LINEAR = "all-linear"  # every Linear of the LLM except lm_head (peft's convention); stands alone
+# Family-neutral ``lora.target_modules`` aliases: the Linear layers inside one block of every decoder layer, found
+# by structure (the layer's first attribute of these names), whatever the family calls them. ``mlp``: Llama /
+# Mistral / Qwen / Gemma / StableLM gate_proj, up_proj, down_proj, Phi fc1, fc2, GPT-2 c_fc, c_proj, GPT-NeoX
+# dense_h_to_4h, dense_4h_to_h; ``attention``: q_proj, k_proj, v_proj, o_proj (Phi: dense), GPT-2 c_attn, c_proj,
+# GPT-NeoX query_key_value, dense.
+LORA_ALIASES: dict[str, tuple[str, ...]] = {
+    "mlp": ("mlp", "feed_forward"),
+    "attention": ("self_attn", "attn", "attention", "self_attention"),
+}
+DECODER_LAYER_LISTS = ("layers", "h", "blocks")  # the ModuleList of decoder layers under get_decoder()
+
+
+class LoraTargetError(ValueError):
+    """``lora.target_modules`` do not resolve in the LLM; the message says what it has."""
+
+
+def lora_layer_types() -> tuple[type[nn.Module], ...]:
+    """The layer types a target name selects (peft adapts them): ``nn.Linear`` and transformers' ``Conv1D`` (GPT-2)."""
+    from transformers.pytorch_utils import Conv1D
+
+    return (nn.Linear, Conv1D)
+
+
+def linear_names(llm: nn.Module) -> list[str]:
+    """The distinct last names of the LLM's Linear layers (what LoRA ``target_modules`` match), in model order."""
+    names: dict[str, None] = {}
+    for name, module in llm.named_modules():
+        if isinstance(module, lora_layer_types()):
+            names.setdefault(name.rpartition(".")[2], None)
+    return list(names)
+
+
+def decoder_layers(llm: nn.Module) -> nn.ModuleList:
+    """The decoder layers of a causal LM: ``get_decoder()``'s ``layers`` (``h`` for GPT-2, ``blocks``)."""
+    decoder = llm.get_decoder() if hasattr(llm, "get_decoder") else llm
+    for attr in DECODER_LAYER_LISTS:
+        layers = getattr(decoder, attr, None)
+        if isinstance(layers, nn.ModuleList) and len(layers):
+            return layers
+    raise LoraTargetError(
+        f"{type(llm).__name__}: no decoder layers found (get_decoder() has none of {', '.join(DECODER_LAYER_LISTS)}); "
+        "name the Linear layers to adapt instead of an alias"
+    )
+
+
+def block_linear_names(llm: nn.Module, alias: str) -> list[str]:
+    """Full names (as in ``llm.named_modules()``) of the Linear layers inside the ``alias`` block (a key of
+    ``LORA_ALIASES``) of every decoder layer. Raises :class:`LoraTargetError` when a layer has no such block, or
+    the block holds parameters outside Linear and norm layers (e.g. a mixture of experts' stacked weights)."""
+    names = {id(module): name for name, module in llm.named_modules()}
+    found: list[str] = []
+    for index, layer in enumerate(decoder_layers(llm)):
+        attr = next((a for a in LORA_ALIASES[alias] if isinstance(getattr(layer, a, None), nn.Module)), None)
+        if attr is None:
+            children = ", ".join(name for name, _ in layer.named_children())
+            raise LoraTargetError(
+                f"{alias}: decoder layer {index} ({type(layer).__name__}) has none of "
+                f"{', '.join(LORA_ALIASES[alias])} (its children: {children}); name the Linear layers to adapt"
+            )
+        block = getattr(layer, attr)
+        linears, others = [], []
+        for sub, module in block.named_modules():
+            if isinstance(module, lora_layer_types()):
+                linears.append(f"{names[id(block)]}.{sub}" if sub else names[id(block)])
+            elif any(True for _ in module.parameters(recurse=False)) and "norm" not in type(module).__name__.lower():
+                others.append(f"{sub or attr} ({type(module).__name__})")
+        if others or not linears:
+            reason = f"parameters outside Linear layers: {', '.join(others)}" if others else "no Linear layers"
+            raise LoraTargetError(
+                f"{alias}: decoder layer {index}'s {attr} ({type(block).__name__}) is not a block of Linear layers "
+                f"({reason}); name the Linear layers to adapt"
+            )
+        found += linears
+    return found
+
+
+def lora_targets(llm: nn.Module, target_modules: Sequence[str]) -> str | list[str]:
+    """``lora.target_modules`` resolved in ``llm``, as peft's ``LoraConfig.target_modules``: ``"all-linear"``
+    alone stays; an alias of ``LORA_ALIASES`` becomes the full names of its Linear layers
+    (:func:`block_linear_names`); any other target is kept and must match a Linear layer whose dotted name is it
+    or ends with ``.<target>``, as peft matches them. The one resolution LoRA (:func:`add_lora`) and the
+    pre-flight check use; raises :class:`LoraTargetError`."""
+    targets = list(target_modules)
+    if targets == [ALL_LINEAR]:
+        return ALL_LINEAR
+    if ALL_LINEAR in targets:
+        raise LoraTargetError(f"{ALL_LINEAR} stands alone (got {', '.join(targets)})")
+    modules = [name for name, module in llm.named_modules() if isinstance(module, lora_layer_types())]
+    resolved: list[str] = []
+    absent: list[str] = []
+    for target in targets:
+        if target in LORA_ALIASES:
+            resolved += [name for name in block_linear_names(llm, target) if name not in resolved]
+        elif any(m == target or m.endswith(f".{target}") for m in modules):
+            resolved += [] if target in resolved else [target]
+        else:
+            absent.append(target)
+    if absent:
+        raise LoraTargetError(f"{', '.join(absent)} not in the LLM (its Linear layers: {', '.join(linear_names(llm))})")
+    return resolved
+
 
 def add_lora(model: MultimodalLM, cfg: DictConfig) -> None:
-    """Wrap the LLM with peft LoRA adapters (every Linear but lm_head for ``all-linear``)."""
+    """Wrap the LLM with peft LoRA adapters on :func:`lora_targets` (every Linear but lm_head for ``all-linear``)."""
     from peft import LoraConfig, get_peft_model
 
-    targets = list(cfg.target_modules)
     config = LoraConfig(
         r=cfg.r,
         lora_alpha=cfg.alpha,
         lora_dropout=cfg.dropout,
-        target_modules="all-linear" if targets == ["all-linear"] else targets,
+        target_modules=lora_targets(model.llm, cfg.target_modules),
         task_type="CAUSAL_LM",
     )
     model.llm = get_peft_model(model.llm, config)

@@ -127,3 +127,30 @@ def test_enable_thinking_reaches_the_encoder_from_the_config(tiny_llama, tiny_cl
         cfg = load_config(demo, [f"model.llm.enable_thinking={setting}"], check_paths=False)
         dm = build_datamodule(cfg).connect(tok, transform, num_image_tokens=N_IMG)
         assert dm.encoder.enable_thinking is setting
+
+
+# a template that rejects the assistant role, as a base model's template written for prompts only might
+NO_ASSISTANT = (
+    "{% for message in messages %}{% if message['role'] == 'assistant' %}"
+    "{{ raise_exception('Only user messages are supported') }}{% endif %}"
+    "USER: {{ message['content'] }}\n{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
+# a template that drops the user's content (and so the <image> placeholder)
+NO_USER_CONTENT = (
+    "{% for message in messages %}{% if message['role'] == 'user' %}USER:\n"
+    "{% else %}ASSISTANT: {{ message['content'] }}{{ eos_token }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
+
+
+def test_template_errors_name_the_record(tiny_llama) -> None:
+    import pytest
+
+    enc = ConversationEncoder(tokenizer(tiny_llama, NO_ASSISTANT), num_image_tokens=N_IMG)
+    with pytest.raises(ValueError, match="^record rec-1: the chat template failed: Only user messages are supported"):
+        enc.encode(record(), with_answers=True)
+    enc.encode(record(), with_answers=False)  # prompts alone render
+    enc = ConversationEncoder(tokenizer(tiny_llama, NO_USER_CONTENT), num_image_tokens=N_IMG)
+    for with_answers in (True, False):
+        with pytest.raises(ValueError, match="^record rec-1: the encoded conversation has 0 image tokens, not the 2"):
+            enc.encode(record(), with_answers=with_answers)

@@ -89,13 +89,18 @@ def test_shipped_recipes_pass_preflight_at_paper_size(recipe: str, tmp_path: Pat
 
 
 def test_medplib_with_phi2_fails_at_stage_three_lora(tmp_path: Path) -> None:
-    """The issue's report: MedPLIB's stage III targets gate/up/down_proj, which Phi-2 does not have."""
+    """The issue's report: MedPLIB's stage III targeted gate/up/down_proj, which Phi-2 does not have (the recipe
+    now says ``mlp``, which resolves on Phi-2: tests/test_lora_targets.py)."""
     from pipeline.config import load_config
     from pipeline.preflight import PreflightError, preflight
 
     cfg = load_config(
         REPO / "experiments" / "medplib" / "medplib.yaml",
-        ["model.llm.path=/models/phi-2", f"output_dir={tmp_path}/out"],
+        [
+            "model.llm.path=/models/phi-2",
+            f"output_dir={tmp_path}/out",
+            "stages.grounding_expert.lora.target_modules=[gate_proj,up_proj,down_proj]",
+        ],
         check_paths=False,
     )
     with pytest.raises(PreflightError) as info:
@@ -144,3 +149,101 @@ def test_run_names_the_not_a_checkpoint_llm_folder(tmp_path: Path, cache_dir: Pa
     llm = _folder(tmp_path / "llm", "config.json", "model.safetensors")
     with pytest.raises(NotACheckpointError, match=r"^model.llm.path: .* is not a checkpoint folder: no tokenizer"):
         run_experiment(_demo(tmp_path, f"model.llm.path={llm}"))
+
+
+# -- the first record of every dataset split, encoded with the model's chat template --------------------------
+
+# the tiny Llama's template (llava's plain vicuna turns), but the assistant role raises as a prompt-only template's
+# would; a template that drops the user's content (and with it the <image> placeholder)
+REJECTS_ASSISTANT = (
+    "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'assistant' %}"
+    "{{ raise_exception('Conversation roles must be user only') }}{% endif %}"
+    "USER: {{ message['content'] }}\n{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
+DROPS_USER_CONTENT = (
+    "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}USER:\n"
+    "{% else %}ASSISTANT: {{ message['content'] }}{{ eos_token }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
+
+
+def _demo_with_template(tmp_path: Path, template: str, *overrides: str):
+    """The demo with ``model.llm.chat_template`` set in an experiment file, as a user sets one."""
+    from pipeline.config import load_config
+
+    experiment = tmp_path / "templated.yaml"
+    experiment.write_text(f"defaults: [{DEMO}]\nmodel:\n  llm:\n    chat_template: {json.dumps(template)}\n")
+    base = [f"output_dir={tmp_path}/out", f"mlflow.tracking_uri=sqlite:///{tmp_path}/mlflow.db"]
+    return load_config(experiment, [*base, *overrides])
+
+
+def test_demo_encodes_the_first_record_of_every_split_it_reads(tmp_path: Path, cache_dir: Path) -> None:
+    from pipeline.preflight import data_checks, preflight
+
+    cfg = _demo(tmp_path)
+    assert data_checks(cfg) == [
+        ("stages.align", "phantom_captions", "train", True),
+        ("stages.align", "phantom_captions", "val", True),
+        ("stages.align (evaluation)", "phantom_slake", "test", False),
+        ("stages.instruct", "phantom_slake", "train", True),
+        ("stages.instruct", "phantom_slake", "val", True),
+    ]
+    preflight(cfg)
+    assert (tmp_path / "out" / "data" / "phantom_slake").is_dir()  # the synthetic data it read, written once
+
+
+def test_a_template_rejecting_the_assistant_role_fails_before_any_stage_trains(tmp_path: Path, cache_dir: Path) -> None:
+    from pipeline.preflight import PreflightError
+    from pipeline.runner import run_experiment
+
+    cfg = _demo_with_template(tmp_path, REJECTS_ASSISTANT)
+    started: list[str] = []
+    with pytest.raises(PreflightError) as info:
+        run_experiment(cfg, on_stage_start=lambda name, model: started.append(name))
+    assert str(info.value) == (
+        "stages.align: dataset phantom_captions, train split (train), record phantom_captions/cap-0 "
+        "(training encoding): the chat template failed: Conversation roles must be user only"
+    )
+    assert started == [] and not (tmp_path / "out" / "stages").exists()
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_a_template_dropping_the_user_content_and_an_overlong_prompt_fail_naming_the_record(
+    tmp_path: Path, cache_dir: Path
+) -> None:
+    from pipeline.preflight import PreflightError, preflight
+
+    cfg = _demo_with_template(tmp_path, DROPS_USER_CONTENT)
+    with pytest.raises(
+        PreflightError,
+        match=r"^stages.align: dataset phantom_captions, train split \(train\), record "
+        r"phantom_captions/cap-0 \(training encoding\): the encoded conversation has 0 image tokens",
+    ):
+        preflight(cfg)
+    with pytest.raises(PreflightError) as info:
+        preflight(_demo(tmp_path, "data.max_length=12"))
+    message = str(info.value)
+    assert message.startswith(
+        "stages.align: dataset phantom_captions, train split (train), record phantom_captions/cap-0"
+    )
+    assert message.endswith("longer than data.max_length=12; raise max_length") and "\n" not in message
+
+
+def test_evaluation_datasets_are_checked_as_generation_prompts(tmp_path: Path, cache_dir: Path) -> None:
+    """Stage align trains on captions only and is evaluated on the VQA test split: a template that fails only on
+    the VQA questions is named at align's evaluation, as generation prompts."""
+    from pipeline.preflight import PreflightError, preflight
+
+    template = (
+        "{{ bos_token }}{% for message in messages %}{% if 'normal' in message['content'] %}"
+        "{{ raise_exception('no such question') }}{% endif %}{% if message['role'] == 'user' %}"
+        "USER: {{ message['content'] }}\n{% else %}ASSISTANT: {{ message['content'] }}{{ eos_token }}{% endif %}"
+        "{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+    )
+    cfg = _demo_with_template(tmp_path, template)
+    with pytest.raises(PreflightError) as info:
+        preflight(cfg)
+    assert str(info.value) == (
+        "stages.align (evaluation): dataset phantom_slake, test split (test), record phantom_slake/1620 "
+        "(generation prompt): the chat template failed: no such question"
+    )

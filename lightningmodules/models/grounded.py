@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from lightningmodules.models.grounding import SEG_TOKEN, GroundingHead, seg_hidden_states
-from lightningmodules.models.multimodal import MultimodalLM
+from lightningmodules.models.multimodal import GREEDY, Decoding, MultimodalLM
 from lightningmodules.models.region import (
     REGION_END,
     REGION_PLACEHOLDER,
@@ -159,9 +159,11 @@ class GroundedMultimodalLM(MultimodalLM):
         max_new_tokens: int = 32,
         eos_token_id: int | list[int] | None = None,
         pad_token_id: int | None = None,
+        decoding: Decoding = GREEDY,
         **inputs: Any,
     ) -> tuple[torch.Tensor, list[Any]]:
-        """Greedy answers (B, K) and per sample the first ``<SEG>``'s (H, W) mask logits or None (fallback).
+        """Answers (B, K) (greedy by default; the decoding settings of :meth:`generate_from_embeds`) and per
+        sample the first ``<SEG>``'s (H, W) mask logits or None (fallback).
 
         ``inputs`` are the further model inputs of :meth:`embed` (``region_weights``, ``region_batch_index``).
         """
@@ -169,9 +171,11 @@ class GroundedMultimodalLM(MultimodalLM):
         generated = self.generate_from_embeds(
             embeds,
             attention_mask,
+            input_ids=input_ids,
             max_new_tokens=max_new_tokens,
             eos_token_id=eos_token_id,
             pad_token_id=pad_token_id,
+            decoding=decoding,
         )  # (B, K)
         batch = input_ids.shape[0]
         produced = generated == self.seg_token_id  # (B, K)

@@ -7,6 +7,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from medcore.chat import end_of_turn_token
+
 IMAGE_TOKEN = "<image>"
 
 # Used when a checkpoint's tokenizer has no chat template (Phi-2, base Llama): LLaVA's "plain
@@ -97,26 +99,11 @@ def fit_vocab(model: nn.Module, vocab_size: int, *, mean_resizing: bool) -> nn.M
     return model
 
 
-_TURN_MARKER = "MEDPIPE_ANSWER_END"
-
-
 def end_of_turn_token_id(tokenizer) -> int | None:
-    """The special token the chat template writes right after an assistant answer (``<end_of_turn>``,
-    ``<|im_end|>``, ``<|eot_id|>``, ``</s>``), or None when that is not a single special token (or the
-    template cannot render a plain user/assistant exchange)."""
-    conversation = [{"role": "user", "content": "Q"}, {"role": "assistant", "content": _TURN_MARKER}]
-    try:
-        text = tokenizer.apply_chat_template(conversation, tokenize=False)
-    except Exception:  # a template that rejects the exchange has no end-of-turn token to find
-        return None
-    if not isinstance(text, str) or _TURN_MARKER not in text:
-        return None
-    after = text.split(_TURN_MARKER, 1)[1].lstrip()
-    ids = tokenizer(after, add_special_tokens=False)["input_ids"] if after else []
-    if not ids:
-        return None
-    added = getattr(tokenizer, "added_tokens_decoder", {}).get(ids[0])
-    return ids[0] if ids[0] in tokenizer.all_special_ids or (added is not None and added.special) else None
+    """The id of the special token the chat template writes right after an assistant answer
+    (:func:`medcore.chat.end_of_turn_token`), or None."""
+    token = end_of_turn_token(tokenizer)
+    return None if token is None else tokenizer.convert_tokens_to_ids(token)
 
 
 def stop_token_ids(tokenizer) -> list[int]:

@@ -11,6 +11,28 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+SAMPLING_KEYS = ("temperature", "top_p", "top_k")  # apply with do_sample only
+
+
+@dataclass(frozen=True)
+class Decoding:
+    """How answers are decoded (``evaluation.*`` in the config); the defaults are plain greedy decoding.
+
+    ``num_beams`` > 1: beam search; ``do_sample``: draws from torch's global generator; ``temperature`` /
+    ``top_p`` / ``top_k`` (sampling only; None = 1.0 / no nucleus filter / no top-k filter, not HF's 50);
+    ``repetition_penalty`` (None = none)."""
+
+    num_beams: int = 1
+    do_sample: bool = False
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    repetition_penalty: float | None = None
+
+
+GREEDY = Decoding()
+
+
 IGNORE_INDEX = -100
 
 
@@ -149,19 +171,22 @@ class MultimodalLM(nn.Module):
         min_new_tokens: int = 0,
         eos_token_id: int | list[int] | None = None,
         pad_token_id: int | None = None,
+        decoding: Decoding = GREEDY,
         **inputs: Any,
     ) -> torch.Tensor:
-        """Greedy decoding with KV cache for a left-padded batch; returns (B, <=max_new_tokens).
+        """Decoding with KV cache for a left-padded batch (greedy by default); returns (B, <=max_new_tokens).
 
-        See :meth:`generate_from_embeds` for the stop tokens and the settings used."""
+        See :meth:`generate_from_embeds` for the stop tokens and the decoding settings."""
         embeds = self.embed(input_ids, pixel_values, image_task_ids, **inputs)
         return self.generate_from_embeds(
             embeds,
             attention_mask,
+            input_ids=input_ids,
             max_new_tokens=max_new_tokens,
             min_new_tokens=min_new_tokens,
             eos_token_id=eos_token_id,
             pad_token_id=pad_token_id,
+            decoding=decoding,
         )
 
     def stop_token_ids(self, eos_token_id: int | list[int] | None = None) -> list[int]:
@@ -175,26 +200,36 @@ class MultimodalLM(nn.Module):
         embeds: torch.Tensor,
         attention_mask: torch.Tensor,
         *,
+        input_ids: torch.Tensor | None = None,
         max_new_tokens: int = 32,
         min_new_tokens: int = 0,
         eos_token_id: int | list[int] | None = None,
         pad_token_id: int | None = None,
+        decoding: Decoding = GREEDY,
     ) -> torch.Tensor:
-        """Greedy decoding from prompt embeddings (B, T, D) (:meth:`embed`); returns (B, <=max_new_tokens).
+        """Decoding from prompt embeddings (B, T, D) (:meth:`embed`); returns the new tokens (B, <=max_new_tokens).
 
-        Greedy means greedy: no repetition penalty, sampling or other logits processing from the
-        checkpoint's ``generation_config.json`` (HF fills every unset field of a passed config from the
-        model's, so the model's is swapped for a neutral one for the call). Decoding stops at any of
-        :meth:`stop_token_ids`.
+        Only the settings passed here apply (:func:`decoding_config`): nothing comes from the checkpoint's
+        ``generation_config.json`` (HF fills every unset field of a passed config from the model's, so the
+        model's is swapped for a neutral one for the call). The defaults are greedy in the strict sense: no
+        repetition penalty, sampling or other logits processing. Decoding stops at any of :meth:`stop_token_ids`.
+        ``input_ids`` (B, T), the prompt's ids, let ``repetition_penalty`` count the prompt's tokens too, as
+        HF's ``generate(input_ids)`` does (the image / region placeholders count as prompt tokens: the model
+        never emits them); without them only the generated tokens are penalised.
         """
-        config = greedy_config(
+        config = decoding_config(
             max_new_tokens=max_new_tokens,
             min_new_tokens=min_new_tokens,
             eos_token_id=self.stop_token_ids(eos_token_id),
             pad_token_id=pad_token_id,
+            decoding=decoding,
         )
+        prompt = {} if input_ids is None else {"input_ids": input_ids}
         with neutral_generation_config(self.llm):
-            return self.llm.generate(inputs_embeds=embeds, attention_mask=attention_mask, generation_config=config)
+            out = self.llm.generate(
+                inputs_embeds=embeds, attention_mask=attention_mask, generation_config=config, **prompt
+            )
+        return out if input_ids is None else out[:, input_ids.shape[1] :]  # HF returns prompt + new ids then
 
 
 def unique_ids(*ids: int | list[int] | None) -> list[int]:
@@ -207,15 +242,34 @@ def unique_ids(*ids: int | list[int] | None) -> list[int]:
     return out
 
 
-def greedy_config(*, max_new_tokens: int, min_new_tokens: int, eos_token_id: list[int], pad_token_id: int | None):
-    """A ``GenerationConfig`` for plain greedy decoding: HF's global defaults (no penalty, no sampling)
-    with our length, stop and pad settings."""
+def decoding_config(
+    *,
+    max_new_tokens: int,
+    min_new_tokens: int,
+    eos_token_id: list[int],
+    pad_token_id: int | None,
+    decoding: Decoding = GREEDY,
+):
+    """A ``GenerationConfig`` with HF's global defaults (no penalty, no sampling, one beam) and the given
+    settings; the defaults are plain greedy decoding.
+
+    ``num_beams`` > 1: beam search (HF's ``length_penalty`` 1, ``early_stopping`` False); ``do_sample``: draws
+    from torch's global generator; ``temperature`` / ``top_p`` / ``top_k`` (sampling only; None = 1.0 / no
+    nucleus filter / no top-k filter, not HF's 50); ``repetition_penalty`` (None = none)."""
     from transformers import GenerationConfig
 
+    num_beams, do_sample, repetition_penalty = decoding.num_beams, decoding.do_sample, decoding.repetition_penalty
+    temperature, top_p, top_k = decoding.temperature, decoding.top_p, decoding.top_k
+    if not do_sample:
+        given = [
+            key for key, value in zip(SAMPLING_KEYS, (temperature, top_p, top_k), strict=True) if value is not None
+        ]
+        if given:
+            raise ValueError(f"{', '.join(given)} apply to sampling only: set do_sample=True or leave them None")
     settings = {
         **GenerationConfig._get_default_generation_params(),
-        "do_sample": False,
-        "num_beams": 1,
+        "do_sample": do_sample,
+        "num_beams": num_beams,
         "use_cache": True,
         "max_length": None,
         "max_new_tokens": max_new_tokens,
@@ -223,6 +277,12 @@ def greedy_config(*, max_new_tokens: int, min_new_tokens: int, eos_token_id: lis
         "eos_token_id": eos_token_id or None,
         "pad_token_id": pad_token_id,
     }
+    if repetition_penalty is not None:
+        settings["repetition_penalty"] = repetition_penalty
+    if do_sample:
+        settings["temperature"] = 1.0 if temperature is None else temperature
+        settings["top_p"] = 1.0 if top_p is None else top_p
+        settings["top_k"] = 0 if top_k is None else top_k  # 0: HF adds no top-k filter
     return GenerationConfig(**settings)
 
 

@@ -16,7 +16,7 @@ from typing import Any, Literal, get_args
 from datamodules.problems import OnBadRecord
 from datamodules.specs import DatasetSpec
 from medcore.checks import Problem, choice, positive
-from medcore.choices import Aggregation, RouterInput, Scheduler, Weighting
+from medcore.choices import Aggregation, ConversationPreset, RouterInput, Scheduler, Weighting
 from pipeline.reproducibility import CPU_KERNELS
 from pipeline.stages.kinds import is_router_stage
 from pipeline.strategies import strategy_problem
@@ -90,11 +90,26 @@ class LLMConfig:
     path: str = "tiny:llama"
     dtype: LLMDtype = "float32"
     chat_template: str | None = None  # jinja; used when given or when the tokenizer has none
+    # a LLaVA conversation template by name (medcore/conversations.py): prompts equal to the released code's
+    # Conversation.get_prompt(), e.g. vicuna_v1 (LLaVA v1.5), mistral_instruct (LLaVA-Med v1.5), phi (Med-MoE);
+    # replaces the tokenizer's template; not with chat_template
+    conversation: ConversationPreset | None = None
     system_prompt: str | None = None  # merged into the first user turn when the template rejects a system role
     enable_thinking: bool = False  # templates with a thinking switch (Qwen3): off = no reasoning block trained
     attn_implementation: str | None = None
     trust_remote_code: bool = False  # never on unless set: remote code runs from the checkpoint
     gradient_checkpointing: bool = False
+
+    def problems(self, key: str) -> list[Problem]:
+        if self.chat_template is not None and self.conversation is not None:
+            return [
+                (
+                    f"{key}.conversation",
+                    f"set either {key}.chat_template or {key}.conversation, not both "
+                    f"(conversation={self.conversation!r} is a chat template)",
+                )
+            ]
+        return []
 
 
 @dataclass
@@ -151,11 +166,23 @@ class LoraConfig:
     r: int = 8
     alpha: int = 16
     dropout: float = 0.05
-    # "all-linear" = every Linear of the LLM except lm_head (peft's convention)
+    # "all-linear" = every Linear of the LLM except lm_head (peft's convention; alone). Family-neutral aliases,
+    # resolved on the built LLM by structure (pipeline/trainable.py lora_targets; pre-flight checks the same):
+    # "mlp" = the Linear layers of every decoder layer's feed-forward block (Llama / Mistral / Qwen / Gemma /
+    # StableLM gate_proj, up_proj, down_proj; Phi fc1, fc2; GPT-2 c_fc, c_proj), "attention" = those of its
+    # attention block (q_proj, k_proj, v_proj, o_proj; Phi's dense; GPT-2 c_attn, c_proj). Other entries are
+    # module names as peft matches them (a module's dotted name or its suffix: q_proj, mlp.down_proj), and mix
+    # with the aliases: [attention, fc1]
     target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
 
     def problems(self, key: str) -> list[Problem]:
-        return positive(f"{key}.r", self.r)
+        found = positive(f"{key}.r", self.r)
+        targets = list(self.target_modules)
+        if not targets:
+            found.append((f"{key}.target_modules", "empty: name all-linear, mlp, attention or module names"))
+        elif "all-linear" in targets and len(targets) > 1:
+            found.append((f"{key}.target_modules", f"all-linear stands alone, got {targets}"))
+        return found
 
 
 @dataclass
@@ -396,9 +423,36 @@ class EvaluationConfig:
     max_new_tokens: int = 16
     batch_size: int = 32
     mask_threshold: float = 0.1  # grounding masks: sigmoid(logit) > threshold (MedPLIB's eval uses 0.1)
+    # Decoding (MultimodalLM.generate). Only these keys apply: the checkpoint's generation_config.json (its
+    # sampling, temperature, repetition_penalty ...) is never read; its eos list is (stop tokens). The defaults
+    # are greedy decoding, the papers' evaluation.
+    num_beams: int = 1  # > 1: beam search (HF's length_penalty 1, early_stopping false); deterministic
+    # true: sample each token. Draws come from torch's generator, seeded with the run's `seed` (+ rank) when the
+    # evaluation starts: the answers change with `seed`, and also with batch_size and the number of ranks (which
+    # draw goes to which sample); same seed, batches and ranks -> same answers. With num_beams > 1: beam sampling
+    do_sample: bool = False
+    temperature: float | None = None  # do_sample only; > 0; null = 1.0 (the model's distribution)
+    top_p: float | None = None  # do_sample only; in (0, 1]; null = no nucleus filter
+    top_k: int | None = None  # do_sample only; >= 1; null = no top-k filter (not HF's default 50)
+    # > 0, 1 = none; > 1 discourages tokens already in the prompt or the answer (CTRL; HF's logits processor);
+    # with greedy, beam search or sampling; null = not used
+    repetition_penalty: float | None = None
 
     def problems(self, key: str) -> list[Problem]:
-        return positive(f"{key}.batch_size", self.batch_size) + positive(f"{key}.max_new_tokens", self.max_new_tokens)
+        found = positive(f"{key}.batch_size", self.batch_size) + positive(f"{key}.max_new_tokens", self.max_new_tokens)
+        found += positive(f"{key}.num_beams", self.num_beams)
+        for name in ("temperature", "top_p", "top_k"):
+            if getattr(self, name) is not None and not self.do_sample:
+                found.append((f"{key}.{name}", f"applies to sampling only: set {key}.do_sample: true, or null"))
+        if self.temperature is not None:
+            found += positive(f"{key}.temperature", self.temperature)
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            found.append((f"{key}.top_p", f"must be in (0, 1], got {self.top_p}"))
+        if self.top_k is not None:
+            found += positive(f"{key}.top_k", self.top_k)
+        if self.repetition_penalty is not None:
+            found += positive(f"{key}.repetition_penalty", self.repetition_penalty)
+        return found
 
 
 @dataclass

@@ -14,7 +14,7 @@ from torch import nn
 
 from datamodules.specs import TASKS
 from lightningmodules.grounding_module import GroundingVLMModule, grounding_module_settings
-from lightningmodules.vlm_module import VLMModule
+from lightningmodules.vlm_module import DECODING_DEFAULTS, VLMModule
 from pipeline.callbacks import RoutingHeatmap
 from pipeline.gradient_conflict import GradientConflict
 from pipeline.stages.base import Stage
@@ -56,8 +56,11 @@ class VLMStage(Stage):
 
     @classmethod
     def module_settings(cls, cfg: DictConfig, stage: Any = None) -> dict[str, Any]:
-        """Keyword arguments of ``module_class`` beyond the model, tokenizer and optimiser."""
-        return {"max_new_tokens": cfg.evaluation.max_new_tokens}
+        """Keyword arguments of ``module_class`` beyond the model, tokenizer and optimiser: the evaluation's
+        length and decoding settings, and the run's seed for sampled decoding."""
+        evaluation = cfg.evaluation
+        decoding = {key: evaluation[key] for key in DECODING_DEFAULTS}
+        return {"max_new_tokens": evaluation.max_new_tokens, **decoding, "generation_seed": cfg.seed}
 
     def module(self, built: Any) -> VLMModule:
         return self.module_class(

@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from medcore.choices import TINY_MODELS
+from medcore.choices import TINY_LLM_FAMILIES, TINY_MODELS, TINY_TOWERS
+from pipeline.zoo.families import llm_builder, tower_builder
 from pipeline.zoo.language import lm_builder
 from pipeline.zoo.sam import build_medsam, build_sam
 from pipeline.zoo.tokenizer import build_tokenizer
@@ -20,6 +21,8 @@ BUILDERS: dict[str, Callable[[Path, Path], None]] = {
     "clip": build_clip,
     "sam": build_sam,
     "medsam": build_medsam,
+    **{name: llm_builder(name) for name in TINY_LLM_FAMILIES},
+    **{name: tower_builder(name) for name in TINY_TOWERS},
 }
 if set(BUILDERS) - {"tokenizer"} != set(TINY_MODELS):
     raise ImportError(f"medcore.choices.TINY_MODELS {TINY_MODELS} and the zoo's builders {sorted(BUILDERS)} differ")

@@ -17,6 +17,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+from medcore.choices import TINY_LLM_FAMILIES, TINY_TOWERS
 from medcore.paths import default_cache_dir
 
 log = logging.getLogger(__name__)
@@ -29,6 +30,10 @@ _ZOO = Path(__file__).resolve().parent
 _REPO = _ZOO.parents[1]
 # what each build reads besides the zoo's own code (the tokenizer's sources are every LM's too)
 _CORPUS = ("datamodules/synthetic/phantoms.py", "datamodules/synthetic/questions.py")
+# the real-architecture families (a sub-package, so editing them rebuilds only them)
+_FAMILIES = tuple(
+    str(p.relative_to(_REPO)) for p in sorted((_ZOO / "families").rglob("*")) if p.suffix in (".py", ".jinja")
+)
 BUILD_SOURCES: dict[str, tuple[str, ...]] = {
     "tokenizer": _CORPUS,
     "llama": _CORPUS,
@@ -38,6 +43,8 @@ BUILD_SOURCES: dict[str, tuple[str, ...]] = {
     "clip": ("datamodules/synthetic/phantoms.py", "datamodules/images.py"),
     "sam": (),
     "medsam": ("datamodules/synthetic/phantoms.py", "datamodules/images.py"),
+    **dict.fromkeys(TINY_LLM_FAMILIES, _CORPUS + _FAMILIES),
+    **dict.fromkeys(TINY_TOWERS, _FAMILIES),
 }
 
 

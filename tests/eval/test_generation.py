@@ -13,6 +13,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 def test_batched_generation_equals_sequential(slake_root, tiny_llama, tiny_clip) -> None:
     from datamodules.dataset import Collator
+    from lightningmodules.models.language import stop_token_ids
     from pipeline.model_factory import build_model
     from pipeline.runner import build_datamodule, connect
 
@@ -30,6 +31,7 @@ def test_batched_generation_equals_sequential(slake_root, tiny_llama, tiny_clip)
     assert len(lengths) > 1  # prompts of different lengths, so left padding is exercised
     collate = Collator(pad_token_id=built.tokenizer.pad_token_id, padding_side="left")
     tok = built.tokenizer
+    stops = built.model.stop_token_ids(stop_token_ids(tok))  # the evaluation's: eos, end-of-turn, eos list
 
     def generate(batch):
         return built.model.generate(
@@ -37,7 +39,7 @@ def test_batched_generation_equals_sequential(slake_root, tiny_llama, tiny_clip)
             batch["attention_mask"],
             batch["pixel_values"],
             max_new_tokens=8,
-            eos_token_id=tok.eos_token_id,
+            eos_token_id=stops,
             pad_token_id=tok.pad_token_id,
         )
 

@@ -12,6 +12,7 @@ from lightningmodules.grounding_module import GroundingVLMModule, grounding_modu
 from lightningmodules.losses import mask_losses
 from lightningmodules.metrics.grounding_summary import grounding_summary, region_vqa_summary
 from lightningmodules.models.grounded import GROUNDING_TOKENS, GroundedMultimodalLM
+from lightningmodules.models.multimodal import Decoding
 from pipeline.plots import draw_overlay
 
 
@@ -136,7 +137,12 @@ def test_seg_selection_in_generation_and_no_seg_fallback(grounded, monkeypatch) 
     word = tokenizer("it", add_special_tokens=False)["input_ids"][0]
     eos, pad, seg = tokenizer.eos_token_id, tokenizer.pad_token_id, model.seg_token_id
     generated = torch.tensor([[word, seg, word, eos], [word, word, eos, pad]])  # sample 1 has no <SEG>
-    monkeypatch.setattr(model.llm, "generate", lambda **_: generated)
+    # as HF's generate: prompt ids + new tokens when it is given the prompt's ids, else the new tokens
+    monkeypatch.setattr(
+        model.llm,
+        "generate",
+        lambda input_ids=None, **_: generated if input_ids is None else torch.cat([input_ids, generated], 1),
+    )
     seen = {}
     original = model.grounding.predict
 
@@ -290,3 +296,22 @@ def test_stage_loss_weights_from_the_recipe(grounded) -> None:
     assert (iii["ce_weight"], iii["bce_weight"], iii["dice_weight"]) == (1.0, 1.0, 5.0)
     assert (iv["ce_weight"], iv["bce_weight"], iv["dice_weight"]) == (1.0, 2.0, 0.5)
     assert iii["mask_threshold"] == 0.1
+
+
+def test_grounded_generation_applies_the_configured_decoding_settings(grounded) -> None:
+    """``evaluation.repetition_penalty`` reaches the grounded model's decoding: its answers equal the plain
+    model's ``generate`` under the same setting, and differ from greedy."""
+    _, built, dm = grounded
+    model = built.model.eval()
+    batch = batch_of(dm, "test", lambda r: r.task == "grounding", n=2, generation=True)
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values", "image_task_ids")}
+    grounding = {k: batch[k] for k in ("sam_pixel_values", "image_sizes", "sam_resized_sizes")}
+    with torch.no_grad():  # strong logits, so a penalty changes greedy picks
+        model.lm_head().weight.mul_(8.0)
+    settings = {"max_new_tokens": 8, "pad_token_id": built.tokenizer.pad_token_id}
+    penalised = Decoding(repetition_penalty=5.0)
+    ids, _ = model.generate_with_masks(**inputs, **grounding, **settings, decoding=penalised)
+    reference = model.generate(**inputs, **settings, decoding=penalised)
+    greedy, _ = model.generate_with_masks(**inputs, **grounding, **settings)
+    assert ids.tolist() == reference.tolist()
+    assert ids.tolist() != greedy.tolist()

@@ -208,10 +208,12 @@ def test_text_only_batch_skips_the_connector(tiny_cmoe) -> None:
 def test_mixed_batch_generation_equals_one_by_one(tiny_cmoe) -> None:
     """Left-padded batched greedy decoding of text-only and image prompts matches decoding each alone."""
     from datamodules.dataset import Collator
+    from lightningmodules.models.language import decode_answers, stop_token_ids
 
     model = tiny_cmoe.model.eval()
     tok = tiny_cmoe.tokenizer
     collate = Collator(pad_token_id=tok.pad_token_id, padding_side="left")
+    stops = model.stop_token_ids(stop_token_ids(tok))  # the evaluation's: eos, end-of-turn, eos list
     items = mixed_items(tiny_cmoe, with_answers=False)
     keys = ("input_ids", "attention_mask", "pixel_values", "image_task_ids")
 
@@ -219,10 +221,10 @@ def test_mixed_batch_generation_equals_one_by_one(tiny_cmoe) -> None:
         ids = model.generate(
             **{k: batch[k] for k in keys},
             max_new_tokens=6,
-            eos_token_id=tok.eos_token_id,
+            eos_token_id=stops,
             pad_token_id=tok.pad_token_id,
         )
-        return [t.strip() for t in tok.batch_decode(ids, skip_special_tokens=True)]
+        return decode_answers(tok, ids, stops)  # as the evaluation decodes: cut at the first stop id
 
     together = generate(collate(items))
     alone = [generate(collate([it]))[0] for it in items]
