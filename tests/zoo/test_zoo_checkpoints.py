@@ -10,6 +10,7 @@ and the tower returns exactly the patch grid.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -172,3 +173,27 @@ def test_tower_pixels_equal_hf_and_tokens_are_the_patch_grid(name: str) -> None:
         hidden = tower.encoder(pixel_values=ours, output_hidden_states=True).hidden_states[-2]
     assert tokens.shape[1] == grid * grid == tower.num_patches
     assert torch.equal(tokens, hidden[:, hidden.shape[1] - grid * grid :])  # prefix tokens (CLS, registers) dropped
+
+
+@pytest.mark.parametrize("aggregation", ["concat4", "avgpool", "none"])
+def test_odd_grid_tower_fails_in_preflight_naming_the_key_or_runs_unaggregated(aggregation: str, tmp_path) -> None:
+    """SigLIP with an odd grid: pooling aggregations stop the run in the pre-flight check (before any
+    weights load or MLflow opens) naming ``model.connector.aggregation`` and the grid; ``none`` passes."""
+    from pipeline.config import load_config
+    from pipeline.config.errors import ConfigError
+    from pipeline.preflight import preflight
+
+    demo = Path(__file__).resolve().parents[2] / "experiments" / "demo.yaml"
+    overrides = [
+        f"output_dir={tmp_path}/out",
+        "model.vision.path=tiny:siglip-odd",
+        f"model.connector.aggregation={aggregation}",
+    ]
+    cfg = load_config(demo, overrides)
+    if aggregation == "none":
+        preflight(cfg)
+        return
+    with pytest.raises(ConfigError) as error:
+        preflight(cfg)
+    message = str(error.value)
+    assert message.startswith("model.connector.aggregation: ") and "3x3" in message and "\n" not in message
