@@ -202,6 +202,21 @@ def cmd_params(args: argparse.Namespace) -> int:
     return 0
 
 
+_SCORE_PROTOCOLS_EPILOG = "<protocol sources>"
+
+
+class _ScoreHelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """``medpipe score --help``: the epilog is the protocol table of
+    ``lightningmodules.metrics.protocols``, read only when the help is shown (it imports torch)."""
+
+    def add_text(self, text: str | None) -> None:
+        if text == _SCORE_PROTOCOLS_EPILOG:
+            from lightningmodules.metrics.protocols import protocol_sources_text
+
+            text = protocol_sources_text()
+        super().add_text(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="medpipe", description="Medical multimodal-LLM experiment pipeline (Uni-Med, Med-MoE, MedPLIB recipes)."
@@ -234,12 +249,17 @@ def build_parser() -> argparse.ArgumentParser:
     score = sub.add_parser(
         "score",
         help="Rescore a prediction file under every paper's protocol.",
-        description="Rescore a prediction file (LLaVA-Med JSONL: question_id, text) against "
-        "references (conversation JSON, a SLAKE or VQA-RAD file, or our "
-        "predictions.jsonl), pairing by id.",
+        description="Rescore a prediction file (LLaVA-Med JSONL: question_id, text) against\n"
+        "references (conversation JSON, a SLAKE or VQA-RAD file, or our predictions.jsonl), pairing by id,\n"
+        "under each protocol: the rules of one paper's released evaluation script (listed below).",
+        epilog=_SCORE_PROTOCOLS_EPILOG,
+        formatter_class=_ScoreHelpFormatter,
     )
     score.add_argument(
-        "--protocol", default="all", choices=["all", "default", "llava_med", "med_moe", "uni_med", "medplib"]
+        "--protocol",
+        default="all",
+        metavar="PROTOCOL",
+        help="all (default), or one of the protocols listed below",
     )
     score.add_argument("--predictions", required=True, help="JSONL (or JSON list) with question_id and text")
     score.add_argument("--references", required=True, help="reference file")

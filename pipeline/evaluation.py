@@ -52,6 +52,8 @@ def reference_of(record: Record) -> Reference:
         modality=record.modality,
         dataset=record.dataset,
         question=record.question,
+        # Uni-Med's REC scores in the original pixels: detection.json's [x, y, w, h] and the image's (W, H)
+        extra={"box": record.box, "image_size": record.extra.get("image_size")} if record.box is not None else {},
     )
 
 
@@ -71,10 +73,11 @@ def llava_med_prediction(p: dict[str, Any], model_id: str) -> dict[str, Any]:
     }
 
 
-def score_records(texts_by_id: dict[str, str], records: list[Record]) -> dict[str, Any]:
-    """The full report for predictions (by record id) against records."""
+def score_records(texts_by_id: dict[str, str], records: list[Record], *, protocol_tasks: bool = True) -> dict[str, Any]:
+    """The full report for predictions (by record id) against records; ``protocol_tasks=False`` leaves out
+    the papers' per-task scorers (Uni-Med's report generation runs Java)."""
     pairs: list[Pair] = pair_by_id(texts_by_id, [reference_of(r) for r in records])
-    return evaluation_report(pairs)
+    return evaluation_report(pairs, protocol_tasks=protocol_tasks)
 
 
 def evaluate_model(
@@ -105,7 +108,9 @@ def evaluate_model(
     metrics.update(grounding_summary(predictions))  # seg/mdice, seg/miou per modality (grounded models)
     metrics.update(region_vqa_summary(predictions))  # region/...: MeCoVQA-Region under MedPLIB's protocol
     baseline_texts = majority_predictions(dm.split_records("train"), records)
-    baseline_report = score_records({r.id: t for r, t in zip(records, baseline_texts, strict=True)}, records)
+    baseline_texts_by_id = {r.id: t for r, t in zip(records, baseline_texts, strict=True)}
+    # the baseline's headline figures only: no per-task paper scorers (Java) a second time
+    baseline_report = score_records(baseline_texts_by_id, records, protocol_tasks=False)
     baseline = {k: v for k, v in flat_metrics(baseline_report).items() if k in HEADLINE}
 
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -8,7 +8,9 @@ Med-MoE and MedPLIB also write, and ours. References, detected from the file's c
 - VQA-RAD release JSON (``qid``, ``phrase_type``): the test phrase types;
 - a JSONL of our predictions, whose lines carry ``answer`` and ``answer_type``.
 
-Ids are compared as strings; every reference needs exactly one prediction.
+Ids are compared as strings; every reference needs exactly one prediction. The text report starts
+with the table of the released script (repository, commit, file) each protocol follows
+(``lightningmodules.metrics.protocols.PROTOCOL_SOURCES``, also printed by ``medpipe score --help``).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from typing import Any
 from datamodules.problems import DataError
 from datamodules.records import closed_if_yes_no
 from lightningmodules.metrics.pairing import Reference, pair_by_id
-from lightningmodules.metrics.protocols import PROTOCOLS
+from lightningmodules.metrics.protocols import PROTOCOLS, protocol_sources_markdown
 from lightningmodules.metrics.report import evaluation_report, format_report
 
 VQA_RAD_TEST_PHRASES = ("test_freeform", "test_para")
@@ -149,7 +151,19 @@ def score_files(
     return report
 
 
+def protocol_header(protocols: list[str]) -> str:
+    """The report header: which released script each scored protocol follows, and its metric names."""
+    if not protocols:
+        return ""
+    return (
+        "## Protocols: the released scripts they follow\n\n"
+        "Each protocol reproduces one paper's evaluation script; metric names are ours, the script's "
+        "own name beside each.\n\n" + protocol_sources_markdown(protocols) + "\n\n"
+    )
+
+
 def render(report: dict[str, Any], as_json: bool) -> str:
     if as_json:
         return json.dumps(report["protocols"])
-    return format_report(report)
+    title, _, rest = format_report(report).partition("\n\n")
+    return f"{title}\n\n{protocol_header(list(report.get('protocols', {})))}{rest}"

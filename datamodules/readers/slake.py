@@ -167,7 +167,7 @@ def box_records(qa_records: list[Record], *, task: str, dataset: str, problems: 
                     modality=qa.modality,
                     image_path=qa.image_path,
                     box=(x, y, w, h),
-                    extra={"organ": name, "img_id": qa.extra.get("img_id")},
+                    extra={"organ": name, "img_id": qa.extra.get("img_id"), "image_size": (width, height)},
                 )
             )
     return out

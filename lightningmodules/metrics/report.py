@@ -3,17 +3,21 @@ and a breakdown by dataset x answer type x modality."""
 
 from __future__ import annotations
 
+import logging
 from collections import defaultdict
 from typing import Any
 
-from .boxes import rec_scores
+from .boxes import MissingGeometryError, rec_scores
+from .captioning import ScorerUnavailable
 from .pairing import Pair
-from .protocols import PROTOCOLS, answer_kind, closed_hit, score_protocol
+from .protocols import PROTOCOLS, answer_kind, closed_hit, score_protocol, task_scorers
 from .segmentation import binarize, monai_dice, segmentation_scores
 from .text_scores import corpus_bleu, cumulative_bleu, exact_match, rouge_l, token_f1, token_recall
 
 VQA_TASKS = ("vqa", "qa", "region")  # answers scored as closed / open questions
 HEADLINE = ("closed_accuracy", "open_recall")
+
+log = logging.getLogger("medpipe")
 
 
 def _mean(values: list[float]) -> float:
@@ -38,7 +42,7 @@ def generation_scores(pairs: list[Pair]) -> dict[str, float]:
 
 
 def _task_scores(task: str, pairs: list[Pair]) -> dict[str, float]:
-    if task == "refer":  # referring expression comprehension: a box on the 0-100 grid
+    if task == "refer":  # REC, medpipe's grid-vs-grid IoU (Uni-Med's pixel rule: uni_med/miou, uni_med/acc)
         return rec_scores([p.prediction for p in pairs], [p.reference.answer for p in pairs])
     if task == "cls":
         return {
@@ -46,6 +50,37 @@ def _task_scores(task: str, pairs: list[Pair]) -> dict[str, float]:
             "count": float(len(pairs)),
         }
     return generation_scores(pairs)  # identify (REG), caption (report generation), anything else
+
+
+def _task_item(p: Pair) -> dict[str, Any]:
+    extra = p.reference.extra
+    return {
+        "id": p.reference.id,
+        "pred": p.prediction,
+        "gt": p.reference.answer,
+        "box": extra.get("box"),  # ground truth in the original image's pixels, [x, y, w, h]
+        "image_size": extra.get("image_size"),  # the original image's (W, H)
+    }
+
+
+def protocol_task_scores(by_task: dict[str, list[Pair]]) -> tuple[dict[str, dict[str, float]], list[str]]:
+    """Each protocol's own scores of tasks beyond VQA (``protocols.task_scorers``: Uni-Med's REC and
+    report generation), keyed ``<protocol>/<metric>`` per task, and one note per score left out because
+    its inputs (a record's box or image size) or its tools (pycocoevalcap, Java) are missing."""
+    scores: dict[str, dict[str, float]] = defaultdict(dict)
+    notes: list[str] = []
+    for protocol in PROTOCOLS:
+        for task, scorer in task_scorers(protocol).items():
+            if task not in by_task:
+                continue
+            try:
+                values = scorer([_task_item(p) for p in by_task[task]])
+            except (MissingGeometryError, ScorerUnavailable) as err:
+                notes.append(f"task {task}: {protocol} scores not computed: {err}")
+                log.warning(notes[-1])
+                continue
+            scores[task].update({f"{protocol}/{k}": v for k, v in values.items()})
+    return dict(scores), notes
 
 
 def breakdown(pairs: list[Pair]) -> list[dict[str, Any]]:
@@ -73,8 +108,9 @@ def breakdown(pairs: list[Pair]) -> list[dict[str, Any]]:
     return rows
 
 
-def evaluation_report(pairs: list[Pair]) -> dict[str, Any]:
-    """Everything the evaluation reports for one set of paired predictions."""
+def evaluation_report(pairs: list[Pair], *, protocol_tasks: bool = True) -> dict[str, Any]:
+    """Everything the evaluation reports for one set of paired predictions. ``protocol_tasks=False``
+    leaves out :func:`protocol_task_scores` (Uni-Med's report-generation set starts Java processes)."""
     vqa = [p for p in pairs if p.reference.task in VQA_TASKS]
     items = [{"pred": p.prediction, "gt": p.reference.answer, "answer_type": p.reference.answer_type} for p in vqa]
     report: dict[str, Any] = {"count": len(pairs), "protocols": {}, "tasks": {}, "breakdown": breakdown(vqa)}
@@ -86,6 +122,12 @@ def evaluation_report(pairs: list[Pair]) -> dict[str, Any]:
         if p.reference.task not in VQA_TASKS:
             by_task[p.reference.task].append(p)
     report["tasks"] = {task: _task_scores(task, items) for task, items in sorted(by_task.items())}
+    if protocol_tasks:
+        extra_scores, notes = protocol_task_scores(by_task)
+        for task, values in extra_scores.items():
+            report["tasks"][task].update(values)
+        if notes:
+            report["notes"] = notes
     return report
 
 
@@ -141,6 +183,8 @@ def format_report(report: dict[str, Any]) -> str:
         lines += [f"## Task `{task}`", "", "| metric | value |", "|---|---|"]
         lines += [f"| {k} | {_cell(v)} |" for k, v in scores.items()]
         lines.append("")
+    if report.get("notes"):
+        lines += ["## Notes", "", *(f"- {note}" for note in report["notes"]), ""]
     if report.get("breakdown"):
         lines += [
             "## By dataset, answer type and modality (default protocol)",

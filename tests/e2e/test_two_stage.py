@@ -75,7 +75,14 @@ def test_evaluation_files_and_table(two_stage) -> None:
     assert {"answer", "answer_type", "task", "dataset", "modality"} <= set(records[0])
     metrics = json.loads((ev.predictions_file.parent / "metrics.json").read_text())
     assert metrics["metrics"]["closed_accuracy"] == pytest.approx(ev.metrics["closed_accuracy"])
-    assert set(metrics["report"]["protocols"]) == {"default", "llava_med", "med_moe", "uni_med", "medplib"}
+    assert set(metrics["report"]["protocols"]) == {
+        "default",
+        "llava_med",
+        "llava_med_ad758b6",
+        "med_moe",
+        "uni_med",
+        "medplib",
+    }
     report_md = (ev.predictions_file.parent / "report.md").read_text()
     assert "## Protocols" in report_md and "## By dataset, answer type and modality" in report_md
     table = format_table(results_rows(result))

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from pipeline.cli import main
 
 
@@ -52,10 +54,14 @@ def test_score_llava_med_predictions_against_conversation_json(tmp_path: Path, c
     preds = llava_med_predictions(tmp_path, {11: "It looks abnormal", 12: "the liver"})
     assert main(["score", "--protocol", "all", "--predictions", str(preds), "--references", str(refs), "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert set(out) == {"default", "llava_med", "med_moe", "uni_med", "medplib"}
+    assert set(out) == {"default", "llava_med", "llava_med_ad758b6", "med_moe", "uni_med", "medplib"}
     assert out["default"]["closed_accuracy"] == 0.0  # "it looks abnormal" != "no"
     assert out["med_moe"]["closed_accuracy"] == 1.0  # "no" is a substring of "abnormal"
     assert out["default"]["open_recall"] == 1.0
+    # each protocol's complete metric set, under names that say the variant
+    assert set(out["llava_med"]) >= {"open_recall", "open_f1", "open_bleu4_cumulative", "open_bleu3_individual"}
+    assert set(out["med_moe"]) >= {"open_bleu1_individual_method1", "closed_f1"}
+    assert set(out["uni_med"]) >= {"open_bleu4_cumulative", "closed_bleu1_cumulative", "all_f1"}
     # one protocol only
     assert (
         main(["score", "--protocol", "uni_med", "--predictions", str(preds), "--references", str(refs), "--json"]) == 0
@@ -133,7 +139,40 @@ def test_score_text_report_lists_protocols(tmp_path: Path, capsys) -> None:
     preds = llava_med_predictions(tmp_path, {"a": "yes"})
     assert main(["score", "--predictions", str(preds), "--references", str(refs)]) == 0
     out = capsys.readouterr().out
-    assert "| closed_accuracy | 1.0000 | 1.0000 | 1.0000 | 1.0000 | 1.0000 |" in out
+    assert "| closed_accuracy | 1.0000 | 1.0000 | 1.0000 | 1.0000 | 1.0000 | 1.0000 |" in out
+    # the header names the released script each protocol follows, and the script's metric names
+    assert out.startswith("# Evaluation report (1 predictions)\n\n## Protocols: the released scripts they follow")
+    header = out.split("## Protocols\n")[0]
+    for where in (
+        "github.com/microsoft/LLaVA-Med @ b9a98a7, llava/eval/run_eval.py",
+        "github.com/microsoft/LLaVA-Med @ ad758b6, llava/eval/run_eval.py",
+        "github.com/jiangsongtao/Med-MoE @ 148cbd6, run_eval.py",
+        "github.com/tsinghua-msiip/Uni-Med @ 63b9dfb, eval_vqa.py",
+        "github.com/ShawnHuang497/MedPLIB @ 5ab54bc, model/eval/cal_metric.py",
+    ):
+        assert where in header
+    assert "| llava_med | closed_accuracy | yes/no accuracy |" in header
+
+
+def test_score_one_protocol_header_and_help(tmp_path: Path, capsys) -> None:
+    refs = write_jsonl(
+        tmp_path / "ours.jsonl", [{"question_id": "a", "text": "x", "answer": "yes", "answer_type": "closed"}]
+    )
+    preds = llava_med_predictions(tmp_path, {"a": "yes, no doubt"})
+    args = ["score", "--protocol", "llava_med_ad758b6", "--predictions", str(preds), "--references", str(refs)]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "| llava_med_ad758b6 | github.com/microsoft/LLaVA-Med @ ad758b6" in out
+    assert "Med-MoE" not in out  # only the protocol asked for
+    assert main([*args[:2], "llava", *args[3:]]) == 1
+    assert "unknown protocol 'llava'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["score", "--help"])
+    help_text = capsys.readouterr().out
+    for name in ("default", "llava_med", "llava_med_ad758b6", "med_moe", "uni_med", "medplib"):
+        assert f"  {name}: " in help_text
+    assert "github.com/jiangsongtao/Med-MoE @ 148cbd6, run_eval.py" in help_text
+    assert "SmoothingFunction().method1" in help_text
 
 
 def test_unknown_reference_format(tmp_path: Path, capsys) -> None:

@@ -18,6 +18,7 @@ from lightningmodules.metrics import (
     token_prf,
     token_recall,
 )
+from lightningmodules.metrics.text_scores import individual_bleu, script_exact_match
 
 TINY = 1e-70  # nltk's "zero" for a missing higher n-gram order is ~1e-77 or smaller
 
@@ -28,23 +29,41 @@ def test_exact_match_uses_normalisation():
     assert exact_match("Two", "2") == 1.0
 
 
-def test_token_scores_multiset():
-    # pred [left, left, lung], gt [left, lung, nodule]: tp = min(2,1) + 1 = 2
-    # precision 2/3, recall 2/3, f1 2/3
-    assert token_prf("left left lung", "left lung nodule") == pytest.approx((2 / 3, 2 / 3, 2 / 3))
+def test_token_scores_count_as_the_scripts_by_default():
+    # the papers' calculate_f1score: a shared word adds its prediction count: tp = 2 + 1 = 3,
+    # fp = 0, fn = 1 (nodule) -> precision 1, recall 3/4, f1 = 2*.75/1.75 = 6/7
+    # (the clipped counting gave 2/3, 2/3, 2/3 here; it was the default before)
+    assert token_prf("left left lung", "left lung nodule") == pytest.approx((1.0, 0.75, 6 / 7))
+    assert token_prf("left left lung", "left lung nodule", counting="script") == pytest.approx((1.0, 0.75, 6 / 7))
+    # datasets.md's example: "left left" against "left lung": tp 2, fn 1 -> recall 2/3
+    assert token_recall("left left", "left lung") == pytest.approx(2 / 3)
+    # repeated predicted word: tp 3, fp 0, fn 0 -> all 1 (clipped: precision 1/3)
+    assert token_prf("lung lung lung", "lung") == (1.0, 1.0, 1.0)
     # pred [x, ray, of, chest], gt [x, ray]: tp 2, precision 2/4, recall 2/2, f1 = 2*.5*1/1.5
     assert token_precision("x-ray of chest", "X-Ray") == pytest.approx(0.5)
     assert token_recall("x-ray of chest", "X-Ray") == pytest.approx(1.0)
     assert token_f1("x-ray of chest", "X-Ray") == pytest.approx(2 / 3)
 
 
-def test_token_scores_script_counting():
-    # papers' calculate_f1score: shared word adds its prediction count: tp = 2 + 1 = 3,
-    # fp = 0, fn = 1 (nodule) -> precision 1, recall 3/4, f1 = 2*.75/1.75 = 6/7
-    assert token_prf("left left lung", "left lung nodule", counting="script") == pytest.approx((1.0, 0.75, 6 / 7))
+def test_token_scores_clipped_counting():
+    # pred [left, left, lung], gt [left, lung, nodule]: tp = min(2,1) + 1 = 2
+    # precision 2/3, recall 2/3, f1 2/3
+    assert token_prf("left left lung", "left lung nodule", counting="clipped") == pytest.approx((2 / 3, 2 / 3, 2 / 3))
+    assert token_prf("lung lung lung", "lung", counting="clipped") == pytest.approx((1 / 3, 1.0, 0.5))
+    assert token_recall("left left", "left lung", counting="clipped") == pytest.approx(1 / 2)
 
 
-@pytest.mark.parametrize("counting", ["multiset", "script"])
+def test_script_exact_match_hand_values():
+    # calculate_exactmatch: distinct reference words found in the prediction / prediction words
+    assert script_exact_match("left lung", "The left lung") == 1.0
+    assert script_exact_match("left lung lung", "left lung") == pytest.approx(2 / 3)
+    assert script_exact_match("lung", "left lung") == 1.0  # not an exact match at all
+    assert script_exact_match("x-ray of chest", "x-ray x-ray") == pytest.approx(2 / 4)  # [x ray] counted once each
+    assert script_exact_match("", "lung") == 0.0
+    assert script_exact_match("lung", "") == 0.0
+
+
+@pytest.mark.parametrize("counting", ["script", "clipped"])
 def test_token_scores_empty_and_disjoint(counting):
     assert token_prf("", "liver", counting) == (0.0, 0.0, 0.0)
     assert token_prf("liver", "", counting) == (0.0, 0.0, 0.0)
@@ -55,6 +74,8 @@ def test_token_scores_empty_and_disjoint(counting):
 def test_token_scores_reject_unknown_counting():
     with pytest.raises(ValueError, match="counting"):
         token_recall("a", "b", counting="set")
+    with pytest.raises(ValueError, match="counting"):
+        token_recall("a", "b", counting="multiset")  # the old name of the clipped counting
 
 
 def test_sentence_bleu_hand_values():
@@ -71,6 +92,23 @@ def test_sentence_bleu_hand_values():
     assert sentence_bleu("x-ray of chest", "x-ray", weights=(0, 1)) == pytest.approx(1 / 3)
     # identical 4+ token texts score 1 at every order
     assert cumulative_bleu("small mass in left lung", "small mass in left lung") == pytest.approx([1.0] * 4)
+
+
+def test_individual_bleu_hand_values():
+    # hyp [x, ray, of, chest] vs ref [x, ray]: bp 1; p1 2/4, p2 1/3, p3 0/2, p4 0/1
+    assert individual_bleu("x-ray of chest", "x-ray", 1) == pytest.approx(1 / 2)
+    assert individual_bleu("x-ray of chest", "x-ray", 2) == pytest.approx(1 / 3)
+    assert 0 < individual_bleu("x-ray of chest", "x-ray", 3) < 1e-300  # no smoothing: float_info.min
+    # method1: a zero count becomes 0.1 / (hypothesis n-gram count)
+    assert individual_bleu("x-ray of chest", "x-ray", 3, smoothing="method1") == pytest.approx(0.1 / 2)
+    assert individual_bleu("x-ray of chest", "x-ray", 4, smoothing="method1") == pytest.approx(0.1 / 1)
+    # no unigram match: 0 with or without smoothing; shorter hypothesis: brevity penalty applies
+    assert individual_bleu("ct", "mri", 2, smoothing="method1") == 0.0
+    assert individual_bleu("left lung", "left lung lesion", 2) == pytest.approx(math.exp(-0.5))
+    with pytest.raises(ValueError):
+        individual_bleu("a", "b", 5)
+    with pytest.raises(ValueError, match="smoothing"):
+        sentence_bleu("a", "b", smoothing="method7")
 
 
 def test_sentence_bleu_zero_cases():
