@@ -215,27 +215,11 @@ def main() -> None:
 
     # (a) Med-MoE layer vs a dense FFN of the same active width
     meta = dense_ffn(d, f)
-    med_moe = MoEFeedForward.build(
-        hidden_size=d,
-        ffn_size=f,
-        num_experts=4,
-        top_k=1,
-        gated=True,
-        activation="silu",
-        meta_expert=meta,
-        renormalize=False,
+    med_moe_settings = dict(
+        hidden_size=d, ffn_size=f, num_experts=4, top_k=1, gated=True, activation="silu", meta_expert=meta
     )
-    med_moe_grouped = MoEFeedForward.build(
-        hidden_size=d,
-        ffn_size=f,
-        num_experts=4,
-        top_k=1,
-        gated=True,
-        activation="silu",
-        meta_expert=meta,
-        renormalize=False,
-        grouped_mm="always",
-    )
+    med_moe = MoEFeedForward.build(**med_moe_settings, renormalize=False)
+    med_moe_grouped = MoEFeedForward.build(**med_moe_settings, renormalize=False, grouped_mm="always")
     med_moe_grouped.load_state_dict(med_moe.state_dict())
     dense_same_active = dense_ffn(d, 2 * f)
     # (b), (c) top-2 of 8 with the same weights

@@ -71,71 +71,64 @@ def load_references(path: str | Path, *, languages: tuple[str, ...] = ("en",)) -
     rows = _read_json_or_jsonl(path)
     if not rows:
         raise DataError(f"{path}: no references")
-    first = rows[0]
     refs: list[Reference] = []
     for index, row in enumerate(rows):
         if not isinstance(row, dict):
             raise DataError(f"{path}: record {index}: expected an object")
-        if "conversations" in first or "conversatons" in first:
-            convs = row.get("conversations", row.get("conversatons")) or []
-            answers = [str(m.get("value", "")) for m in convs if m.get("from") in ("gpt", "assistant")]
-            if not answers:
-                raise DataError(f"{path}: record {row.get('id', index)}: field 'conversations': no gpt answer")
-            rid = str(row.get("id", index))
-            answer = answers[0].strip()
-            refs.append(
-                Reference(
-                    id=rid,
-                    answer=answer,
-                    answer_type=_answer_type(row.get("answer_type"), answer, path, rid),
-                    modality=row.get("modality"),
-                    dataset=path.stem,
-                )
-            )
-        elif "phrase_type" in first:  # VQA-RAD release
-            if row.get("phrase_type") not in VQA_RAD_TEST_PHRASES:
-                continue
-            rid, answer = str(row["qid"]), str(row["answer"]).strip()
-            refs.append(
-                Reference(
-                    id=rid,
-                    answer=answer,
-                    answer_type=_answer_type(row.get("answer_type"), answer, path, rid),
-                    modality=row.get("image_organ"),
-                    dataset="vqa_rad",
-                )
-            )
-        elif "qid" in first:  # SLAKE split file
-            if row.get("q_lang", "en") not in languages:
-                continue
-            rid, answer = str(row["qid"]), str(row["answer"]).strip()
-            refs.append(
-                Reference(
-                    id=rid,
-                    answer=answer,
-                    answer_type=_answer_type(row.get("answer_type"), answer, path, rid),
-                    modality=row.get("modality"),
-                    dataset="slake",
-                )
-            )
-        elif "question_id" in first and "answer" in first:  # our predictions.jsonl
-            rid, answer = str(row["question_id"]), str(row["answer"])
-            refs.append(
-                Reference(
-                    id=rid,
-                    answer=answer,
-                    answer_type=_answer_type(row.get("answer_type"), answer, path, rid),
-                    task=row.get("task") or "vqa",
-                    modality=row.get("modality"),
-                    dataset=row.get("dataset"),
-                )
-            )
-        else:
-            raise DataError(
-                f"{path}: cannot tell the reference format (expected conversation JSON, a SLAKE or "
-                "VQA-RAD file, or predictions with answers)"
-            )
+        fields = _reference_fields(rows[0], row, index, path, languages)
+        if fields is None:  # a split the scripts leave out: VQA-RAD's non-test phrases, other SLAKE languages
+            continue
+        answer_type = _answer_type(row.get("answer_type"), fields["answer"], path, fields["id"])
+        refs.append(Reference(answer_type=answer_type, **fields))
     return refs
+
+
+def _reference_fields(
+    first: dict, row: dict, index: int, path: Path, languages: tuple[str, ...]
+) -> dict[str, Any] | None:
+    """id, answer, modality, dataset (and task) of one reference row, in the format the file's first row
+    shows; None for a row the released scripts do not score."""
+    if "conversations" in first or "conversatons" in first:
+        convs = row.get("conversations", row.get("conversatons")) or []
+        answers = [str(m.get("value", "")) for m in convs if m.get("from") in ("gpt", "assistant")]
+        if not answers:
+            raise DataError(f"{path}: record {row.get('id', index)}: field 'conversations': no gpt answer")
+        return {
+            "id": str(row.get("id", index)),
+            "answer": answers[0].strip(),
+            "modality": row.get("modality"),
+            "dataset": path.stem,
+        }
+    if "phrase_type" in first:  # VQA-RAD release
+        if row.get("phrase_type") not in VQA_RAD_TEST_PHRASES:
+            return None
+        return {
+            "id": str(row["qid"]),
+            "answer": str(row["answer"]).strip(),
+            "modality": row.get("image_organ"),
+            "dataset": "vqa_rad",
+        }
+    if "qid" in first:  # SLAKE split file
+        if row.get("q_lang", "en") not in languages:
+            return None
+        return {
+            "id": str(row["qid"]),
+            "answer": str(row["answer"]).strip(),
+            "modality": row.get("modality"),
+            "dataset": "slake",
+        }
+    if "question_id" in first and "answer" in first:  # our predictions.jsonl
+        return {
+            "id": str(row["question_id"]),
+            "answer": str(row["answer"]),
+            "task": row.get("task") or "vqa",
+            "modality": row.get("modality"),
+            "dataset": row.get("dataset"),
+        }
+    raise DataError(
+        f"{path}: cannot tell the reference format (expected conversation JSON, a SLAKE or "
+        "VQA-RAD file, or predictions with answers)"
+    )
 
 
 def score_files(

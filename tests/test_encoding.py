@@ -42,6 +42,21 @@ def supervised(ids: list[int], labels: list[int]) -> list[int]:
     return [t for t, lab in zip(ids, labels, strict=True) if lab != IGNORE_INDEX]
 
 
+def label_spans(tok, ids: list[int], labels: list[int]) -> list[str]:
+    """The supervised runs of a sample, decoded."""
+    spans, current = [], []
+    for t, lab in zip(ids, labels, strict=True):
+        if lab != IGNORE_INDEX:
+            assert lab == t
+            current.append(t)
+        elif current:
+            spans.append(current)
+            current = []
+    if current:
+        spans.append(current)
+    return [tok.decode(s) for s in spans]
+
+
 def test_tokenizer_has_image_token(tok, enc) -> None:
     image_id = tok.convert_tokens_to_ids("<image>")
     assert enc.image_token_id == image_id
@@ -120,17 +135,7 @@ def test_multi_turn_labels_both_answers(tok, enc) -> None:
     )
     assert sample.input_ids.count(enc.image_token_id) == N_IMG  # one image, first turn only
     # the supervised spans, in order, are exactly the two answers
-    spans, current = [], []
-    for t, lab in zip(sample.input_ids, sample.labels, strict=True):
-        if lab != IGNORE_INDEX:
-            assert lab == t
-            current.append(t)
-        elif current:
-            spans.append(current)
-            current = []
-    if current:
-        spans.append(current)
-    assert [tok.decode(s) for s in spans] == [" Yes</s>", " the liver</s>"]
+    assert label_spans(tok, sample.input_ids, sample.labels) == [" Yes</s>", " the liver</s>"]
     assert "USER" not in tok.decode(supervised(sample.input_ids, sample.labels))
 
 

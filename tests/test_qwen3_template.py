@@ -5,9 +5,11 @@ prefix of the render with one more user turn. ``ConversationEncoder`` then rende
 from __future__ import annotations
 
 import pytest
+from test_encoding import label_spans
 
-from datamodules.encoding import IGNORE_INDEX, ConversationEncoder, end_of_turn_token
+from datamodules.encoding import IGNORE_INDEX, ConversationEncoder
 from datamodules.records import Record, Turn
+from medcore.chat import end_of_turn_token
 
 N_IMG = 3
 
@@ -159,21 +161,6 @@ def record(turns: list[Turn], *, image: bool = True, rid: str = "conv-7") -> Rec
         image_path="img.png" if image else None,
         turns=list(turns),
     )
-
-
-def label_spans(tok, ids: list[int], labels: list[int]) -> list[str]:
-    """The supervised runs of a sample, decoded."""
-    spans, current = [], []
-    for t, lab in zip(ids, labels, strict=True):
-        if lab != IGNORE_INDEX:
-            assert lab == t
-            current.append(t)
-        elif current:
-            spans.append(current)
-            current = []
-    if current:
-        spans.append(current)
-    return [tok.decode(s) for s in spans]
 
 
 def prefix_reference(enc: ConversationEncoder, tok, rec: Record) -> tuple[list[int], list[int]]:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from torch import nn
+from test_generation_semantics import load
 
-from lightningmodules.models.language import load_causal_lm, load_tokenizer, stop_token_ids
+from lightningmodules.models.language import stop_token_ids
 from lightningmodules.models.multimodal import MultimodalLM
 from medcore.choices import TINY_LLM_FAMILIES
 from pipeline.zoo import ensure_tiny
@@ -43,17 +43,7 @@ def family_path(name: str) -> Path:
 
 def load_family(name: str) -> tuple[MultimodalLM, object]:
     """A text-only MultimodalLM over the family's checkpoint, tokenizer as the runner loads it."""
-    path = family_path(name)
-    tokenizer = load_tokenizer(path, extra_special_tokens=["<image>"])
-    llm = load_causal_lm(path, vocab_size=len(tokenizer)).eval()
-    model = MultimodalLM(
-        vision=nn.Identity(),
-        connector=nn.Identity(),
-        llm=llm,
-        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
-        num_image_tokens=1,
-    )
-    return model.eval(), tokenizer
+    return load(family_path(name))
 
 
 def stops_of(model: MultimodalLM, tokenizer) -> list[int]:
