@@ -1,6 +1,6 @@
 """Pure scoring layer (no Lightning, no models): text, VQA protocols, boxes, segmentation."""
 
-from .boxes import box_iou, rec_scores
+from .boxes import box_iou, grid_rec_scores
 from .protocols import PROTOCOLS, answer_kind, closed_hit, open_scores, score_protocol
 from .segmentation import binarize, dice_from_iou, mask_iou, segmentation_scores
 from .text_scores import (
@@ -27,7 +27,7 @@ __all__ = [
     "exact_match",
     "mask_iou",
     "open_scores",
-    "rec_scores",
+    "grid_rec_scores",
     "rouge_l",
     "score_protocol",
     "segmentation_scores",

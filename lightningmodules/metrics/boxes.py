@@ -2,7 +2,7 @@
 
 Two REC scores, under their own names:
 
-- :func:`grid_rec_scores` (``rec_*`` keys, also exported as ``rec_scores``): medpipe's own, the
+- :func:`grid_rec_scores` (``rec_*`` keys): medpipe's own, the
   predicted box against the ground-truth box both on the 0-100 grid, continuous corners, with the
   tolerant parsing of :mod:`medcore.boxes` (the box may appear anywhere, fields in 0..grid).
 - :func:`uni_med_rec_scores` (``miou`` / ``acc`` as Uni-Med's ``eval_ref.py`` prints them): the
@@ -42,7 +42,6 @@ __all__ = [
     "box_iou",
     "grid_rec_scores",
     "parse_uni_med_box",
-    "rec_scores",
     "uni_med_pixel_box",
     "uni_med_rec_scores",
 ]
@@ -100,9 +99,6 @@ def grid_rec_scores(
         out["rec_miou"] = sum(ious) / len(ious)
         out["rec_acc@0.5"] = sum(iou > 0.5 for iou in ious) / len(ious)
     return out
-
-
-rec_scores = grid_rec_scores  # the name existing callers import
 
 
 # ------------------------------------------------------------------------------ Uni-Med (pixels)

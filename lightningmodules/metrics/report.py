@@ -7,7 +7,7 @@ import logging
 from collections import defaultdict
 from typing import Any
 
-from .boxes import MissingGeometryError, rec_scores
+from .boxes import MissingGeometryError, grid_rec_scores
 from .captioning import ScorerUnavailable
 from .pairing import Pair
 from .protocols import PROTOCOLS, answer_kind, closed_hit, score_protocol, task_scorers
@@ -43,7 +43,7 @@ def generation_scores(pairs: list[Pair]) -> dict[str, float]:
 
 def _task_scores(task: str, pairs: list[Pair]) -> dict[str, float]:
     if task == "refer":  # REC, medpipe's grid-vs-grid IoU (Uni-Med's pixel rule: uni_med/miou, uni_med/acc)
-        return rec_scores([p.prediction for p in pairs], [p.reference.answer for p in pairs])
+        return grid_rec_scores([p.prediction for p in pairs], [p.reference.answer for p in pairs])
     if task == "cls":
         return {
             "accuracy": _mean([exact_match(p.prediction, p.reference.answer) for p in pairs]),

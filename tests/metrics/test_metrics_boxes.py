@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from lightningmodules.metrics import box_iou, rec_scores
+from lightningmodules.metrics import box_iou
 from lightningmodules.metrics.boxes import (
     MissingGeometryError,
     grid_rec_scores,
@@ -67,7 +67,7 @@ def test_rec_scores():
     preds = ["{<0><0><10><10>}", "{<0><0><10><5>}", "no box here", "{<0><0><10><10>}", None]
     gts = ["{<0><0><10><10>}", (0, 0, 10, 10), (0, 0, 10, 10), (5, 0, 15, 10), (0, 0, 1, 1)]
     # IoUs: 1, 0.5 (half the box), 0 (unparseable), 1/3, 0 (no prediction)
-    out = rec_scores(preds, gts)
+    out = grid_rec_scores(preds, gts)
     assert out["rec_miou"] == pytest.approx((1 + 0.5 + 0 + 1 / 3 + 0) / 5)
     assert out["rec_acc@0.5"] == pytest.approx(1 / 5)  # IoU exactly 0.5 is not > 0.5
     assert out["rec_unparseable"] == 2
@@ -76,10 +76,10 @@ def test_rec_scores():
 
 def test_rec_scores_errors_and_empty():
     with pytest.raises(ValueError, match="ground-truth box 0"):
-        rec_scores(["{<0><0><1><1>}"], ["{<5><0><1><1>}"])
+        grid_rec_scores(["{<0><0><1><1>}"], ["{<5><0><1><1>}"])
     with pytest.raises(ValueError):
-        rec_scores(["{<0><0><1><1>}"], [])
-    assert rec_scores([], []) == {"rec_count": 0.0, "rec_unparseable": 0.0}
+        grid_rec_scores(["{<0><0><1><1>}"], [])
+    assert grid_rec_scores([], []) == {"rec_count": 0.0, "rec_unparseable": 0.0}
 
 
 # ----------------------------------------------------------------------------- Uni-Med's REC rule
