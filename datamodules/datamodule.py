@@ -97,7 +97,8 @@ class VQADataModule(L.LightningDataModule):
     ) -> VQADataModule:
         self.tokenizer = tokenizer
         self.sam_transform = sam_transform  # grounding models: items also carry SAM's input
-        self.region_grid_size = region_grid_size  # region encoders: items carry patch-grid weights
+        # region encoders: items carry the region mask at the vision input resolution and its patch-grid weights
+        self.region_grid_size = region_grid_size
         self.transform = transform
         self.task_ids = dict(TASK_IDS if task_ids is None else task_ids)  # task tag -> id in the batch
         self.encoder = ConversationEncoder(

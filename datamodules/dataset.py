@@ -13,7 +13,7 @@ from datamodules.images import ImageTransform, SamImageTransform, load_image, lo
 from datamodules.problems import DataError
 from datamodules.prompts import PromptTemplates
 from datamodules.records import Record
-from datamodules.regions import region_grid_weights
+from datamodules.regions import region_inputs
 
 LOAD_HINT = (
     "found while loading a sample; run `medpipe data check --format FORMAT PATH` (or set "
@@ -28,8 +28,9 @@ class VQADataset(Dataset):
     that mask at the image's original resolution (scoring happens there) and the original image
     size. Grounded models also get the image-side inputs of their extra parts, computed here in the
     loader workers: SAM's copy of the image (``sam_transform``) and, with ``region_grid_size`` G, the
-    region mask carried through the vision transform onto the G x G patch grid (``region_weights``,
-    :func:`datamodules.regions.region_grid_weights`).
+    region mask carried through the vision transform (:func:`datamodules.regions.region_inputs`): at the
+    vision input resolution (``region_mask_input`` (H_in, W_in) bool, what the region encoder samples) and
+    area-pooled onto the G x G patch grid (``region_weights`` (G, G), the "area" pooling option).
 
     An image or mask that fails to decode raises :class:`DataError` naming the file and record,
     under either bad-record policy: a worker cannot drop a sample without changing the epoch behind
@@ -98,9 +99,9 @@ class VQADataset(Dataset):
                     if isinstance(path, str):
                         item[key] = _original_mask(path, record.id, field_name, (height, width))
                 if "region_mask" in item and self.region_grid_size is not None:
-                    item["region_weights"] = region_grid_weights(
+                    item["region_mask_input"], item["region_weights"] = region_inputs(
                         item["region_mask"], grid_size=self.region_grid_size, image_transform=self.transform
-                    )  # (G, G)
+                    )  # (H_in, W_in) bool, (G, G)
         except DataError as e:
             raise DataError(f"{e} ({LOAD_HINT})", e.problem) from None
         return item
@@ -123,8 +124,10 @@ class Collator:
     Masks keep their original (per-image) resolutions, so they stay lists: ``masks`` and
     ``region_masks`` hold an (H_i, W_i) bool tensor or None per sample, ``image_sizes`` the
     original (H_i, W_i) or None. These keys are present when a sample of the batch has a mask.
-    Grounded models' tensors: ``sam_pixel_values`` (B, 3, S, S) with ``sam_resized_sizes``, and
-    ``region_weights`` (R, G, G) with ``region_batch_index`` (R,), the regions sample by sample.
+    Grounded models' tensors: ``sam_pixel_values`` (B, 3, S, S) with ``sam_resized_sizes``, and the
+    regions sample by sample: ``region_masks_input`` (R, H_in, W_in) bool (each region mask aligned with
+    ``pixel_values``; the model pools it either way), ``region_weights`` (R, G, G) (its soft patch coverage,
+    what the "area" pooling uses) and ``region_batch_index`` (R,).
     """
 
     def __init__(self, *, pad_token_id: int, padding_side: str) -> None:
@@ -160,8 +163,9 @@ class Collator:
             blank = torch.zeros_like(next(s for s in sam if s is not None))  # (3, S, S)
             batch["sam_pixel_values"] = torch.stack([blank if s is None else s for s in sam])  # (B, 3, S, S)
             batch["sam_resized_sizes"] = [it.get("sam_resized_size") for it in items]  # B x (h, w) | None
-        regions = [(b, it["region_weights"]) for b, it in enumerate(items) if "region_weights" in it]
-        if regions:  # grounded model with a region encoder: patch-grid weights in reading order
-            batch["region_weights"] = torch.stack([w for _, w in regions])  # (R, G, G)
+        regions = [(b, it) for b, it in enumerate(items) if "region_weights" in it]
+        if regions:  # grounded model with a region encoder: the region masks in reading order
+            batch["region_masks_input"] = torch.stack([it["region_mask_input"] for _, it in regions])  # (R, H_in, W_in)
+            batch["region_weights"] = torch.stack([it["region_weights"] for _, it in regions])  # (R, G, G)
             batch["region_batch_index"] = torch.tensor([b for b, _ in regions], dtype=torch.long)  # (R,)
         return batch

@@ -1,21 +1,31 @@
-"""Region prompts (MedPLIB), the image side: point, box or free-form shape -> mask -> vision-grid weights.
+"""Region prompts (MedPLIB), the image side: point, box or free-form shape -> mask -> the vision input.
 
 1. :func:`region_mask` rasterises every prompt kind to an (H, W) bool mask at the image's original
    resolution: a point becomes a small square, a box a filled rectangle, a free-form mask stays as it is.
-2. :func:`region_grid_weights` carries the mask through the vision tower's image geometry (optional
-   pad-to-square, resize, centre crop - the same steps as :class:`datamodules.images.ImageTransform`)
-   and area-pools it onto the G x G patch grid: each patch's weight is the fraction of it the region
-   covers. The dataset does this per item (in the loader workers), the collator stacks the results
-   into ``region_weights`` (R, G, G); the model's ``RegionEncoder`` pools the patch features with them.
+2. :func:`region_inputs` carries the mask through the vision tower's image geometry (optional
+   pad-to-square, resize, centre crop - the same steps as :class:`datamodules.images.ImageTransform`, with
+   the transform's own resize filter) in one pass and gives the model's two views of it:
 
-Why soft coverage weights: the weighted mean equals the mean, over the region's pixels, of the
-feature of the patch each pixel falls in. MedPLIB's code averages the adapted features at up to
-``max_sample_point`` randomly sampled region pixels (bilinear), so this is the deterministic, exact
-version of that estimate. A thresholded grid (``> 0``) would give a one-pixel sliver the same weight
-as a fully covered patch.
+   - the mask at the vision INPUT resolution, (H_in, W_in) bool, pixel for pixel aligned with
+     ``pixel_values`` (:func:`region_input_mask`): a pixel is in the region when the resized mask covers
+     at least half of it - what MedPLIB's released pipeline gets by resizing the 0/1 uint8 mask (its
+     ``ResizeLongestSide``) and rounding. The model's default "points" pooling samples the patch map at
+     these pixels (``lightningmodules/models/region.py``);
+   - the area-pooled G x G patch coverage in [0, 1] (:func:`region_grid_weights`): each patch's weight is
+     the fraction of it the (soft, resized) region covers - what the "area" pooling option uses.
 
-A non-empty region that the centre crop cuts away entirely is put on the patch nearest to where it
-was; an empty mask (no pixel at all) gets all-zero weights (the encoder then pools the whole image).
+   The dataset does this per item (in the loader workers); the collator stacks the results into
+   ``region_masks_input`` (R, H_in, W_in) bool and ``region_weights`` (R, G, G) float32 (2 KB a region:
+   the soft coverage, so that "area" gives exactly the numbers it always gave; a bool mask cannot carry it).
+
+Why soft coverage weights for "area": the weighted mean equals the mean, over the region's pixels, of the
+feature of the patch each pixel falls in; a thresholded grid (``> 0``) would give a one-pixel sliver the
+same weight as a fully covered patch.
+
+A non-empty region that the centre crop cuts away entirely (or that the resize thins below half a pixel
+everywhere) is put where it was nearest: the input mask gets the one pixel nearest to its centroid, the
+grid weights weight 1 on the patch nearest to it (only when the crop leaves no coverage at all). An empty
+mask (no pixel at all) gives an empty input mask and all-zero weights (the encoder's empty-region rule).
 """
 
 from __future__ import annotations
@@ -107,14 +117,18 @@ def region_mask(
     raise ValueError(f"region kind must be one of {REGION_KINDS}, got {kind!r}")
 
 
-# -- onto the vision grid -------------------------------------------------------------------------
+# -- onto the vision input and its patch grid ----------------------------------------------------
 
 
-def _through_image_geometry(mask: np.ndarray, transform: ImageTransform) -> tuple[np.ndarray, tuple[float, float]]:
+def _through_image_geometry(
+    mask: np.ndarray, transform: ImageTransform
+) -> tuple[np.ndarray, np.ndarray, tuple[float, float]]:
     """Apply an ``ImageTransform``'s pad / resize / crop to a float mask.
 
-    Returns the (h_c, w_c) coverage in [0, 1] and the region's centroid (row, col) in crop
-    coordinates before cropping (it may lie outside the crop).
+    Returns the (h_c, w_c) coverage in [0, 1] that the area pooling has always used (the crop clipped to the
+    resized image), the same coverage placed exactly as the image's pixels are, (H_in, W_in) (a crop larger
+    than the resized image is zero outside it, as PIL pads the image there), and the region's centroid
+    (row, col) in crop coordinates (it may lie outside the crop).
     """
     image = Image.fromarray(mask.astype(np.float32), mode="F")
     if transform.pad_square and image.width != image.height:
@@ -129,15 +143,66 @@ def _through_image_geometry(mask: np.ndarray, transform: ImageTransform) -> tupl
     if transform.do_center_crop and crop:
         crop_height, crop_width = int(crop["height"]), int(crop["width"])
         top, left = (resized.shape[0] - crop_height) // 2, (resized.shape[1] - crop_width) // 2  # floor, as HF
-        cropped = resized[max(0, top) : top + crop_height, max(0, left) : left + crop_width]
+        cropped = resized[max(0, top) : top + crop_height, max(0, left) : left + crop_width]  # (h_c, w_c)
+        placed = np.zeros((crop_height, crop_width), np.float32)  # (H_in, W_in)
+        placed[max(0, -top) : max(0, -top) + cropped.shape[0], max(0, -left) : max(0, -left) + cropped.shape[1]] = (
+            cropped
+        )
     else:
-        cropped = resized
+        cropped = placed = resized
     total = resized.sum()
     rows, cols = np.indices(resized.shape)
     centroid = (
         ((rows * resized).sum() / total - top, (cols * resized).sum() / total - left) if total > 0 else (0.0, 0.0)
     )
-    return cropped, centroid
+    return cropped, placed, centroid
+
+
+def _nearest_cell(centroid: tuple[float, float], shape: tuple[int, int], cells: int | None = None) -> tuple[int, int]:
+    """The (row, col) of the pixel (``cells`` None) or of the ``cells`` x ``cells`` patch nearest to ``centroid``."""
+    height, width = shape
+    rows, cols = (height, width) if cells is None else (cells, cells)
+    row = min(max(int(centroid[0] * rows / height), 0), rows - 1)
+    col = min(max(int(centroid[1] * cols / width), 0), cols - 1)
+    return row, col
+
+
+def region_inputs(
+    mask: MaskLike, *, grid_size: int, image_transform: ImageTransform | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(H, W) region mask at the original resolution -> (H_in, W_in) bool input mask, (G, G) float32 coverage.
+
+    ``image_transform`` is the vision tower's ``ImageTransform`` (so the mask lands where the image content
+    does); None means the mask is already aligned with the (square) vision input. One pass of the image
+    geometry gives both (:func:`region_input_mask`, :func:`region_grid_weights`).
+    """
+    original = free_form_mask(mask)  # (H, W) bool
+    array = original.numpy().astype(np.float32)  # (H, W)
+    if image_transform is not None:
+        area, placed, centroid = _through_image_geometry(array, image_transform)  # (h_c, w_c), (H_in, W_in)
+    else:
+        rows, cols = np.nonzero(array)
+        centroid = (rows.mean(), cols.mean()) if rows.size else (0.0, 0.0)
+        area = placed = array
+    present = bool(original.any())
+    coverage = F.adaptive_avg_pool2d(torch.from_numpy(np.ascontiguousarray(area))[None, None], grid_size)[
+        0, 0
+    ]  # (G, G)
+    if coverage.sum() <= 0 and present:
+        coverage[_nearest_cell(centroid, area.shape, grid_size)] = 1.0
+    inside = torch.from_numpy(np.ascontiguousarray(placed >= 0.5))  # (H_in, W_in) bool
+    if present and not bool(inside.any()):
+        inside[_nearest_cell(centroid, placed.shape)] = True
+    return inside, coverage
+
+
+def region_input_mask(mask: MaskLike, *, image_transform: ImageTransform | None = None) -> torch.Tensor:
+    """(H, W) region mask at the original resolution -> (H_in, W_in) bool, aligned with the vision input.
+
+    A pixel belongs to the region when the resized mask covers at least half of it; a non-empty region that
+    the crop (or the resize) leaves without such a pixel keeps the one pixel nearest to its centroid.
+    """
+    return region_inputs(mask, grid_size=1, image_transform=image_transform)[0]
 
 
 def region_grid_weights(
@@ -149,17 +214,4 @@ def region_grid_weights(
     content does); None means the mask is already aligned with the (square) vision input. A non-empty
     region that the crop removes entirely gets weight 1 on the patch nearest to its centroid.
     """
-    array = free_form_mask(mask).numpy().astype(np.float32)  # (H, W)
-    if image_transform is not None:
-        array, centroid = _through_image_geometry(array, image_transform)  # (h_c, w_c)
-    else:
-        rows, cols = np.nonzero(array)
-        centroid = (rows.mean(), cols.mean()) if rows.size else (0.0, 0.0)
-    coverage = F.adaptive_avg_pool2d(torch.from_numpy(np.ascontiguousarray(array))[None, None], grid_size)[
-        0, 0
-    ]  # (G, G)
-    if coverage.sum() <= 0 and np.asarray(mask).any():
-        row = min(max(int(centroid[0] * grid_size / array.shape[0]), 0), grid_size - 1)
-        col = min(max(int(centroid[1] * grid_size / array.shape[1]), 0), grid_size - 1)
-        coverage[row, col] = 1.0
-    return coverage
+    return region_inputs(mask, grid_size=grid_size, image_transform=image_transform)[1]

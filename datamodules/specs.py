@@ -1,7 +1,8 @@
 """Typed dataset specifications; the pipeline's config schema embeds these directly.
 
 ``format`` and ``task`` are ``Literal`` fields (the config rejects other values when a YAML layer is merged);
-:meth:`DatasetSpec.problems` checks what depends on the format (split names, subsets, synthetic kinds).
+:meth:`DatasetSpec.problems` checks what depends on the format (split names, subsets, split conventions,
+synthetic kinds).
 """
 
 from __future__ import annotations
@@ -29,6 +30,12 @@ LAYOUTS = {
 }
 # other formats: vqa only; conversation "cls" = one class label per image, "qa" = text-only questions
 SYNTHETIC_KINDS = {"conversation": ("vqa", "caption", "cls", "qa")}
+# Which question-answer pairs make a release's splits, where papers disagree (a reported number depends on it).
+# VQA-RAD (datamodules/readers/vqa_rad.py): freeform_para = the 2,248-pair freeform / para split by phrase_type
+# (1,797 train / 451 test; LLaVA-Med's); mevf = MEVF's data_RAD split (3,064 / 451, 3,515 pairs: every non-NULL
+# question_frame becomes a further train pair, also those of test questions; Med-MoE's).
+SplitConvention = Literal["freeform_para", "mevf"]
+SPLIT_CONVENTIONS: dict[str, tuple[str, ...]] = {"vqa_rad": get_args(SplitConvention)}
 
 
 @dataclass
@@ -60,6 +67,8 @@ class DatasetSpec:
     task: Task = "vqa"  # TASKS; slake: refer / identify build box records from detection.json
     subsets: list[str] | None = None  # mecovqa: complex, region, grounding (default: all)
     allow_pickle: bool = False  # pathvqa: read the original pickle release (unpickling runs code)
+    # vqa_rad: which pairs make the splits (SplitConvention above); null = freeform_para
+    convention: SplitConvention | None = None
     # relative sampling probability in a mixture (Uni-Med's sample ratio): dataset d is drawn with
     # probability weight_d / sum(weights); weights proportional to sizes reproduce concatenation
     weight: float = 1.0
@@ -85,6 +94,20 @@ class DatasetSpec:
                 )
         for subset in self.subsets or []:
             found += choice(f"{key}.subsets", subset, SUBSETS)
+        if self.convention is not None:
+            conventions = SPLIT_CONVENTIONS.get(self.format)
+            if conventions is None:
+                found.append(
+                    (
+                        f"{key}.convention",
+                        f"{self.format} has no split conventions (only {', '.join(SPLIT_CONVENTIONS)} has: set null)",
+                    )
+                )
+            else:
+                found += choice(f"{key}.convention", self.convention, conventions)
+            layout = self.synthetic.layout if self.synthetic is not None else None
+            if self.convention == "mevf" and layout == "parquet":
+                found.append((f"{key}.convention", "mevf needs question_frame: the hub parquet export has none"))
         if self.synthetic is not None:
             found += choice(f"{key}.synthetic.kind", self.synthetic.kind, SYNTHETIC_KINDS.get(self.format, ("vqa",)))
             if self.synthetic.layout is not None:

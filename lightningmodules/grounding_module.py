@@ -13,12 +13,14 @@ trainable grounding parameter (``GroundingHead.zero_loss``, for DDP).
 MedPLIB's weights: stage III CE 1, BCE 1, Dice 5; stage IV CE 1, BCE 2, Dice 0.5 (papers.md section 3).
 
 Evaluation (``test_step``): greedy generation; when the answer has ``<SEG>``, the mask decoder runs from
-that position's hidden state (:meth:`GroundedMultimodalLM.generate_with_masks`). A sample with a target
-mask gets per-image ``iou`` (MedPLIB: sigmoid(logit) > ``mask_threshold``, IoU 0 for an empty union or
-no mask), ``dice`` = 2 IoU / (1 + IoU) and ``pixel_dice`` (MONAI's per-image Dice, None for an empty
-target) in its prediction row; ``seg_produced`` False marks the no-``<SEG>`` fallback (an empty mask,
-i.e. IoU 0), counted in ``no_seg_count``. The first ``overlay_count`` grounding samples are kept in
-``overlay_samples`` (record, predicted mask, target mask); the evaluation draws them for MLflow.
+that position's hidden state (:meth:`GroundedMultimodalLM.generate_with_masks`); without one, from the
+hidden state ``no_seg_mask`` names (``last_answer_token``, MedPLIB's evaluate) or no mask at all
+(``none``: IoU 0). A sample with a target mask gets per-image ``iou`` (MedPLIB: sigmoid(logit) >
+``mask_threshold``, IoU 0 for an empty union or no mask), ``dice`` = 2 IoU / (1 + IoU) and ``pixel_dice``
+(MONAI's per-image Dice, None for an empty target) in its prediction row; ``seg_produced`` False marks an
+answer without ``<SEG>`` (and ``no_seg_mask`` how its mask was made), counted in ``no_seg_count``. The
+first ``overlay_count`` grounding samples are kept in ``overlay_samples`` (record, predicted mask, target
+mask); the evaluation draws them for MLflow.
 """
 
 from __future__ import annotations
@@ -33,11 +35,12 @@ from lightningmodules.models.grounding import pair_with_targets
 from lightningmodules.models.language import decode_answers
 from lightningmodules.vlm_module import OverlaySample, StepLoss, VLMModule, model_inputs
 
-GROUNDING_INPUTS = ("region_weights", "region_batch_index")
+GROUNDING_INPUTS = ("region_masks_input", "region_weights", "region_batch_index")
 
 
 def grounded_inputs(batch: dict[str, Any], *, with_labels: bool = True) -> dict[str, Any]:
-    """The parent's model inputs plus the regions' patch-grid weights (R, G, G) and sample index (R,)."""
+    """The parent's model inputs plus the regions' masks at the vision input resolution (R, H_in, W_in), their
+    patch-grid weights (R, G, G) and sample index (R,)."""
     return {**model_inputs(batch, with_labels=with_labels), **{k: batch.get(k) for k in GROUNDING_INPUTS}}
 
 
@@ -72,6 +75,7 @@ class GroundingVLMModule(VLMModule):
         focal_weight: float = 0.0,
         focal_gamma: float = 2.0,
         mask_threshold: float = 0.1,
+        no_seg_mask: str = "last_answer_token",
         overlay_count: int = 8,
         **kwargs: Any,
     ) -> None:
@@ -124,27 +128,34 @@ class GroundingVLMModule(VLMModule):
         self.moe.end()  # KV-cache steps route every token, whatever the last batch's mask
         settings = self.generation_settings()
         ids, masks = self.model.generate_with_masks(
-            **grounded_inputs(batch, with_labels=False), **sam_inputs(batch), **settings
+            **grounded_inputs(batch, with_labels=False),
+            **sam_inputs(batch),
+            **settings,
+            no_seg=self.hparams.no_seg_mask,
         )
+        seg_produced = (ids == self.model.seg_token_id).any(dim=1).tolist()  # (B,)
         texts = decode_answers(self.tokenizer, ids, settings["eos_token_id"])
         records = batch["records"]
         targets = batch.get("masks") or [None] * len(records)
         extras = [
-            {} if target is None else self.score_mask(record, masks[index], target)
+            {} if target is None else self.score_mask(record, masks[index], target, seg_produced=seg_produced[index])
             for index, (record, target) in enumerate(zip(records, targets, strict=True))
         ]
         return texts, extras
 
-    def score_mask(self, record: Any, logits: torch.Tensor | None, target: torch.Tensor) -> dict[str, Any]:
-        """Per-image MedPLIB IoU / Dice and MONAI's pixel Dice; the no-``<SEG>`` fallback is an empty mask."""
+    def score_mask(
+        self, record: Any, logits: torch.Tensor | None, target: torch.Tensor, *, seg_produced: bool
+    ) -> dict[str, Any]:
+        """Per-image MedPLIB IoU / Dice and MONAI's pixel Dice; no mask (``no_seg_mask: none``) scores IoU 0."""
         pred = None if logits is None else binarize(logits.float().cpu(), self.hparams.mask_threshold)  # (H, W)
-        if pred is None:
+        if not seg_produced:
             self.no_seg_count += 1
         iou = mask_iou(pred, target.cpu())
         if len(self.overlay_samples) < self.hparams.overlay_count:
             self.overlay_samples.append(OverlaySample(record=record, pred=pred, target=target.cpu()))
         return {
-            "seg_produced": pred is not None,
+            "seg_produced": seg_produced,
+            **({} if seg_produced else {"no_seg_mask": self.hparams.no_seg_mask}),
             "iou": iou,
             "dice": dice_from_iou(iou),
             "pixel_dice": pixel_dice(pred, target.cpu()),
@@ -165,5 +176,6 @@ def grounding_module_settings(cfg: Any, stage: Any = None) -> dict[str, Any]:
         "focal_weight": loss.focal,
         "focal_gamma": loss.focal_gamma,
         "mask_threshold": cfg.evaluation.mask_threshold,
+        "no_seg_mask": cfg.evaluation.no_seg_mask,
         "overlay_count": grounding.overlays,
     }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Iterable
 from typing import Any
@@ -10,6 +11,8 @@ import torch
 from torch import nn
 
 from lightningmodules.schedules import lr_lambda
+
+log = logging.getLogger("medpipe")
 
 
 def build_optimizer(
@@ -22,10 +25,14 @@ def build_optimizer(
     warmup_ratio: float,
     scheduler: str,
     min_lr_ratio: float,
+    warmup_steps: int | None = None,
+    warmup_start_ratio: float = 0.0,
+    decay_from: str = "warmup_end",
     empty_message: str = "no trainable parameters: check the stage's `train` groups",
 ) -> dict[str, Any]:
     """AdamW over the trainable ``parameters`` with a per-step warmup + decay schedule, in the form
-    Lightning's ``configure_optimizers`` returns."""
+    Lightning's ``configure_optimizers`` returns. The warmup lasts ``warmup_steps`` optimiser steps when
+    given, else ``ceil(warmup_ratio * total_steps)``; the schedule: :func:`lightningmodules.schedules.lr_lambda`."""
     decay, no_decay = [], []
     for param in parameters:
         if param.requires_grad:
@@ -38,11 +45,19 @@ def build_optimizer(
         betas=tuple(betas),
     )
     total = max(1, int(total_steps))
-    warmup = int(math.ceil(warmup_ratio * total))
+    warmup = int(warmup_steps) if warmup_steps is not None else int(math.ceil(warmup_ratio * total))
+    if warmup_steps is not None and warmup >= total:
+        log.warning("warmup_steps %d: the warmup does not end within the run's %d steps", warmup, total)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer,
         lambda step: lr_lambda(
-            step, total_steps=total, warmup_steps=warmup, scheduler=scheduler, min_lr_ratio=min_lr_ratio
+            step,
+            total_steps=total,
+            warmup_steps=warmup,
+            scheduler=scheduler,
+            min_lr_ratio=min_lr_ratio,
+            warmup_start_ratio=warmup_start_ratio,
+            decay_from=decay_from,
         ),
     )
     return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
@@ -50,7 +65,9 @@ def build_optimizer(
 
 def configure_from_hparams(module: Any, parameters: Iterable[nn.Parameter], **kwargs: Any) -> dict[str, Any]:
     """``build_optimizer`` with a LightningModule's saved ``lr``, ``weight_decay``, ``betas``, ``warmup_ratio``,
-    ``scheduler`` and ``min_lr_ratio`` hyperparameters and its trainer's step count."""
+    ``scheduler``, ``min_lr_ratio``, ``warmup_steps``, ``warmup_start_ratio`` and ``decay_from``
+    hyperparameters (the last three: their defaults when a module does not save them) and its trainer's step
+    count."""
     hp = module.hparams
     return build_optimizer(
         parameters,
@@ -61,5 +78,8 @@ def configure_from_hparams(module: Any, parameters: Iterable[nn.Parameter], **kw
         warmup_ratio=hp.warmup_ratio,
         scheduler=hp.scheduler,
         min_lr_ratio=hp.min_lr_ratio,
+        warmup_steps=hp.get("warmup_steps"),
+        warmup_start_ratio=hp.get("warmup_start_ratio", 0.0),
+        decay_from=hp.get("decay_from", "warmup_end"),
         **kwargs,
     )

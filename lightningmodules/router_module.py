@@ -35,6 +35,9 @@ class RouterModule(L.LightningModule):
         warmup_ratio: float = 0.03,
         scheduler: str = "cosine",
         min_lr_ratio: float = 0.0,
+        warmup_steps: int | None = None,
+        warmup_start_ratio: float = 0.0,
+        decay_from: str = "warmup_end",
     ) -> None:
         super().__init__()
         if not hasattr(model, "modality_classifier"):

@@ -70,6 +70,9 @@ class VLMModule(L.LightningModule):
         warmup_ratio: float = 0.03,
         scheduler: str = "cosine",
         min_lr_ratio: float = 0.0,
+        warmup_steps: int | None = None,
+        warmup_start_ratio: float = 0.0,
+        decay_from: str = "warmup_end",
         max_new_tokens: int = 16,
         num_beams: int = 1,
         do_sample: bool = False,
@@ -223,8 +226,10 @@ class VLMModule(L.LightningModule):
 
 
 def prediction_row(record: Any, text: str) -> dict[str, Any]:
-    """One sample's prediction with the record fields the evaluation pairs and breaks down by."""
-    return {
+    """One sample's prediction with the record fields the evaluation pairs and breaks down by; a box record
+    (REC) also carries its ground-truth box and original image size, so ``medpipe score`` can score the file
+    in pixels as Uni-Med's eval_ref.py does."""
+    row = {
         "question_id": record.id,
         "prompt": record.question,
         "text": text,
@@ -234,6 +239,11 @@ def prediction_row(record: Any, text: str) -> dict[str, Any]:
         "dataset": record.dataset,
         "modality": record.modality,
     }
+    if getattr(record, "box", None) is not None:
+        row["box"] = [float(v) for v in record.box]  # [x, y, w, h] in the original image's pixels
+        size = record.extra.get("image_size")
+        row["image_size"] = None if size is None else [int(v) for v in size]  # (W, H)
+    return row
 
 
 def gather_predictions(predictions: list[dict[str, Any]]) -> list[dict[str, Any]]:

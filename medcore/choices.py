@@ -12,6 +12,7 @@ from typing import Literal, get_args
 __all__ = [
     "AGGREGATIONS",
     "CONVERSATION_PRESETS",
+    "REGION_POOLINGS",
     "ROUTER_INPUTS",
     "SCHEDULERS",
     "TINY_LLM_FAMILIES",
@@ -20,6 +21,7 @@ __all__ = [
     "WEIGHTINGS",
     "Aggregation",
     "ConversationPreset",
+    "RegionPooling",
     "RouterInput",
     "Scheduler",
     "TinyLLMFamily",
@@ -36,6 +38,18 @@ RouterInput = Literal["task_token", "token", "task"]
 Weighting = Literal["soft", "sparse", "hard", "constant"]
 # learning-rate schedule after warmup (lightningmodules/schedules.py)
 Scheduler = Literal["cosine", "linear", "constant"]
+# where the decay's progress starts counting: after the warmup, or at step 0 (LAVIS / Uni-Med)
+DecayFrom = Literal["warmup_end", "start"]
+# which routed assignments an over-full MoE expert keeps: the first in token order (GShard) or a random subset
+# (DeepSpeed's top1gating with use_rts; MedPLIB stage IV)
+DropPolicy = Literal["position", "random"]
+# MedPLIB evaluation, an answer without <SEG>: its mask from the hidden state that produced the answer's last token
+# before the stop (5ab54bc's evaluate), or none (IoU 0; the first release 9c3efe9)
+NoSegMask = Literal["last_answer_token", "none"]
+# how a MedPLIB region prompt becomes one token (lightningmodules/models/region.py): "points" = the released
+# code (bilinear samples at up to region_max_points random mask pixels, averaged), "area" = coverage-weighted
+# mean of the patch features
+RegionPooling = Literal["points", "area"]
 # what a tiny:<name> model path may name (pipeline/zoo builds them; "tokenizer" is not a model)
 TinyModel = Literal["clip", "llama", "phi", "qwen2", "stablelm", "sam", "medsam"]
 # LLaVA-family conversation templates as chat templates (medcore/conversations.py, model.llm.conversation)
@@ -58,6 +72,9 @@ AGGREGATIONS: tuple[str, ...] = get_args(Aggregation)
 ROUTER_INPUTS: tuple[str, ...] = get_args(RouterInput)
 WEIGHTINGS: tuple[str, ...] = get_args(Weighting)
 SCHEDULERS: tuple[str, ...] = get_args(Scheduler)
+DECAY_FROM: tuple[str, ...] = get_args(DecayFrom)
+DROP_POLICIES: tuple[str, ...] = get_args(DropPolicy)
+REGION_POOLINGS: tuple[str, ...] = get_args(RegionPooling)
 TINY_LLM_FAMILIES: tuple[str, ...] = get_args(TinyLLMFamily)
 TINY_TOWERS: tuple[str, ...] = get_args(TinyTower)
 TINY_MODELS: tuple[str, ...] = get_args(TinyModel) + TINY_LLM_FAMILIES + TINY_TOWERS

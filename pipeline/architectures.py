@@ -78,7 +78,7 @@ ARCHITECTURES: dict[str, Architecture] = {
                 "max_position_embeddings": 4096,
                 "tie_word_embeddings": False,
             },
-            aliases=("llama-2-7b", "llama-2-7b-hf", "llama-2-7b-chat-hf", "vicuna-7b-v1.5"),
+            aliases=("llama-2-7b", "llama-2-7b-hf", "llama-2-7b-chat-hf", "vicuna-7b-v1.5", "llava-v1.5-7b-llm"),
             tokenizer_size=32000,
         ),
         Architecture(

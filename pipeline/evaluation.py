@@ -80,6 +80,19 @@ def score_records(texts_by_id: dict[str, str], records: list[Record], *, protoco
     return evaluation_report(pairs, protocol_tasks=protocol_tasks)
 
 
+def grounding_settings(cfg: DictConfig) -> dict[str, Any]:
+    """How a grounded model's masks were scored, for metrics.json: the threshold and what an answer without
+    ``<SEG>`` got (``evaluation.no_seg_mask``); empty for other models."""
+    if cfg.model.get("grounding") is None:
+        return {}
+    return {
+        "grounding": {
+            "mask_threshold": cfg.evaluation.mask_threshold,
+            "no_seg_mask": cfg.evaluation.no_seg_mask,
+        }
+    }
+
+
 def evaluate_model(
     cfg: DictConfig, built: Any, *, tracker: Any, run_id: str | None, out_dir: Path, module: VLMModule | None = None
 ) -> EvalResult:
@@ -123,6 +136,7 @@ def evaluate_model(
         "padding_duplicates_removed": padding,
         "metrics": {k: metrics[k] for k in HEADLINE if k in metrics},
         "majority_baseline": baseline,
+        **grounding_settings(cfg),
         "all_metrics": metrics,
         "report": report,
     }

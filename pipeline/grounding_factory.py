@@ -79,7 +79,13 @@ def build_grounded(
                 f"model.grounding.region needs a square patch grid; the vision tower gives "
                 f"{model.vision.num_tokens} tokens (set vision.select_feature: patch)"
             )
-        region = RegionEncoder(vision_hidden_size=model.vision.hidden_size, llm_hidden_size=llm_hidden, grid_size=grid)
+        region = RegionEncoder(
+            vision_hidden_size=model.vision.hidden_size,
+            llm_hidden_size=llm_hidden,
+            grid_size=grid,
+            pooling=cfg.region_pooling,
+            max_points=cfg.region_max_points,
+        )
     grounded = GroundedMultimodalLM(
         vision=model.vision,
         aggregation=model.aggregation,

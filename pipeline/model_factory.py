@@ -77,6 +77,7 @@ def build_model(
     cache_dir: str | Path | None = None,
     weights: Weights = "pretrained",
     device: str | torch.device | None = None,
+    conversation: str | None = None,
 ) -> BuiltModel:
     """Vision tower, connector, causal LM (and MedPLIB's grounding head) from the ``model`` section of an
     experiment config.
@@ -86,14 +87,15 @@ def build_model(
     no weight file read; a path absent on disk falls back to the built-in architecture its name matches
     (``pipeline/architectures.py``), logged in one line; without the LLM's tokenizer files ``tokenizer`` is
     None and the added tokens get the ids after the released vocabulary. ``device``: where parameters are
-    created (``"meta"``: no memory); None keeps the loaders' default.
+    created (``"meta"``: no memory); None keeps the loaders' default. ``conversation``: a LLaVA conversation
+    preset whose template replaces the one ``model.llm`` sets (a stage's ``conversation``); None: ``model.llm``'s.
     """
     if weights not in WEIGHTS:
         raise ValueError(f"weights must be one of {WEIGHTS}, got {weights!r}")
     for path in _tiny_paths(cfg):  # built (trained and saved) on first use: never under the device context
         resolve_model_path(path, cache_dir)
     with torch.device(device) if device is not None else contextlib.nullcontext():
-        return _build(cfg, cache_dir=cache_dir, pretrained=weights == "pretrained")
+        return _build(cfg, cache_dir=cache_dir, pretrained=weights == "pretrained", conversation=conversation)
 
 
 def _tiny_paths(cfg: DictConfig) -> list[str]:
@@ -102,7 +104,9 @@ def _tiny_paths(cfg: DictConfig) -> list[str]:
     return [p for p in paths if str(p).startswith("tiny:")]
 
 
-def _build(cfg: DictConfig, *, cache_dir: str | Path | None, pretrained: bool) -> BuiltModel:
+def _build(
+    cfg: DictConfig, *, cache_dir: str | Path | None, pretrained: bool, conversation: str | None = None
+) -> BuiltModel:
     # the vision side first (loading it draws no random numbers): a patch grid the aggregation cannot
     # handle fails here, before the LLM loads
     encoder, transform = _vision_encoder(cfg.vision, cache_dir=cache_dir, pretrained=pretrained)
@@ -113,6 +117,7 @@ def _build(cfg: DictConfig, *, cache_dir: str | Path | None, pretrained: bool) -
         select_feature=cfg.vision.select_feature,
         frozen=True,
         image_size=transform.output_size[0],
+        output_norm=cfg.vision.get("output_norm", False),
     )
     aggregation = TokenAggregation(mode=cfg.connector.aggregation, pool=cfg.connector.pool)
     try:
@@ -120,7 +125,9 @@ def _build(cfg: DictConfig, *, cache_dir: str | Path | None, pretrained: bool) -
     except ValueError as e:
         raise ConfigError(f"model.connector.aggregation: {e}") from None
     extra_tokens = [IMAGE_TOKEN] + grounding_tokens(cfg)
-    llm, tokenizer, token_ids = _language_model(cfg.llm, extra_tokens, cache_dir=cache_dir, pretrained=pretrained)
+    llm, tokenizer, token_ids = _language_model(
+        cfg.llm, extra_tokens, cache_dir=cache_dir, pretrained=pretrained, conversation=conversation
+    )
     if cfg.llm.gradient_checkpointing:
         llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     connector = build_connector(cfg.connector, in_dim=in_dim, out_dim=llm.config.hidden_size)
@@ -151,9 +158,15 @@ def _build(cfg: DictConfig, *, cache_dir: str | Path | None, pretrained: bool) -
 
 
 def _language_model(
-    cfg: DictConfig, extra_tokens: list[str], *, cache_dir: str | Path | None, pretrained: bool
+    cfg: DictConfig,
+    extra_tokens: list[str],
+    *,
+    cache_dir: str | Path | None,
+    pretrained: bool,
+    conversation: str | None = None,
 ) -> tuple[nn.Module, Any, dict[str, int]]:
-    """``(llm, tokenizer, ids of extra_tokens)`` for ``model.llm`` (tokenizer None: a built-in architecture)."""
+    """``(llm, tokenizer, ids of extra_tokens)`` for ``model.llm`` (tokenizer None: a built-in architecture);
+    ``conversation`` overrides ``model.llm.conversation`` (and ``chat_template``) for the tokenizer's template."""
     llm_dir = resolve_model_path(cfg.path, cache_dir)
     options = {
         "dtype": cfg.dtype,
@@ -171,8 +184,9 @@ def _language_model(
         chat_template=cfg.chat_template,
         trust_remote_code=cfg.trust_remote_code,
     )
-    if cfg.get("conversation") is not None:  # a LLaVA conversation preset replaces the tokenizer's template
-        tokenizer.chat_template = conversation_template(cfg.conversation, add_bos=adds_bos(tokenizer))
+    preset = conversation if conversation is not None else cfg.get("conversation")
+    if preset is not None:  # a LLaVA conversation preset replaces the tokenizer's template
+        tokenizer.chat_template = conversation_template(preset, add_bos=adds_bos(tokenizer))
     token_ids = {token: tokenizer.convert_tokens_to_ids(token) for token in extra_tokens}
     if pretrained:
         return load_causal_lm(llm_dir, vocab_size=len(tokenizer), **options), tokenizer, token_ids

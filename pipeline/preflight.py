@@ -121,13 +121,11 @@ def check_stage(cfg: DictConfig, name: str, base: nn.Module) -> None:
     stage = stage_for(cfg, name)
     model = copy.deepcopy(base)
     stage.start_structure(model)
-    lora = stage.config.lora
-    if lora is not None:
-        problem = lora_problem(model.llm, lora.target_modules)
-        if problem is not None:
-            raise PreflightError(f"stages.{name}.lora.target_modules: {problem}")
     with torch.device("meta"):  # LoRA adapters take no memory either
-        stage.apply_changes(model)
+        try:  # its structure first (MoE layers the ``experts`` target adapts), then LoRA on lora_targets
+            stage.apply_changes(model)
+        except LoraTargetError as error:
+            raise PreflightError(f"stages.{name}.lora.target_modules: {error}") from None
     groups = parameter_groups(model)
     empty = [g for g in stage.trained_groups() if not groups.get(g)]
     if empty:

@@ -188,7 +188,9 @@ def run_stage(
     name, stage_dir = stage.name, out_dir / "stages" / stage.name
     start = time.perf_counter()
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    built = build_model(cfg.model, cache_dir=cfg.cache_dir)
+    # the stage's conversation preset (null: model.llm's) sets the tokenizer's template: its training and
+    # evaluation prompts both come from this tokenizer
+    built = build_model(cfg.model, cache_dir=cfg.cache_dir, conversation=stage.config.conversation)
     if init is not None:
         restore(built.model, init)
         log.info("stage %s: starting from %s", name, init)
@@ -198,7 +200,8 @@ def run_stage(
     if on_stage_start is not None:
         on_stage_start(name, built.model)
 
-    dm = connect(build_datamodule(cfg, list(stage.config.datasets) if stage.config.datasets else None), built)
+    run_cfg = stage.run_config()  # the stage's batch size, max length and accumulation where it sets them
+    dm = connect(build_datamodule(run_cfg, list(stage.config.datasets) if stage.config.datasets else None), built)
     module = stage.module(built)
     state = state or RunState(name=cfg.name)
     run_id, ckpt, resuming = start_stage_run(cfg, name, tracker=tracker, state=state, out_dir=out_dir)
@@ -210,7 +213,7 @@ def run_stage(
         *(extra_callbacks(name) if extra_callbacks is not None else []),
     ]
     trainer = build_trainer(
-        cfg.trainer,
+        run_cfg.trainer,
         max_epochs=stage.config.max_epochs,
         max_steps=stage.config.max_steps,
         logger=tracker.lightning_logger(run_id),
@@ -372,8 +375,13 @@ def _run_experiment(
         if cfg.evaluation.enabled and not cfg.evaluation.after_each_stage:
             if not result.stages:
                 raise ValueError("nothing to evaluate: the experiment has no stages (use `medpipe evaluate`)")
+            last = result.stages[-1]
             result.evaluation = evaluate_handover(
-                cfg, result.stages[-1].handover, tracker=tracker, out_dir=out_dir / "eval"
+                cfg,
+                last.handover,
+                tracker=tracker,
+                out_dir=out_dir / "eval",
+                conversation=cfg.stages[last.name].conversation,  # the prompts the last stage trained on
             )
         elif result.stages:
             result.evaluation = result.stages[-1].evaluation
@@ -392,19 +400,34 @@ def _run_experiment(
 
 
 def evaluate_handover(
-    cfg: DictConfig, handover: str | Path, *, tracker: Tracker, out_dir: Path, run_name: str = "evaluate"
+    cfg: DictConfig,
+    handover: str | Path,
+    *,
+    tracker: Tracker,
+    out_dir: Path,
+    run_name: str = "evaluate",
+    conversation: str | None = None,
 ) -> EvalResult:
-    """Build the model from the config, load a hand-over file and evaluate it in a nested run."""
+    """Build the model from the config, load a hand-over file and evaluate it in a nested run;
+    ``conversation``: the preset of the prompts (a stage's ``conversation``; None: ``model.llm``'s)."""
     with cpu_numerics(cfg.trainer):
-        return _evaluate_handover(cfg, handover, tracker=tracker, out_dir=out_dir, run_name=run_name)
+        return _evaluate_handover(
+            cfg, handover, tracker=tracker, out_dir=out_dir, run_name=run_name, conversation=conversation
+        )
 
 
 def _evaluate_handover(
-    cfg: DictConfig, handover: str | Path, *, tracker: Tracker, out_dir: Path, run_name: str
+    cfg: DictConfig,
+    handover: str | Path,
+    *,
+    tracker: Tracker,
+    out_dir: Path,
+    run_name: str,
+    conversation: str | None = None,
 ) -> EvalResult:
     start = time.perf_counter()
     check_checkpoints(cfg.model)
-    built = build_model(cfg.model, cache_dir=cfg.cache_dir)
+    built = build_model(cfg.model, cache_dir=cfg.cache_dir, conversation=conversation)
     restore(built.model, handover)
     run_id = tracker.start_child(run_name=run_name, tags={"stage": "evaluate", "checkpoint": str(handover)})
     result = evaluate_model(cfg, built, tracker=tracker, run_id=run_id, out_dir=out_dir)

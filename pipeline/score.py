@@ -124,6 +124,8 @@ def _reference_fields(
             "task": row.get("task") or "vqa",
             "modality": row.get("modality"),
             "dataset": row.get("dataset"),
+            # REC rows: the ground-truth box and image size Uni-Med's REC score needs (pixels)
+            "extra": {k: row[k] for k in ("box", "image_size") if row.get(k) is not None},
         }
     raise DataError(
         f"{path}: cannot tell the reference format (expected conversation JSON, a SLAKE or "

@@ -18,7 +18,11 @@ Entries (JSON-able, loadable with ``torch.load(weights_only=True)``):
 
     {"kind": "modality_classifier", "modalities": ["CT", "MRI", ...]}
     {"kind": "moe", "layers": [0, 2, ...], "num_experts": 4, "top_k": 1, "meta_expert": true,
-     "renormalize": false, "capacity_factor": null, "aux_loss_coef": 0.0, "z_loss_coef": 0.0, "jitter": 0.0}
+     "renormalize": false, "router_bias": true, "capacity_factor": null, "eval_capacity_factor": null,
+     "min_capacity": 0, "drop_policy": "position", "capacity_counts_padding": false, "aux_loss_coef": 0.0,
+     "z_loss_coef": 0.0, "jitter": 0.0}
+
+Hand-overs written before a field existed lack it; :func:`moe_entry` fills its default (the behaviour then).
 """
 
 from __future__ import annotations
@@ -76,7 +80,12 @@ def moe_entry(
     top_k: int = 1,
     meta_expert: bool = True,
     renormalize: bool = False,
+    router_bias: bool = True,
     capacity_factor: float | None = None,
+    eval_capacity_factor: float | None = None,
+    min_capacity: int = 0,
+    drop_policy: str = "position",
+    capacity_counts_padding: bool = False,
     aux_loss_coef: float = 0.0,
     z_loss_coef: float = 0.0,
     jitter: float = 0.0,
@@ -90,7 +99,12 @@ def moe_entry(
         "top_k": int(top_k),
         "meta_expert": bool(meta_expert),
         "renormalize": bool(renormalize),
+        "router_bias": bool(router_bias),
         "capacity_factor": None if capacity_factor is None else float(capacity_factor),
+        "eval_capacity_factor": None if eval_capacity_factor is None else float(eval_capacity_factor),
+        "min_capacity": int(min_capacity),
+        "drop_policy": str(drop_policy),
+        "capacity_counts_padding": bool(capacity_counts_padding),
         "aux_loss_coef": float(aux_loss_coef),
         "z_loss_coef": float(z_loss_coef),
         "jitter": float(jitter),
@@ -114,7 +128,12 @@ def stage_structure(cfg: DictConfig, name: str) -> list[dict[str, Any]]:
                 top_k=moe.top_k,
                 meta_expert=moe.meta_expert,
                 renormalize=moe.renormalize,
+                router_bias=moe.router_bias,
                 capacity_factor=moe.capacity_factor,
+                eval_capacity_factor=moe.eval_capacity_factor,
+                min_capacity=moe.min_capacity,
+                drop_policy=moe.drop_policy,
+                capacity_counts_padding=moe.capacity_counts_padding,
                 aux_loss_coef=moe.aux_loss_coef,
                 z_loss_coef=moe.z_loss_coef,
                 jitter=moe.jitter,
@@ -171,15 +190,25 @@ def _apply_moe(
     with ``sources`` (causal LMs of the same architecture, e.g. MedPLIB's stage-II and stage-III LLMs)
     expert e of layer i is ``sources[e]``'s FFN i. ``meta_expert`` keeps the model's own FFN always on;
     ``router_init``: a classifier ``Linear(D, E)`` copied into every router."""
-    from lightningmodules.models.moe import convert_from_sources, convert_to_moe
+    from lightningmodules.models.moe import Capacity, convert_from_sources, convert_to_moe
 
-    fields = moe_entry(**{k: v for k, v in entry.items() if k != "kind"})  # hand-overs before jitter lack it
+    fields = moe_entry(**{k: v for k, v in entry.items() if k != "kind"})  # older hand-overs lack later fields
+    capacity = None
+    if fields["capacity_factor"] is not None:
+        capacity = Capacity(
+            factor=fields["capacity_factor"],
+            eval_factor=fields["eval_capacity_factor"],
+            min_capacity=fields["min_capacity"],
+            drop=fields["drop_policy"],
+            count_padding=fields["capacity_counts_padding"],
+        )
     common = {
         "top_k": fields["top_k"],
         "meta_expert": fields["meta_expert"],
         "renormalize": fields["renormalize"],
         "router_init": router_init,
-        "capacity_factor": fields["capacity_factor"],
+        "router_bias": fields["router_bias"],
+        "capacity": capacity,
         "load_balance_coef": fields["aux_loss_coef"],
         "z_loss_coef": fields["z_loss_coef"],
         "jitter": fields["jitter"],

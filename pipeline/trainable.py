@@ -21,6 +21,9 @@ LORA_ALIASES: dict[str, tuple[str, ...]] = {
     "attention": ("self_attn", "attn", "attention", "self_attention"),
 }
 DECODER_LAYER_LISTS = ("layers", "h", "blocks")  # the ModuleList of decoder layers under get_decoder()
+# ``experts``: LoRA on every MoE layer's experts (each expert's gate / up / down, or fc1 / fc2), which are stacked
+# weights peft cannot adapt: ``GroupedExperts.add_lora`` (MedPLIB stage IV)
+EXPERTS_TARGET = "experts"
 
 
 class LoraTargetError(ValueError):
@@ -93,7 +96,11 @@ def lora_targets(llm: nn.Module, target_modules: Sequence[str]) -> str | list[st
     (:func:`block_linear_names`); any other target is kept and must match a Linear layer whose dotted name is it
     or ends with ``.<target>``, as peft matches them. The one resolution LoRA (:func:`add_lora`) and the
     pre-flight check use; raises :class:`LoraTargetError`."""
-    targets = list(target_modules)
+    targets = [t for t in target_modules if t != EXPERTS_TARGET]
+    if EXPERTS_TARGET in target_modules and not _moe_layers(llm):
+        raise LoraTargetError(f"{EXPERTS_TARGET}: the LLM has no MoE layers (a stage's moe block makes them)")
+    if not targets:
+        return []
     if targets == [ALL_LINEAR]:
         return ALL_LINEAR
     if ALL_LINEAR in targets:
@@ -113,26 +120,37 @@ def lora_targets(llm: nn.Module, target_modules: Sequence[str]) -> str | list[st
     return resolved
 
 
+def _moe_layers(llm: nn.Module) -> list:
+    from lightningmodules.models.moe import moe_layers
+
+    return moe_layers(llm)
+
+
 def add_lora(model: MultimodalLM, cfg: DictConfig) -> None:
-    """Wrap the LLM with peft LoRA adapters on :func:`lora_targets` (every Linear but lm_head for ``all-linear``)."""
+    """LoRA adapters on :func:`lora_targets` (every Linear but lm_head for ``all-linear``): peft wraps the LLM;
+    the ``experts`` target puts adapters on every MoE layer's experts (``GroupedExperts.add_lora``)."""
     from peft import LoraConfig, get_peft_model
 
+    targets = lora_targets(model.llm, cfg.target_modules)
+    if EXPERTS_TARGET in cfg.target_modules:
+        for _, layer in _moe_layers(model.llm):
+            layer.experts.add_lora(rank=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout)
+    if not targets:
+        return
     config = LoraConfig(
-        r=cfg.r,
-        lora_alpha=cfg.alpha,
-        lora_dropout=cfg.dropout,
-        target_modules=lora_targets(model.llm, cfg.target_modules),
-        task_type="CAUSAL_LM",
+        r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets, task_type="CAUSAL_LM"
     )
     model.llm = get_peft_model(model.llm, config)
 
 
 def merge_lora(model: MultimodalLM) -> None:
-    """Fold the adapters into the base weights so the next stage sees a plain model."""
+    """Fold every adapter (peft's and the experts') into the base weights so the next stage sees a plain model."""
     from peft import PeftModel
 
     if isinstance(model.llm, PeftModel):
         model.llm = model.llm.merge_and_unload()
+    for _, layer in _moe_layers(model.llm):
+        layer.experts.merge_lora()
 
 
 def parameter_groups(model: MultimodalLM) -> dict[str, list[str]]:
@@ -140,6 +158,7 @@ def parameter_groups(model: MultimodalLM) -> dict[str, list[str]]:
     groups: dict[str, list[str]] = {"connector": [], "lora": [], "llm": [], "vision": []}
     groups.update(moe_parameter_groups(model))
     groups.update(grounding_parameter_groups(model))
+    groups["norms"] = norm_parameter_names(model)
     for name, _ in model.named_parameters():
         if name.startswith("modality_classifier."):
             continue  # its own group (moe_parameter_groups), never part of "llm"
@@ -182,6 +201,20 @@ def moe_parameter_groups(model: MultimodalLM) -> dict[str, list[str]]:
             groups["ffn"].append(name)
     groups["experts"] = [n for n in groups["experts"] if "lora_" not in n]
     return groups
+
+
+def norm_parameter_names(model: MultimodalLM) -> list[str]:
+    """The ``norms`` group: the parameters of the normalisation layers inside the LLM's decoder layers (modules
+    whose class name has "norm": Llama's input / post-attention RMSNorms, as MedPLIB stage II trains them
+    by name); the final norm after the last layer is not in it (MedPLIB leaves it frozen)."""
+    inside = {
+        id(m) for layer in decoder_layers(model.llm) for m in layer.modules() if "norm" in type(m).__name__.lower()
+    }
+    names = []
+    for name, module in model.named_modules():
+        if id(module) in inside:
+            names += [f"{name}.{n}" for n, _ in module.named_parameters(recurse=False)]
+    return names
 
 
 def set_moe_routers_trainable(model: MultimodalLM, trainable: bool) -> int:

@@ -62,7 +62,8 @@ def test_lora_targets_match_as_peft_matches_them(tiny_llama: Path, cache_dir: Pa
 
 
 def test_an_empty_trainable_group_fails_naming_the_groups_the_model_has(tmp_path: Path, cache_dir: Path) -> None:
-    """MedPLIB without its region adapter: stage II's ``region`` group has no parameters."""
+    """MedPLIB without its region adapter: stage IV's ``region`` group (it trains the adapter, as released) has
+    no parameters."""
     from pipeline.config import load_config
     from pipeline.preflight import PreflightError, preflight
 
@@ -74,7 +75,7 @@ def test_an_empty_trainable_group_fails_naming_the_groups_the_model_has(tmp_path
     with pytest.raises(PreflightError) as info:
         preflight(cfg, checkpoints=False)
     message = str(info.value)
-    assert message.startswith("stages.language_expert.train: region has no parameters in this model (groups with")
+    assert message.startswith("stages.moe.train: region has no parameters in this model (groups with")
     assert "connector" in message and "lora" in message and "grounding" in message
 
 

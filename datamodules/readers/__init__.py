@@ -55,7 +55,14 @@ def read_split(
     elif spec.format == "vqa_rad":
         from datamodules.readers.vqa_rad import read_vqa_rad
 
-        records = read_vqa_rad(root, split, dataset=name, problems=problems, check_images=check_images)
+        records = read_vqa_rad(
+            root,
+            split,
+            dataset=name,
+            problems=problems,
+            check_images=check_images,
+            convention=spec.convention or "freeform_para",
+        )
     elif spec.format == "pathvqa":
         from datamodules.readers.pathvqa import read_pathvqa
 

@@ -4,6 +4,25 @@ Original: ``VQA_RAD Dataset Public.json`` (a JSON list) beside ``VQA_RAD Image F
 comes from ``phrase_type``: ``freeform`` and ``para`` are train, ``test_freeform`` and ``test_para``
 test. ``answer`` is cast to str, ``answer_type`` stripped and upper-cased (OPEN / CLOSED).
 Hub export: ``data/{train,test}-*.parquet``; closed when the normalised answer is yes or no.
+
+Split conventions (``convention``; papers disagree, and a reported number depends on it):
+
+- ``freeform_para`` (default): one pair per record, split by ``phrase_type`` as above: 2,248 pairs,
+  1,797 train / 451 test. LLaVA-Med's split.
+- ``mevf``: MEVF's ``data_RAD/trainset.json`` / ``testset.json`` (aioz-ai/MICCAI19-MedVQA; the conversion the
+  MEVF authors posted in that repository's issue 6), 3,515 pairs = the VQA-RAD paper's count: the same test
+  split, and train adds the framed question (``question_frame``, when not "NULL") of *every* record as a pair
+  with that record's image and answer, test records' frames included. Counted in the MEVF files (a copy is
+  in longle0702/med-v2qa ``data_RAD/``): 3,064 train = 1,206 freeform + 591 para + 1,267 frames, 284 of the
+  frames from test questions (same image and answer as a test pair: the split leaks them); 451 test. Med-MoE
+  used this version (jiangsongtao/Med-MoE issue 12: "downloaded ... vqa-rad-with-bert/data_rad/trainset.json",
+  a copy of MEVF's; "the sum of train.json and test.json is indeed 3515").
+  Not reproduced exactly: MEVF renumbers ``qid`` 1..3515 in file order (here a frame's id is its record's
+  qid + ``_frame``), keeps ``answer_type`` "CLOSED " unstripped, and Med-MoE's own converted files
+  (``3vqa/train_all.json``, ``test_rad.json``: Google Drive links in its README, not in the repository) cannot
+  be checked for prompt wording or filtering. The pairs themselves (question, image, answer, split) follow
+  from the public JSON by MEVF's rule. The hub parquet export has no ``question_frame``: ``mevf`` needs the
+  original release.
 """
 
 from __future__ import annotations
@@ -20,6 +39,9 @@ IMAGE_FOLDER = "VQA_RAD Image Folder"
 PHRASE_SPLITS = {"freeform": "train", "para": "train", "test_freeform": "test", "test_para": "test"}
 SPLITS = ("train", "test")
 REQUIRED = ("qid", "phrase_type", "image_name", "question", "answer", "answer_type")
+CONVENTIONS = ("freeform_para", "mevf")  # datamodules.specs.SplitConvention
+NO_FRAME = "NULL"  # question_frame of a record without a framed question
+FRAME_SUFFIX = "_frame"  # id of a framed-question pair: its record's id + this
 
 
 def vqa_rad_layout(root: Path) -> str:
@@ -48,21 +70,36 @@ def read_vqa_rad(
     dataset: str = "vqa_rad",
     problems: ProblemLog | None = None,
     check_images: bool = True,
+    convention: str = "freeform_para",
 ) -> list[Record]:
+    """Records of ``split`` under ``convention`` (module docstring). A bad record is reported once and dropped
+    with its framed question; an empty ``question_frame`` is reported and drops the frame only; ``NULL`` is no
+    frame (not a problem)."""
     root = Path(root)
     problems = problems or ProblemLog()
     if split not in SPLITS:
         raise DataError(
             f"{root}: VQA-RAD has no split {split!r}: it has {', '.join(SPLITS)} (set the dataset's val_split: null)"
         )
+    if convention not in CONVENTIONS:
+        raise DataError(f"{root}: unknown VQA-RAD split convention {convention!r} (one of {', '.join(CONVENTIONS)})")
     if vqa_rad_layout(root) == "parquet":
+        if convention != "freeform_para":
+            raise DataError(
+                f"{root}: split convention {convention!r} adds the framed questions (question_frame), which the hub "
+                f"parquet export does not have: point the dataset at the original release ('{ANNOTATIONS}') or "
+                "set its convention: freeform_para"
+            )
         return read_hub_parquet(root, split, dataset=dataset, problems=problems, check_images=check_images)
     path = root / ANNOTATIONS
     images = PathResolver(root / IMAGE_FOLDER, check_exists=check_images)
+    # mevf: every record's framed question is a train pair, whatever the record's own split
+    frames = convention == "mevf" and split == "train"
+    required = REQUIRED + ("question_frame",) if frames else REQUIRED
     records: list[Record] = []
     for index, item in enumerate(load_json_list(path)):
         label = record_label(index, item.get("qid") if isinstance(item, dict) else None)
-        if not require_fields(item, REQUIRED, path, label, problems):
+        if not require_fields(item, required, path, label, problems):
             continue
         phrase = str(item["phrase_type"]).strip()
         if phrase not in PHRASE_SPLITS:
@@ -74,7 +111,13 @@ def read_vqa_rad(
                 "unknown_phrase_type",
             )
             continue
-        if PHRASE_SPLITS[phrase] != split:
+        own = PHRASE_SPLITS[phrase] == split
+        frame = str(item["question_frame"]).strip() if frames else NO_FRAME
+        framed = frame != NO_FRAME  # MEVF's test: question_frame != 'NULL'
+        if framed and not frame:
+            problems.report(path, label, "question_frame", "empty framed question (no frame: NULL)", "empty_question")
+            framed = False  # under skip the record's own pair stays
+        if not (own or framed):
             continue
         answer = str(item["answer"]).strip()
         if not answer:
@@ -95,20 +138,26 @@ def read_vqa_rad(
         )
         if image is None:
             continue
-        records.append(
+        extra = {
+            "phrase_type": phrase,
+            "question_type": item.get("question_type"),
+            "image_organ": item.get("image_organ"),
+        }
+        pairs = [(f"{dataset}/{item['qid']}", str(item["question"]), extra)] if own else []
+        if framed:  # MEVF's phrase_type "frame"; source_phrase_type says whether a test question was framed
+            frame_extra = {**extra, "phrase_type": "frame", "source_phrase_type": phrase}
+            pairs.append((f"{dataset}/{item['qid']}{FRAME_SUFFIX}", frame, frame_extra))
+        records += [
             Record(
-                id=f"{dataset}/{item['qid']}",
+                id=rid,
                 dataset=dataset,
                 split=split,
-                question=str(item["question"]),
+                question=question,
                 answer=answer,
                 answer_type=kind.lower(),
                 image_path=image,
-                extra={
-                    "phrase_type": phrase,
-                    "question_type": item.get("question_type"),
-                    "image_organ": item.get("image_organ"),
-                },
+                extra=pair_extra,
             )
-        )
+            for rid, question, pair_extra in pairs
+        ]
     return records

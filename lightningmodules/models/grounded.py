@@ -8,18 +8,28 @@
 - ``region`` (:class:`RegionEncoder`, optional): the vision tower's patch features under a region
   pooled into one token, written over the ``<region_feat>`` placeholder the encoder puts between
   ``<region>`` and ``</region>`` (the :meth:`extra_embeddings` hook of ``MultimodalLM.embed``). The
-  collator hands over each region as patch-grid weights: ``region_weights`` (R, G, G) in reading
-  order and ``region_batch_index`` (R,), the sample of each (``datamodules/regions.py``).
+  collator hands over each region, in reading order, as its mask at the vision input resolution
+  ``region_masks_input`` (R, H_in, W_in) bool, its soft patch coverage ``region_weights`` (R, G, G), and
+  ``region_batch_index`` (R,), the sample of each (``datamodules/regions.py``). ``model.grounding.
+  region_pooling`` "points" (MedPLIB's released code: bilinear samples of the patch map at up to 512 random
+  mask pixels, averaged, then the adapter; an empty mask gives zeros) pools the masks; "area" (the
+  coverage-weighted mean) pools the weights (``lightningmodules/models/region.py``).
 
 The LightningModule (``lightningmodules/grounding_module.py``) owns the CE + mask losses. Tokens:
 :data:`GROUNDING_TOKENS` are added to the tokenizer by ``pipeline/model_factory.py`` when
 ``model.grounding`` is set (embeddings resized with mean initialisation, as for ``<image>``).
 
-Generation: greedy decoding first, then - only for batches where a ``<SEG>`` was generated - one
-teacher-forced pass over prompt + generated tokens gives the hidden state that produced each
-``<SEG>`` (the same positions and positional ids as in training, where right padding makes
-positions 0..T-1). A sample without ``<SEG>`` gets no mask: the fallback is None, scored as IoU 0
-by MedPLIB's metrics and counted in ``grounding.no_seg_count``.
+Generation: greedy decoding first, then one teacher-forced pass over prompt + generated tokens gives
+the hidden state that produced each ``<SEG>`` (the same positions and positional ids as in training,
+where right padding makes positions 0..T-1). A sample without ``<SEG>`` (``no_seg``):
+
+- ``"last_answer_token"`` (MedPLIB 5ab54bc ``MedPLIB.evaluate``: ``last_hidden_state[:, -2]`` of the
+  generation's concatenated hidden states): the mask is decoded from the hidden state that produced the
+  answer's last token before its end token, position ``T + L - 3`` for an answer of L tokens (its stop
+  token included) after a prompt of T;
+- ``"none"`` (MedPLIB's first release 9c3efe9, whose ``evaluate`` returns no mask): None, scored as IoU 0.
+
+Either way the sample is counted in ``grounding.no_seg_count``.
 """
 
 from __future__ import annotations
@@ -38,10 +48,22 @@ from lightningmodules.models.region import (
     RegionEncoder,
     splice_region_tokens,
 )
+from medcore.choices import NoSegMask
 
 MASK_START, MASK_END = "<mask>", "</mask>"
 # MedPLIB's added tokens, plus the placeholder the region token is written over
 GROUNDING_TOKENS = [SEG_TOKEN, REGION_START, REGION_END, MASK_START, MASK_END, REGION_PLACEHOLDER]
+
+
+def answer_lengths(generated: torch.Tensor, eos_token_id: int | list[int] | None) -> torch.Tensor:
+    """Tokens of each answer (B, K) up to and including its first stop token; K without one: (B,)."""
+    width = generated.shape[1]
+    if width == 0:
+        return torch.zeros(generated.shape[0], dtype=torch.long, device=generated.device)  # (B,)
+    stops = [] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+    is_stop = torch.isin(generated, torch.tensor(stops, dtype=generated.dtype, device=generated.device))  # (B, K)
+    first = torch.where(is_stop, torch.arange(width, device=generated.device), width).min(dim=1).values  # (B,)
+    return torch.where(first < width, first + 1, width)  # (B,)
 
 
 class GroundedMultimodalLM(MultimodalLM):
@@ -74,14 +96,21 @@ class GroundedMultimodalLM(MultimodalLM):
         image_features: torch.Tensor | None,
         region_weights: torch.Tensor | None,
         region_batch_index: torch.Tensor | None,
+        region_masks_input: torch.Tensor | None = None,
     ) -> torch.Tensor | None:
         """(R, d_llm) tokens for the ``<region_feat>`` placeholders, in reading order; None without any.
 
-        ``region_weights`` (R, G, G) and ``region_batch_index`` (R,) come sample by sample; the regions
-        of a sample without placeholders (truncated away) are dropped.
+        ``region_masks_input`` (R, H_in, W_in) bool, ``region_weights`` (R, G, G) and ``region_batch_index``
+        (R,) come sample by sample; the regions of a sample without placeholders (truncated away) are
+        dropped. "points" pooling reads the masks; "area" the weights (the masks, area-pooled, without them).
         """
         if self.region is None or self.region_token_id is None:
             return None
+        key, masks = "region_masks_input", region_masks_input
+        if self.region.pooling == "area" and (region_weights is not None or region_masks_input is None):
+            key, masks = "region_weights", region_weights
+        if masks is None:
+            region_batch_index = None  # no mask tensor: every placeholder lacks its region
         per_sample = (input_ids == self.region_token_id).sum(dim=1)  # (B,)
         if int(per_sample.sum()) == 0:
             return None
@@ -97,12 +126,12 @@ class GroundedMultimodalLM(MultimodalLM):
             b = int(wrong.nonzero()[0, 0])
             raise ValueError(
                 f"sample {b}: {int(per_sample[b])} <region> prompt(s) but {int(given[b])} region mask(s) "
-                f"{'' if has_image[b] else 'and no image '}in the batch ('region_weights')"
+                f"{'' if has_image[b] else 'and no image '}in the batch ({key!r})"
             )
         image_index = torch.cumsum(has_image.long(), 0) - 1  # (B,): sample -> row of pixel_values
         kept = per_sample[samples] > 0  # (R,)
-        weights = region_weights.to(image_features.device)[kept.to(image_features.device)]  # (R', G, G)
-        return self.region(image_features[image_index[samples[kept]]], weights)  # (R', d_llm)
+        masks = masks.to(image_features.device)[kept.to(image_features.device)]  # (R', H, W)
+        return self.region(image_features[image_index[samples[kept]]], masks)  # (R', d_llm)
 
     def extra_embeddings(
         self,
@@ -112,10 +141,11 @@ class GroundedMultimodalLM(MultimodalLM):
         image_features: torch.Tensor | None,
         region_weights: torch.Tensor | None = None,
         region_batch_index: torch.Tensor | None = None,
+        region_masks_input: torch.Tensor | None = None,
         **_: Any,
     ) -> torch.Tensor:
         """Region tokens over the ``<region_feat>`` placeholders (the hook of ``MultimodalLM.embed``)."""
-        tokens = self.region_tokens(input_ids, image_features, region_weights, region_batch_index)
+        tokens = self.region_tokens(input_ids, image_features, region_weights, region_batch_index, region_masks_input)
         if tokens is not None:
             return splice_region_tokens(embeds, input_ids, tokens, placeholder_id=self.region_token_id)
         if self.region is not None and self.training and self.region.adapter.weight.requires_grad:
@@ -160,12 +190,15 @@ class GroundedMultimodalLM(MultimodalLM):
         eos_token_id: int | list[int] | None = None,
         pad_token_id: int | None = None,
         decoding: Decoding = GREEDY,
+        no_seg: NoSegMask = "last_answer_token",
         **inputs: Any,
     ) -> tuple[torch.Tensor, list[Any]]:
         """Answers (B, K) (greedy by default; the decoding settings of :meth:`generate_from_embeds`) and per
-        sample the first ``<SEG>``'s (H, W) mask logits or None (fallback).
+        sample the first ``<SEG>``'s (H, W) mask logits, or for an answer without one what ``no_seg`` says
+        (module docstring).
 
-        ``inputs`` are the further model inputs of :meth:`embed` (``region_weights``, ``region_batch_index``).
+        ``inputs`` are the further model inputs of :meth:`embed` (``region_masks_input``, ``region_weights``,
+        ``region_batch_index``).
         """
         embeds = self.embed(input_ids, pixel_values, image_task_ids, **inputs)  # (B, T, D)
         generated = self.generate_from_embeds(
@@ -179,13 +212,20 @@ class GroundedMultimodalLM(MultimodalLM):
         )  # (B, K)
         batch = input_ids.shape[0]
         produced = generated == self.seg_token_id  # (B, K)
-        if sam_pixel_values is None or not bool(produced.any()):
+        without_seg = ~produced.any(dim=1)  # (B,)
+        if sam_pixel_values is None or (no_seg == "none" and bool(without_seg.all())):
             self.grounding.no_seg_count += batch if sam_pixel_values is not None else 0
             return generated, [None] * batch
         hidden = self.generated_hidden_states(embeds, attention_mask, generated, pad_token_id)  # (B, T+K, D)
         prompt_length = input_ids.shape[1]
         predicts_seg = torch.zeros(hidden.shape[:2], dtype=torch.bool, device=hidden.device)  # (B, T+K)
         predicts_seg[:, prompt_length - 1 : -1] = produced  # position t produced token t+1
+        if no_seg == "last_answer_token" and bool(without_seg.any()):
+            lengths = answer_lengths(generated, eos_token_id)  # (B,)
+            position = (prompt_length + lengths - 3).clamp(min=0)  # (B,) produced the last token before the stop
+            rows = without_seg.nonzero()[:, 0]  # (B',)
+            predicts_seg[rows, position[rows]] = True
+            self.grounding.no_seg_count += int(without_seg.sum())  # predict() counts only samples without any
         projection_dtype = self.grounding.seg_projection[0].weight.dtype
         masks = self.grounding.predict(
             sam_pixel_values=sam_pixel_values,

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 SELECT_FEATURES = ("patch", "cls_patch")
@@ -65,6 +66,14 @@ class VisionTower(nn.Module):
     size the transform delivers (default the config's; DINOv2 interpolates its position embeddings, so
     its 224 px crops give a 16 x 16 grid whatever ``config.image_size`` says). ``frozen`` keeps the
     weights fixed and runs without autograd, as every recipe here does.
+
+    ``output_norm`` adds BLIP-2 / MiniGPT-v2 / Uni-Med's ``ln_vision``: a ``LayerNorm(hidden_size)`` over the
+    selected tokens (per token, so the same whether the prefix tokens are dropped before or after it), before
+    the connector's aggregation. Created as the released code creates it (Uni-Med@63b9dfb
+    uni_med/models/base_model.py:177, 271-277: ``nn.LayerNorm(num_features)`` with torch's defaults, weight 1,
+    bias 0, eps 1e-5, computed in float32) and frozen with the encoder. Uni-Med never trains or loads it: its
+    checkpoints keep only parameters that require grad (runner_base.py:580-587), so it stays the identity
+    affine; its weights are in this model's state dict, so a hand-over carries whatever they are.
     """
 
     def __init__(
@@ -75,6 +84,7 @@ class VisionTower(nn.Module):
         select_feature: str = "patch",
         frozen: bool = True,
         image_size: int | None = None,
+        output_norm: bool = False,
     ) -> None:
         super().__init__()
         if select_feature not in SELECT_FEATURES:
@@ -91,8 +101,11 @@ class VisionTower(nn.Module):
         num_cls, self.num_registers = prefix_token_counts(encoder)
         self.has_cls = num_cls > 0
         self.num_prefix_tokens = num_cls + self.num_registers
+        self.output_norm = nn.LayerNorm(self.hidden_size, eps=1e-5) if output_norm else None
         if frozen:
             self.encoder.requires_grad_(False)
+            if self.output_norm is not None:
+                self.output_norm.requires_grad_(False)
 
     @property
     def num_patches(self) -> int:
@@ -116,5 +129,15 @@ class VisionTower(nn.Module):
             )
         patches = features[:, self.num_prefix_tokens :]  # (N, P, D)
         if self.select_feature == "cls_patch" and self.has_cls:
-            return torch.cat([features[:, :1], patches], dim=1)  # (N, 1 + P, D): CLS, registers left out
-        return patches
+            patches = torch.cat([features[:, :1], patches], dim=1)  # (N, 1 + P, D): CLS, registers left out
+        return self.normalize(patches)
+
+    def normalize(self, tokens: torch.Tensor) -> torch.Tensor:
+        """``output_norm`` over the selected tokens, in float32 and back to their dtype (the released
+        ``LayerNorm`` subclass for fp16 towers); unchanged without one."""
+        if self.output_norm is None:
+            return tokens
+        norm = self.output_norm
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
+            out = F.layer_norm(tokens.float(), norm.normalized_shape, norm.weight.float(), norm.bias.float(), norm.eps)
+        return out.to(tokens.dtype)

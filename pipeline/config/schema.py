@@ -16,7 +16,17 @@ from typing import Any, Literal, get_args
 from datamodules.problems import OnBadRecord
 from datamodules.specs import DatasetSpec
 from medcore.checks import Problem, choice, positive
-from medcore.choices import Aggregation, ConversationPreset, RouterInput, Scheduler, Weighting
+from medcore.choices import (
+    Aggregation,
+    ConversationPreset,
+    DecayFrom,
+    DropPolicy,
+    NoSegMask,
+    RegionPooling,
+    RouterInput,
+    Scheduler,
+    Weighting,
+)
 from pipeline.reproducibility import CPU_KERNELS
 from pipeline.stages.kinds import is_router_stage
 from pipeline.strategies import strategy_problem
@@ -26,10 +36,11 @@ StageKind = Literal["vlm", "router"]  # router: Med-MoE's modality classifier on
 # ffn: every decoder FFN (MoE experts + meta expert where converted), experts: MoE experts + meta experts,
 # moe_router: the MoE token routers, modality_classifier: the router stage's classifier.
 # MedPLIB (model.grounding): grounding = SEG projection + SAM mask decoder, region = the region-prompt adapter;
-# embeddings = the LLM's input embeddings and LM head (LISA / MedPLIB train them: the added tokens' rows learn)
+# embeddings = the LLM's input embeddings and LM head (LISA / MedPLIB train them: the added tokens' rows learn),
+# norms = the LLM's normalisation layers (MedPLIB stage II: input / post-attention norms, and the final norm)
 TrainableGroup = Literal[
     "connector", "lora", "llm", "vision", "ffn", "experts", "moe_router", "modality_classifier", "grounding", "region",
-    "embeddings",
+    "embeddings", "norms",
 ]  # fmt: skip
 SamFormat = Literal["hf", "sam_med2d"]
 MoELayerChoice = Literal["every_other", "all"]
@@ -56,6 +67,10 @@ class VisionConfig:
     # path "timm:<model name>" (e.g. timm:eva_giant_patch14_clip_224, Uni-Med's EVA-CLIP ViT-g/14; needs the
     # optional extra medpipe[timm]) loads its weights from this local file; never downloaded
     checkpoint: str | None = None
+    # a LayerNorm(hidden size) over the selected features, before the connector's aggregation (concat4): BLIP-2 /
+    # MiniGPT-v2 / Uni-Med's ln_vision. Part of the vision tower (frozen with it, trains with the vision group),
+    # created as the released code creates it: weight 1, bias 0, eps 1e-5, computed in float32
+    output_norm: bool = False
 
 
 @dataclass
@@ -157,8 +172,16 @@ class GroundingConfig:
     sam_allow_missing_adapters: bool = False  # sam_med2d: load without the image-encoder adapters (see docs)
     train_mask_decoder: bool = True
     region: bool = True  # the <region> adapter: Linear(d_vision, d_llm) over pooled patch features
+    # how a region mask becomes its token (lightningmodules/models/region.py): points = MedPLIB's released code
+    # (bilinear samples of the patch map at up to region_max_points random mask pixels, averaged; random while
+    # training, a fixed seed in evaluation); area = the coverage-weighted mean of the patch features
+    region_pooling: RegionPooling = "points"
+    region_max_points: int = 512  # points: MedPLIB's max_sample_point
     loss: GroundingLossConfig = field(default_factory=GroundingLossConfig)  # a stage's grounding_loss overrides
     overlays: int = 8  # evaluation: predicted / true mask overlays logged to MLflow
+
+    def problems(self, key: str) -> list[Problem]:
+        return positive(f"{key}.region_max_points", self.region_max_points)
 
 
 @dataclass
@@ -190,14 +213,34 @@ class OptimConfig:
     lr: float = 2e-4
     weight_decay: float = 0.0
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    warmup_ratio: float = 0.03
-    scheduler: Scheduler = "cosine"
-    min_lr_ratio: float = 0.0
+    warmup_ratio: float = 0.03  # warmup steps = ceil(warmup_ratio * the stage's optimiser steps)
+    scheduler: Scheduler = "cosine"  # after the warmup, updated every optimiser step
+    min_lr_ratio: float = 0.0  # the decay's floor as a fraction of lr (Uni-Med: 1e-7 / 1e-5 = 0.01)
+    # absolute warmup length in optimiser steps; replaces warmup_ratio (then set warmup_ratio: 0)
+    warmup_steps: int | None = None
+    # the warmup's first step as a fraction of lr: 0 = (step + 1) / warmup; s > 0 = s + (1 - s) * step / warmup
+    # (LAVIS's warmup_lr_schedule; Uni-Med warms from 1e-6 to 1e-5: 0.1); lightningmodules/schedules.py
+    warmup_start_ratio: float = 0.0
+    # the decay's progress: warmup_end = (step - warmup) / (total - warmup); start = step / total, the warmup
+    # steps counted (LAVIS's linear_warmup_cosine_lr, Uni-Med: the cosine starts at warmup / total)
+    decay_from: DecayFrom = "warmup_end"
 
     def problems(self, key: str) -> list[Problem]:
         found = positive(f"{key}.lr", self.lr)
         if not 0 <= self.warmup_ratio < 1:
             found.append((f"{key}.warmup_ratio", f"must be in [0, 1), got {self.warmup_ratio}"))
+        if self.warmup_steps is not None:
+            found += positive(f"{key}.warmup_steps", self.warmup_steps, allow_zero=True)
+            if self.warmup_ratio != 0:
+                found.append(
+                    (
+                        f"{key}.warmup_steps",
+                        f"{self.warmup_steps} replaces warmup_ratio: set {key}.warmup_ratio: 0 "
+                        f"(got {self.warmup_ratio}), or warmup_steps: null",
+                    )
+                )
+        if not 0 <= self.warmup_start_ratio < 1:
+            found.append((f"{key}.warmup_start_ratio", f"must be in [0, 1), got {self.warmup_start_ratio}"))
         return found
 
 
@@ -213,7 +256,16 @@ class MoEConfig:
     router_init: RouterInit = "random"  # modality_classifier: Med-MoE
     router_stage: str | None = None  # the router stage for modality_classifier; default: the last earlier one
     router_trainable: bool = False  # Med-MoE: frozen
-    capacity_factor: float | None = None  # null = dropless
+    router_bias: bool = True  # Med-MoE / DeepSpeed gate: with bias; MedPLIB stage IV: Linear(d, 2) without
+    # per-expert limit max(min_capacity, ceil(factor * tokens * k / E)) while training (null = dropless) and in
+    # evaluation (eval_capacity_factor; null = capacity_factor); MedPLIB: 1.5 / 2.0 with random dropping
+    capacity_factor: float | None = None
+    eval_capacity_factor: float | None = None
+    min_capacity: int = 0
+    drop_policy: DropPolicy = "position"  # which assignments a full expert keeps: token order, or random (use_rts)
+    # true: padding is routed and takes capacity like real tokens, as DeepSpeed's gate over the flattened micro-batch
+    # (MedPLIB); false: padding is never routed and the limit counts real tokens
+    capacity_counts_padding: bool = False
     aux_loss_coef: float = 0.0  # Switch load balancing (padding masked out); 0 as Med-MoE released
     z_loss_coef: float = 0.0  # router z-loss
     jitter: float = 0.0  # multiplicative router input noise while training
@@ -247,6 +299,11 @@ class MoEConfig:
             found.append((f"{key}.top_k", f"must be in [1, num_experts={experts}], got {self.top_k}"))
         if self.capacity_factor is not None:
             found += positive(f"{key}.capacity_factor", self.capacity_factor)
+        if self.eval_capacity_factor is not None:
+            found += positive(f"{key}.eval_capacity_factor", self.eval_capacity_factor)
+            if self.capacity_factor is None:
+                found.append((f"{key}.eval_capacity_factor", "set with capacity_factor (null: dropless throughout)"))
+        found += positive(f"{key}.min_capacity", self.min_capacity, allow_zero=True)
         for coef in ("aux_loss_coef", "z_loss_coef", "jitter"):
             found += positive(f"{key}.{coef}", getattr(self, coef), allow_zero=True)
         if self.router_init != "modality_classifier" and self.router_stage is not None:
@@ -287,10 +344,25 @@ class StageConfig:
     moe: MoEConfig | None = None  # turn decoder FFNs into MoE layers before this stage trains
     router: RouterStageConfig | None = None  # kind: router only
     grounding_loss: GroundingLossConfig | None = None  # grounded models: this stage's weights (else model's)
+    # a LLaVA conversation preset (medcore/conversations.py) for this stage's prompts, in training and in its
+    # evaluation (and the run's final evaluation when it is the last stage), e.g. Med-MoE's stage 1 `plain`;
+    # it replaces the template model.llm sets (conversation, chat_template or the tokenizer's own) for this
+    # stage only. null: model.llm's. `medpipe evaluate` and registry loading use model.llm's
+    conversation: ConversationPreset | None = None
+    # this stage's data.batch_size, data.max_length and trainer.accumulate_grad_batches (null: the run's), as the
+    # released scripts set them per stage (MedPLIB stage IV: max length 1024; Med-MoE stage 1: accumulation 1)
+    batch_size: int | None = None
+    max_length: int | None = None
+    accumulate_grad_batches: int | None = None
 
     def problems(self, key: str) -> list[Problem]:
         """The stage's own fields; what it names elsewhere (datasets, earlier stages) is checked in validate.py."""
-        found: list[Problem] = []
+        found: list[Problem] = [
+            p
+            for name in ("batch_size", "max_length", "accumulate_grad_batches")
+            if getattr(self, name) is not None
+            for p in positive(f"{key}.{name}", getattr(self, name))
+        ]
         if self.max_epochs < 1 and self.max_steps < 1:
             found.append((f"{key}.max_epochs", "set max_epochs >= 1 or max_steps >= 1"))
         found += [p for group in self.train for p in choice(f"{key}.train", group, TRAINABLE_GROUPS)]
@@ -423,6 +495,10 @@ class EvaluationConfig:
     max_new_tokens: int = 16
     batch_size: int = 32
     mask_threshold: float = 0.1  # grounding masks: sigmoid(logit) > threshold (MedPLIB's eval uses 0.1)
+    # an answer without <SEG>: decode its mask from the hidden state that produced the answer's last token before
+    # the stop token (MedPLIB 5ab54bc's evaluate), or no mask, IoU 0 (its first release 9c3efe9); metrics.json
+    # and every such prediction row say which
+    no_seg_mask: NoSegMask = "last_answer_token"
     # Decoding (MultimodalLM.generate). Only these keys apply: the checkpoint's generation_config.json (its
     # sampling, temperature, repetition_penalty ...) is never read; its eos list is (stop tokens). The defaults
     # are greedy decoding, the papers' evaluation.

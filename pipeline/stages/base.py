@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from pipeline.structure import apply_entry, apply_structure, stage_structure, structure_after
@@ -74,6 +74,19 @@ class Stage:
         return set_trainable(model, self.trained_groups(), frozen=self.frozen_groups())
 
     # -- training --------------------------------------------------------------------------------
+    def run_config(self) -> DictConfig:
+        """The experiment config this stage trains under: ``data.batch_size``, ``data.max_length`` and
+        ``trainer.accumulate_grad_batches`` replaced by the stage's own where it sets them."""
+        overrides: dict[str, Any] = {}
+        for section, key in (("data", "batch_size"), ("data", "max_length"), ("trainer", "accumulate_grad_batches")):
+            if self.config.get(key) is not None:
+                overrides.setdefault(section, {})[key] = self.config[key]
+        if not overrides:
+            return self.cfg
+        merged = OmegaConf.merge(self.cfg, overrides)
+        OmegaConf.set_readonly(merged, True)
+        return merged
+
     def optim_settings(self) -> dict[str, Any]:
         """The LightningModule's optimiser keyword arguments (``lightningmodules/optimization.py``)."""
         optim = self.config.optim
@@ -84,6 +97,9 @@ class Stage:
             "warmup_ratio": optim.warmup_ratio,
             "scheduler": optim.scheduler,
             "min_lr_ratio": optim.min_lr_ratio,
+            "warmup_steps": optim.warmup_steps,
+            "warmup_start_ratio": optim.warmup_start_ratio,
+            "decay_from": optim.decay_from,
         }
 
     def module(self, built: Any) -> L.LightningModule:

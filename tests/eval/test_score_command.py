@@ -181,3 +181,44 @@ def test_unknown_reference_format(tmp_path: Path, capsys) -> None:
     preds = llava_med_predictions(tmp_path, {"a": "yes"})
     assert main(["score", "--predictions", str(preds), "--references", str(refs)]) == 1
     assert "cannot tell the reference format" in capsys.readouterr().err
+
+
+def test_our_predictions_file_scores_uni_med_rec_in_pixels_like_the_run(tmp_path: Path) -> None:
+    """predictions.jsonl carries each REC record's box and image size, so ``medpipe score`` on it gives the
+    in-run evaluation's Uni-Med REC numbers (grid box scaled to the original pixels, eval_ref.py)."""
+    from datamodules.records import Record
+    from lightningmodules.vlm_module import prediction_row
+    from pipeline.evaluation import llava_med_prediction, score_records
+    from pipeline.score import score_files
+
+    size, truth = (640, 480), (64.0, 96.0, 256.0, 192.0)  # (W, H); [x, y, w, h] pixels -> [64, 96, 320, 288]
+    records = [
+        Record(
+            id=f"slake/refer/{i}",
+            dataset="slake",
+            split="test",
+            question="[refer] where is the liver?",
+            answer="{<10><20><50><60>}",
+            answer_type="open",
+            task="refer",
+            box=truth,
+            extra={"image_size": size},
+        )
+        for i in range(3)
+    ]
+    texts = {"slake/refer/0": "{<10><20><50><60>}", "slake/refer/1": "{<12><18><48><61>}", "slake/refer/2": "no box"}
+    rows = [llava_med_prediction(prediction_row(r, texts[r.id]), "m") for r in records]
+    assert rows[0]["box"] == list(truth) and rows[0]["image_size"] == list(size)
+    path = write_jsonl(tmp_path / "predictions.jsonl", rows)
+    in_run = score_records(texts, records)["tasks"]["refer"]
+    scored = score_files(path, path)["tasks"]["refer"]
+    assert scored["uni_med/miou"] == pytest.approx(in_run["uni_med/miou"]) and scored["uni_med/count"] == 3
+    assert scored["uni_med/miou"] == pytest.approx((1.0 + rec_iou_by_hand() + 0.0) / 3)
+
+
+def rec_iou_by_hand() -> float:
+    """{<12><18><48><61>} on a 640 x 480 image: [76.8, 86.4, 307.2, 292.8] against [64, 96, 320, 288], +1 pixel."""
+    p, t = (76.8, 86.4, 307.2, 292.8), (64.0, 96.0, 320.0, 288.0)
+    inter = (min(p[2], t[2]) - max(p[0], t[0]) + 1) * (min(p[3], t[3]) - max(p[1], t[1]) + 1)
+    area_p, area_t = (p[2] - p[0] + 1) * (p[3] - p[1] + 1), (t[2] - t[0] + 1) * (t[3] - t[1] + 1)
+    return inter / (area_p + area_t - inter)

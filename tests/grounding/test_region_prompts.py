@@ -1,4 +1,5 @@
-"""Region prompts: rasterisation, the vision-grid weights, pooling by hand, splicing."""
+"""Region prompts: rasterisation, the vision-grid weights, "area" pooling by hand, splicing (the default
+"points" pooling: tests/medplib/test_region_points.py)."""
 
 from __future__ import annotations
 
@@ -45,8 +46,8 @@ def test_free_form_mask_stays_as_it_is() -> None:
         region_mask("polygon", height=6, width=7)
 
 
-def test_region_pooling_equals_hand_computation() -> None:
-    encoder = RegionEncoder(vision_hidden_size=3, llm_hidden_size=2, grid_size=2)
+def test_area_region_pooling_equals_hand_computation() -> None:
+    encoder = RegionEncoder(vision_hidden_size=3, llm_hidden_size=2, grid_size=2, pooling="area")
     with torch.no_grad():
         encoder.adapter.weight.copy_(torch.tensor([[1.0, 0.0, 2.0], [0.0, 1.0, -1.0]]))
         encoder.adapter.bias.copy_(torch.tensor([0.5, -0.5]))
@@ -63,8 +64,8 @@ def test_region_pooling_equals_hand_computation() -> None:
     assert encoder.empty_region_count == 0
 
 
-def test_empty_region_pools_the_whole_image() -> None:
-    encoder = RegionEncoder(vision_hidden_size=3, llm_hidden_size=3, grid_size=2)
+def test_area_empty_region_pools_the_whole_image() -> None:
+    encoder = RegionEncoder(vision_hidden_size=3, llm_hidden_size=3, grid_size=2, pooling="area")
     with torch.no_grad():
         encoder.adapter.weight.copy_(torch.eye(3))
         encoder.adapter.bias.zero_()

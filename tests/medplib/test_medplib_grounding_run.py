@@ -1,7 +1,8 @@
 """The headline target: a tiny grounding run on synthetic lesions reaches mDice >= 0.6 on its test split.
 
 Stage III of the tiny recipe alone (LoRA on the FFN + SEG projection + mask decoder, CE 1 / BCE 1 /
-Dice 5), trained from the tiny LLM on MeCoVQA-layout phantom data whose Grounding records ask for the
+Dice 5 / focal 1, plus the embeddings and LM head that stage II would have trained), trained from the
+tiny LLM on MeCoVQA-layout phantom data whose Grounding records ask for the
 lesion; evaluated by generation: the model must say ``<SEG>`` and the mask comes from that position's
 hidden state (no ``<SEG>``: empty mask, IoU 0). SAM is ``tiny:medsam`` (pretrained on a disjoint phantom
 stream, standing in for SAM-Med2D), its image and prompt encoders frozen.

@@ -11,6 +11,7 @@ from datamodules.regions import region_grid_weights
 from lightningmodules.grounding_module import GroundingVLMModule, grounding_module_settings
 from lightningmodules.losses import mask_losses
 from lightningmodules.metrics.grounding_summary import grounding_summary, region_vqa_summary
+from lightningmodules.metrics.segmentation import mask_iou
 from lightningmodules.models.grounded import GROUNDING_TOKENS, GroundedMultimodalLM
 from lightningmodules.models.multimodal import Decoding
 from pipeline.plots import draw_overlay
@@ -39,9 +40,11 @@ def test_special_tokens_added_and_embeddings_resized(grounded) -> None:
     assert int((grounding["labels"][0] == model.seg_token_id).sum()) == 1  # <SEG> is a supervised target
 
 
-def test_region_token_is_the_adapted_weighted_mean_of_patch_features(grounded) -> None:
+def test_area_region_token_is_the_adapted_weighted_mean_of_patch_features(grounded, monkeypatch) -> None:
+    """The "area" pooling option (the default "points": tests/medplib/test_region_points.py)."""
     _, built, dm = grounded
     model = built.model
+    monkeypatch.setattr(model.region, "pooling", "area")
     batch = batch_of(dm, "train", lambda r: r.task == "region", n=2)
     with torch.no_grad():
         embeds = model.embed(
@@ -105,25 +108,30 @@ def test_region_weights_must_match_the_placeholders(grounded) -> None:
     inputs = (batch["input_ids"], batch["pixel_values"], batch["image_task_ids"])
     with torch.no_grad(), pytest.raises(ValueError, match="sample 1: 1 <region> prompt"):
         model.embed(
-            *inputs, region_weights=batch["region_weights"][:1], region_batch_index=batch["region_batch_index"][:1]
+            *inputs,
+            region_masks_input=batch["region_masks_input"][:1],
+            region_batch_index=batch["region_batch_index"][:1],
         )
+    with torch.no_grad(), pytest.raises(ValueError, match="sample 0: 1 <region> prompt.*'region_masks_input'"):
+        model.embed(*inputs, region_weights=batch["region_weights"], region_batch_index=batch["region_batch_index"])
     with torch.no_grad(), pytest.raises(ValueError, match="sample 0: 1 <region> prompt"):
         model.embed(*inputs)
     # a region whose placeholder was truncated away is dropped, as before
+    model.eval()  # the "points" subset of a large region: a fixed seed in evaluation (random while training)
     truncated = batch["input_ids"].clone()
     truncated[1][truncated[1] == model.region_token_id] = built.tokenizer.pad_token_id
     with torch.no_grad():
         embeds = model.embed(
             truncated,
             *inputs[1:],
-            region_weights=batch["region_weights"],
+            region_masks_input=batch["region_masks_input"],
             region_batch_index=batch["region_batch_index"],
         )
         alone = model.embed(
             truncated[:1],
             batch["pixel_values"][:1],
             batch["image_task_ids"][:1],
-            region_weights=batch["region_weights"][:1],
+            region_masks_input=batch["region_masks_input"][:1],
             region_batch_index=batch["region_batch_index"][:1],
         )
     torch.testing.assert_close(embeds[0], alone[0])
@@ -161,6 +169,8 @@ def test_seg_selection_in_generation_and_no_seg_fallback(grounded, monkeypatch) 
         image_sizes=batch["image_sizes"],
         sam_resized_sizes=batch["sam_resized_sizes"],
         max_new_tokens=4,
+        eos_token_id=eos,
+        no_seg="none",
     )
     assert masks[1] is None and model.grounding.no_seg_count == 1  # fallback, counted
     assert masks[0].shape == tuple(batch["image_sizes"][0])  # (H, W) original resolution
@@ -174,10 +184,36 @@ def test_seg_selection_in_generation_and_no_seg_fallback(grounded, monkeypatch) 
     expected = out.hidden_states[0, len(prompt)]  # position of "it", whose next token is <SEG>
     torch.testing.assert_close(seen["seg_embeddings"][0], expected, atol=1e-4, rtol=1e-4)
 
+    # the released evaluate (MedPLIB 5ab54bc MedPLIB.py:642-644) for an answer without <SEG>: generate()'s
+    # per-step last hidden states concatenated (the prompt's, then one per new token but the last: teacher
+    # forcing over prompt + answer[:-1]), entry -2
+    model.grounding.no_seg_count = 0
+    _, masks = model.generate_with_masks(
+        batch["input_ids"],
+        batch["attention_mask"],
+        batch["pixel_values"],
+        batch["image_task_ids"],
+        sam_pixel_values=batch["sam_pixel_values"],
+        image_sizes=batch["image_sizes"],
+        sam_resized_sizes=batch["sam_resized_sizes"],
+        max_new_tokens=4,
+        eos_token_id=eos,
+    )
+    assert masks[1] is not None and masks[1].shape == tuple(batch["image_sizes"][1])
+    assert model.grounding.no_seg_count == 1 and seen["batch_index"].tolist() == [0, 1]
+    real = batch["attention_mask"][1].bool()
+    answer = [word, word, eos]  # sample 1's answer up to its stop token
+    concatenated = torch.cat([batch["input_ids"][1][real], torch.tensor(answer[:-1])])[None]  # (1, T1 + L - 1)
+    with torch.no_grad():
+        out = model(concatenated, torch.ones_like(concatenated), pixel_values=batch["pixel_values"][1:2])
+    torch.testing.assert_close(seen["seg_embeddings"][1], out.hidden_states[0, -2], atol=1e-4, rtol=1e-4)
 
-def test_test_step_scores_masks_and_counts_the_fallback(grounded, monkeypatch, tmp_path) -> None:
+
+@pytest.mark.parametrize("no_seg_mask", ["none", "last_answer_token"])
+def test_test_step_scores_masks_and_counts_the_fallback(grounded, monkeypatch, tmp_path, no_seg_mask) -> None:
     cfg, built, dm = grounded
-    module = _module(cfg, built)
+    settings = {**grounding_module_settings(cfg, cfg.stages["grounding_expert"]), "no_seg_mask": no_seg_mask}
+    module = GroundingVLMModule(model=built.model, tokenizer=built.tokenizer, **settings)
     batch = batch_of(dm, "test", lambda r: r.task == "grounding", n=3, generation=True)
     eos = built.tokenizer.eos_token_id
     monkeypatch.setattr(built.model.llm, "generate", lambda **_: torch.full((3, 2), eos))  # never <SEG>
@@ -185,10 +221,16 @@ def test_test_step_scores_masks_and_counts_the_fallback(grounded, monkeypatch, t
     module.test_step(batch, 0)
     rows = module.predictions
     assert [r["seg_produced"] for r in rows] == [False] * 3 and module.no_seg_count == 3
-    assert all(r["iou"] == 0.0 and r["dice"] == 0.0 for r in rows)
+    assert all(r["no_seg_mask"] == no_seg_mask for r in rows)  # each row says how its mask was made
     summary = grounding_summary(rows)
-    assert summary["seg/no_mask"] == 3 and summary["seg/mdice"] == 0.0 and summary["seg/count"] == 3
-    assert len(module.overlay_samples) == 3 and all(s.pred is None for s in module.overlay_samples)
+    assert summary["seg/no_mask"] == 3 and summary["seg/count"] == 3
+    if no_seg_mask == "none":  # no mask: IoU 0 (MedPLIB's first release)
+        assert all(r["iou"] == 0.0 and r["dice"] == 0.0 for r in rows) and summary["seg/mdice"] == 0.0
+        assert all(s.pred is None for s in module.overlay_samples)
+    else:  # a mask decoded from the answer's last hidden state, scored like any other
+        assert all(s.pred is not None and s.pred.shape == s.target.shape for s in module.overlay_samples)
+        assert all(r["iou"] == mask_iou(s.pred, s.target) for r, s in zip(rows, module.overlay_samples, strict=True))
+    assert len(module.overlay_samples) == 3
     drawn = [draw_overlay(s.record, s.pred, s.target, tmp_path / "overlays") for s in module.overlay_samples]
     assert all(p.suffix == ".png" and p.is_file() for p in drawn)
 
@@ -245,7 +287,8 @@ def test_overlay_colours(tmp_path) -> None:
 def test_loss_is_the_weighted_sum_on_a_mixed_batch(grounded) -> None:
     cfg, built, dm = grounded
     module = _module(cfg, built)
-    assert (module.hparams.ce_weight, module.hparams.bce_weight, module.hparams.dice_weight) == (1.0, 1.0, 5.0)
+    hp = module.hparams
+    assert (hp.ce_weight, hp.bce_weight, hp.dice_weight, hp.focal_weight) == (1.0, 1.0, 5.0, 1.0)  # stage III
     region = batch_of(dm, "train", lambda r: r.task == "region", n=2)
     dataset = dm.dataset("train", with_answers=True)
     pick = [i for i, r in enumerate(dataset.records) if r.task == "grounding"][:3] + [
@@ -267,6 +310,7 @@ def test_loss_is_the_weighted_sum_on_a_mixed_batch(grounded) -> None:
                 "labels",
                 "pixel_values",
                 "image_task_ids",
+                "region_masks_input",
                 "region_weights",
                 "region_batch_index",
             )
@@ -281,8 +325,8 @@ def test_loss_is_the_weighted_sum_on_a_mixed_batch(grounded) -> None:
     )
     assert len(masks) == n_masks == int(terms["masks"])
     targets = [batch["masks"][b] for b in index.tolist()]
-    parts = mask_losses(masks, targets, bce_weight=1.0, dice_weight=1.0)
-    expected = 1.0 * out.loss + 1.0 * parts["bce"] + 5.0 * parts["dice"]
+    parts = mask_losses(masks, targets, bce_weight=1.0, dice_weight=1.0, focal_weight=1.0)
+    expected = 1.0 * out.loss + 1.0 * parts["bce"] + 5.0 * parts["dice"] + 1.0 * parts["focal"]
     torch.testing.assert_close(terms["loss"], expected, atol=1e-5, rtol=1e-5)
     without = module.losses(region)  # no mask at all: CE only, exactly
     assert int(without["masks"]) == 0

@@ -8,6 +8,7 @@ from moe_tiny import FFN, HIDDEN, tiny_lm
 from torch import nn
 
 from lightningmodules.models.moe import (
+    Capacity,
     GroupedExperts,
     MoEFeedForward,
     TopKRouter,
@@ -244,7 +245,7 @@ def test_loop_backward_equals_autograd_of_the_per_expert_reference(gated: bool, 
 
 
 def test_capacity_factor_drops_and_counts() -> None:
-    layer = _layer(num_experts=4, top_k=1, capacity_factor=1.0)
+    layer = _layer(num_experts=4, top_k=1, capacity=Capacity(factor=1.0))
     x = torch.empty(8, HIDDEN)
     choice = torch.tensor([0, 0, 0, 0, 0, 1, 2, 0])  # expert 0 wants 6, capacity = ceil(1.0 * 8 / 4) = 2
     _force_router(layer, choice, x)
@@ -266,7 +267,7 @@ def test_capacity_factor_drops_and_counts() -> None:
 
 
 def test_capacity_prefers_first_choices_over_second() -> None:
-    layer = _layer(num_experts=2, top_k=2, capacity_factor=0.5)  # capacity = ceil(0.5 * 4 * 2 / 2) = 2
+    layer = _layer(num_experts=2, top_k=2, capacity=Capacity(factor=0.5))  # capacity = ceil(0.5 * 4 * 2 / 2) = 2
     x = torch.empty(4, HIDDEN)
     _force_router(layer, torch.tensor([0, 0, 1, 1]), x)
     with moe_context(layer) as context:

@@ -69,7 +69,7 @@ def test_convert_to_moe_replaces_every_other_layer_from_zero(family: str) -> Non
     assert [isinstance(layer.mlp, MoEFeedForward) for layer in layers] == [True, False, True, False]
     moe = layers[0].mlp
     assert moe.num_experts == 4 and moe.top_k == 1 and moe.meta_expert is not None
-    assert not moe.router.renormalize and moe.capacity_factor is None
+    assert not moe.router.renormalize and moe.capacity is None
     assert moe.experts.gated == (family == "llama") and moe.experts.has_bias == (family == "phi")
 
     explicit = tiny_lm(family)

@@ -1,7 +1,7 @@
 """LLM mixture-of-experts machinery: router, grouped experts, MoE feed-forward layer, upcycling, counting.
 
 router.py    TopKRouter (Linear with bias, top-k, softmax combine weights) -> RouterOutput
-dispatch.py  plan_dispatch: sort-based, dropless (or capacity-limited) grouping of tokens by expert
+dispatch.py  plan_dispatch: sort-based, dropless (or Capacity-limited) grouping of tokens by expert
 experts.py   GroupedExperts: stacked gated / ungated FFN experts (any width, bias, activation): routed
              (grouped_mm or per-expert loop) or dense mixing (mix_dense)
 losses.py    load_balancing_loss (Switch), router_z_loss, padding masked out
@@ -13,7 +13,7 @@ params.py    count_parameters (total and active per token)
 """
 
 from .context import MoEContext, UsesMoEContext, attach_context, context_users, moe_context
-from .dispatch import DispatchPlan, expert_capacity, plan_dispatch
+from .dispatch import DROP_POLICIES, Capacity, DispatchPlan, expert_capacity, plan_dispatch
 from .experts import GroupedExperts, grouped_mm_available
 from .layer import MoEFeedForward, moe_layers
 from .losses import load_balancing_loss, router_z_loss
@@ -33,6 +33,8 @@ from .upcycle import (
 )
 
 __all__ = [
+    "DROP_POLICIES",
+    "Capacity",
     "DispatchPlan",
     "FFNSpec",
     "GroupedExperts",

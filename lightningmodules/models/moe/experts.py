@@ -143,6 +143,65 @@ class LoopExpertsFFN(torch.autograd.Function):
         return grad_x, grad_w_in, grad_w_out, grad_b_in, grad_b_out, None, None
 
 
+class ExpertLoRA(nn.Module):
+    """LoRA adapters on every expert of a :class:`GroupedExperts`, as peft puts them on each expert's Linears.
+
+    MedPLIB stage IV trains LoRA on each expert's gate, up and down projections. The stacked input projection
+    ``w_in`` holds ``parts`` Linears side by side (gated: ``[gate | up]``, 2 parts; ungated: 1), each with its
+    own rank-``r`` pair, exactly as two peft-adapted Linears would have:
+
+        lora_a_in (E, parts, D, r)   lora_b_in (E, parts, r, F)   lora_a_out (E, F, r)   lora_b_out (E, r, O)
+
+    ``delta = scale * dropout(x) @ A @ B`` with ``scale = alpha / r``, A initialised as peft does (nn.Linear's
+    default uniform bound 1/sqrt(fan_in)) and the same for every expert (MedPLIB puts LoRA on the dense FFN
+    and then deep-copies it into each expert), B zero, so the adapted experts start equal to the base ones.
+    Each adapted projection draws its own dropout mask (separate peft layers do).
+    """
+
+    def __init__(
+        self, *, num_experts: int, hidden_size: int, ffn_size: int, out_size: int, parts: int, rank: int, alpha: float,
+        dropout: float,
+    ) -> None:  # fmt: skip
+        super().__init__()
+        if rank < 1:
+            raise ValueError(f"LoRA rank must be >= 1, got {rank}")
+        self.rank = rank
+        self.parts = parts
+        self.scale = alpha / rank
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.lora_a_in = nn.Parameter(torch.empty(num_experts, parts, hidden_size, rank))
+        self.lora_b_in = nn.Parameter(torch.zeros(num_experts, parts, rank, ffn_size))
+        self.lora_a_out = nn.Parameter(torch.empty(num_experts, ffn_size, rank))
+        self.lora_b_out = nn.Parameter(torch.zeros(num_experts, rank, out_size))
+        with torch.no_grad():
+            self.lora_a_in.copy_(torch.empty_like(self.lora_a_in[0]).uniform_(-1, 1) / math.sqrt(hidden_size))
+            self.lora_a_out.copy_(torch.empty_like(self.lora_a_out[0]).uniform_(-1, 1) / math.sqrt(ffn_size))
+
+    def delta_in(self, index: int, x: torch.Tensor) -> torch.Tensor:
+        """The input projections' update for expert ``index``'s rows ``x`` (n, D) -> (n, parts*F)."""
+        a, b = self.lora_a_in[index].to(x.dtype), self.lora_b_in[index].to(x.dtype)  # (parts, D, r), (parts, r, F)
+        return torch.cat([(self.dropout(x) @ a[p]) @ b[p] for p in range(self.parts)], dim=-1) * self.scale
+
+    def delta_out(self, index: int, hidden: torch.Tensor) -> torch.Tensor:
+        """The output projection's update for expert ``index``'s hidden rows (n, F) -> (n, O)."""
+        a, b = self.lora_a_out[index].to(hidden.dtype), self.lora_b_out[index].to(hidden.dtype)  # (F, r), (r, O)
+        return (self.dropout(hidden) @ a) @ b * self.scale
+
+    @torch.no_grad()
+    def merged_updates(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``scale * A @ B`` of every expert: (E, D, parts*F) for ``w_in`` and (E, F, O) for ``w_out``."""
+        delta_in = torch.matmul(self.lora_a_in, self.lora_b_in)  # (E, parts, D, F)
+        delta_in = delta_in.permute(0, 2, 1, 3).flatten(2)  # (E, D, parts*F): [gate | up] side by side
+        delta_out = torch.bmm(self.lora_a_out, self.lora_b_out)  # (E, F, O)
+        return delta_in * self.scale, delta_out * self.scale
+
+    def zero_touch(self) -> torch.Tensor:
+        return sum(p.sum() for p in self.parameters()) * 0.0
+
+    def extra_repr(self) -> str:
+        return f"rank={self.rank}, parts={self.parts}, scale={self.scale}"
+
+
 class GroupedExperts(nn.Module):
     """``num_experts`` FFNs ``hidden_size -> ffn_size -> out_size`` (default ``hidden_size``), stacked on dim 0.
 
@@ -188,7 +247,36 @@ class GroupedExperts(nn.Module):
         self.b_in = nn.Parameter(torch.empty(num_experts, in_width)) if bias else None
         self.b_out = nn.Parameter(torch.empty(num_experts, self.out_size)) if bias else None
         self.activation = make_activation(activation)
+        self.lora: ExpertLoRA | None = None  # add_lora: per-expert adapters (MedPLIB stage IV), merged after
         self.reset_parameters()
+
+    def add_lora(self, *, rank: int, alpha: float, dropout: float) -> ExpertLoRA:
+        """Put LoRA adapters on every expert's projections (:class:`ExpertLoRA`); :meth:`merge_lora` folds them in."""
+        if self.lora is not None:
+            raise ValueError("the experts already have LoRA adapters")
+        lora = ExpertLoRA(
+            num_experts=self.num_experts,
+            hidden_size=self.hidden_size,
+            ffn_size=self.ffn_size,
+            out_size=self.out_size,
+            parts=2 if self.gated else 1,
+            rank=rank,
+            alpha=alpha,
+            dropout=dropout,
+        )
+        self.lora = lora.to(device=self.w_in.device, dtype=self.w_in.dtype)
+        return self.lora
+
+    @torch.no_grad()
+    def merge_lora(self) -> bool:
+        """Fold the adapters into ``w_in`` / ``w_out`` and drop them; False when there are none."""
+        if self.lora is None:
+            return False
+        delta_in, delta_out = self.lora.merged_updates()  # (E, D, 2F|F), (E, F, O)
+        self.w_in.add_(delta_in.to(self.w_in.dtype))
+        self.w_out.add_(delta_out.to(self.w_out.dtype))
+        self.lora = None
+        return True
 
     @property
     def has_bias(self) -> bool:
@@ -236,10 +324,14 @@ class GroupedExperts(nn.Module):
 
     def expert_forward(self, index: int, x: torch.Tensor) -> torch.Tensor:
         """Expert ``index`` on every row of ``x`` (n, D) -> (n, O). For tests and reference code."""
-        projected = x @ self.w_in[index]  # (n, 2F or F)
+        w_in, w_out = self.w_in[index], self.w_out[index]  # (D, 2F|F), (F, O)
+        if self.lora is not None:  # the merged weights, without LoRA dropout
+            delta_in, delta_out = self.lora.merged_updates()
+            w_in, w_out = w_in + delta_in[index], w_out + delta_out[index]
+        projected = x @ w_in  # (n, 2F or F)
         if self.has_bias:
             projected = projected + self.b_in[index]
-        out = self._hidden(projected) @ self.w_out[index]  # (n, O)
+        out = self._hidden(projected) @ w_out  # (n, O)
         return out + self.b_out[index] if self.has_bias else out
 
     def _use_grouped_mm(self, x: torch.Tensor) -> bool:
@@ -272,11 +364,28 @@ class GroupedExperts(nn.Module):
             out = out + b_out.repeat_interleave(sizes, dim=0, output_size=x_sorted.shape[0])  # (S, O)
         return out
 
+    def _lora_ffn(self, x_sorted: torch.Tensor, group_sizes: list[int]) -> torch.Tensor:
+        """The experts with their LoRA updates, one expert at a time (plain autograd; the base weights are frozen
+        when adapters train, so the loop's backward computes the input and adapter gradients only)."""
+        outputs = []
+        for index, rows in enumerate(torch.split(x_sorted, group_sizes)):
+            if rows.shape[0] == 0:
+                continue
+            projected = rows @ self.w_in[index].to(rows.dtype) + self.lora.delta_in(index, rows)  # (n_e, 2F|F)
+            if self.has_bias:
+                projected = projected + self.b_in[index].to(rows.dtype)
+            hidden = self._hidden(projected)  # (n_e, F)
+            out = hidden @ self.w_out[index].to(rows.dtype) + self.lora.delta_out(index, hidden)  # (n_e, O)
+            outputs.append(out + self.b_out[index].to(rows.dtype) if self.has_bias else out)
+        return torch.cat(outputs)  # (S, O)
+
     def _zero_touch(self) -> torch.Tensor:
         """0 * every parameter, so all experts join autograd even when no token reached any of them."""
         total = self.w_in.sum() + self.w_out.sum()
         if self.has_bias:
             total = total + self.b_in.sum() + self.b_out.sum()
+        if self.lora is not None:
+            total = total + self.lora.zero_touch()
         return total * 0.0
 
     def forward(self, x: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
@@ -284,7 +393,9 @@ class GroupedExperts(nn.Module):
         if plan.token_index.numel() == 0:
             return x.new_zeros(x.shape[0], self.out_size) + self._zero_touch().to(x.dtype)  # (N, O)
         x_sorted = x.index_select(0, plan.token_index)  # (S, D) grouped by expert
-        if self._use_grouped_mm(x):
+        if self.lora is not None:
+            y_sorted = self._lora_ffn(x_sorted, plan.group_sizes)  # (S, O)
+        elif self._use_grouped_mm(x):
             y_sorted = self._grouped_ffn(x_sorted, plan.group_sizes)  # (S, O)
         else:
             y_sorted = self._loop_ffn(x_sorted, plan.group_sizes)  # (S, O)
@@ -294,6 +405,8 @@ class GroupedExperts(nn.Module):
 
     def mix_dense(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """``sum_e w_e * expert_e(x)`` with every expert on every row: (N, D), (N|1, E) -> (N, O).
+
+        Without LoRA adapters (the CMoE connector's experts have none).
 
         The input projection is one batched matmul; the weights scale the hidden activations (the output
         projection is linear), so it plus the weighted sum over experts is a single matmul contracting (E, F).

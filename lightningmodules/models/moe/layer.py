@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from .context import MoEContext, UsesMoEContext, context_users
-from .dispatch import DispatchPlan, plan_dispatch
+from .dispatch import Capacity, DispatchPlan, plan_dispatch
 from .experts import GroupedExperts, GroupedMM
 from .losses import load_balancing_loss, router_z_loss
 from .router import RouterOutput, TopKRouter
@@ -23,8 +23,8 @@ from .stats import MoEStats, RoutingRecord
 class MoEFeedForward(UsesMoEContext):
     """Token-level top-k mixture of ``experts`` chosen by ``router``, plus an optional ``meta_expert``.
 
-    ``capacity_factor`` None is dropless; otherwise each expert computes at most
-    ``ceil(capacity_factor * real_tokens * k / E)`` assignments and the rest contribute 0 (counted in
+    ``capacity`` None is dropless; otherwise each expert computes at most ``capacity.limit(...)`` assignments
+    (its training or evaluation factor by ``self.training``) and the rest contribute 0 (counted in
     ``MoEStats.dropped``). Aux losses are computed every forward with a context (for logging) and weighted
     by ``load_balance_coef`` / ``z_loss_coef`` (0 by default, as Med-MoE released) into the recorded aux loss.
     """
@@ -35,19 +35,17 @@ class MoEFeedForward(UsesMoEContext):
         router: TopKRouter,
         experts: GroupedExperts,
         meta_expert: nn.Module | None = None,
-        capacity_factor: float | None = None,
+        capacity: Capacity | None = None,
         load_balance_coef: float = 0.0,
         z_loss_coef: float = 0.0,
     ) -> None:
         super().__init__()
         if router.num_experts != experts.num_experts:
             raise ValueError(f"router scores {router.num_experts} experts but there are {experts.num_experts}")
-        if capacity_factor is not None and capacity_factor <= 0:
-            raise ValueError(f"capacity_factor must be > 0 or None, got {capacity_factor}")
         self.router = router
         self.experts = experts
         self.meta_expert = meta_expert
-        self.capacity_factor = capacity_factor
+        self.capacity = capacity
         self.load_balance_coef = load_balance_coef
         self.z_loss_coef = z_loss_coef
 
@@ -65,14 +63,20 @@ class MoEFeedForward(UsesMoEContext):
         meta_expert: nn.Module | None = None,
         renormalize: bool = False,
         jitter: float = 0.0,
-        capacity_factor: float | None = None,
+        router_bias: bool = True,
+        capacity: Capacity | None = None,
         load_balance_coef: float = 0.0,
         z_loss_coef: float = 0.0,
         grouped_mm: GroupedMM = "auto",
     ) -> MoEFeedForward:
         """A freshly initialised layer from sizes (experts get nn.Linear's default init)."""
         router = TopKRouter(
-            hidden_size=hidden_size, num_experts=num_experts, top_k=top_k, renormalize=renormalize, jitter=jitter
+            hidden_size=hidden_size,
+            num_experts=num_experts,
+            top_k=top_k,
+            renormalize=renormalize,
+            jitter=jitter,
+            bias=router_bias,
         )
         experts = GroupedExperts(
             num_experts=num_experts,
@@ -87,7 +91,7 @@ class MoEFeedForward(UsesMoEContext):
             router=router,
             experts=experts,
             meta_expert=meta_expert,
-            capacity_factor=capacity_factor,
+            capacity=capacity,
             load_balance_coef=load_balance_coef,
             z_loss_coef=z_loss_coef,
         )
@@ -108,12 +112,21 @@ class MoEFeedForward(UsesMoEContext):
         token_mask = None if context is None else context.flat_token_mask(leading_shape, x.device)  # (B*T,)
 
         routing = self.router(x, token_mask=token_mask)
+        # tokens routed: the real ones, or every row when the capacity counts padding (DeepSpeed's gate)
+        routed_mask = None if self.capacity is not None and self.capacity.count_padding else token_mask  # (B*T,)
+        routed_tokens = x.shape[0] if routed_mask is None else int(routed_mask.sum())
+        limit = None
+        if self.capacity is not None:
+            limit = self.capacity.limit(
+                num_tokens=routed_tokens, top_k=self.top_k, num_experts=self.num_experts, training=self.training
+            )
         plan = plan_dispatch(
             routing.indices,
             routing.weights,
             num_experts=self.num_experts,
-            token_mask=token_mask,
-            capacity_factor=self.capacity_factor,
+            token_mask=routed_mask,
+            capacity=limit,
+            drop="position" if self.capacity is None else self.capacity.drop,
         )
         out = self.experts(x, plan)  # (B*T, D)
         if plan.token_index.numel() == 0:
@@ -157,10 +170,7 @@ class MoEFeedForward(UsesMoEContext):
         context.record(self, routing=record, stats=stats, aux_loss=aux_loss)
 
     def extra_repr(self) -> str:
-        return (
-            f"capacity_factor={self.capacity_factor}, load_balance_coef={self.load_balance_coef}, "
-            f"z_loss_coef={self.z_loss_coef}"
-        )
+        return f"capacity={self.capacity}, load_balance_coef={self.load_balance_coef}, z_loss_coef={self.z_loss_coef}"
 
 
 def moe_layers(model: nn.Module) -> list[tuple[str, MoEFeedForward]]:

@@ -1,4 +1,4 @@
-"""Token router: a Linear with bias scoring E experts, top-k per token.
+"""Token router: a Linear (with bias by default; MedPLIB's has none) scoring E experts, top-k per token.
 
 Med-MoE initialises this Linear from the stage-2 modality classifier (``init_from_linear``) and freezes
 it; freezing is the caller's business (``requires_grad_(False)``). Combine weights are the softmax
@@ -27,10 +27,18 @@ class RouterOutput:
 
 
 class TopKRouter(nn.Module):
-    """``Linear(hidden_size, num_experts)`` with bias, softmax over experts, top-k per token."""
+    """``Linear(hidden_size, num_experts)`` (``bias``: Med-MoE / DeepSpeed yes, MedPLIB no), softmax over
+    experts, top-k per token."""
 
     def __init__(
-        self, *, hidden_size: int, num_experts: int, top_k: int = 1, renormalize: bool = False, jitter: float = 0.0
+        self,
+        *,
+        hidden_size: int,
+        num_experts: int,
+        top_k: int = 1,
+        renormalize: bool = False,
+        jitter: float = 0.0,
+        bias: bool = True,
     ) -> None:
         super().__init__()
         if not 1 <= top_k <= num_experts:
@@ -41,24 +49,27 @@ class TopKRouter(nn.Module):
         self.top_k = top_k
         self.renormalize = renormalize
         self.jitter = jitter  # Switch-style multiplicative input noise, training only; 0 = off
-        self.linear = nn.Linear(hidden_size, num_experts, bias=True)
+        self.linear = nn.Linear(hidden_size, num_experts, bias=bias)
 
     @torch.no_grad()
     def init_from_linear(self, linear: nn.Linear) -> None:
         """Copy a classifier ``Linear(hidden_size, num_experts)`` (e.g. the modality router) into the router.
 
-        A classifier without bias gives a zero bias.
+        A classifier without bias gives a zero bias; a classifier's bias into a router without one is refused.
         """
         if tuple(linear.weight.shape) != tuple(self.linear.weight.shape):
             raise ValueError(
                 f"router init: classifier weight is {tuple(linear.weight.shape)}, the router needs "
                 f"{tuple(self.linear.weight.shape)} (num_experts, hidden_size)"
             )
+        if linear.bias is not None and self.linear.bias is None:
+            raise ValueError("router init: the classifier has a bias but the router has none (set router_bias)")
         self.linear.weight.copy_(linear.weight)
-        if linear.bias is not None:
-            self.linear.bias.copy_(linear.bias)
-        else:
-            self.linear.bias.zero_()
+        if self.linear.bias is not None:
+            if linear.bias is not None:
+                self.linear.bias.copy_(linear.bias)
+            else:
+                self.linear.bias.zero_()
 
     def forward(self, x: torch.Tensor, token_mask: torch.Tensor | None = None) -> RouterOutput:
         """Route ``x`` (N, D); ``token_mask`` (N,) bool marks real tokens (padding False) for ``counts``."""
@@ -67,7 +78,8 @@ class TopKRouter(nn.Module):
             x = x * noise
         # routing in float32 whatever the model dtype or autocast (as DeepSpeed's TopKGate, which Med-MoE uses)
         with torch.autocast(device_type=x.device.type, enabled=False):
-            logits = F.linear(x.float(), self.linear.weight.float(), self.linear.bias.float())  # (N, E)
+            bias = None if self.linear.bias is None else self.linear.bias.float()
+            logits = F.linear(x.float(), self.linear.weight.float(), bias)  # (N, E)
         probs = logits.softmax(dim=-1)  # (N, E)
         weights, indices = probs.topk(self.top_k, dim=-1)  # (N, k), (N, k)
         if self.renormalize:
@@ -77,4 +89,7 @@ class TopKRouter(nn.Module):
         return RouterOutput(weights=weights, indices=indices, counts=counts, logits=logits, probs=probs)
 
     def extra_repr(self) -> str:
-        return f"top_k={self.top_k}, renormalize={self.renormalize}, jitter={self.jitter}"
+        return (
+            f"top_k={self.top_k}, renormalize={self.renormalize}, jitter={self.jitter}, "
+            f"bias={self.linear.bias is not None}"
+        )

@@ -20,6 +20,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from .dispatch import Capacity
 from .experts import GroupedExperts, GroupedMM
 from .layer import MoEFeedForward
 from .router import TopKRouter
@@ -185,11 +186,12 @@ def _router(
     top_k: int,
     renormalize: bool,
     jitter: float,
+    bias: bool,
     init: nn.Linear | None,
     like: torch.Tensor,
 ) -> TopKRouter:
     router = TopKRouter(
-        hidden_size=hidden_size, num_experts=num_experts, top_k=top_k, renormalize=renormalize, jitter=jitter
+        hidden_size=hidden_size, num_experts=num_experts, top_k=top_k, renormalize=renormalize, jitter=jitter, bias=bias
     ).to(device=like.device, dtype=like.dtype)
     if init is not None:
         router.init_from_linear(init)
@@ -204,7 +206,8 @@ def moe_from_ffns(
     renormalize: bool = False,
     router_init: nn.Linear | None = None,
     jitter: float = 0.0,
-    capacity_factor: float | None = None,
+    router_bias: bool = True,
+    capacity: Capacity | None = None,
     load_balance_coef: float = 0.0,
     z_loss_coef: float = 0.0,
     hidden_act: str | None = None,
@@ -218,6 +221,7 @@ def moe_from_ffns(
         top_k=top_k,
         renormalize=renormalize,
         jitter=jitter,
+        bias=router_bias,
         init=router_init,
         like=experts.w_in,
     )
@@ -225,7 +229,7 @@ def moe_from_ffns(
         router=router,
         experts=experts,
         meta_expert=meta,
-        capacity_factor=capacity_factor,
+        capacity=capacity,
         load_balance_coef=load_balance_coef,
         z_loss_coef=z_loss_coef,
     )
@@ -240,7 +244,8 @@ def upcycle_ffn(
     renormalize: bool = False,
     router_init: nn.Linear | None = None,
     jitter: float = 0.0,
-    capacity_factor: float | None = None,
+    router_bias: bool = True,
+    capacity: Capacity | None = None,
     load_balance_coef: float = 0.0,
     z_loss_coef: float = 0.0,
     hidden_act: str | None = None,
@@ -254,7 +259,8 @@ def upcycle_ffn(
         renormalize=renormalize,
         router_init=router_init,
         jitter=jitter,
-        capacity_factor=capacity_factor,
+        router_bias=router_bias,
+        capacity=capacity,
         load_balance_coef=load_balance_coef,
         z_loss_coef=z_loss_coef,
         hidden_act=hidden_act,
@@ -304,7 +310,8 @@ def convert_to_moe(
     renormalize: bool = False,
     router_init: RouterInit = None,
     jitter: float = 0.0,
-    capacity_factor: float | None = None,
+    router_bias: bool = True,
+    capacity: Capacity | None = None,
     load_balance_coef: float = 0.0,
     z_loss_coef: float = 0.0,
     grouped_mm: GroupedMM = "auto",
@@ -330,7 +337,8 @@ def convert_to_moe(
             renormalize=renormalize,
             router_init=_router_init_for(router_init, index),
             jitter=jitter,
-            capacity_factor=capacity_factor,
+            router_bias=router_bias,
+            capacity=capacity,
             load_balance_coef=load_balance_coef,
             z_loss_coef=z_loss_coef,
             hidden_act=hidden_act,
@@ -349,7 +357,8 @@ def convert_from_sources(
     renormalize: bool = False,
     router_init: RouterInit = None,
     jitter: float = 0.0,
-    capacity_factor: float | None = None,
+    router_bias: bool = True,
+    capacity: Capacity | None = None,
     load_balance_coef: float = 0.0,
     z_loss_coef: float = 0.0,
     grouped_mm: GroupedMM = "auto",
@@ -373,7 +382,8 @@ def convert_from_sources(
             renormalize=renormalize,
             router_init=_router_init_for(router_init, index),
             jitter=jitter,
-            capacity_factor=capacity_factor,
+            router_bias=router_bias,
+            capacity=capacity,
             load_balance_coef=load_balance_coef,
             z_loss_coef=z_loss_coef,
             hidden_act=hidden_act,
