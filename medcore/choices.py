@@ -43,6 +43,8 @@ DecayFrom = Literal["warmup_end", "start"]
 # which routed assignments an over-full MoE expert keeps: the first in token order (GShard) or a random subset
 # (DeepSpeed's top1gating with use_rts; MedPLIB stage IV)
 DropPolicy = Literal["position", "random"]
+# model.init: released checkpoint layouts medpipe imports (pipeline/importers)
+ImportFormat = Literal["llava", "hf_llava"]
 # MedPLIB evaluation, an answer without <SEG>: its mask from the hidden state that produced the answer's last token
 # before the stop (5ab54bc's evaluate), or none (IoU 0; the first release 9c3efe9)
 NoSegMask = Literal["last_answer_token", "none"]
@@ -74,6 +76,7 @@ WEIGHTINGS: tuple[str, ...] = get_args(Weighting)
 SCHEDULERS: tuple[str, ...] = get_args(Scheduler)
 DECAY_FROM: tuple[str, ...] = get_args(DecayFrom)
 DROP_POLICIES: tuple[str, ...] = get_args(DropPolicy)
+IMPORT_FORMATS: tuple[str, ...] = get_args(ImportFormat)
 REGION_POOLINGS: tuple[str, ...] = get_args(RegionPooling)
 TINY_LLM_FAMILIES: tuple[str, ...] = get_args(TinyLLMFamily)
 TINY_TOWERS: tuple[str, ...] = get_args(TinyTower)

@@ -36,6 +36,14 @@ from medcore.paths import TIMM_PREFIX, is_timm_path
 from pipeline.architectures import Architecture, architecture_for
 from pipeline.config.errors import ConfigError
 from pipeline.grounding_factory import build_grounded, grounding_tokens
+from pipeline.importers import (
+    CheckpointLayoutError,
+    import_checkpoint,
+    imported_parts,
+    llm_config_dict,
+    vision_config_dict,
+)
+from pipeline.importers.checkpoints import read_config
 from pipeline.zoo import resolve_model_path
 
 Weights = Literal["pretrained", "none"]
@@ -94,8 +102,15 @@ def build_model(
         raise ValueError(f"weights must be one of {WEIGHTS}, got {weights!r}")
     for path in _tiny_paths(cfg):  # built (trained and saved) on first use: never under the device context
         resolve_model_path(path, cache_dir)
+    pretrained = weights == "pretrained"
     with torch.device(device) if device is not None else contextlib.nullcontext():
-        return _build(cfg, cache_dir=cache_dir, pretrained=weights == "pretrained", conversation=conversation)
+        built = _build(cfg, cache_dir=cache_dir, pretrained=pretrained, conversation=conversation)
+    if pretrained and cfg.get("init") is not None:  # a released checkpoint fills what it has, strictly
+        try:
+            import_checkpoint(built.model, model_cfg=cfg)
+        except CheckpointLayoutError as error:
+            raise ConfigError(f"model.init: {error}") from None
+    return built
 
 
 def _tiny_paths(cfg: DictConfig) -> list[str]:
@@ -107,9 +122,13 @@ def _tiny_paths(cfg: DictConfig) -> list[str]:
 def _build(
     cfg: DictConfig, *, cache_dir: str | Path | None, pretrained: bool, conversation: str | None = None
 ) -> BuiltModel:
+    # parts a released checkpoint fills (model.init) are made from their configs only: no second load
+    imported = imported_parts(cfg.get("init")) if pretrained else set()
     # the vision side first (loading it draws no random numbers): a patch grid the aggregation cannot
     # handle fails here, before the LLM loads
-    encoder, transform = _vision_encoder(cfg.vision, cache_dir=cache_dir, pretrained=pretrained)
+    encoder, transform = _vision_encoder(
+        cfg.vision, cache_dir=cache_dir, pretrained=pretrained and "vision" not in imported
+    )
     encoder = encoder.to(torch_dtype(cfg.vision.dtype))  # every tower kind; its trainable weights go float32 later
     vision = VisionTower(
         encoder=encoder,
@@ -126,7 +145,11 @@ def _build(
         raise ConfigError(f"model.connector.aggregation: {e}") from None
     extra_tokens = [IMAGE_TOKEN] + grounding_tokens(cfg)
     llm, tokenizer, token_ids = _language_model(
-        cfg.llm, extra_tokens, cache_dir=cache_dir, pretrained=pretrained, conversation=conversation
+        cfg.llm,
+        extra_tokens,
+        cache_dir=cache_dir,
+        pretrained=pretrained and "llm" not in imported,
+        conversation=conversation,
     )
     if cfg.llm.gradient_checkpointing:
         llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -188,11 +211,21 @@ def _language_model(
     if preset is not None:  # a LLaVA conversation preset replaces the tokenizer's template
         tokenizer.chat_template = conversation_template(preset, add_bos=adds_bos(tokenizer))
     token_ids = {token: tokenizer.convert_tokens_to_ids(token) for token in extra_tokens}
-    if pretrained:
-        return load_causal_lm(llm_dir, vocab_size=len(tokenizer), **options), tokenizer, token_ids
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(llm_dir, trust_remote_code=cfg.trust_remote_code)
+    llava_llm = llm_config_dict(llm_dir)  # a LLaVA folder: its LLM's config (weights come through model.init)
+    if pretrained and llava_llm is not None:
+        raise ConfigError(
+            f"model.llm.path: {llm_dir} is a LLaVA checkpoint (config.json model_type "
+            f"{read_config(llm_dir).get('model_type')!r}): set model.init: {{format: llava or hf_llava, "
+            f"path: {llm_dir}}}"
+        )
+    if pretrained:
+        return load_causal_lm(llm_dir, vocab_size=len(tokenizer), **options), tokenizer, token_ids
+    if llava_llm is not None:
+        config = AutoConfig.for_model(**llava_llm)
+    else:
+        config = AutoConfig.from_pretrained(llm_dir, trust_remote_code=cfg.trust_remote_code)
     return causal_lm_from_config(config, vocab_size=len(tokenizer), **options), tokenizer, token_ids
 
 
@@ -228,7 +261,9 @@ def _vision_encoder(
     if vision_dir.is_dir():
         from transformers import AutoConfig
 
-        encoder = vision_model_from_config(AutoConfig.from_pretrained(vision_dir))
+        llava_vision = vision_config_dict(vision_dir)  # an hf_llava folder: its tower's config
+        config = AutoConfig.for_model(**llava_vision) if llava_vision else AutoConfig.from_pretrained(vision_dir)
+        encoder = vision_model_from_config(config)
         return encoder, ImageTransform.from_pretrained(vision_dir, pad_square=cfg.pad_square)
     architecture = architecture_for("model.vision.path", cfg.path, "vision")
     return vision_model_from_config(architecture.hf_config()), _preset_transform(architecture, cfg.pad_square)

@@ -21,6 +21,7 @@ from medcore.choices import (
     ConversationPreset,
     DecayFrom,
     DropPolicy,
+    ImportFormat,
     NoSegMask,
     RegionPooling,
     RouterInput,
@@ -128,11 +129,21 @@ class LLMConfig:
 
 
 @dataclass
+class InitConfig:
+    """Start from a released checkpoint (pipeline/importers): its weights fill the model built from ``model:``
+    (the LLM and connector, and the vision tower when the checkpoint has it), every key accounted for."""
+
+    format: ImportFormat = "llava"  # llava: LLaVA-1.5 / LLaVA-Med v1.5 as released; hf_llava: transformers' Llava
+    path: str = "???"  # the checkpoint folder (config.json + weights)
+
+
+@dataclass
 class ModelConfig:
     vision: VisionConfig = field(default_factory=VisionConfig)
     connector: ConnectorConfig = field(default_factory=ConnectorConfig)
     llm: LLMConfig = field(default_factory=LLMConfig)
     grounding: GroundingConfig | None = None  # MedPLIB: <SEG> -> SAM mask decoder, region prompts
+    init: InitConfig | None = None  # weights from a released checkpoint layout (model.llm.path: the same folder)
 
     def problems(self, key: str) -> list[Problem]:
         if self.grounding is not None and self.grounding.region and self.vision.select_feature != "patch":
