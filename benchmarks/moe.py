@@ -12,7 +12,7 @@ default ``"auto"`` uses the per-expert loop on CPU), same weights, as ``moe_over
 Threads: every kernel is a barrier of the intra-op thread pool. The MoE layer runs ~4x the dense FFN's
 kernels (router, sort, gather/scatter, per-expert matmuls, meta expert); on a machine whose cores are
 busy with other work, a descheduled second thread stalls every barrier, so at 2 threads on a loaded
-2-core machine the ratio measures contention more than compute (see ``load_average_1min``); compare
+2-core machine the ratio measures contention more than compute (see ``load_average``); compare
 with ``--threads 1``.
 
 Timing: each variant does one forward + backward (input and parameter grads) per call. After warm-up, every
@@ -23,13 +23,15 @@ are per-variant medians. Memory: one more call per variant under ``torch.profile
 minus frees, bytes) during the call, i.e. the peak of tensors created by that forward + backward on top of
 what was live before (weights and input are not counted; activations and grads are).
 
-    python benchmarks/moe.py [--tokens 4096] [--hidden 256] [--ffn 688] [--rounds 15] [--threads 2] [--json]
+Each ratio is also reported with its spread over the rounds (``ratios``: median, min, max, quartiles), with the
+load average at start and end (``load_average``); ``--reduced`` is a seconds-long run on tiny shapes (tests).
+
+    python benchmarks/moe.py [--tokens 4096] [--hidden 256] [--ffn 688] [--rounds 15] [--threads 1] [--json]
+        [--out FILE] [--reduced]
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import statistics
 import sys
@@ -45,7 +47,11 @@ from torch import nn
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from lightningmodules.models.moe import MoEContext, MoEFeedForward, attach_context  # noqa: E402 (after sys.path)
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+import common  # noqa: E402 (after sys.path)
+
+from lightningmodules.models.moe import MoEContext, MoEFeedForward, attach_context  # noqa: E402
 
 
 def dense_ffn(hidden: int, ffn: int) -> nn.Module:
@@ -168,10 +174,10 @@ COMPARISONS = (  # (key, ours, reference)
 
 def time_pairs(
     steps: dict[str, Callable[[], None]], *, rounds: int, warmup: int
-) -> tuple[dict[str, float], dict[str, float]]:
+) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
     """Per round, each comparison's two variants back to back (order alternating between rounds).
 
-    Returns the median over rounds of each comparison's time ratio, and each variant's median seconds.
+    Returns each comparison's time ratio per round, and each variant's seconds per round.
     """
     for _ in range(warmup):
         for step in steps.values():
@@ -188,29 +194,29 @@ def time_pairs(
                 took[name] = time.perf_counter() - start
                 seconds[name].append(took[name])
             ratios[key].append(took[ours] / took[reference])
-    return (
-        {key: statistics.median(values) for key, values in ratios.items()},
-        {name: statistics.median(values) for name, values in seconds.items()},
-    )
+    return ratios, seconds
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = common.parser(__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=4096)
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--ffn", type=int, default=688)
-    parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json", action="store_true", help="print one JSON object of the figures")
     args = parser.parse_args()
+    if args.reduced:
+        args.tokens, args.hidden, args.ffn, args.warmup = 128, 32, 64, 1
+        args.rounds = args.rounds or 2
+    args.rounds = args.rounds or 15
+    args.threads = args.threads or 1
     warnings.filterwarnings("ignore")
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
+    load_start = common.load_average()
     d, f, n = args.hidden, args.ffn, args.tokens
 
     # (a) Med-MoE layer vs a dense FFN of the same active width
@@ -254,11 +260,20 @@ def main() -> None:
     }
     steps = {name: train_step(module, x, upstream) for name, module in modules.items()}
     load_before = os.getloadavg()[0]
-    ratios, seconds = time_pairs(steps, rounds=args.rounds, warmup=args.warmup)
+    per_round, per_round_seconds = time_pairs(steps, rounds=args.rounds, warmup=args.warmup)
+    ratios = {key: statistics.median(values) for key, values in per_round.items()}
+    seconds = {name: statistics.median(values) for name, values in per_round_seconds.items()}
     memory = {name: peak_mb(step) for name, step in steps.items()}
 
     result = {
+        **common.header("moe", args, load_start),
         **ratios,
+        "ratios": {key: common.spread(values) for key, values in per_round.items()},
+        "baselines": {
+            "moe_over_dense": "dense gated FFN (transformers LlamaMLP) of the same active width 2F",
+            "ours_over_hf_mixtral": "transformers MixtralSparseMoeBlock, same weights, eager experts loop",
+            "ours_over_naive": "every expert on every token, sparse combine weights",
+        },
         **{f"ms_{name}": 1000 * s for name, s in seconds.items()},
         **{f"peak_mb_{name}": mb for name, mb in memory.items()},
         "max_abs_diff_ours_vs_hf": diff_hf,
@@ -269,34 +284,37 @@ def main() -> None:
         "hidden": d,
         "ffn": f,
         "dense_ffn": 2 * f,
-        "rounds": args.rounds,
-        "threads": torch.get_num_threads(),
-        "load_average_1min": [load_before, os.getloadavg()[0]],
         "torch": torch.__version__,
         "memory_method": "torch.profiler profile_memory: peak net CPU allocation per call",
     }
-    if args.json:
-        print(json.dumps(result))
-        return
-    print(
+    common.emit(result, args, lambda res: text_lines(res, args, modules, seconds, memory, load_before))
+
+
+def text_lines(result, args, modules, seconds, memory, load_before) -> list[str]:
+    d, f, n = args.hidden, args.ffn, args.tokens
+    diff_hf, diff_naive = result["max_abs_diff_ours_vs_hf"], result["max_abs_diff_ours_vs_naive"]
+    top1_load, top2_load = result["expert_tokens_top1of4"], result["expert_assignments_top2of8"]
+    spread = result["ratios"]
+    out = [
         f"forward+backward, {n} tokens, d {d}, ffn {f}, {args.threads} threads, median of {args.rounds} rounds, "
         f"1-min load average {load_before:.1f} -> {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs"
-    )
+    ]
     for name in modules:
-        print(f"  {name:24s} {1000 * seconds[name]:8.1f} ms   peak {memory[name]:7.1f} MB")
-    print(
-        f"(a) top-1 of 4 + meta / dense FFN width {2 * f}: {result['moe_over_dense']:.3f}  (target <= 1.15); "
-        f"experts on grouped_mm: {result['moe_over_dense_grouped_mm']:.3f}"
+        out.append(f"  {name:24s} {1000 * seconds[name]:8.1f} ms   peak {memory[name]:7.1f} MB")
+    out.append(
+        f"(a) top-1 of 4 + meta / dense FFN width {2 * f}: {common.fmt(spread['moe_over_dense'])}  (target <= 1.15); "
+        f"experts on grouped_mm: {common.fmt(spread['moe_over_dense_grouped_mm'])}"
     )
-    print(
-        f"(b) ours / transformers Mixtral block (eager): {result['ours_over_hf_mixtral']:.3f}  (target <= 0.95); "
-        f"vs its grouped_mm experts: {result['ours_over_hf_mixtral_grouped_mm']:.3f}"
+    out.append(
+        f"(b) ours / transformers Mixtral block (eager): {common.fmt(spread['ours_over_hf_mixtral'])}  "
+        f"(target <= 0.95); vs its grouped_mm experts: {common.fmt(spread['ours_over_hf_mixtral_grouped_mm'])}"
     )
-    print(f"(c) ours / compute-every-expert: {result['ours_over_naive']:.3f}")
-    print(
+    out.append(f"(c) ours / compute-every-expert: {common.fmt(spread['ours_over_naive'])}")
+    out.append(
         f"outputs: max |ours - HF| {diff_hf:.2e}, max |ours - naive| {diff_naive:.2e}; "
         f"load top-1 of 4 {top1_load}, top-2 of 8 {top2_load}"
     )
+    return out
 
 
 if __name__ == "__main__":

@@ -10,16 +10,17 @@ DDP Lightning shards them with padding, so de-duplicate predictions with
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from typing import Any
 
 import lightning as L
 from torch.utils.data import DataLoader
 
 from datamodules.dataset import Collator, VQADataset
-from datamodules.encoding import ConversationEncoder
+from datamodules.encoding import ConversationEncoder, fitting_records
 from datamodules.images import ImageTransform
 from datamodules.mixture import MixtureSampler, mixture_groups
-from datamodules.problems import ProblemLog
+from datamodules.problems import Problem, ProblemLog
 from datamodules.prompts import PromptTemplates
 from datamodules.readers import read_split
 from datamodules.records import Record
@@ -79,7 +80,11 @@ class VQADataModule(L.LightningDataModule):
         # per-task prompt templates (datamodules/prompts.py): random in training, the first otherwise
         self.prompts = PromptTemplates() if prompt_templates else None
         self.problems = ProblemLog(on_bad_record)
-        self.records: dict[str, list[Record]] = {}
+        self.max_image_pixels = {name: spec.max_image_pixels for name, spec in datasets.items()}
+        self._read: dict[str, list[Record]] = {}  # split -> records as read (and verified)
+        self.records: dict[str, list[Record]] = {}  # split -> records served: read, and prompts that fit once connected
+        self.split_problems: dict[str, list[Problem]] = {}  # split -> the problems found while reading or checking it
+        self.split_filtered: dict[str, Counter] = {}  # split -> records left out by configuration ("file: why" -> n)
         self.tokenizer: Any = None
         self.transform: ImageTransform | None = None
         self.encoder: ConversationEncoder | None = None
@@ -96,6 +101,7 @@ class VQADataModule(L.LightningDataModule):
         region_grid_size: int | None = None,
     ) -> VQADataModule:
         self.tokenizer = tokenizer
+        self.records = {}  # served records depend on the encoder: prompts are checked again against this one
         self.sam_transform = sam_transform  # grounding models: items also carry SAM's input
         # region encoders: items carry the region mask at the vision input resolution and its patch-grid weights
         self.region_grid_size = region_grid_size
@@ -121,9 +127,16 @@ class VQADataModule(L.LightningDataModule):
         return {"train": spec.train_split, "val": spec.val_split, "test": spec.test_split}[split]
 
     def split_records(self, split: str) -> list[Record]:
-        """All records of one pipeline split (train / val / test) over the configured datasets."""
-        if split not in self.records:
-            before = len(self.problems.problems)
+        """All records of one pipeline split (train / val / test) over the configured datasets.
+
+        Read once (every problem reported to :attr:`problems`; with ``verify_images`` every image decoded).
+        Once connected, a record whose prompt leaves no room for an answer within ``max_length`` is a bad record
+        too (:func:`datamodules.encoding.fitting_records`), found here rather than in a loader worker. Each
+        split's problems are kept in :attr:`split_problems`, the records its settings left out (SLAKE's other
+        languages, ``max_samples``) counted in :attr:`split_filtered`.
+        """
+        if split not in self._read:
+            before, filtered = len(self.problems.problems), Counter(self.problems.filtered)
             records: list[Record] = []
             for name, spec in self.datasets.items():
                 release_split = self.release_split(spec, split)
@@ -132,11 +145,33 @@ class VQADataModule(L.LightningDataModule):
             if self.verify_images:
                 from datamodules.verify import verify_records
 
-                records = verify_records(records, self.problems)
+                records = verify_records(records, self.problems, max_pixels=self.max_image_pixels)
+            self._read[split] = records
+            self.split_filtered[split] = self.problems.filtered - filtered
+            for reason, count in sorted(self.split_filtered[split].items()):
+                log.info("%s split: left out %d records by configuration (%s)", split, count, reason)
+            self._file_problems(split, before)
+        if split not in self.records:
+            records = self._read[split]
+            if self.encoder is not None:
+                before = len(self.problems.problems)
+                records = fitting_records(
+                    records,
+                    self.encoder,
+                    self.problems,
+                    prompts=self.prompts,
+                    every_template=split == "train",
+                )
+                self._file_problems(split, before)
             self.records[split] = records
-            if len(self.problems.problems) > before:
-                self.problems.warn(f"{split} split")
         return self.records[split]
+
+    def _file_problems(self, split: str, start: int) -> None:
+        """File the problems reported since ``start`` under ``split`` and warn about them."""
+        new = self.problems.problems[start:]
+        if new:
+            self.split_problems.setdefault(split, []).extend(new)
+            self.problems.warn(f"{split} split")
 
     def setup(self, stage: str | None = None) -> None:
         wanted = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}
@@ -160,6 +195,7 @@ class VQADataModule(L.LightningDataModule):
             random_prompts=split == "train" and with_answers,
             sam_transform=getattr(self, "sam_transform", None),
             region_grid_size=getattr(self, "region_grid_size", None),
+            max_image_pixels=self.max_image_pixels,
         )
 
     def train_sampler(self, *, world_size: int | None = None, rank: int | None = None) -> MixtureSampler:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -14,6 +15,7 @@ from datamodules.problems import DataError
 from datamodules.prompts import PromptTemplates
 from datamodules.records import Record
 from datamodules.regions import region_inputs
+from datamodules.verify import pixel_limit
 
 LOAD_HINT = (
     "found while loading a sample; run `medpipe data check --format FORMAT PATH` (or set "
@@ -50,6 +52,7 @@ class VQADataset(Dataset):
         random_prompts: bool = False,
         sam_transform: SamImageTransform | None = None,
         region_grid_size: int | None = None,
+        max_image_pixels: Mapping[str, int] | None = None,
     ) -> None:
         self.records = records
         self.encoder = encoder
@@ -61,6 +64,7 @@ class VQADataset(Dataset):
         self.random_prompts = random_prompts
         self.sam_transform = sam_transform  # MedPLIB grounding: SAM's own copy of each image
         self.region_grid_size = region_grid_size  # MedPLIB region prompts: the vision tower's patch grid
+        self.max_image_pixels = max_image_pixels  # dataset name -> its pixel limit (decompression bombs)
 
     def __len__(self) -> int:
         return len(self.records)
@@ -83,8 +87,9 @@ class VQADataset(Dataset):
         }
         if not record.has_image:
             return item
+        limit = pixel_limit(record, self.max_image_pixels)
         try:
-            image = load_image(record.image_path, record.image_bytes, record=record.id)
+            image = load_image(record.image_path, record.image_bytes, record=record.id, max_pixels=limit)
             item["pixel_values"] = self.transform(image)  # (3, H, W)
             if self.sam_transform is not None:
                 item["sam_pixel_values"], item["sam_resized_size"], _ = self.sam_transform(image)  # (3, S, S)
@@ -97,7 +102,7 @@ class VQADataset(Dataset):
                     ("region_mask", "region", record.region),
                 ):
                     if isinstance(path, str):
-                        item[key] = _original_mask(path, record.id, field_name, (height, width))
+                        item[key] = _original_mask(path, record.id, field_name, (height, width), limit)
                 if "region_mask" in item and self.region_grid_size is not None:
                     item["region_mask_input"], item["region_weights"] = region_inputs(
                         item["region_mask"], grid_size=self.region_grid_size, image_transform=self.transform
@@ -107,9 +112,11 @@ class VQADataset(Dataset):
         return item
 
 
-def _original_mask(path: str, record_id: str, field_name: str, image_hw: tuple[int, int]) -> torch.Tensor:
+def _original_mask(
+    path: str, record_id: str, field_name: str, image_hw: tuple[int, int], max_pixels: int
+) -> torch.Tensor:
     """(H, W) bool tensor at the original resolution; its size must be the image's."""
-    mask = load_mask(path, record=record_id, field_name=field_name)  # (H, W) bool
+    mask = load_mask(path, record=record_id, field_name=field_name, max_pixels=max_pixels)  # (H, W) bool
     if mask.shape != image_hw:
         raise DataError(
             f"{path}: record {record_id}: field '{field_name}': mask is {mask.shape[1]}x{mask.shape[0]}"

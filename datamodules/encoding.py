@@ -9,6 +9,8 @@ from typing import Any
 
 import torch
 
+from datamodules.problems import ProblemLog
+from datamodules.prompts import PromptTemplates
 from datamodules.records import Record
 from medcore.chat import end_of_turn_token
 
@@ -17,6 +19,22 @@ IMAGE_TOKEN = "<image>"
 REGION_START = "<region>"
 REGION_FEAT = "<region_feat>"  # lightningmodules/models/region.py REGION_PLACEHOLDER
 _IMAGE_PLACEHOLDER = re.compile(r"[ \t]*<image>[ \t]*\n?")
+
+
+class PromptTooLongError(ValueError):
+    """A record's prompt leaves no room for an answer within ``max_length`` tokens."""
+
+    def __init__(self, record_id: str, tokens: int, max_length: int) -> None:
+        self.tokens, self.max_length = tokens, max_length
+        super().__init__(f"record {record_id}: the prompt is {tokens} tokens, {self.reason}; raise max_length")
+
+    @property
+    def reason(self) -> str:
+        return (
+            f"longer than data.max_length={self.max_length}"
+            if self.tokens > self.max_length
+            else (f"as long as data.max_length={self.max_length}, leaving no room for an answer")
+        )
 
 
 @dataclass
@@ -101,12 +119,7 @@ class ConversationEncoder:
 
     def encode(self, record: Record, *, with_answers: bool) -> EncodedSample:
         """Training (``with_answers``) or generation-prompt encoding of one record."""
-        from jinja2.exceptions import TemplateError
-
-        try:
-            input_ids, labels = self._encode(record, with_answers=with_answers)
-        except TemplateError as e:  # raise_exception in the template, a syntax error, an undefined name
-            raise ValueError(f"record {record.id}: the chat template failed: {e}") from None
+        input_ids, labels = self._encode_checked(record, with_answers=with_answers)
         image_tokens = input_ids.count(self.image_token_id)
         if record.has_image and image_tokens != self.num_image_tokens:
             raise ValueError(
@@ -114,17 +127,30 @@ class ConversationEncoder:
                 f"{self.num_image_tokens} of one {IMAGE_TOKEN}: the chat template does not write the first "
                 "question as given"
             )
+        # the prompt is everything before the first answer token (the whole sequence without answers)
+        prompt = next((i for i, t in enumerate(labels) if t != IGNORE_INDEX), len(labels))
+        self.check_prompt(record, prompt)
         truncated = len(input_ids) > self.max_length
-        if truncated:
-            # answers may be cut (counted as truncated); the first prompt may not: it holds the image
-            first_target = next((i for i, t in enumerate(labels) if t != IGNORE_INDEX), len(labels))
-            if not with_answers or first_target >= self.max_length:
-                raise ValueError(
-                    f"record {record.id}: the prompt is {first_target} tokens, longer than "
-                    f"data.max_length={self.max_length}; raise max_length"
-                )
+        if truncated:  # answers may be cut (counted as truncated); the first prompt may not: it holds the image
             input_ids, labels = input_ids[: self.max_length], labels[: self.max_length]
         return EncodedSample(input_ids=input_ids, labels=labels, truncated=truncated)
+
+    def prompt_length(self, record: Record) -> int:
+        """Tokens of ``record``'s generation prompt, uncut: where its first answer starts in training."""
+        return len(self._encode_checked(record, with_answers=False)[0])
+
+    def check_prompt(self, record: Record, prompt_tokens: int) -> None:
+        """A prompt must leave room for one answer token (:class:`PromptTooLongError` otherwise)."""
+        if prompt_tokens >= self.max_length:
+            raise PromptTooLongError(record.id, prompt_tokens, self.max_length)
+
+    def _encode_checked(self, record: Record, *, with_answers: bool) -> tuple[list[int], list[int]]:
+        from jinja2.exceptions import TemplateError
+
+        try:
+            return self._encode(record, with_answers=with_answers)
+        except TemplateError as e:  # raise_exception in the template, a syntax error, an undefined name
+            raise ValueError(f"record {record.id}: the chat template failed: {e}") from None
 
     def _encode(self, record: Record, *, with_answers: bool) -> tuple[list[int], list[int]]:
         msgs = self.messages(record, with_answers=with_answers)
@@ -246,3 +272,42 @@ def pad_batch(sequences: list[list[int]], pad_value: int, side: str) -> torch.Te
         else:
             out[i, longest - len(s) :] = torch.tensor(s, dtype=torch.long)
     return out
+
+
+def fitting_records(
+    records: list[Record],
+    encoder: ConversationEncoder,
+    problems: ProblemLog,
+    *,
+    prompts: PromptTemplates | None = None,
+    every_template: bool = False,
+) -> list[Record]:
+    """The records whose prompt leaves room for an answer within the encoder's ``max_length``; each other one is
+    a bad record (``prompt_too_long``, naming file, record and question field: raise under ``error``, count under
+    ``skip``), found before training so that a loader never meets it. ``prompts``: the task templates rewrite the
+    question first (``every_template``: every template a training draw may pick must fit). Prompts are encoded once
+    per distinct message text, so repeated questions cost nothing."""
+    lengths: dict[tuple[bool, tuple[str, ...]], int] = {}  # (has image, message texts) -> prompt tokens
+    kept: list[Record] = []
+    for record in records:
+        variants = prompts.variants(record, every=every_template) if prompts is not None else [record]
+        longest = 0
+        for variant in variants:
+            key = (variant.has_image, tuple(m["content"] for m in encoder.messages(variant, with_answers=False)))
+            if key not in lengths:
+                lengths[key] = encoder.prompt_length(variant)
+            longest = max(longest, lengths[key])
+        try:
+            encoder.check_prompt(record, longest)
+        except PromptTooLongError as e:
+            source = record.source
+            problems.report(
+                source.file if source else f"dataset {record.dataset}",
+                record.id,
+                source.question_field if source else "question",
+                f"the prompt is {e.tokens} tokens, {e.reason} (shorten the question or raise max_length)",
+                "prompt_too_long",
+            )
+            continue
+        kept.append(record)
+    return kept

@@ -11,6 +11,10 @@ from __future__ import annotations
 
 import io
 import json
+import re
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,57 +22,142 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from datamodules.problems import DataError
+from datamodules.problems import DataError, Problem
+from datamodules.specs import DEFAULT_MAX_IMAGE_PIXELS
 
 _RESAMPLE = {0: Image.NEAREST, 1: Image.LANCZOS, 2: Image.BILINEAR, 3: Image.BICUBIC}
+_PIL_PIXELS = re.compile(r"\((\d+) pixels\)")
 
 
-def load_image(path: str | Path | None = None, data: bytes | None = None, *, record: str = "?") -> Image.Image:
-    """Decode an image file or bytes to RGB; 16-bit and float images are rescaled to 8 bit.
+@contextmanager
+def open_image(
+    path: str | Path | None = None,
+    data: bytes | None = None,
+    *,
+    record: str = "?",
+    field_name: str = "image",
+    max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+) -> Iterator[Image.Image]:
+    """The image with its header read and nothing decoded, its pixel count checked against ``max_pixels``.
 
-    A missing, corrupt or truncated image raises :class:`DataError` naming the file and record.
+    Every problem is a :class:`DataError` naming file, record and field, whose ``problem.kind`` is
+    ``missing_<what>``, ``corrupt_<what>`` or ``<what>_too_large`` (``what``: image, or mask for a mask field),
+    so a decompression bomb is a bad record like any other, found before a pixel is decoded. PIL's own limit
+    (``Image.MAX_IMAGE_PIXELS``, process-wide) is raised when ``max_pixels`` is above it, never lowered.
     """
     source = str(path) if path is not None else "<bytes>"
+    what = "image" if field_name == "image" else "mask"
+    if Image.MAX_IMAGE_PIXELS is not None and max_pixels > 2 * Image.MAX_IMAGE_PIXELS:
+        Image.MAX_IMAGE_PIXELS = max_pixels  # PIL errors past twice its limit; ours decides
     try:
-        img = Image.open(io.BytesIO(data) if data is not None else path)
-        img.load()  # forces a full decode so truncated files fail here, not later
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the check below decides
+            img = Image.open(io.BytesIO(data) if data is not None else path)
     except FileNotFoundError:
-        raise DataError(f"{source}: record {record}: field 'image': file not found") from None
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
-        raise DataError(f"{source}: record {record}: field 'image': corrupt or truncated image ({e})") from None
-    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        arr = np.asarray(img, dtype=np.float64)
-        lo, hi = float(arr.min()), float(arr.max())
-        arr = (arr - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(arr)
-        img = Image.fromarray(arr.round().astype(np.uint8))
-    return img.convert("RGB")
+        raise _image_error(source, record, field_name, "file not found", f"missing_{what}") from None
+    except Image.DecompressionBombError as e:  # PIL read a header past twice its limit
+        found = _PIL_PIXELS.search(str(e))
+        pixels = int(found.group(1)) if found else max_pixels + 1
+        raise _image_error(source, record, field_name, _too_large(pixels, max_pixels), f"{what}_too_large") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise _image_error(
+            source, record, field_name, f"corrupt or truncated {what} ({e})", f"corrupt_{what}"
+        ) from None
+    with img:
+        width, height = img.size
+        if width * height > max_pixels:
+            reason = f"{width}x{height} is " + _too_large(width * height, max_pixels)
+            raise _image_error(source, record, field_name, reason, f"{what}_too_large")
+        yield img
 
 
-def load_mask(path: str | Path, *, record: str = "?", field_name: str = "mask") -> np.ndarray:
+def _too_large(pixels: int, limit: int) -> str:
+    return (
+        f"{pixels} pixels, more than max_image_pixels={limit} (a decompression bomb? raise the dataset's "
+        "max_image_pixels if the image is real)"
+    )
+
+
+def _image_error(source: str, record: str, field_name: str, reason: str, kind: str) -> DataError:
+    problem = Problem(source, str(record), field_name, reason, kind)
+    return DataError(str(problem), problem)
+
+
+def _decode(img: Image.Image, source: str, record: str, field_name: str, what: str) -> None:
+    """Decode every pixel (so a truncated file fails here, not in a later transform)."""
+    try:
+        img.load()
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise _image_error(
+            source, record, field_name, f"corrupt or truncated {what} ({e})", f"corrupt_{what}"
+        ) from None
+
+
+def load_image(
+    path: str | Path | None = None,
+    data: bytes | None = None,
+    *,
+    record: str = "?",
+    max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+) -> Image.Image:
+    """Decode an image file or bytes to RGB; 16-bit and float images are rescaled to 8 bit.
+
+    A missing, corrupt, truncated or too large image (:func:`open_image`), or a float image with NaN or
+    infinite pixels, raises :class:`DataError` naming the file, record and field.
+    """
+    source = str(path) if path is not None else "<bytes>"
+    with open_image(path, data, record=record, max_pixels=max_pixels) as img:
+        _decode(img, source, record, "image", "image")
+        if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+            arr = np.asarray(img, dtype=np.float64)
+            if not np.isfinite(arr).all():
+                raise _image_error(
+                    source, record, "image", "non-finite (NaN or infinite) pixel values", "corrupt_image"
+                )
+            lo, hi = float(arr.min()), float(arr.max())
+            arr = (arr - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(arr)
+            return Image.fromarray(arr.round().astype(np.uint8)).convert("RGB")
+        return img.convert("RGB")
+
+
+def load_mask(
+    path: str | Path, *, record: str = "?", field_name: str = "mask", max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+) -> np.ndarray:
     """A binary mask at its original resolution: (H, W) bool, pixel >= 1 is foreground.
 
-    Grayscale, 16-bit, palette (the index) and colour masks (any channel, alpha ignored) all work.
-    A missing or undecodable file raises :class:`DataError` naming the file, record and field.
+    Grayscale, 16-bit, palette (the index) and colour masks (any channel, alpha ignored) all work; a float mask
+    only when every value is a whole number (a probability map would threshold to an empty target). A missing,
+    undecodable or too large file, or fractional float values, raise :class:`DataError` naming file, record and
+    field.
     """
-    try:
-        with Image.open(path) as img:
-            img.load()
-            if img.mode in ("LA", "PA"):  # drop alpha: the first band is the label / palette index
-                arr = np.asarray(img.getchannel(0))
-            else:
-                arr = np.asarray(img.convert("RGB") if img.mode == "RGBA" else img)
-    except FileNotFoundError:
-        raise DataError(f"{path}: record {record}: field '{field_name}': file not found") from None
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
-        raise DataError(f"{path}: record {record}: field '{field_name}': corrupt or truncated mask ({e})") from None
+    with open_image(path, record=record, field_name=field_name, max_pixels=max_pixels) as img:
+        _decode(img, str(path), record, field_name, "mask")
+        if img.mode in ("LA", "PA"):  # drop alpha: the first band is the label / palette index
+            arr = np.asarray(img.getchannel(0))
+        else:
+            arr = np.asarray(img.convert("RGB") if img.mode == "RGBA" else img)
+    if arr.dtype.kind == "f" and not (np.isfinite(arr).all() and (arr == np.round(arr)).all()):
+        finite = arr[np.isfinite(arr)]
+        values = f"{finite.min():g} to {finite.max():g}" if finite.size else "no finite value"
+        reason = (
+            f"float mask with fractional or non-finite values ({values}): a mask is a label image, pixel >= 1 is "
+            "foreground (save it as 8-bit, e.g. (mask > 0.5) * 255)"
+        )
+        raise _image_error(str(path), record, field_name, reason, "bad_mask")
     if arr.ndim == 3:  # (H, W, C) colour mask -> (H, W): foreground where any channel is set
         return (arr >= 1).any(axis=2)
     return arr >= 1
 
 
-def image_size(path: str | Path | None = None, data: bytes | None = None) -> tuple[int, int]:
-    """(width, height) from the file header, without decoding the pixels."""
-    with Image.open(io.BytesIO(data) if data is not None else path) as img:
+def image_size(
+    path: str | Path | None = None,
+    data: bytes | None = None,
+    *,
+    record: str = "?",
+    max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+) -> tuple[int, int]:
+    """(width, height) from the file header, without decoding the pixels (:func:`open_image`'s checks)."""
+    with open_image(path, data, record=record, max_pixels=max_pixels) as img:
         return img.size
 
 

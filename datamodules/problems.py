@@ -3,7 +3,9 @@
 Record-level problems (a missing field, an empty answer, a missing image...) follow the policy:
 ``error`` raises :class:`DataError`, ``skip`` drops the record and counts it under its ``kind``.
 File-level problems (malformed JSON, a missing split file, a refused pickle) always raise: the
-whole file is unreadable, and dropping it would lose a split without a trace.
+whole file is unreadable, and dropping it would lose a split without a trace. Records a configuration
+leaves out on purpose (SLAKE's other languages, ``max_samples``) are no problems, but they are counted too
+(:meth:`ProblemLog.filter`), so nothing leaves a split without a number saying why.
 """
 
 from __future__ import annotations
@@ -56,6 +58,8 @@ class ProblemLog:
 
     on_bad_record: str = "error"
     problems: list[Problem] = field(default_factory=list)
+    # records left out by configuration, not by a problem: "<file>: <reason>" -> count
+    filtered: Counter = field(default_factory=Counter)
     _seen: set = field(default_factory=set, repr=False, init=False)
 
     def __post_init__(self) -> None:
@@ -71,6 +75,11 @@ class ProblemLog:
         if key not in self._seen:  # a file read for two splits reports its bad records once
             self._seen.add(key)
             self.problems.append(problem)
+
+    def filter(self, file: object, reason: str, count: int = 1) -> None:
+        """Count ``count`` records of ``file`` left out by configuration (``reason`` says which setting)."""
+        if count:
+            self.filtered[f"{file}: {reason}"] += count
 
     def counts(self) -> Counter:
         return Counter(p.kind for p in self.problems)

@@ -81,7 +81,19 @@ class PromptTemplates:
 
     def apply(self, record: Record, rng: random.Random | None = None) -> Record:
         """A copy of ``record`` whose first turn asks the templated question (answers unchanged)."""
-        question = self.render(record, rng)
+        return self._asking(record, self.render(record, rng))
+
+    def variants(self, record: Record, *, every: bool) -> list[Record]:
+        """``record`` as evaluation asks it (the first usable template), or with ``every`` as each template a
+        training draw may pick."""
+        options = self.usable(record) if every else []
+        if not options:
+            return [self.apply(record)]
+        fields = record_fields(record)
+        return [self._asking(record, template.format(**fields)) for template in options]
+
+    @staticmethod
+    def _asking(record: Record, question: str) -> Record:
         if question == record.question:
             return record
         turns = [Turn(question, record.turns[0].answer), *record.turns[1:]]

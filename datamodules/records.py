@@ -11,6 +11,20 @@ ANSWER_TYPES = ("closed", "open")
 YES_NO = ("yes", "no")
 
 
+@dataclass(slots=True)  # not frozen: Lightning's apply_to_collection rebuilds the dataclasses in a batch
+class Source:
+    """Where records were read: the annotation file and the names its records give their id and first question.
+
+    One object per file (and per question field: VQA-RAD's framed questions have their own), shared by its
+    records, so a problem found after reading (a prompt over ``max_length``, an id in two splits, an image
+    that does not decode) names the file and the field as a reader's problem does.
+    """
+
+    file: str
+    id_field: str
+    question_field: str
+
+
 @dataclass(slots=True)
 class Turn:
     """One question-answer exchange; multi-turn conversations are lists of these."""
@@ -28,6 +42,7 @@ class Record:
     ``mask_path`` is the target mask of a grounding answer (MeCoVQA ``<mask>``), ``region`` the
     path of a region-prompt mask (MeCoVQA ``<region>``), ``box`` a pixel box ``(x, y, w, h)``
     (SLAKE detection.json, for refer / identify). Masks are binary: pixel >= 1 is foreground.
+    ``source`` names the annotation file and the record's id and question fields (:class:`Source`).
     """
 
     id: str
@@ -45,6 +60,7 @@ class Record:
     region: Any = None
     box: tuple[float, float, float, float] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    source: Source | None = None  # the file the record was read from (None: built in code)
 
     def __post_init__(self) -> None:
         if not self.turns:

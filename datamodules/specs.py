@@ -35,6 +35,10 @@ SYNTHETIC_KINDS = {"conversation": ("vqa", "caption", "cls", "qa")}
 # (1,797 train / 451 test; LLaVA-Med's); mevf = MEVF's data_RAD split (3,064 / 451, 3,515 pairs: every non-NULL
 # question_frame becomes a further train pair, also those of test questions; Med-MoE's).
 SplitConvention = Literal["freeform_para", "mevf"]
+# The most pixels an image or mask may claim (a dataset's ``max_image_pixels``): PIL's own warning threshold,
+# 89.5 M pixels (a 9459 x 9459 image, ~270 MB as 8-bit RGB). Release images are far smaller; a header past it is
+# a decompression bomb (a 30000 x 30000 PNG fits in a few hundred KB) until a dataset raises its limit.
+DEFAULT_MAX_IMAGE_PIXELS = 89_478_485
 SPLIT_CONVENTIONS: dict[str, tuple[str, ...]] = {"vqa_rad": get_args(SplitConvention)}
 
 
@@ -73,6 +77,9 @@ class DatasetSpec:
     # probability weight_d / sum(weights); weights proportional to sizes reproduce concatenation
     weight: float = 1.0
     max_samples: int | None = None
+    # the most pixels an image or mask may claim in its header (checked before decoding): past it, the record is
+    # a bad record (a decompression bomb)
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
     synthetic: SyntheticSpec | None = None
 
     def problems(self, key: str) -> list[Problem]:
@@ -80,7 +87,7 @@ class DatasetSpec:
         from datamodules.readers import SPLIT_NAMES
         from datamodules.readers.mecovqa import SUBSETS
 
-        found = positive(f"{key}.weight", self.weight)
+        found = positive(f"{key}.weight", self.weight) + positive(f"{key}.max_image_pixels", self.max_image_pixels)
         splits = SPLIT_NAMES[self.format]
         for split_key in ("train_split", "val_split", "test_split"):
             value = getattr(self, split_key)
@@ -110,6 +117,8 @@ class DatasetSpec:
                 found.append((f"{key}.convention", "mevf needs question_frame: the hub parquet export has none"))
         if self.synthetic is not None:
             found += choice(f"{key}.synthetic.kind", self.synthetic.kind, SYNTHETIC_KINDS.get(self.format, ("vqa",)))
+            if not 0 <= self.synthetic.zh_fraction <= 1:
+                found.append((f"{key}.synthetic.zh_fraction", f"must be in [0, 1], got {self.synthetic.zh_fraction}"))
             if self.synthetic.layout is not None:
                 found += choice(f"{key}.synthetic.layout", self.synthetic.layout, LAYOUTS[self.format])
         return found

@@ -28,6 +28,23 @@ class NonFiniteLossError(RuntimeError):
     """The training loss became NaN or infinite."""
 
 
+class NonFiniteWeightsError(RuntimeError):
+    """A trained weight holds NaN or inf: the stage hands nothing over."""
+
+
+def first_non_finite(model: nn.Module) -> tuple[str, float] | None:
+    """The first trainable parameter (``requires_grad``) holding a NaN or an infinity, with one such value;
+    None when every trainable weight is finite. A finite loss does not prove finite weights: the last step's
+    update (lr inf, an overflow) is applied after its loss was checked."""
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            values = param.detach()
+            bad = ~torch.isfinite(values)
+            if bool(bad.any()):
+                return name, float(values[bad].flatten()[0])
+    return None
+
+
 MODEL_INPUTS = ("input_ids", "attention_mask", "labels", "pixel_values", "image_task_ids")
 # decoding settings (evaluation.* in the config) and their defaults: greedy decoding
 DECODING_DEFAULTS: dict[str, Any] = asdict(GREEDY)

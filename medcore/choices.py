@@ -43,8 +43,9 @@ DecayFrom = Literal["warmup_end", "start"]
 # which routed assignments an over-full MoE expert keeps: the first in token order (GShard) or a random subset
 # (DeepSpeed's top1gating with use_rts; MedPLIB stage IV)
 DropPolicy = Literal["position", "random"]
-# model.init: released checkpoint layouts medpipe imports (pipeline/importers)
-ImportFormat = Literal["llava", "hf_llava"]
+# model.init: released checkpoint layouts medpipe imports (pipeline/importers): LLaVA-1.5 / LLaVA-Med v1.5 as
+# released, transformers' Llava, MoE-LLaVA / Med-MoE (moe_llava), MedPLIB (medplib), Uni-Med (uni_med)
+ImportFormat = Literal["llava", "hf_llava", "moe_llava", "medplib", "uni_med"]
 # MedPLIB evaluation, an answer without <SEG>: its mask from the hidden state that produced the answer's last token
 # before the stop (5ab54bc's evaluate), or none (IoU 0; the first release 9c3efe9)
 NoSegMask = Literal["last_answer_token", "none"]

@@ -95,7 +95,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from pipeline.config import ConfigError, load_config
+    from pipeline.handover import handover_structure
     from pipeline.registry import download_model, is_registry_uri
+    from pipeline.run_lock import output_dir_lock
     from pipeline.runner import evaluate_handover
     from pipeline.tracking import Tracker, check_tracking_uri
 
@@ -106,18 +108,20 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             f"{cfg.name}/stages/<stage>/handover.pt, or a registered model: ckpt=models:/NAME/VERSION"
         )
     _quiet_libraries()
-    check_tracking_uri(cfg.mlflow.tracking_uri)
+    check_tracking_uri(cfg.mlflow.tracking_uri, settings=cfg.mlflow)
     ckpt = cfg.ckpt
     if is_registry_uri(ckpt):
         ckpt = download_model(ckpt, tracking_uri=cfg.mlflow.tracking_uri) / "handover.pt"
-    tracker = Tracker(tracking_uri=cfg.mlflow.tracking_uri, experiment_name=cfg.mlflow.experiment_name)
-    parent = tracker.start_parent(run_name=f"{cfg.name}-evaluate", cfg=cfg, tags={"recipe": cfg.name})
-    try:
-        result = evaluate_handover(cfg, ckpt, tracker=tracker, out_dir=Path(cfg.output_dir) / "eval")
-    except BaseException:
-        tracker.finish(parent, "FAILED")
-        raise
-    tracker.finish(parent)
+    handover_structure(ckpt)  # a file that is no hand-over fails here, before a model is built or a run opened
+    with output_dir_lock(cfg.output_dir):  # its eval/ folder: not while a run works there
+        tracker = Tracker(tracking_uri=cfg.mlflow.tracking_uri, experiment_name=cfg.mlflow.experiment_name)
+        parent = tracker.start_parent(run_name=f"{cfg.name}-evaluate", cfg=cfg, tags={"recipe": cfg.name})
+        try:
+            result = evaluate_handover(cfg, ckpt, tracker=tracker, out_dir=Path(cfg.output_dir) / "eval")
+        except BaseException:
+            tracker.finish(parent, "FAILED")
+            raise
+        tracker.finish(parent)
     print(
         f"{result.count} questions on {result.split}: "
         + ", ".join(f"{k} {v:.3f}" for k, v in result.metrics.items())
@@ -148,7 +152,11 @@ def cmd_score(args: argparse.Namespace) -> int:
     from pipeline.score import render, score_files
 
     report = score_files(
-        args.predictions, args.references, protocol=args.protocol, languages=tuple(args.languages.split(","))
+        args.predictions,
+        args.references,
+        protocol=args.protocol,
+        languages=tuple(args.languages.split(",")),
+        on_bad_record=args.on_bad_record,
     )
     print(render(report, args.json), end="" if not args.json else "\n")
     return 0
@@ -265,6 +273,13 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--references", required=True, help="reference file")
     score.add_argument("--languages", default="en", help="SLAKE q_lang values to keep (comma-separated)")
     score.add_argument("--json", action="store_true", help="print one JSON object: protocol -> metric -> value")
+    score.add_argument(
+        "--on-bad-record",
+        choices=["error", "skip"],
+        default="error",
+        help="a record with a missing or mistyped field: error (default) names file, record and field; skip "
+        "leaves it and its pair out of every metric and prints the count and the reasons",
+    )
     score.set_defaults(func=cmd_score)
 
     from pipeline.data_check import add_data_command
@@ -351,8 +366,6 @@ def main(argv: list[str] | None = None) -> int:
     ``medpipe: error:`` line, the traceback only with ``--traceback`` (or ``MEDPIPE_TRACEBACK=1``)."""
     args = build_parser().parse_args(argv)
     _setup_logging(args.verbose)
-    from pipeline.config import ConfigError
-
     try:
         status = args.func(args)
         if status == 0:
@@ -367,7 +380,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.traceback or os.environ.get("MEDPIPE_TRACEBACK"):
             raise
         print(error_line(e), file=sys.stderr)
-        return 2 if isinstance(e, ConfigError) else 1
+        return exit_code(e)
+
+
+def exit_code(error: BaseException) -> int:
+    """2 for usage and config errors (a wrong tracking URI included: ``TrackingURIError.exit_code``), else 1."""
+    from pipeline.config import ConfigError
+
+    return getattr(error, "exit_code", 2 if isinstance(error, ConfigError) else 1)
 
 
 if __name__ == "__main__":

@@ -10,12 +10,14 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig
 
+from datamodules.problems import Problem
 from datamodules.records import Record
 from lightningmodules.metrics.baselines import majority_predictions
 from lightningmodules.metrics.grounding_summary import grounding_summary, region_vqa_summary
@@ -38,9 +40,11 @@ class EvalResult:
     metrics: dict[str, float]  # flat: headline numbers plus protocol/..., text/..., task/...
     baseline: dict[str, float]
     predictions_file: Path
-    count: int
+    count: int  # records scored (n_scored)
     report: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
+    n_expected: int = 0  # records in the split's files: scored + skipped (on_bad_record: skip)
+    n_skipped: int = 0
 
 
 def reference_of(record: Record) -> Reference:
@@ -93,6 +97,34 @@ def grounding_settings(cfg: DictConfig) -> dict[str, Any]:
     }
 
 
+def split_counts(split: str, n_scored: int, skipped: list[Problem]) -> dict[str, Any]:
+    """How much of the split the metrics cover: ``n_expected`` records in its files (before skips), ``n_scored``,
+    ``n_skipped`` (``on_bad_record: skip``) and the skips by kind."""
+    return {
+        "n_expected": n_scored + len(skipped),
+        "n_scored": n_scored,
+        "n_skipped": len(skipped),
+        "skipped": dict(sorted(Counter(p.kind for p in skipped).items())),
+    }
+
+
+def scored_by_metric(report: dict[str, Any]) -> dict[str, int]:
+    """The records behind each headline metric: closed questions, open questions, all VQA answers."""
+    default = report.get("protocols", {}).get("default", {})
+    counts = {"closed_accuracy": default.get("closed_count"), "open_recall": default.get("open_count")}
+    counts["bleu1"] = report.get("text", {}).get("count")
+    return {k: int(v) for k, v in counts.items() if v is not None}
+
+
+def counts_line(split: str, counts: dict[str, Any]) -> str:
+    """report.md's line under its title: the split's records expected, scored and skipped (by kind)."""
+    kinds = ", ".join(f"{kind} {n}" for kind, n in counts["skipped"].items())
+    return (
+        f"Split `{split}`: {counts['n_expected']} records expected, {counts['n_scored']} scored, "
+        f"{counts['n_skipped']} skipped{f' ({kinds}; listed in MLflow data/skipped_{split}.json)' if kinds else ''}."
+    )
+
+
 def evaluate_model(
     cfg: DictConfig, built: Any, *, tracker: Any, run_id: str | None, out_dir: Path, module: VLMModule | None = None
 ) -> EvalResult:
@@ -100,7 +132,7 @@ def evaluate_model(
 
     ``module`` is the stage's module when evaluating right after training (same run, same hparams).
     """
-    from pipeline.runner import build_datamodule, connect
+    from pipeline.runner import build_datamodule, connect, log_split_skips
 
     split = cfg.evaluation.split
     eval_sets = list(cfg.evaluation.datasets) if cfg.evaluation.datasets else None
@@ -108,6 +140,7 @@ def evaluate_model(
     dm.prepare_data()
     if module is None:
         module = evaluation_module(cfg, built)
+    records = dm.split_records(split)  # first: the split's skips are told apart from the baseline's train split
     trainer = build_trainer(cfg.trainer, logger=tracker.lightning_logger(run_id), root_dir=out_dir)
     trainer.test(module, dataloaders=dm.generation_dataloader(split), verbose=False)
     if not trainer.is_global_zero:
@@ -115,8 +148,8 @@ def evaluate_model(
 
     predictions = dedupe_by_id(module.predictions)  # DistributedSampler padding repeats samples
     padding = len(module.predictions) - len(predictions)
-    records = dm.split_records(split)
     report = score_records({p["question_id"]: p["text"] for p in predictions}, records)
+    counts = split_counts(split, len(records), dm.split_problems.get(split, []))
     metrics = flat_metrics(report)
     metrics.update(grounding_summary(predictions))  # seg/mdice, seg/miou per modality (grounded models)
     metrics.update(region_vqa_summary(predictions))  # region/...: MeCoVQA-Region under MedPLIB's protocol
@@ -132,19 +165,23 @@ def evaluate_model(
         f.writelines(json.dumps(llava_med_prediction(p, cfg.name)) + "\n" for p in predictions)
     summary = {
         "split": split,
-        "count": len(predictions),
+        **counts,
         "padding_duplicates_removed": padding,
         "metrics": {k: metrics[k] for k in HEADLINE if k in metrics},
+        "n_scored_by_metric": scored_by_metric(report),
         "majority_baseline": baseline,
         **grounding_settings(cfg),
         "all_metrics": metrics,
         "report": report,
     }
     (out_dir / "metrics.json").write_text(json.dumps(summary, indent=2))
-    (out_dir / "report.md").write_text(format_report(report))
+    title, body = format_report(report).split("\n", 1)
+    (out_dir / "report.md").write_text(f"{title}\n\n{counts_line(split, counts)}\n{body}")
+    log_split_skips(tracker, run_id, dm)  # data/<split>/skipped..., the baseline's train split too
     tracker.log_metrics(
         run_id,
         {
+            **{f"eval/{k}": counts[k] for k in ("n_expected", "n_scored", "n_skipped")},
             **{f"test/{k}": metrics[k] for k in HEADLINE if k in metrics},
             **{f"eval/{k}": v for k, v in metrics.items()},
             **{f"baseline/{k}": v for k, v in baseline.items()},
@@ -173,9 +210,11 @@ def evaluate_model(
         "evaluation/predictions_table.json",
     )
     log.info(
-        "evaluation on %s (%d questions): %s | majority baseline: %s",
+        "evaluation on %s (%d questions scored of %d, %d skipped): %s | majority baseline: %s",
         split,
-        len(predictions),
+        counts["n_scored"],
+        counts["n_expected"],
+        counts["n_skipped"],
         ", ".join(f"{k} {metrics[k]:.3f}" for k in HEADLINE if k in metrics),
         ", ".join(f"{k} {v:.3f}" for k, v in baseline.items()),
     )
@@ -184,6 +223,8 @@ def evaluate_model(
         metrics=metrics,
         baseline=baseline,
         predictions_file=predictions_file,
-        count=len(predictions),
+        count=counts["n_scored"],
         report=report,
+        n_expected=counts["n_expected"],
+        n_skipped=counts["n_skipped"],
     )

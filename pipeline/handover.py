@@ -8,16 +8,24 @@ structural changes stages made (modality classifier, MoE layers; ``pipeline/stru
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from pipeline.safe_load import check_handover, load_weights
 from pipeline.structure import apply_structure, model_structure
 
 FORMAT_VERSION = 1
+
+
+class HandoverWriteError(OSError):
+    """A hand-over file could not be written (full disk, quota, I/O error); no partial file is left."""
 
 
 def save_handover(model: nn.Module, path: str | Path, *, stage: str, meta: dict[str, Any] | None = None) -> Path:
@@ -31,21 +39,54 @@ def save_handover(model: nn.Module, path: str | Path, *, stage: str, meta: dict[
     if int(os.environ.get("LOCAL_RANK", 0)) == 0:
         node = os.environ.get("GROUP_RANK", os.environ.get("NODE_RANK", os.environ.get("SLURM_NODEID", "0")))
         tmp = path.with_suffix(f".tmp{node}")
-        torch.save({"format": FORMAT_VERSION, "stage": stage, "meta": meta, "state_dict": state}, tmp)
-        tmp.replace(path)  # never leave a half-written hand-over behind
+        save_atomically({"format": FORMAT_VERSION, "stage": stage, "meta": meta, "state_dict": state}, path, tmp)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
     return path
+
+
+def save_atomically(data: dict[str, Any], path: Path, tmp: Path) -> None:
+    """``torch.save`` to ``tmp`` (beside ``path``), renamed over ``path`` once complete: never a half-written
+    hand-over. On any failure ``tmp`` is removed; a write failure is one line naming ``path``."""
+    try:
+        with open(tmp, "wb") as f:  # a Python file: a failing write raises OSError with its errno
+            torch.save(data, f)
+        tmp.replace(path)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        torch_writer = isinstance(e, RuntimeError) and any(m in str(e) for m in TORCH_WRITE_FAILURES)
+        if isinstance(e, OSError) or torch_writer:
+            raise HandoverWriteError(write_failure(path, e)) from None
+        raise
+
+
+# how torch's own zip writer reports a short write (a full disk): "[enforce fail at inline_container.cc:672] .
+# unexpected pos 704 vs 598", "PytorchStreamWriter failed writing file data/0: file write failed"
+TORCH_WRITE_FAILURES = ("inline_container.cc", "PytorchStreamWriter", "file write failed")
+
+
+def write_failure(path: Path, error: BaseException) -> str:
+    """One line for a failed hand-over write: the file, the reason (an OSError's own, ``no space left on
+    device`` for torch's writer) and the free space left."""
+    try:
+        free = f"{shutil.disk_usage(path.parent).free / 2**20:.0f} MiB free there"
+    except OSError:
+        free = "free space unknown"
+    if isinstance(error, OSError) and error.errno is not None:
+        reason = (error.strerror or os.strerror(error.errno)).lower()
+    elif isinstance(error, OSError):
+        reason = str(error)
+    else:
+        reason = os.strerror(errno.ENOSPC).lower()  # "no space left on device"
+    return f"{path}: writing the hand-over failed: {reason} ({free}); the partial file was removed"
 
 
 def load_handover(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: hand-over checkpoint not found")
-    data = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(data, dict) or data.get("format") != FORMAT_VERSION or "state_dict" not in data:
-        raise ValueError(f"{path}: not a medpipe hand-over checkpoint (format {FORMAT_VERSION})")
-    return data
+    return check_handover(load_weights(path), path, FORMAT_VERSION)  # any failure: one line naming the file
 
 
 def handover_structure(path: str | Path) -> list[dict[str, Any]]:
@@ -53,8 +94,8 @@ def handover_structure(path: str | Path) -> list[dict[str, Any]]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: hand-over checkpoint not found")
-    data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    return list(data.get("meta", {}).get("structure", [])) if isinstance(data, dict) else []
+    data = check_handover(load_weights(path, mmap=True), path, FORMAT_VERSION)
+    return list(data["meta"].get("structure", []))
 
 
 def restore(model: nn.Module, path: str | Path) -> dict[str, Any]:

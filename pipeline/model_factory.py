@@ -38,6 +38,8 @@ from pipeline.config.errors import ConfigError
 from pipeline.grounding_factory import build_grounded, grounding_tokens
 from pipeline.importers import (
     CheckpointLayoutError,
+    apply_import_structure,
+    detect_format,
     import_checkpoint,
     imported_parts,
     llm_config_dict,
@@ -105,9 +107,14 @@ def build_model(
     pretrained = weights == "pretrained"
     with torch.device(device) if device is not None else contextlib.nullcontext():
         built = _build(cfg, cache_dir=cache_dir, pretrained=pretrained, conversation=conversation)
+        if not pretrained and cfg.get("init") is not None:  # shapes only: the checkpoint's structure (MoE layers)
+            try:
+                apply_import_structure(built.model, model_cfg=cfg)
+            except CheckpointLayoutError as error:
+                raise ConfigError(f"model.init: {error}") from None
     if pretrained and cfg.get("init") is not None:  # a released checkpoint fills what it has, strictly
         try:
-            import_checkpoint(built.model, model_cfg=cfg)
+            import_checkpoint(built.model, model_cfg=cfg)  # its structure (e.g. MoE layers) first, then weights
         except CheckpointLayoutError as error:
             raise ConfigError(f"model.init: {error}") from None
     return built
@@ -168,7 +175,8 @@ def _build(
             model,
             token_ids=token_ids,
             cache_dir=cache_dir,
-            weights="pretrained" if pretrained else "none",
+            # a checkpoint with the grounding head (model.init: medplib) fills SAM: made from its config only
+            weights="pretrained" if pretrained and "grounding" not in imported else "none",
         )
         return BuiltModel(
             model=model,
@@ -217,7 +225,7 @@ def _language_model(
     if pretrained and llava_llm is not None:
         raise ConfigError(
             f"model.llm.path: {llm_dir} is a LLaVA checkpoint (config.json model_type "
-            f"{read_config(llm_dir).get('model_type')!r}): set model.init: {{format: llava or hf_llava, "
+            f"{read_config(llm_dir).get('model_type')!r}): set model.init: {{format: {detect_format(llm_dir)}, "
             f"path: {llm_dir}}}"
         )
     if pretrained:

@@ -24,6 +24,7 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
+from datamodules.encoding import PromptTooLongError
 from datamodules.problems import ProblemLog
 from datamodules.readers import read_split
 from datamodules.records import Record
@@ -210,6 +211,8 @@ def check_data(cfg: DictConfig, built: BuiltModel) -> None:
         try:
             dm.encoder.encode(record, with_answers=with_answers)
         except ValueError as e:
+            if isinstance(e, PromptTooLongError) and cfg.data.on_bad_record == "skip":
+                continue  # under skip the DataModule leaves such records out, counted (prompt_too_long)
             cause = " ".join(str(e).removeprefix(f"record {record.id}: ").split())
             encoding = "training encoding" if with_answers else "generation prompt"
             raise PreflightError(

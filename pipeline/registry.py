@@ -14,12 +14,17 @@ def is_registry_uri(value: str | None) -> bool:
 
 
 def download_model(uri: str, *, tracking_uri: str, dst: str | Path | None = None) -> Path:
-    """The registered ``model/`` folder (hand-over file and config) downloaded locally."""
+    """The registered ``model/`` folder (hand-over file and config) downloaded locally; a store or a model
+    that cannot be read is one :class:`pipeline.tracking.TrackingError` line naming both."""
     import mlflow
 
+    from pipeline.tracking import open_client, tracking_errors
+
+    open_client(tracking_uri)  # a wrong URI, or a fresh sqlite store created under its lock
     mlflow.set_tracking_uri(tracking_uri)
     dst = Path(dst or tempfile.mkdtemp(prefix="medpipe-model-"))
-    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst)))
+    with tracking_errors(tracking_uri, f"downloading {uri}"):
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst)))
     if not (local / "handover.pt").is_file():
         raise FileNotFoundError(
             f"{uri}: no handover.pt in the registered model (found {sorted(p.name for p in local.iterdir())})"

@@ -36,6 +36,9 @@ class RunState:
     parent_run_id: str | None = None
     status: str = "running"  # running | finished
     stages: dict[str, StageState] = field(default_factory=dict)
+    # the final evaluation's MLflow run while it is open: set when it starts, cleared when it ends; a resume that
+    # finds it set closes it as KILLED (the process stopped mid-evaluation) and evaluates in a new run
+    evaluation_run_id: str | None = None
     version: int = VERSION
 
     def stage(self, name: str) -> StageState:

@@ -12,6 +12,7 @@ import logging
 import os
 import subprocess
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from datamodules.datamodule import VQADataModule
-from lightningmodules.vlm_module import NonFiniteLossError
+from lightningmodules.vlm_module import NonFiniteLossError, NonFiniteWeightsError, first_non_finite
 from pipeline.callbacks import LossHistory
 from pipeline.checkpointing import DataPosition, RngState, StageCheckpoint, last_checkpoint
 from pipeline.config import ConfigError
@@ -33,6 +34,7 @@ from pipeline.model_factory import BuiltModel, build_model
 from pipeline.plots import learning_curve
 from pipeline.preflight import check_checkpoints, preflight
 from pipeline.reproducibility import cpu_numerics, kernel_fingerprint
+from pipeline.run_lock import output_dir_lock
 from pipeline.run_state import RunState, StageState, describe, save_run_state, state_for_resume
 from pipeline.stages import Stage, stage_for
 from pipeline.tracking import Tracker, check_tracking_uri, hardware_tags
@@ -228,6 +230,7 @@ def run_stage(
             kept = last_checkpoint(stage_dir / "checkpoints")
             raise NonFiniteLossError(f"stage {name}: {e}; last good checkpoint: {kept or 'none written yet'}") from None
     log_stage_records(tracker, run_id, dm, history, name)
+    check_finite_weights(name, built.model)
     stage.log_artifacts(module, tracker=tracker, run_id=run_id, out_dir=stage_dir)
     merge_lora(built.model)
     handover = save_handover(built.model, stage_dir / "handover.pt", stage=name, meta={"trainable": trainable})
@@ -256,6 +259,18 @@ def run_stage(
     return result
 
 
+def check_finite_weights(name: str, model: nn.Module) -> None:
+    """Before a stage hands over: every trained weight is finite, else the stage fails naming the first bad one
+    (nothing is handed over, evaluated or registered)."""
+    found = first_non_finite(model)
+    if found is not None:
+        param, value = found
+        raise NonFiniteWeightsError(
+            f"stage {name}: trained weight {param} is {value} after training: nothing handed over or registered "
+            f"(lower stages.{name}.optim.lr, or set trainer.gradient_clip_val)"
+        )
+
+
 def finished_stage(name: str, stage_state: StageState) -> StageResult | None:
     """A stage a resumed run already finished (its hand-over on disk), as a result without re-training."""
     if stage_state.status != "done" or not stage_state.handover or not Path(stage_state.handover).is_file():
@@ -272,8 +287,27 @@ def finished_stage(name: str, stage_state: StageState) -> StageResult | None:
     )
 
 
+def log_split_skips(tracker: Tracker, run_id: str | None, dm: VQADataModule) -> None:
+    """What each split's read left out (``VQADataModule.split_problems`` / ``split_filtered``), into ``run_id``:
+    ``data/<split>/skipped``,
+    ``data/<split>/skipped_<kind>``, ``data/<split>/filtered`` and each skipped record (file, record, field,
+    reason) in ``data/skipped_<split>.json``. A stage's run and its evaluation's (the same run with
+    ``after_each_stage``) both log them: the values of a split agree."""
+    metrics: dict[str, float] = {}
+    for split in sorted(set(dm.split_problems) | set(dm.split_filtered)):
+        problems = dm.split_problems.get(split, [])
+        metrics[f"data/{split}/skipped"] = len(problems)
+        metrics.update({f"data/{split}/skipped_{k}": v for k, v in Counter(p.kind for p in problems).items()})
+        metrics[f"data/{split}/filtered"] = sum(dm.split_filtered.get(split, Counter()).values())
+        if problems:
+            rows = [p.as_dict() for p in problems]
+            tracker.log_text(run_id, json.dumps(rows, indent=2) + "\n", f"data/skipped_{split}.json")
+    tracker.log_metrics(run_id, metrics)
+
+
 def log_stage_records(tracker: Tracker, run_id: str | None, dm: VQADataModule, history: LossHistory, name: str) -> None:
-    """Skipped-record counts, dataset fingerprints and the learning curve of one stage."""
+    """Skipped-record counts (``data/skipped``, ``data/skipped_<kind>`` over the splits the stage read, and per
+    split), dataset fingerprints and the learning curve of one stage."""
     tracker.log_metrics(
         run_id,
         {
@@ -281,6 +315,7 @@ def log_stage_records(tracker: Tracker, run_id: str | None, dm: VQADataModule, h
             **{f"data/skipped_{k}": v for k, v in dm.problems.counts().items()},
         },
     )
+    log_split_skips(tracker, run_id, dm)
     if not tracker.enabled or run_id is None:
         return
     fingerprints = dataset_fingerprints(dm)
@@ -320,7 +355,8 @@ def run_experiment(
 
     ``on_stage_start(name, model)`` runs once each stage's model is prepared, before it trains;
     ``extra_callbacks(name)`` adds Lightning callbacks to that stage's trainer."""
-    with cpu_numerics(cfg.trainer):  # before the first tensor operation of the run
+    # cpu_numerics before the first tensor operation of the run; one running experiment per output_dir
+    with cpu_numerics(cfg.trainer), output_dir_lock(cfg.output_dir):
         return _run_experiment(cfg, on_stage_start, extra_callbacks)
 
 
@@ -329,7 +365,7 @@ def _run_experiment(
 ) -> ExperimentResult:
     start = time.perf_counter()
     out_dir = Path(cfg.output_dir)
-    check_tracking_uri(cfg.mlflow.tracking_uri)
+    check_tracking_uri(cfg.mlflow.tracking_uri, settings=cfg.mlflow)  # also bounds MLflow's HTTP retries
     check_writable(out_dir)
     preflight(cfg)  # checkpoint folders, every stage's LoRA targets and trainable groups: before anything trains
     tracker = Tracker(tracking_uri=cfg.mlflow.tracking_uri, experiment_name=cfg.mlflow.experiment_name)
@@ -345,6 +381,7 @@ def _run_experiment(
         state = state_for_resume(out_dir, cfg.name)
         parent = tracker.resume_parent(state.parent_run_id) if state.parent_run_id else None
         log.info("resuming %s (MLflow run %s): %s", cfg.name, state.parent_run_id, describe(state))
+        close_open_runs(tracker, state, "KILLED", stages=False)  # an evaluation the stopped process left open
     else:
         state = RunState(name=cfg.name)
         parent = tracker.start_parent(run_name=cfg.mlflow.run_name or cfg.name, cfg=cfg, tags=tags)
@@ -375,14 +412,7 @@ def _run_experiment(
         if cfg.evaluation.enabled and not cfg.evaluation.after_each_stage:
             if not result.stages:
                 raise ValueError("nothing to evaluate: the experiment has no stages (use `medpipe evaluate`)")
-            last = result.stages[-1]
-            result.evaluation = evaluate_handover(
-                cfg,
-                last.handover,
-                tracker=tracker,
-                out_dir=out_dir / "eval",
-                conversation=cfg.stages[last.name].conversation,  # the prompts the last stage trained on
-            )
+            result.evaluation = final_evaluation(cfg, result.stages[-1], tracker=tracker, state=state, out_dir=out_dir)
         elif result.stages:
             result.evaluation = result.stages[-1].evaluation
         if cfg.mlflow.register_model and result.stages:
@@ -393,10 +423,59 @@ def _run_experiment(
         status = "FINISHED"
         state.status = "finished"
         save_run_state(state, out_dir, is_writer=tracker.enabled)
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
     finally:
         result.seconds = time.perf_counter() - start
+        if status != "FINISHED":
+            close_open_runs(tracker, state, status)
+            save_run_state(state, out_dir, is_writer=tracker.enabled)
         tracker.finish(parent, status)
     return result
+
+
+def close_open_runs(tracker: Tracker, state: RunState, status: str, *, stages: bool = True) -> None:
+    """End the MLflow runs the run state holds open with ``status``: the final evaluation's and (``stages``) those
+    of unfinished stages (a resume continues these). Nothing is left RUNNING after a failure, and a resume
+    closes the evaluation run of a process that was killed (``stages=False``: its stage runs are continued)."""
+    open_runs = [state.evaluation_run_id] if state.evaluation_run_id else []
+    open_runs += [s.run_id for s in state.stages.values() if stages and s.status != "done" and s.run_id]
+    for run_id in open_runs:
+        end_run(tracker, run_id, status)
+    if state.evaluation_run_id:
+        log.info("MLflow run %s of the unfinished final evaluation ended as %s", state.evaluation_run_id, status)
+        state.evaluation_run_id = None
+
+
+def end_run(tracker: Tracker, run_id: str | None, status: str) -> None:
+    """End ``run_id`` on a failure path: a run that cannot be ended is a warning, never the error reported."""
+    try:
+        tracker.finish(run_id, status)
+    except Exception as e:
+        reason = (str(e).splitlines() or [type(e).__name__])[0]
+        log.warning("MLflow run %s could not be ended as %s: %s", run_id, status, reason)
+
+
+def final_evaluation(
+    cfg: DictConfig, last: StageResult, *, tracker: Tracker, state: RunState, out_dir: Path
+) -> EvalResult:
+    """The last hand-over evaluated in its own nested run, whose id the run state holds while it is open (a
+    resume after a kill mid-evaluation finds it and closes it)."""
+    run_id = tracker.start_child(run_name="evaluate", tags={"stage": "evaluate", "checkpoint": str(last.handover)})
+    state.evaluation_run_id = run_id
+    save_run_state(state, out_dir, is_writer=tracker.enabled)
+    evaluation = evaluate_handover(
+        cfg,
+        last.handover,
+        tracker=tracker,
+        out_dir=out_dir / "eval",
+        conversation=cfg.stages[last.name].conversation,  # the prompts the last stage trained on
+        run_id=run_id,
+    )
+    state.evaluation_run_id = None  # evaluate_handover ended it
+    save_run_state(state, out_dir, is_writer=tracker.enabled)
+    return evaluation
 
 
 def evaluate_handover(
@@ -407,13 +486,21 @@ def evaluate_handover(
     out_dir: Path,
     run_name: str = "evaluate",
     conversation: str | None = None,
+    run_id: str | None = None,
 ) -> EvalResult:
-    """Build the model from the config, load a hand-over file and evaluate it in a nested run;
+    """Build the model from the config, load a hand-over file and evaluate it in a nested run (``run_id``, else a
+    new one named ``run_name``), ended FAILED (KILLED on Ctrl-C) when the evaluation fails;
     ``conversation``: the preset of the prompts (a stage's ``conversation``; None: ``model.llm``'s)."""
     with cpu_numerics(cfg.trainer):
-        return _evaluate_handover(
-            cfg, handover, tracker=tracker, out_dir=out_dir, run_name=run_name, conversation=conversation
-        )
+        if run_id is None:
+            run_id = tracker.start_child(run_name=run_name, tags={"stage": "evaluate", "checkpoint": str(handover)})
+        try:
+            return _evaluate_handover(
+                cfg, handover, tracker=tracker, out_dir=out_dir, run_id=run_id, conversation=conversation
+            )
+        except BaseException as e:
+            end_run(tracker, run_id, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+            raise
 
 
 def _evaluate_handover(
@@ -422,14 +509,13 @@ def _evaluate_handover(
     *,
     tracker: Tracker,
     out_dir: Path,
-    run_name: str,
+    run_id: str | None,
     conversation: str | None = None,
 ) -> EvalResult:
     start = time.perf_counter()
     check_checkpoints(cfg.model)
     built = build_model(cfg.model, cache_dir=cfg.cache_dir, conversation=conversation)
     restore(built.model, handover)
-    run_id = tracker.start_child(run_name=run_name, tags={"stage": "evaluate", "checkpoint": str(handover)})
     result = evaluate_model(cfg, built, tracker=tracker, run_id=run_id, out_dir=out_dir)
     result.seconds = time.perf_counter() - start
     tracker.finish(run_id)

@@ -229,3 +229,28 @@ def run_tiny_grounding(tmp: Path):
         del cfg.data.datasets["public_vqa"]
     OmegaConf.set_readonly(cfg, True)
     return cfg, run_experiment(cfg), counts  # one thread: tiny.yaml's trainer.num_threads
+
+
+def tiny_slake_experiment(tmp: Path, slake: Path, overrides: list[str] | None = None):
+    """The smallest full run (issue 16 tests): one connector stage of one step on the SLAKE-layout folder
+    ``slake``, then the final evaluation in its own run, registered; MLflow in ``tmp/mlflow.db``."""
+    from pipeline.config import load_config
+
+    exp = tmp / "tiny_slake.yaml"
+    exp.write_text(
+        f"""\
+defaults: [{REPO / "experiments" / "defaults.yaml"}]
+name: tiny-slake
+output_dir: {tmp / "out"}
+data:
+  datasets:
+    slake: {{format: slake, path: {slake}}}
+  batch_size: 4
+stages:
+  train: {{train: [connector], max_steps: 1}}
+evaluation: {{batch_size: 16, max_new_tokens: 2}}
+trainer: {{num_threads: 1, enable_progress_bar: false, log_every_n_steps: 1}}
+mlflow: {{tracking_uri: "sqlite:///{tmp / "mlflow.db"}", experiment_name: tiny-slake, system_metrics: false}}
+"""
+    )
+    return exp, load_config(exp, list(overrides or []))

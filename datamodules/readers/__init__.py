@@ -39,6 +39,7 @@ def read_split(
             problems=problems,
             check_images=check_images,
             task=spec.task,
+            max_image_pixels=spec.max_image_pixels,
         )
     elif spec.format == "conversation":
         from datamodules.readers.conversation import read_conversation
@@ -88,6 +89,7 @@ def read_split(
             r.task = spec.task if r.task == "vqa" else r.task
     records = drop_duplicate_ids(records, problems, source=root)
     if spec.max_samples is not None:
+        problems.filter(root, f"{split} split past max_samples={spec.max_samples}", len(records[spec.max_samples :]))
         records = records[: spec.max_samples]
     return records
 
@@ -103,6 +105,28 @@ def drop_duplicate_ids(records: list[Record], problems: ProblemLog, *, source: P
         seen.add(r.id)
         kept.append(r)
     return kept
+
+
+def cross_split_ids(splits: dict[str, list[Record]], problems: ProblemLog) -> None:
+    """Report every record whose id is also in an earlier split (``split_leakage``): predictions are scored
+    by id, and a question in both train and test is scored on what the model trained on. The reason says
+    whether the two records ask the same question about the same image (a leak) or only share the id."""
+    first: dict[str, tuple[str, Record]] = {}  # id -> (split, record) where it was first seen
+    for split in sorted(splits, key=lambda name: name != "train"):  # train first: the others' records are reported
+        records = splits[split]
+        for r in records:
+            other_split, other = first.setdefault(r.id, (split, r))
+            if other_split == split:
+                continue
+            same = (other.question, other.image_path, other.image_bytes) == (r.question, r.image_path, r.image_bytes)
+            what = "the same question about the same image" if same else "another question or image"
+            problems.report(
+                r.source.file if r.source else r.dataset,
+                r.id,
+                r.source.id_field if r.source else "id",
+                f"id also in split {other_split!r} ({what}): leakage between splits",
+                "split_leakage",
+            )
 
 
 def available_splits(spec: DatasetSpec) -> list[str]:

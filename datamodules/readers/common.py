@@ -1,8 +1,9 @@
-"""Checks every reader shares: JSON loading, required fields, answer types, paths inside the root."""
+"""Checks every reader shares: JSON loading, typed fields, answer types, paths inside the root."""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import sys
@@ -89,31 +90,117 @@ def _element_at_error(text: str) -> int | None:
         index += 1
 
 
-def require_fields(item: Any, fields: tuple[str, ...], path: Path, record: str, problems: ProblemLog) -> bool:
-    """True when ``item`` is a dict with every field; otherwise report (or raise) and return False."""
-    if not isinstance(item, dict):
-        problems.report(path, record, "<record>", f"expected an object, got {type(item).__name__}", "not_an_object")
-        return False
-    for name in fields:
-        if name not in item or item[name] is None:
-            problems.report(path, record, name, "missing field", "missing_field")
-            return False
-    return True
+MISSING: Any = object()  # the value of a key the record does not have
+_READ = object()  # Fields.text's default: read the value from the record
+
+
+def json_type(value: Any) -> str:
+    """How a message names a value's type, in JSON's words (a Python bool is an int, NaN a float)."""
+    if value is None:
+        return "null"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, bool):
+        return f"a boolean ({str(value).lower()})"
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"a non-finite number ({value})"
+    if isinstance(value, (int, float)):
+        return f"a number ({value})"
+    if isinstance(value, (list, tuple)):
+        return f"a list of {len(value)}"
+    if isinstance(value, dict):
+        return "an object"
+    if isinstance(value, (bytes, bytearray)):
+        return "bytes"
+    return type(value).__name__
+
+
+class Fields:
+    """Typed access to one record's fields: the one place where a reader turns a value into a field.
+
+    A field has one type. Anything else (a missing key, null, a list, an object, a boolean, NaN, an empty
+    string) is reported to the :class:`ProblemLog` naming file, record and field (raise under ``error``,
+    count under ``skip``) and makes :attr:`ok` false. A record's first problem is its one reported problem
+    (later accessors return None without reporting), so ``skip`` counts each dropped record once. Readers
+    read every field through it, then keep the record only when ``ok``.
+    """
+
+    def __init__(self, item: Any, *, file: Path | str, record: str, problems: ProblemLog) -> None:
+        self.item, self.file, self.record, self.problems = item, file, record, problems
+        self.ok = True
+        if not isinstance(item, dict):
+            self.report("<record>", f"expected an object, got {json_type(item)}", "not_an_object")
+
+    def report(self, field_name: str, reason: str, kind: str) -> None:
+        """Report this record's (first) problem; the record is then dropped."""
+        if self.ok:
+            self.ok = False
+            self.problems.report(self.file, self.record, field_name, reason, kind)
+
+    def text(
+        self,
+        name: str,
+        *,
+        what: str = "text",
+        numbers: bool = False,
+        optional: bool = False,
+        value: Any = _READ,
+        empty: str | None = None,
+    ) -> str | None:
+        """Field ``name`` as a stripped, non-empty string (``value``: given instead of read from the record, e.g.
+        a message inside a list, and reported as ``name``). ``numbers``: an integer is its decimal text (VQA-RAD
+        writes counts as JSON numbers; most releases' ids are numbers). ``optional``: absent or null is None
+        without a problem. Reports ``missing_field`` (absent or null), ``wrong_type`` or ``empty_<what>`` (``empty``:
+        its reason, default "empty <what>")."""
+        if not self.ok:
+            return None
+        if value is _READ:
+            value = self.item.get(name, MISSING)
+        expected = "a string or an integer" if numbers else "a string"
+        if value is MISSING or value is None:
+            if not optional:
+                reason = "missing field" if value is MISSING else f"null (expected {expected})"
+                self.report(name, reason, "missing_field")
+            return None
+        if numbers and isinstance(value, int) and not isinstance(value, bool):
+            return str(value)
+        if not isinstance(value, str):
+            self.report(name, f"expected {expected}, got {json_type(value)}", "wrong_type")
+            return None
+        text = value.strip()
+        if not text:
+            self.report(name, empty or f"empty {what}", f"empty_{what}")
+            return None
+        return text
+
+    def ident(self, name: str, *, optional: bool = False) -> str | None:
+        """A record id: a non-empty string or an integer (not a boolean, a float or a list)."""
+        return self.text(name, what="id", numbers=True, optional=optional)
 
 
 def answer_type_of(
-    raw: Any, answer: str, path: Path, record: str, problems: ProblemLog, field_name: str = "answer_type"
+    fields: Fields, answer: str, *, name: str = "answer_type", required: bool = False, yes_no_closes: bool = False
 ) -> str | None:
-    """``closed``/``open`` from a release's answer_type (any known spelling, stripped, any case);
-    from the answer (yes/no -> closed) when the release has none; None (reported) when unknown."""
+    """``closed``/``open`` from the record's answer type field (any known spelling, any case); from the answer
+    (yes/no -> closed) when the field is absent or null and not ``required``. ``yes_no_closes``: a yes/no answer
+    is closed whatever the field says (the hub exports, PathVQA). None after reporting a bad or unknown value."""
+    raw = fields.text(name, what="answer_type", optional=not required)
+    if not fields.ok:
+        return None
     if raw is None:
         return closed_if_yes_no(answer)
-    kind = ANSWER_TYPE_ALIASES.get(str(raw).strip().lower())
+    kind = ANSWER_TYPE_ALIASES.get(raw.lower())
     if kind is None:
-        problems.report(
-            path, record, field_name, f"unknown answer_type {raw!r} (expected OPEN or CLOSED)", "unknown_answer_type"
-        )
+        fields.report(name, f"unknown answer_type {raw!r} (expected OPEN or CLOSED)", "unknown_answer_type")
+        return None
+    if yes_no_closes and closed_if_yes_no(answer) == "closed":
+        return "closed"
     return kind
+
+
+def language_key(language: str) -> str:
+    """How languages compare: case and surrounding spaces do not matter ("EN" is "en")."""
+    return language.strip().casefold()
 
 
 def shared(value: Any) -> Any:

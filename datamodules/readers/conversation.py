@@ -5,7 +5,9 @@
       "answer_type": "OPEN" | "CLOSED" | "open" | "close" (optional), "modality": ... (optional)}]
 
 The misspelt key ``conversatons`` of some released files is accepted. Multi-turn conversations keep
-every turn; the first turn is the record's question/answer.
+every turn; the first turn is the record's question/answer. Every field is typed (:class:`Fields`): a null,
+list, number or empty value, a question that is nothing but ``<image>``, ``<image>`` in a record without an
+image, ``image: ""`` and a list of several images are bad records, never a silently text-only record.
 """
 
 from __future__ import annotations
@@ -13,11 +15,20 @@ from __future__ import annotations
 from pathlib import Path
 
 from datamodules.problems import ProblemLog, file_error
-from datamodules.readers.common import PathResolver, answer_type_of, load_json_list, record_label
-from datamodules.records import Record, Turn
+from datamodules.readers.common import (
+    MISSING,
+    Fields,
+    PathResolver,
+    answer_type_of,
+    json_type,
+    load_json_list,
+    record_label,
+)
+from datamodules.records import Record, Source, Turn
 
 HUMAN_ROLES = ("human", "user")
 ASSISTANT_ROLES = ("gpt", "assistant")
+IMAGE_TOKEN = "<image>"
 
 
 def conversation_file(root: Path, split: str) -> Path:
@@ -33,8 +44,29 @@ def available_splits(root: Path) -> list[str]:
     return sorted(p.stem for p in Path(root).glob("*.json"))
 
 
-def conversation_messages(item: dict) -> list | None:
-    return item.get("conversations", item.get("conversatons"))
+def conversation_messages(fields: Fields) -> list | None:
+    """The record's message list (``conversations``, or the misspelt ``conversatons`` of some released files);
+    None after reporting a missing, empty or non-list value."""
+    key = "conversatons" if "conversations" not in fields.item and "conversatons" in fields.item else "conversations"
+    convs = fields.item.get(key)
+    if isinstance(convs, list) and convs:
+        return convs
+    reason = "missing or empty conversation" if not convs else f"expected a list of messages, got {json_type(convs)}"
+    fields.report(key, reason, "missing_field" if not convs else "wrong_type")
+    return None
+
+
+def record_image(fields: Fields, *, required: bool) -> str | None:
+    """The record's image path: a string, or a list holding one (LLaVA's multi-image form); None when the record
+    has none (absent or null, allowed unless ``required``) or after reporting another type, an empty path, or
+    more than one image (a record has one image: the model reads one per record)."""
+    image = fields.item.get("image")
+    if isinstance(image, list):
+        if len(image) > 1:
+            fields.report("image", f"{len(image)} images; a record has one image", "multiple_images")
+            return None
+        image = image[0] if image else ""
+    return fields.text("image", what="path", optional=not required, value=image)
 
 
 def read_conversation(
@@ -51,52 +83,51 @@ def read_conversation(
     problems = problems or ProblemLog()
     path = conversation_file(root, split)
     images = PathResolver(Path(image_root) if image_root else root, check_exists=check_images)
+    source = Source(str(path), "id", "conversations[0].value")
     records: list[Record] = []
     for index, item in enumerate(load_json_list(path)):
-        if not isinstance(item, dict):
-            problems.report(path, index, "<record>", f"expected an object, got {type(item).__name__}", "not_an_object")
-            continue
-        label = record_label(index, item.get("id"))
-        convs = conversation_messages(item)
-        if not isinstance(convs, list) or not convs:
-            problems.report(path, label, "conversations", "missing or empty conversation", "missing_field")
-            continue
-        turns = parse_turns(convs, path, label, problems)
-        if turns is None:
+        label = record_label(index, item.get("id") if isinstance(item, dict) else None)
+        fields = Fields(item, file=path, record=label, problems=problems)
+        rid = fields.ident("id", optional=True)
+        image = record_image(fields, required=False)
+        turns = parse_turns(fields, has_image=image is not None)
+        modality = fields.text("modality", optional=True)
+        answer_type = answer_type_of(fields, turns[0].answer if turns else "")
+        if not fields.ok:
             continue
         image_path = None
-        image = item.get("image")
-        if isinstance(image, list):  # multi-image records: the first image is the one we use
-            image = image[0] if image else None
-        if image:
-            image_path = images.resolve(str(image), file=path, record=label, field_name="image", problems=problems)
+        if image is not None:
+            image_path = images.resolve(image, file=path, record=label, field_name="image", problems=problems)
             if image_path is None:
                 continue
-        answer_type = answer_type_of(item.get("answer_type"), turns[0].answer, path, label, problems)
-        if answer_type is None:
-            continue
         records.append(
             Record(
-                id=f"{dataset}/{item.get('id', index)}",
+                id=f"{dataset}/{rid if rid is not None else index}",
                 dataset=dataset,
                 split=split.removesuffix(".json"),
                 question=turns[0].question,
                 answer=turns[0].answer,
                 answer_type=answer_type,
                 task=task,
-                modality=item.get("modality"),
+                modality=modality,
                 image_path=image_path,
                 turns=turns,
                 extra={"source_id": item.get("id", index)},
+                source=source,
             )
         )
     return records
 
 
-def parse_turns(convs: list, path: Path, record: str, problems: ProblemLog) -> list[Turn] | None:
-    """Pair human/gpt messages into turns; a broken alternation or empty answer is a bad record."""
+def parse_turns(fields: Fields, *, has_image: bool) -> list[Turn] | None:
+    """Pair human/gpt messages into turns: every message an object with a known role and a non-empty string
+    ``value``; None after reporting a broken alternation, an odd count, an empty question (nothing but
+    ``<image>``) or answer, a value of another type, or ``<image>`` in a record without an image."""
+    convs = conversation_messages(fields)
+    if convs is None:
+        return None
     if len(convs) % 2:
-        problems.report(path, record, "conversations", f"odd number of messages ({len(convs)})", "bad_conversation")
+        fields.report("conversations", f"odd number of messages ({len(convs)})", "bad_conversation")
         return None
     turns = []
     for k in range(0, len(convs), 2):
@@ -106,11 +137,19 @@ def parse_turns(convs: list, path: Path, record: str, problems: ProblemLog) -> l
             or human.get("from") not in HUMAN_ROLES
             or gpt.get("from") not in ASSISTANT_ROLES
         ):
-            problems.report(path, record, f"conversations[{k}]", "expected human/gpt alternation", "bad_conversation")
+            fields.report(f"conversations[{k}]", "expected human/gpt alternation", "bad_conversation")
             return None
-        question, answer = str(human.get("value", "")), str(gpt.get("value", "")).strip()
-        if not answer:
-            problems.report(path, record, f"conversations[{k + 1}].value", "empty answer", "empty_answer")
+        ask, reply = f"conversations[{k}].value", f"conversations[{k + 1}].value"
+        question = fields.text(ask, what="question", value=human.get("value", MISSING))
+        answer = fields.text(reply, what="answer", value=gpt.get("value", MISSING))
+        if not fields.ok:
             return None
-        turns.append(Turn(question=question.replace("<image>", "").strip(), answer=answer))
+        if IMAGE_TOKEN in question and not has_image:
+            fields.report(ask, f"{IMAGE_TOKEN} in a record without an image", "missing_image")
+            return None
+        question = question.replace(IMAGE_TOKEN, "").strip()
+        if not question:
+            fields.report(ask, f"empty question (nothing but {IMAGE_TOKEN})", "empty_question")
+            return None
+        turns.append(Turn(question=question, answer=answer))
     return turns

@@ -12,8 +12,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from datamodules.problems import ProblemLog, file_error
-from datamodules.readers.common import PathResolver, answer_type_of, record_label
-from datamodules.records import Record, closed_if_yes_no
+from datamodules.readers.common import Fields, PathResolver, answer_type_of, json_type, record_label
+from datamodules.records import Record, Source
 
 REQUIRED_COLUMNS = ("image", "question", "answer")
 BATCH_ROWS = 512
@@ -62,7 +62,7 @@ def read_hub_parquet(
             raise file_error(file, missing[0], f"missing column(s) {missing}; columns are {names}", "missing_field")
         columns = list(REQUIRED_COLUMNS) + (["answer_type"] if "answer_type" in names else [])
         in_file = 0
-        file_name = str(file)  # one string shared by the file's records
+        source = Source(str(file), "<row>", "question")  # one object shared by the file's records
         batches = parquet.iter_batches(batch_size=BATCH_ROWS, columns=columns)
         while True:
             try:
@@ -83,7 +83,7 @@ def read_hub_parquet(
                     rid=rid,
                     label=label,
                     file=file,
-                    file_name=file_name,
+                    source=source,
                     split=split,
                     dataset=dataset,
                     problems=problems,
@@ -101,51 +101,51 @@ def _record(
     rid: str,
     label: str,
     file: Path,
-    file_name: str,
+    source: Source,
     split: str,
     dataset: str,
     problems: ProblemLog,
     paths: PathResolver,
     shared: dict[bytes, bytes],
 ) -> Record | None:
-    for name in ("question", "answer"):
-        if item.get(name) is None:
-            problems.report(file, label, name, "missing field", "missing_field")
-            return None
-    answer = str(item["answer"]).strip()
-    if not answer:
-        problems.report(file, label, "answer", "empty answer", "empty_answer")
-        return None
-    answer_type = answer_type_of(item.get("answer_type"), answer, file, label, problems)
-    if answer_type is None:
-        return None
-    if answer_type == "open" and closed_if_yes_no(answer) == "closed":
-        answer_type = "closed"  # datasets.md: closed when the answer is yes/no, or answer_type says so
+    fields = Fields(item, file=file, record=label, problems=problems)
+    question = fields.text("question", what="question")
+    answer = fields.text("answer", what="answer")
+    answer_type = answer_type_of(fields, answer or "", yes_no_closes=True)
     image = item.get("image")
     if isinstance(image, (bytes, str)):  # a plain binary or path column instead of the {bytes, path} struct
         image = {"bytes": image} if isinstance(image, bytes) else {"path": image}
-    elif not isinstance(image, dict):
+    elif image is None:
         image = {}
+    elif not isinstance(image, dict):
+        fields.report("image", f"expected an image struct {{bytes, path}}, got {json_type(image)}", "wrong_type")
+    if not fields.ok:
+        return None
     data, image_path = image.get("bytes"), None
+    if data is not None and not isinstance(data, bytes):
+        fields.report("image.bytes", f"expected bytes, got {json_type(data)}", "wrong_type")
+    path = image.get("path")  # "" as null: the datasets library writes "" for an embedded image's name
+    name = fields.text("image.path", what="path", optional=True, value=None if path == "" else path)
+    if not fields.ok:
+        return None
     if data:
         data = shared.setdefault(data, data)
-    elif image.get("path"):  # an export that references files beside it instead of embedding them
-        image_path = paths.resolve(
-            str(image["path"]), file=file, record=label, field_name="image.path", problems=problems
-        )
+    elif name is not None:  # an export that references files beside it instead of embedding them
+        image_path = paths.resolve(name, file=file, record=label, field_name="image.path", problems=problems)
         if image_path is None:
             return None
     else:
-        problems.report(file, label, "image", "no image bytes and no path", "missing_image")
+        fields.report("image", "no image bytes and no path", "missing_image")
         return None
     return Record(
         id=rid,
         dataset=dataset,
         split=split,
-        question=str(item["question"]),
+        question=question,
         answer=answer,
         answer_type=answer_type,
         image_path=image_path,
         image_bytes=data or None,
-        extra={"image_name": image.get("path"), "file": file_name},
+        extra={"image_name": name},
+        source=source,
     )

@@ -11,7 +11,8 @@
   question keeps ``<region></region>`` for the model to fill with region tokens (as MedPLIB does);
 - ``<SEG>`` + ``<mask>masks_merged/b.png</mask>`` in a gpt turn: the path becomes
   ``record.mask_path`` and the answer keeps ``<SEG>`` without the ``<mask>`` tag. A ``<mask>``
-  without ``<SEG>``, or two masks in one turn, is a bad record.
+  without ``<SEG>``, a ``<SEG>`` without ``<mask>``, two of either in one turn, or an unclosed
+  ``<mask>`` / ``<region>`` tag is a bad record.
 Image and mask paths are relative to ``image_root`` (default: the dataset folder).
 """
 
@@ -22,9 +23,9 @@ import re
 from pathlib import Path
 
 from datamodules.problems import DataError, ProblemLog, file_error
-from datamodules.readers.common import PathResolver, answer_type_of, load_json_list, record_label
-from datamodules.readers.conversation import conversation_messages, parse_turns
-from datamodules.records import Record, Turn
+from datamodules.readers.common import Fields, PathResolver, answer_type_of, load_json_list, record_label
+from datamodules.readers.conversation import parse_turns, record_image
+from datamodules.records import Record, Source, Turn
 
 log = logging.getLogger(__name__)
 
@@ -116,12 +117,14 @@ def read_mecovqa(
     files = PathResolver(Path(image_root) if image_root else root, check_exists=check_images)
     records: list[Record] = []
     for subset, path in subset_files(root, split, subsets):
+        source = Source(str(path), "id", "conversations[0].value")
         for index, item in enumerate(load_json_list(path)):
             record = _record(
                 item,
                 index=index,
                 subset=subset,
                 path=path,
+                source=source,
                 split=split,
                 dataset=dataset,
                 files=files,
@@ -138,57 +141,32 @@ def _record(
     index: int,
     subset: str,
     path: Path,
+    source: Source,
     split: str,
     dataset: str,
     files: PathResolver,
     problems: ProblemLog,
 ) -> Record | None:
-    if not isinstance(item, dict):
-        problems.report(path, index, "<record>", f"expected an object, got {type(item).__name__}", "not_an_object")
+    label = record_label(index, item.get("id") if isinstance(item, dict) else None)
+    fields = Fields(item, file=path, record=label, problems=problems)
+    rid = fields.ident("id", optional=True)
+    image = record_image(fields, required=True)
+    turns = parse_turns(fields, has_image=True)
+    if not fields.ok:
         return None
-    label = record_label(index, item.get("id"))
-    convs = conversation_messages(item)
-    if not isinstance(convs, list) or not convs:
-        problems.report(path, label, "conversations", "missing or empty conversation", "missing_field")
-        return None
-    turns = parse_turns(convs, path, label, problems)
-    if turns is None:
-        return None
-    image = item.get("image")
-    if isinstance(image, list):
-        image = image[0] if image else None
-    if not image:
-        problems.report(path, label, "image", "missing field", "missing_field")
-        return None
-    image_path = files.resolve(str(image), file=path, record=label, field_name="image", problems=problems)
+    image_path = files.resolve(image, file=path, record=label, field_name="image", problems=problems)
     if image_path is None:
         return None
     regions: list[str] = []
     masks: list[str] = []
     clean: list[Turn] = []
     for t, turn in enumerate(turns):
-        question = _take_regions(
-            turn.question,
-            f"conversations[{2 * t}].value",
-            regions,
-            path=path,
-            label=label,
-            files=files,
-            problems=problems,
-        )
-        answer = _take_mask(
-            turn.answer,
-            f"conversations[{2 * t + 1}].value",
-            masks,
-            path=path,
-            label=label,
-            files=files,
-            problems=problems,
-        )
+        question = _take_regions(turn.question, f"conversations[{2 * t}].value", regions, fields=fields, files=files)
+        answer = _take_mask(turn.answer, f"conversations[{2 * t + 1}].value", masks, fields=fields, files=files)
         if question is None or answer is None:
             return None
         clean.append(Turn(question=question, answer=answer))
-    answer_type = answer_type_of(item.get("answer_type"), clean[0].answer, path, label, problems)
+    answer_type = answer_type_of(fields, clean[0].answer)
     if answer_type is None:
         return None
     extra: dict = {"subset": subset, "source_id": item.get("id", index)}
@@ -197,66 +175,101 @@ def _record(
     if len(masks) > 1:
         extra["mask_paths"] = masks
     return Record(
-        id=f"{dataset}/{subset}/{item.get('id', index)}",
+        id=f"{dataset}/{subset}/{rid if rid is not None else index}",
         dataset=dataset,
         split=split,
         question=clean[0].question,
         answer=clean[0].answer,
         answer_type=answer_type,
         task=SUBSET_TASKS[subset],
-        modality=modality_of(str(image)),
+        modality=modality_of(image),
         image_path=image_path,
         turns=clean,
         mask_path=masks[0] if masks else None,
         region=regions[0] if regions else None,
         extra=extra,
+        source=source,
     )
 
 
-def _take_regions(
-    text: str, field_name: str, regions: list[str], *, path: Path, label: str, files: PathResolver, problems: ProblemLog
-) -> str | None:
-    """Collect ``<region>path</region>`` paths; the text keeps ``<region></region>``."""
-    for relative in REGION_TAG.findall(text):
-        resolved = files.resolve(
-            relative.strip(),
-            file=path,
-            record=label,
-            field_name=field_name,
-            problems=problems,
-            missing_kind="missing_mask",
-        )
+def _unpaired_tag(text: str, tag: str, pairs: int) -> str | None:
+    """Why ``<tag>...</tag>`` pairs do not account for every ``<tag>`` / ``</tag>`` in ``text`` (None: they do)."""
+    opened, closed = text.count(f"<{tag}>"), text.count(f"</{tag}>")
+    if opened == closed == pairs:
+        return None
+    return (
+        f"unclosed or stray <{tag}> tag ({opened} <{tag}>, {closed} </{tag}>): a {tag} path must be <{tag}>path</{tag}>"
+    )
+
+
+def _take_regions(text: str, field_name: str, regions: list[str], *, fields: Fields, files: PathResolver) -> str | None:
+    """Collect ``<region>path</region>`` paths; the text keeps ``<region></region>``. An unclosed tag is a bad
+    record (it would stay in the question as text)."""
+    found = REGION_TAG.findall(text)
+    unpaired = _unpaired_tag(text, "region", len(found))
+    if unpaired:
+        fields.report(field_name, unpaired, "bad_region_tag")
+        return None
+    if "<mask>" in text or "</mask>" in text or SEG in text:
+        fields.report(field_name, f"<mask> or {SEG} in a question (grounding targets are answers)", "bad_mask_tag")
+        return None
+    for relative in found:
+        resolved = _tag_path(relative, field_name, fields=fields, files=files)
         if resolved is None:
             return None
         regions.append(resolved)
     return REGION_TAG.sub("<region></region>", text)
 
 
-def _take_mask(
-    text: str, field_name: str, masks: list[str], *, path: Path, label: str, files: PathResolver, problems: ProblemLog
-) -> str | None:
-    """Collect the ``<mask>path</mask>`` target of a ``<SEG>`` answer; the text keeps ``<SEG>``."""
+def _take_mask(text: str, field_name: str, masks: list[str], *, fields: Fields, files: PathResolver) -> str | None:
+    """Collect the ``<mask>path</mask>`` target of a ``<SEG>`` answer; the text keeps ``<SEG>``. A ``<SEG>``
+    needs exactly one ``<mask>`` and a ``<mask>`` one ``<SEG>`` (a target without its token, or a token
+    without its target, would train nothing); an unclosed tag would be answer text: all bad records."""
     found = MASK_TAG.findall(text)
-    if not found:
+    unpaired = _unpaired_tag(text, "mask", len(found))
+    segs = text.count(SEG)
+    if unpaired:
+        fields.report(field_name, unpaired, "bad_mask_tag")
+        return None
+    if "<region>" in text or "</region>" in text:
+        fields.report(field_name, "<region> in an answer (region prompts are questions)", "bad_region_tag")
+        return None
+    if not found and not segs:
         return text
-    if SEG not in text:
-        problems.report(
-            path,
-            label,
+    if found and not segs:
+        fields.report(field_name, "<mask> without <SEG> (a grounding target needs the <SEG> token)", "mask_without_seg")
+        return None
+    if segs and not found:
+        fields.report(
             field_name,
-            "<mask> without <SEG> (a grounding target needs the <SEG> token)",
-            "mask_without_seg",
+            "<SEG> without a <mask>path</mask> target (the grounding loss has nothing to learn)",
+            "seg_without_mask",
         )
         return None
-    if len(found) > 1:
-        problems.report(
-            path, label, field_name, f"{len(found)} <mask> targets in one turn (one is supported)", "bad_mask_tag"
+    if len(found) > 1 or segs > 1:
+        fields.report(
+            field_name,
+            f"{len(found)} <mask> targets and {segs} <SEG> tokens in one turn (one of each is supported)",
+            "bad_mask_tag",
         )
         return None
-    resolved = files.resolve(
-        found[0].strip(), file=path, record=label, field_name=field_name, problems=problems, missing_kind="missing_mask"
-    )
+    resolved = _tag_path(found[0], field_name, fields=fields, files=files)
     if resolved is None:
         return None
     masks.append(resolved)
     return MASK_TAG.sub("", text).strip()
+
+
+def _tag_path(relative: str, field_name: str, *, fields: Fields, files: PathResolver) -> str | None:
+    """The resolved path inside a tag; an empty one is a bad record."""
+    if not relative.strip():
+        fields.report(field_name, "empty path in a tag", "missing_mask")
+        return None
+    return files.resolve(
+        relative.strip(),
+        file=fields.file,
+        record=fields.record,
+        field_name=field_name,
+        problems=fields.problems,
+        missing_kind="missing_mask",
+    )

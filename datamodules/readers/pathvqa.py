@@ -11,20 +11,18 @@ needs ``allow_pickle: true`` (see :mod:`datamodules.readers.safe_pickle`). The f
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from datamodules.problems import DataError, ProblemLog, file_error
-from datamodules.readers.common import PathResolver, record_label, require_fields
+from datamodules.readers.common import Fields, PathResolver, answer_type_of, json_type, record_label
 from datamodules.readers.hub_parquet import has_parquet, parquet_splits, read_hub_parquet
 from datamodules.readers.safe_pickle import load_pickle
-from datamodules.records import Record, closed_if_yes_no
+from datamodules.records import Record, Source, closed_if_yes_no
 
 PARQUET_SPLITS = ("train", "validation", "test")
 PICKLE_SPLITS = ("train", "val", "test")
 _ALIASES = {"validate": "validation", "val": "validation"}
-REQUIRED = ("img_id", "label", "question_id", "sent")
-QA_REQUIRED = ("image", "question", "answer")
-CLOSED_TYPES = ("yes/no", "closed")
 
 
 def pickle_root(root: Path) -> Path | None:
@@ -94,30 +92,37 @@ def read_pathvqa(
             path, "<pickle>", f"expected a list of records, got {type(items).__name__}", "malformed_pickle"
         )
     images = PathResolver(pvqa / "images" / name, check_exists=check_images)
+    source = Source(str(path), "question_id", "sent")
     records: list[Record] = []
     for index, item in enumerate(items):
-        label = record_label(index, item.get("question_id") if isinstance(item, dict) else None)
-        if not require_fields(item, REQUIRED, path, label, problems):
+        fields = Fields(
+            item,
+            file=path,
+            record=record_label(index, item.get("question_id") if isinstance(item, dict) else None),
+            problems=problems,
+        )
+        qid = fields.ident("question_id")
+        img_id = fields.ident("img_id")
+        question = fields.text("sent", what="question")
+        answer = _answer(fields)
+        answer_type = answer_type_of(fields, answer or "", yes_no_closes=True)
+        question_type = fields.text("question_type", optional=True)
+        if not fields.ok:
             continue
-        answer = _answer(item["label"])
-        if not answer:
-            problems.report(path, label, "label", f"no answer in label {item['label']!r}", "empty_answer")
-            continue
-        raw_type = str(item.get("answer_type", "")).strip().lower()
-        closed = raw_type in CLOSED_TYPES or closed_if_yes_no(answer) == "closed"
-        image = images.resolve(f"{item['img_id']}.jpg", file=path, record=label, field_name="img_id", problems=problems)
+        image = images.resolve(f"{img_id}.jpg", file=path, record=fields.record, field_name="img_id", problems=problems)
         if image is None:
             continue
         records.append(
             Record(
-                id=f"{dataset}/{item['question_id']}",
+                id=f"{dataset}/{qid}",
                 dataset=dataset,
                 split=name,
-                question=str(item["sent"]),
+                question=question,
                 answer=answer,
-                answer_type="closed" if closed else "open",
+                answer_type=answer_type,
                 image_path=image,
-                extra={"question_type": item.get("question_type"), "img_id": str(item["img_id"])},
+                extra={"question_type": question_type, "img_id": img_id},
+                source=source,
             )
         )
     return records
@@ -143,19 +148,22 @@ def _read_qa_pickle(
             path, "<pickle>", f"expected a list of records, got {type(items).__name__}", "malformed_pickle"
         )
     images = PathResolver(image_dir, check_exists=check_images)
+    source = Source(str(path), "<index>", "question")
     records: list[Record] = []
     for index, item in enumerate(items):
         rid = f"{dataset}/{split}/{index}"
-        label = record_label(index, rid)
-        if not require_fields(item, QA_REQUIRED, path, label, problems):
+        fields = Fields(item, file=path, record=record_label(index, rid), problems=problems)
+        question = fields.text("question", what="question")
+        answer = fields.text("answer", what="answer")
+        name = fields.text("image", what="path")
+        if not fields.ok:
             continue
-        answer = str(item["answer"]).strip()
-        if not answer:
-            problems.report(path, label, "answer", "empty answer", "empty_answer")
-            continue
-        name = str(item["image"])
         image = images.resolve(
-            name if Path(name).suffix else f"{name}.jpg", file=path, record=label, field_name="image", problems=problems
+            name if Path(name).suffix else f"{name}.jpg",
+            file=path,
+            record=fields.record,
+            field_name="image",
+            problems=problems,
         )
         if image is None:
             continue
@@ -164,19 +172,39 @@ def _read_qa_pickle(
                 id=rid,
                 dataset=dataset,
                 split=split,
-                question=str(item["question"]),
+                question=question,
                 answer=answer,
                 answer_type=closed_if_yes_no(answer),
                 image_path=image,
                 extra={"img_id": Path(name).stem},
+                source=source,
             )
         )
     return records
 
 
-def _answer(label: object) -> str:
-    """The best-scored answer of a ``{answer: score}`` label ("" when there is none)."""
-    if not isinstance(label, dict) or not label:
-        return ""
-    best = max(label.items(), key=lambda kv: kv[1] if isinstance(kv[1], (int, float)) else 0)[0]
-    return str(best).strip()
+def _answer(fields: Fields) -> str | None:
+    """The best-scored answer of the ``{answer: score}`` label (scores are finite numbers); None after
+    reporting a label of another shape, an empty one (``empty_answer``) or a non-numeric score."""
+    label = fields.item.get("label") if fields.ok else None
+    if not fields.ok:
+        return None
+    if label is None:
+        fields.report(
+            "label", "missing field" if "label" not in fields.item else "null (expected an object)", "missing_field"
+        )
+        return None
+    if not isinstance(label, dict):
+        fields.report("label", f"expected an {{answer: score}} object, got {json_type(label)}", "wrong_type")
+        return None
+    if not label:
+        fields.report("label", "no answer in label {}", "empty_answer")
+        return None
+    for answer, score in label.items():
+        if not isinstance(score, (int, float)) or isinstance(score, bool) or not math.isfinite(score):
+            fields.report(
+                "label", f"score of answer {answer!r} is {json_type(score)}, not a finite number", "wrong_type"
+            )
+            return None
+    best = max(label.items(), key=lambda kv: kv[1])[0]
+    return fields.text("label", what="answer", value=best)

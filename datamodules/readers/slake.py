@@ -8,21 +8,23 @@ detection.json instead: "where is the liver?" -> ``{<x1><y1><x2><y2>}`` and the 
 
 from __future__ import annotations
 
+import math
 import os
+from collections import Counter
 from pathlib import Path
 
-from PIL import Image
-
+from datamodules.images import DEFAULT_MAX_IMAGE_PIXELS, image_size
 from datamodules.problems import DataError, ProblemLog, file_error
 from datamodules.readers.common import (
+    Fields,
     PathResolver,
     answer_type_of,
+    language_key,
     load_json_list,
     record_label,
-    require_fields,
     shared,
 )
-from datamodules.records import Record
+from datamodules.records import Record, Source
 from medcore.boxes import format_box
 
 SPLIT_FILES = {
@@ -31,7 +33,6 @@ SPLIT_FILES = {
     "test": ("test.json",),
 }
 SPLIT_ALIASES = {"val": "validate", "validation": "validate"}
-REQUIRED = ("img_name", "question", "answer", "answer_type", "qid")
 BOX_TASKS = ("refer", "identify")
 
 
@@ -65,59 +66,82 @@ def read_slake(
     problems: ProblemLog | None = None,
     check_images: bool = True,
     task: str = "vqa",
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
 ) -> list[Record]:
-    """Read one split. English only by default (``languages``); empty answers are bad records."""
+    """Read one split. English only by default (``languages``, matched in any case: "EN" is "en"); the records
+    of other languages are counted as left out by configuration. A missing or null ``q_lang``, an empty answer
+    or question, and a field of another type are bad records."""
     root = Path(root)
     problems = problems or ProblemLog()
     path = slake_split_file(root, split)
     split_name = slake_split_name(split)
     images = PathResolver(root / "imgs", check_exists=check_images)
+    wanted = {language_key(language) for language in languages}
+    source = Source(str(path), "qid", "question")
     organ_masks: dict[str, str] = {}  # image path -> its folder's mask.png, one string per image
+    other_languages: Counter = Counter()
     records: list[Record] = []
     for index, item in enumerate(load_json_list(path)):
-        label = record_label(index, item.get("qid") if isinstance(item, dict) else None)
-        if not require_fields(item, REQUIRED, path, label, problems):
+        fields = Fields(
+            item,
+            file=path,
+            record=record_label(index, item.get("qid") if isinstance(item, dict) else None),
+            problems=problems,
+        )
+        qid = fields.ident("qid")
+        q_lang = fields.text("q_lang", what="language")
+        if q_lang is not None and language_key(q_lang) not in wanted:
+            other_languages[q_lang] += 1
             continue
-        if item.get("q_lang", "en") not in languages:
+        question = fields.text("question", what="question")
+        answer = fields.text("answer", what="answer")
+        answer_type = answer_type_of(fields, answer or "", required=True)
+        img_name = fields.text("img_name", what="path")
+        modality = fields.text("modality", optional=True)
+        img_id = fields.ident("img_id", optional=task not in BOX_TASKS)  # the box tasks' record ids
+        if not fields.ok:
             continue
-        answer = str(item["answer"]).strip()
-        if not answer:
-            problems.report(path, label, "answer", "empty answer", "empty_answer")
-            continue
-        answer_type = answer_type_of(item["answer_type"], answer, path, label, problems)
-        if answer_type is None:
-            continue
-        image = images.resolve(str(item["img_name"]), file=path, record=label, field_name="img_name", problems=problems)
+        image = images.resolve(img_name, file=path, record=fields.record, field_name="img_name", problems=problems)
         if image is None:
             continue
         if image not in organ_masks:
             organ_masks[image] = os.path.join(os.path.dirname(image), "mask.png")
         records.append(
             Record(
-                id=f"{dataset}/{item['qid']}",
+                id=f"{dataset}/{qid}",
                 dataset=dataset,
                 split=split_name,
-                question=str(item["question"]),
+                question=question,
                 answer=answer,
                 answer_type=answer_type,
                 task="vqa",
-                modality=shared(item.get("modality")),
+                modality=shared(modality),
                 image_path=image,
                 extra={
                     "location": shared(item.get("location")),
                     "content_type": shared(item.get("content_type")),
-                    "q_lang": shared(item.get("q_lang", "en")),
-                    "img_id": item.get("img_id"),
+                    "q_lang": shared(q_lang),
+                    "img_id": img_id,
                     "organ_mask": organ_masks[image],
                 },
+                source=source,
             )
         )
+    for q_lang, count in sorted(other_languages.items()):
+        problems.filter(path, f"q_lang {q_lang!r} not in languages {sorted(wanted)}", count)
     if task in BOX_TASKS:
-        return box_records(records, task=task, dataset=dataset, problems=problems)
+        return box_records(records, task=task, dataset=dataset, problems=problems, max_image_pixels=max_image_pixels)
     return records
 
 
-def box_records(qa_records: list[Record], *, task: str, dataset: str, problems: ProblemLog) -> list[Record]:
+def box_records(
+    qa_records: list[Record],
+    *,
+    task: str,
+    dataset: str,
+    problems: ProblemLog,
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+) -> list[Record]:
     """Uni-Med's refer / identify records from the detection.json of every image of a split."""
     out: list[Record] = []
     seen: set[str] = set()
@@ -131,19 +155,31 @@ def box_records(qa_records: list[Record], *, task: str, dataset: str, problems: 
         except DataError as e:  # one image's boxes are one bad record, not a broken split
             problems.report(detection, "-", "<json>", str(e.problem.reason if e.problem else e), "bad_detection")
             continue
-        try:
-            with Image.open(qa.image_path) as img:  # header only: the size, no decode
-                width, height = img.size
-        except OSError as e:
-            problems.report(qa.image_path, qa.id, "image", f"cannot read the image size ({e})", "corrupt_image")
+        try:  # header only: the size, no decode
+            width, height = image_size(qa.image_path, record=qa.id, max_pixels=max_image_pixels)
+        except DataError as e:
+            problems.report(e.problem.file, e.problem.record, e.problem.field, e.problem.reason, e.problem.kind)
             continue
+        source = Source(str(detection), "<entry>", "<organ>")
         for k, entry in enumerate(entries):
             if not (isinstance(entry, dict) and len(entry) == 1):
                 problems.report(detection, k, "<record>", "expected one {organ: [x, y, w, h]} object", "bad_detection")
                 continue
             ((organ, box),) = entry.items()
-            if not (isinstance(box, list) and len(box) == 4 and all(isinstance(v, (int, float)) for v in box)):
-                problems.report(detection, k, organ, f"expected [x, y, w, h], got {box!r}", "bad_detection")
+            if not organ.strip():
+                problems.report(detection, k, "<organ>", "empty organ name", "bad_detection")
+                continue
+            if (
+                not (isinstance(box, list) and len(box) == 4 and all(_finite_number(v) for v in box))
+                or min(box[2:]) <= 0
+            ):
+                problems.report(
+                    detection,
+                    k,
+                    organ,
+                    f"expected [x, y, w, h] (finite numbers, w and h > 0), got {box!r}",
+                    "bad_detection",
+                )
                 continue
             x, y, w, h = (float(v) for v in box)
             grid = tuple(
@@ -168,6 +204,12 @@ def box_records(qa_records: list[Record], *, task: str, dataset: str, problems: 
                     image_path=qa.image_path,
                     box=(x, y, w, h),
                     extra={"organ": name, "img_id": qa.extra.get("img_id"), "image_size": (width, height)},
+                    source=source,
                 )
             )
     return out
+
+
+def _finite_number(value: object) -> bool:
+    """A JSON number that is a coordinate: an int or a finite float, not a boolean."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

@@ -2,7 +2,8 @@
 
 Original: ``VQA_RAD Dataset Public.json`` (a JSON list) beside ``VQA_RAD Image Folder/``. The split
 comes from ``phrase_type``: ``freeform`` and ``para`` are train, ``test_freeform`` and ``test_para``
-test. ``answer`` is cast to str, ``answer_type`` stripped and upper-cased (OPEN / CLOSED).
+test. ``answer`` is a string or, as the release writes counts, an integer (its decimal text); ``answer_type``
+is OPEN or CLOSED in any case and spacing. Any other type, null or an empty string is a bad record.
 Hub export: ``data/{train,test}-*.parquet``; closed when the normalised answer is yes or no.
 
 Split conventions (``convention``; papers disagree, and a reported number depends on it):
@@ -30,15 +31,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from datamodules.problems import DataError, ProblemLog, file_error
-from datamodules.readers.common import PathResolver, load_json_list, record_label, require_fields
+from datamodules.readers.common import Fields, PathResolver, load_json_list, record_label
 from datamodules.readers.hub_parquet import has_parquet, parquet_splits, read_hub_parquet
-from datamodules.records import Record
+from datamodules.records import Record, Source
 
 ANNOTATIONS = "VQA_RAD Dataset Public.json"
 IMAGE_FOLDER = "VQA_RAD Image Folder"
 PHRASE_SPLITS = {"freeform": "train", "para": "train", "test_freeform": "test", "test_para": "test"}
 SPLITS = ("train", "test")
-REQUIRED = ("qid", "phrase_type", "image_name", "question", "answer", "answer_type")
 CONVENTIONS = ("freeform_para", "mevf")  # datamodules.specs.SplitConvention
 NO_FRAME = "NULL"  # question_frame of a record without a framed question
 FRAME_SUFFIX = "_frame"  # id of a framed-question pair: its record's id + this
@@ -95,47 +95,50 @@ def read_vqa_rad(
     images = PathResolver(root / IMAGE_FOLDER, check_exists=check_images)
     # mevf: every record's framed question is a train pair, whatever the record's own split
     frames = convention == "mevf" and split == "train"
-    required = REQUIRED + ("question_frame",) if frames else REQUIRED
+    own_source = Source(str(path), "qid", "question")
+    frame_source = Source(str(path), "qid", "question_frame")
     records: list[Record] = []
     for index, item in enumerate(load_json_list(path)):
-        label = record_label(index, item.get("qid") if isinstance(item, dict) else None)
-        if not require_fields(item, required, path, label, problems):
+        fields = Fields(
+            item,
+            file=path,
+            record=record_label(index, item.get("qid") if isinstance(item, dict) else None),
+            problems=problems,
+        )
+        qid = fields.ident("qid")
+        phrase = fields.text("phrase_type")
+        if not fields.ok:
             continue
-        phrase = str(item["phrase_type"]).strip()
         if phrase not in PHRASE_SPLITS:
-            problems.report(
-                path,
-                label,
+            fields.report(
                 "phrase_type",
-                f"unknown phrase_type {item['phrase_type']!r} (expected one of {', '.join(PHRASE_SPLITS)})",
+                f"unknown phrase_type {phrase!r} (expected one of {', '.join(PHRASE_SPLITS)})",
                 "unknown_phrase_type",
             )
             continue
         own = PHRASE_SPLITS[phrase] == split
-        frame = str(item["question_frame"]).strip() if frames else NO_FRAME
-        framed = frame != NO_FRAME  # MEVF's test: question_frame != 'NULL'
-        if framed and not frame:
-            problems.report(path, label, "question_frame", "empty framed question (no frame: NULL)", "empty_question")
-            framed = False  # under skip the record's own pair stays
-        if not (own or framed):
-            continue
-        answer = str(item["answer"]).strip()
-        if not answer:
-            problems.report(path, label, "answer", "empty answer", "empty_answer")
-            continue
-        kind = str(item["answer_type"]).strip().upper()
-        if kind not in ("OPEN", "CLOSED"):
-            problems.report(
-                path,
-                label,
-                "answer_type",
-                f"unknown answer_type {item['answer_type']!r} (expected OPEN or CLOSED)",
-                "unknown_answer_type",
+        frame = NO_FRAME
+        if frames:  # a missing or null frame drops the record; an empty or mistyped one only the frame
+            frame_fields = (
+                fields
+                if item.get("question_frame") is None
+                else Fields(item, file=path, record=fields.record, problems=problems)
             )
+            frame = frame_fields.text("question_frame", what="question", empty="empty framed question (no frame: NULL)")
+        framed = frame is not None and frame != NO_FRAME  # MEVF's test: question_frame != 'NULL'
+        if not fields.ok or not (own or framed):
             continue
-        image = images.resolve(
-            str(item["image_name"]), file=path, record=label, field_name="image_name", problems=problems
-        )
+        question = fields.text("question", what="question")
+        answer = fields.text("answer", what="answer", numbers=True)  # the release writes counts as numbers
+        kind = fields.text("answer_type", what="answer_type")
+        if kind is not None and kind.upper() not in ("OPEN", "CLOSED"):
+            fields.report(
+                "answer_type", f"unknown answer_type {kind!r} (expected OPEN or CLOSED)", "unknown_answer_type"
+            )
+        image_name = fields.text("image_name", what="path")
+        if not fields.ok:
+            continue
+        image = images.resolve(image_name, file=path, record=fields.record, field_name="image_name", problems=problems)
         if image is None:
             continue
         extra = {
@@ -143,21 +146,22 @@ def read_vqa_rad(
             "question_type": item.get("question_type"),
             "image_organ": item.get("image_organ"),
         }
-        pairs = [(f"{dataset}/{item['qid']}", str(item["question"]), extra)] if own else []
+        pairs = [(f"{dataset}/{qid}", question, extra, own_source)] if own else []
         if framed:  # MEVF's phrase_type "frame"; source_phrase_type says whether a test question was framed
             frame_extra = {**extra, "phrase_type": "frame", "source_phrase_type": phrase}
-            pairs.append((f"{dataset}/{item['qid']}{FRAME_SUFFIX}", frame, frame_extra))
+            pairs.append((f"{dataset}/{qid}{FRAME_SUFFIX}", frame, frame_extra, frame_source))
         records += [
             Record(
                 id=rid,
                 dataset=dataset,
                 split=split,
-                question=question,
+                question=pair_question,
                 answer=answer,
                 answer_type=kind.lower(),
                 image_path=image,
                 extra=pair_extra,
+                source=source,
             )
-            for rid, question, pair_extra in pairs
+            for rid, pair_question, pair_extra, source in pairs
         ]
     return records

@@ -15,7 +15,7 @@ from typing import Any, Literal, get_args
 
 from datamodules.problems import OnBadRecord
 from datamodules.specs import DatasetSpec
-from medcore.checks import Problem, choice, positive
+from medcore.checks import Problem, choice, interval, positive
 from medcore.choices import (
     Aggregation,
     ConversationPreset,
@@ -133,7 +133,9 @@ class InitConfig:
     """Start from a released checkpoint (pipeline/importers): its weights fill the model built from ``model:``
     (the LLM and connector, and the vision tower when the checkpoint has it), every key accounted for."""
 
-    format: ImportFormat = "llava"  # llava: LLaVA-1.5 / LLaVA-Med v1.5 as released; hf_llava: transformers' Llava
+    # llava: LLaVA-1.5 / LLaVA-Med v1.5 as released; hf_llava: transformers' Llava; moe_llava: MoE-LLaVA / Med-MoE
+    # (stage 2 dense or stage 3 MoE folders); medplib: MedPLIB's merged folder; uni_med: Uni-Med's .pth
+    format: ImportFormat = "llava"
     path: str = "???"  # the checkpoint folder (config.json + weights)
 
 
@@ -167,11 +169,12 @@ class GroundingLossConfig:
     focal_gamma: float = 2.0
 
     def problems(self, key: str) -> list[Problem]:
-        return [
+        found = [
             (f"{key}.{term}", f"loss weights must be >= 0, got {getattr(self, term)}")
             for term in ("ce", "bce", "dice", "focal")
             if getattr(self, term) < 0
         ]
+        return found + positive(f"{key}.focal_gamma", self.focal_gamma, allow_zero=True)
 
 
 @dataclass
@@ -210,7 +213,8 @@ class LoraConfig:
     target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
 
     def problems(self, key: str) -> list[Problem]:
-        found = positive(f"{key}.r", self.r)
+        found = positive(f"{key}.r", self.r) + positive(f"{key}.alpha", self.alpha)
+        found += interval(f"{key}.dropout", self.dropout, 0, 1)
         targets = list(self.target_modules)
         if not targets:
             found.append((f"{key}.target_modules", "empty: name all-linear, mlp, attention or module names"))
@@ -237,7 +241,11 @@ class OptimConfig:
     decay_from: DecayFrom = "warmup_end"
 
     def problems(self, key: str) -> list[Problem]:
-        found = positive(f"{key}.lr", self.lr)
+        found = positive(f"{key}.lr", self.lr) + positive(f"{key}.weight_decay", self.weight_decay, allow_zero=True)
+        if len(self.betas) != 2:
+            found.append((f"{key}.betas", f"two values (beta1, beta2), got {list(self.betas)}"))
+        found += [p for beta in self.betas for p in interval(f"{key}.betas", beta, 0, 1)]
+        found += interval(f"{key}.min_lr_ratio", self.min_lr_ratio, 0, 1, include_high=True)
         if not 0 <= self.warmup_ratio < 1:
             found.append((f"{key}.warmup_ratio", f"must be in [0, 1), got {self.warmup_ratio}"))
         if self.warmup_steps is not None:
@@ -444,7 +452,7 @@ class TrainerConfig:
     strategy: str = "auto"
     precision: str = "32-true"
     accumulate_grad_batches: int = 1
-    gradient_clip_val: float | None = 1.0
+    gradient_clip_val: float | None = 1.0  # clip the gradient norm to this; null or 0: no clipping (never < 0)
     log_every_n_steps: int = 10
     val_check_interval: float | None = None
     limit_val_batches: float | None = None
@@ -461,9 +469,13 @@ class TrainerConfig:
         """Strategy (DeepSpeed only when installed), devices, and precisions the accelerator can run."""
         found = choice(f"{key}.precision", self.precision, PRECISIONS)
         found += choice(f"{key}.cpu_kernels", self.cpu_kernels, CPU_KERNELS)
-        for name in ("num_threads", "checkpoint_every_n_steps"):
+        for name in ("num_threads", "checkpoint_every_n_steps", "val_check_interval"):
             if getattr(self, name) is not None:
                 found += positive(f"{key}.{name}", getattr(self, name))
+        for name in ("gradient_clip_val", "limit_val_batches"):  # 0: no clipping / no validation
+            if getattr(self, name) is not None:
+                found += positive(f"{key}.{name}", getattr(self, name), allow_zero=True)
+        found += positive(f"{key}.log_every_n_steps", self.log_every_n_steps)
         problem = strategy_problem(self.strategy, self.accelerator)
         if problem:
             found.append((f"{key}.strategy", problem))
@@ -528,6 +540,7 @@ class EvaluationConfig:
     def problems(self, key: str) -> list[Problem]:
         found = positive(f"{key}.batch_size", self.batch_size) + positive(f"{key}.max_new_tokens", self.max_new_tokens)
         found += positive(f"{key}.num_beams", self.num_beams)
+        found += interval(f"{key}.mask_threshold", self.mask_threshold, 0, 1)
         for name in ("temperature", "top_p", "top_k"):
             if getattr(self, name) is not None and not self.do_sample:
                 found.append((f"{key}.{name}", f"applies to sampling only: set {key}.do_sample: true, or null"))
@@ -571,6 +584,16 @@ class MlflowConfig:
     system_metrics_interval: float = 10.0  # seconds
     register_model: bool = True  # log the final hand-over + config and register a model version
     model_name: str | None = None  # registry name; default medpipe-<name>
+    # HTTP tracking servers (pipeline/tracking.py `http_settings`): MLflow's own defaults retry for minutes
+    http_retries: int = 3  # retries of a request on a connection error or a 429 / 5xx answer
+    http_backoff_factor: int = 1  # seconds: waits 0, 2, 4, ... between retries (Retry-After is not honoured)
+    http_timeout: int = 15  # seconds to connect, and to wait for each answer
+
+    def problems(self, key: str) -> list[Problem]:
+        found = positive(f"{key}.system_metrics_interval", self.system_metrics_interval)
+        found += positive(f"{key}.http_retries", self.http_retries, allow_zero=True)
+        found += positive(f"{key}.http_backoff_factor", self.http_backoff_factor, allow_zero=True)
+        return found + positive(f"{key}.http_timeout", self.http_timeout)
 
 
 @dataclass
@@ -591,7 +614,10 @@ class ExperimentConfig:
 
     def problems(self, key: str) -> list[Problem]:
         """Trainable weights of a half-precision part train in float32 copies beside its frozen half weights,
-        which needs autocast: 32-bit precisions cannot run the mix (docs/scaling.md, precision)."""
+        which needs autocast: 32-bit precisions cannot run the mix (docs/scaling.md, precision). First the seed:
+        numpy and Lightning take [0, 2**32 - 1]."""
+        if not 0 <= self.seed < 2**32:
+            return [("seed", f"must be in [0, {2**32 - 1}], got {self.seed}")]
         half = [part for part in ("llm", "vision") if getattr(self.model, part).dtype != "float32"]
         if self.trainer.strategy == "fsdp" and half:
             reason = (

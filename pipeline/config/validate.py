@@ -15,7 +15,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from datamodules.specs import TASK_IDS
-from medcore.checks import Problem, choice
+from medcore.checks import Problem, choice, finite
 from medcore.choices import TINY_MODELS
 from medcore.paths import is_timm_path, tiny_name
 from pipeline.config.errors import ConfigError
@@ -54,7 +54,9 @@ def problems(cfg: DictConfig, *, check_paths: bool = True) -> Iterator[Problem]:
 
 
 def section_problems(node: Any, key: str) -> Iterator[Problem]:
-    """Every dataclass's own ``problems(key)``, depth first in field order (sections in dicts by name)."""
+    """Every dataclass's own ``problems(key)``, depth first in field order (sections in dicts by name); before
+    them, one check for all sections: no field holds a NaN or an infinity (``medcore.checks.finite``)."""
+    yield from non_finite_fields(node, key)
     if hasattr(node, "problems"):
         yield from node.problems(key)
     for f in fields(node):
@@ -63,6 +65,16 @@ def section_problems(node: Any, key: str) -> Iterator[Problem]:
         for name, child in items:
             if is_dataclass(child):
                 yield from section_problems(child, ".".join(k for k in (key, f.name, name) if k))
+
+
+def non_finite_fields(node: Any, key: str) -> Iterator[Problem]:
+    """NaN or inf in any value field of one section (numbers, lists and dicts of them; sections are walked
+    by :func:`section_problems`): what no range check written as a comparison catches."""
+    for f in fields(node):
+        value = getattr(node, f.name)
+        if is_dataclass(value) or (isinstance(value, dict) and any(is_dataclass(v) for v in value.values())):
+            continue
+        yield from finite(".".join(k for k in (key, f.name) if k), value)
 
 
 def cross_references(cfg: ExperimentConfig) -> Iterator[Problem]:

@@ -5,8 +5,9 @@
 ``mm_vision_tower``, ``mm_projector_type``, ``mm_vision_select_layer``, ``mm_vision_select_feature``,
 ``image_aspect_ratio``; weights ``model.*`` and ``lm_head.weight`` of the LLM, ``model.mm_projector.{0,2}``
 (``mlp2x_gelu``) or ``model.mm_projector`` (``linear``), and optionally the CLIP tower under
-``model.vision_tower.vision_tower.vision_model.*`` (``vision_model.`` absent when saved by transformers 5) (the released folders usually leave it out: the tower then
-comes from ``model.vision.path``, the CLIP folder ``mm_vision_tower`` names).
+``model.vision_tower.vision_tower.vision_model.*`` (``vision_model.`` absent when saved by transformers 5;
+the released folders usually leave the tower out: it then comes from ``model.vision.path``, the CLIP folder
+``mm_vision_tower`` names).
 
 ``hf_llava`` - transformers' ``LlavaForConditionalGeneration``: ``model.language_model.*``, ``lm_head``,
 ``model.vision_tower.vision_model.*``, ``model.multi_modal_projector.linear_{1,2}`` (transformers >= 4.52), or

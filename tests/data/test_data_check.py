@@ -10,7 +10,7 @@ import pytest
 
 from pipeline.cli import main
 
-SPLIT_KEYS = {"records", "closed", "open", "modalities", "tasks"}
+SPLIT_KEYS = {"records", "closed", "open", "modalities", "tasks", "filtered"}
 PROBLEM_KEYS = {"file", "record", "field", "reason"}
 
 
@@ -37,7 +37,8 @@ def test_clean_datasets(request, capsys, fixture: str, fmt: str, extra: list[str
     root, counts = request.getfixturevalue(fixture)
     code, report = check(capsys, "--format", fmt, str(root), *extra)
     assert code == 0 and report["problems"] == []
-    assert set(report) == {"splits", "problems"}
+    assert set(report) == {"splits", "problems", "checks"}
+    assert all(split["filtered"] == {} for split in report["splits"].values())
     assert {s: v["records"] for s, v in report["splits"].items()} == counts
     for split in report["splits"].values():
         assert set(split) == SPLIT_KEYS

@@ -162,7 +162,7 @@ def test_distributed_evaluation_gives_exactly_the_single_process_metrics(two_nod
     tmp, out, results = two_nodes
     assert all(code == 0 for code, _, _ in results)
     distributed = json.loads((out / "eval" / "metrics.json").read_text())
-    assert distributed["count"] == 7 and distributed["padding_duplicates_removed"] == 1
+    assert distributed["n_scored"] == distributed["n_expected"] == 7 and distributed["padding_duplicates_removed"] == 1
 
     from pipeline.config import load_config
     from pipeline.runner import evaluate_handover
