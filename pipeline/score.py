@@ -83,7 +83,6 @@ class _Bad(Exception):
         self.field, self.reason, self.kind = field_name, reason, kind
 
 
-
 def _get(row: dict, key: str, *, required: bool = True) -> Any:
     if key not in row:
         if required:
