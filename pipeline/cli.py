@@ -102,17 +102,19 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from pipeline.tracking import Tracker, check_tracking_uri
 
     cfg = load_config(args.config, args.overrides)
-    if cfg.ckpt is None:
+    if cfg.ckpt is None and cfg.model.get("init") is None:
         raise ConfigError(
             f"{args.config}: key 'ckpt': set the hand-over file to evaluate, e.g. ckpt=outputs/"
-            f"{cfg.name}/stages/<stage>/handover.pt, or a registered model: ckpt=models:/NAME/VERSION"
+            f"{cfg.name}/stages/<stage>/handover.pt, a registered model: ckpt=models:/NAME/VERSION, or a "
+            "released checkpoint as it is: model.init={format: ..., path: ...}"
         )
     _quiet_libraries()
     check_tracking_uri(cfg.mlflow.tracking_uri, settings=cfg.mlflow)
-    ckpt = cfg.ckpt
-    if is_registry_uri(ckpt):
+    ckpt = cfg.ckpt  # None: the model model.init imports, as released
+    if ckpt is not None and is_registry_uri(ckpt):
         ckpt = download_model(ckpt, tracking_uri=cfg.mlflow.tracking_uri) / "handover.pt"
-    handover_structure(ckpt)  # a file that is no hand-over fails here, before a model is built or a run opened
+    if ckpt is not None:
+        handover_structure(ckpt)  # a file that is no hand-over fails here, before a model is built or a run opened
     with output_dir_lock(cfg.output_dir):  # its eval/ folder: not while a run works there
         tracker = Tracker(tracking_uri=cfg.mlflow.tracking_uri, experiment_name=cfg.mlflow.experiment_name)
         parent = tracker.start_parent(run_name=f"{cfg.name}-evaluate", cfg=cfg, tags={"recipe": cfg.name})

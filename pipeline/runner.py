@@ -480,7 +480,7 @@ def final_evaluation(
 
 def evaluate_handover(
     cfg: DictConfig,
-    handover: str | Path,
+    handover: str | Path | None,
     *,
     tracker: Tracker,
     out_dir: Path,
@@ -488,12 +488,16 @@ def evaluate_handover(
     conversation: str | None = None,
     run_id: str | None = None,
 ) -> EvalResult:
-    """Build the model from the config, load a hand-over file and evaluate it in a nested run (``run_id``, else a
-    new one named ``run_name``), ended FAILED (KILLED on Ctrl-C) when the evaluation fails;
+    """Build the model from the config, load a hand-over file (None: the model as built, e.g. a released
+    checkpoint ``model.init`` imports) and evaluate it in a nested run (``run_id``, else a new one named
+    ``run_name``), ended FAILED (KILLED on Ctrl-C) when the evaluation fails;
     ``conversation``: the preset of the prompts (a stage's ``conversation``; None: ``model.llm``'s)."""
     with cpu_numerics(cfg.trainer):
         if run_id is None:
-            run_id = tracker.start_child(run_name=run_name, tags={"stage": "evaluate", "checkpoint": str(handover)})
+            source = (
+                str(handover) if handover is not None else f"model.init {cfg.model.init.format}:{cfg.model.init.path}"
+            )
+            run_id = tracker.start_child(run_name=run_name, tags={"stage": "evaluate", "checkpoint": source})
         try:
             return _evaluate_handover(
                 cfg, handover, tracker=tracker, out_dir=out_dir, run_id=run_id, conversation=conversation
@@ -505,7 +509,7 @@ def evaluate_handover(
 
 def _evaluate_handover(
     cfg: DictConfig,
-    handover: str | Path,
+    handover: str | Path | None,
     *,
     tracker: Tracker,
     out_dir: Path,
@@ -515,7 +519,8 @@ def _evaluate_handover(
     start = time.perf_counter()
     check_checkpoints(cfg.model)
     built = build_model(cfg.model, cache_dir=cfg.cache_dir, conversation=conversation)
-    restore(built.model, handover)
+    if handover is not None:
+        restore(built.model, handover)
     result = evaluate_model(cfg, built, tracker=tracker, run_id=run_id, out_dir=out_dir)
     result.seconds = time.perf_counter() - start
     tracker.finish(run_id)

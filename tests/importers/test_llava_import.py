@@ -259,3 +259,49 @@ def test_settings_that_disagree_with_the_checkpoint_name_the_key(tmp_path, tiny_
     plain = _cfg(tmp_path, f"model.vision.path={tiny_clip}", f"model.llm.path={folder}")
     with pytest.raises(ConfigError, match=r"model.llm.path: .* is a LLaVA checkpoint .*set model.init"):
         build_model(plain.model, cache_dir=cache_dir)
+
+
+@pytest.mark.parametrize("layout", ["llava", "hf_llava"])
+def test_medpipe_evaluate_runs_on_the_imported_model(
+    tmp_path, tiny_clip, tiny_llama, cache_dir, capsys, layout
+) -> None:
+    """``medpipe evaluate`` without ``ckpt``: the released checkpoint as it is, through ``model.init``."""
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.cli import main
+
+    if layout == "llava":
+        folder, vision, pad = (
+            write_original_llava(tmp_path, tiny_clip, tiny_llama, with_vision=False),
+            tiny_clip,
+            "true",
+        )
+    else:
+        folder, vision, pad = write_hf_llava(tmp_path, tiny_clip, tiny_llama, old_keys=False)[0], None, "false"
+    vision = vision or folder
+    code = main(
+        [
+            "evaluate",
+            str(REPO / "experiments" / "demo.yaml"),
+            f"output_dir={tmp_path}/out",
+            f"mlflow.tracking_uri=sqlite:///{tmp_path}/mlflow.db",
+            "mlflow.system_metrics=false",
+            "model.connector.aggregation=none",
+            f"model.vision.path={vision}",
+            f"model.vision.pad_square={pad}",
+            f"model.llm.path={folder}",
+            f"model.init={{format: {layout}, path: {folder}}}",
+            "data.datasets.phantom_slake.synthetic.train_images=6",
+            "data.datasets.phantom_slake.synthetic.val_images=0",
+            "data.datasets.phantom_slake.synthetic.test_images=3",
+            "evaluation.max_new_tokens=3",
+        ]
+    )
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    metrics = json.loads((tmp_path / "out" / "eval" / "metrics.json").read_text())
+    assert metrics["n_scored"] == metrics["n_expected"] > 0
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    experiment = client.get_experiment_by_name("medpipe-demo").experiment_id
+    runs = client.search_runs([experiment], filter_string="tags.stage = 'evaluate'")
+    assert [r.data.tags["checkpoint"] for r in runs] == [f"model.init {layout}:{folder}"]  # what gave the numbers
