@@ -8,6 +8,10 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEMO_CONFIG = REPO_ROOT / "experiments" / "demo.yaml"
@@ -93,6 +97,25 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def evaluation_folder(cfg: DictConfig, ckpt: str | Path | None) -> Path:
+    """``<output_dir>/evaluations/<UTC time>-<what>``: a ``medpipe evaluate``'s own folder, never the ``eval/`` a
+    training run writes; ``<what>`` is the hand-over's stage folder (or file stem), or the imported format."""
+    import time
+
+    if ckpt is None:
+        what = f"init-{cfg.model.init.format}"
+    else:
+        path = Path(ckpt)
+        what = path.parent.name if path.name == "handover.pt" else path.stem
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    folder = Path(cfg.output_dir) / "evaluations" / f"{stamp}-{what}"
+    suffix = 1
+    while folder.exists():  # two evaluations in one second
+        suffix += 1
+        folder = folder.with_name(f"{stamp}-{what}-{suffix}")
+    return folder
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from pipeline.config import ConfigError, load_config
     from pipeline.handover import handover_structure
@@ -119,7 +142,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         tracker = Tracker(tracking_uri=cfg.mlflow.tracking_uri, experiment_name=cfg.mlflow.experiment_name)
         parent = tracker.start_parent(run_name=f"{cfg.name}-evaluate", cfg=cfg, tags={"recipe": cfg.name})
         try:
-            result = evaluate_handover(cfg, ckpt, tracker=tracker, out_dir=Path(cfg.output_dir) / "eval")
+            out_dir = evaluation_folder(cfg, ckpt)  # never training's eval/: one folder per evaluation
+            result = evaluate_handover(cfg, ckpt, tracker=tracker, out_dir=out_dir)
         except BaseException:
             tracker.finish(parent, "FAILED")
             raise

@@ -125,12 +125,55 @@ def counts_line(split: str, counts: dict[str, Any]) -> str:
     )
 
 
+def file_sha256(path: Path) -> str:
+    """The file's SHA-256, read in 16 MiB blocks (a 7B hand-over takes seconds)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 24):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def provenance(cfg: DictConfig, source: str | Path | None, split: str, datasets: dict[str, Any]) -> dict[str, Any]:
+    """What produced the numbers of one evaluation: the weights (``source``: a hand-over file, with its SHA-256;
+    ``model.init``'s checkpoint; or a stage's weights in the run), the config, the split of each dataset as
+    released, and the released script each protocol follows (``PROTOCOL_SOURCES``)."""
+    from lightningmodules.metrics.protocols import PROTOCOL_SOURCES
+
+    weights: dict[str, Any] = {"source": str(source) if source is not None else None}
+    if source is not None and Path(source).is_file():
+        weights["sha256"] = file_sha256(Path(source))
+        weights["bytes"] = Path(source).stat().st_size
+    init = cfg.model.get("init")
+    if init is not None:
+        weights["model_init"] = {"format": init.format, "path": str(init.path)}
+    releases = {"train": "train_split", "val": "val_split", "test": "test_split"}
+    return {
+        "weights": weights,
+        "config": cfg.name,
+        "split": split,
+        "datasets": {
+            name: {"format": spec.format, "path": str(spec.path), "release_split": getattr(spec, releases[split])}
+            for name, spec in datasets.items()
+        },
+        "protocols": {name: source.where for name, source in PROTOCOL_SOURCES.items()},
+    }
+
+
 def evaluate_model(
-    cfg: DictConfig, built: Any, *, tracker: Any, run_id: str | None, out_dir: Path, module: VLMModule | None = None
+    cfg: DictConfig,
+    built: Any,
+    *,
+    tracker: Any,
+    run_id: str | None,
+    out_dir: Path,
+    module: VLMModule | None = None,
+    source: str | Path | None = None,
 ) -> EvalResult:
     """Generate answers for ``cfg.evaluation.split`` and score them (and the majority baseline).
 
-    ``module`` is the stage's module when evaluating right after training (same run, same hparams).
+    ``module`` is the stage's module when evaluating right after training (same run, same hparams); ``source``
+    names the weights evaluated, recorded with the split and protocols in metrics.json (:func:`provenance`).
     """
     from pipeline.runner import build_datamodule, connect, log_split_skips
 
@@ -171,6 +214,7 @@ def evaluate_model(
         "n_scored_by_metric": scored_by_metric(report),
         "majority_baseline": baseline,
         **grounding_settings(cfg),
+        "provenance": provenance(cfg, source, split, dm.datasets),
         "all_metrics": metrics,
         "report": report,
     }

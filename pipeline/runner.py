@@ -250,7 +250,7 @@ def run_stage(
     stage_state.epoch_losses = list(history.epoch_losses)
     if cfg.evaluation.enabled and cfg.evaluation.after_each_stage and stage.evaluated:
         result.evaluation = evaluate_model(
-            cfg, built, tracker=tracker, run_id=run_id, out_dir=stage_dir / "eval", module=module
+            cfg, built, tracker=tracker, run_id=run_id, out_dir=stage_dir / "eval", module=module, source=handover
         )
     result.seconds = stage_state.seconds = time.perf_counter() - start
     stage_state.status = "done"
@@ -521,7 +521,8 @@ def _evaluate_handover(
     built = build_model(cfg.model, cache_dir=cfg.cache_dir, conversation=conversation)
     if handover is not None:
         restore(built.model, handover)
-    result = evaluate_model(cfg, built, tracker=tracker, run_id=run_id, out_dir=out_dir)
+    source = handover if handover is not None else f"model.init {cfg.model.init.format}:{cfg.model.init.path}"
+    result = evaluate_model(cfg, built, tracker=tracker, run_id=run_id, out_dir=out_dir, source=source)
     result.seconds = time.perf_counter() - start
     tracker.finish(run_id)
     return result

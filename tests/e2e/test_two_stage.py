@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 
 import pytest
@@ -145,7 +147,17 @@ def test_evaluate_command_on_handover(two_stage, capsys) -> None:
     assert code == 0
     out = capsys.readouterr().out
     assert "closed_accuracy" in out and "predictions:" in out
-    assert (tmp / "eval-out" / "eval" / "predictions.jsonl").is_file()
+    # its own folder, never training's eval/, and what produced the numbers: the weights (with their hash),
+    # the split of each dataset as released and each protocol's released script
+    assert not (tmp / "eval-out" / "eval").exists()
+    (folder,) = (tmp / "eval-out" / "evaluations").iterdir()
+    assert folder.name.endswith("-instruct") and (folder / "predictions.jsonl").is_file()
+    provenance = json.loads((folder / "metrics.json").read_text())["provenance"]
+    handover = Path(result.stages[-1].handover)
+    assert provenance["weights"]["source"] == str(handover)
+    assert provenance["weights"]["sha256"] == hashlib.sha256(handover.read_bytes()).hexdigest()
+    assert provenance["split"] == "test" and provenance["datasets"]["phantom_slake"]["release_split"] == "test"
+    assert "jiangsongtao/Med-MoE" in provenance["protocols"]["med_moe"]
 
 
 def test_run_records_hardware_fingerprints_plots_and_registered_model(two_stage) -> None:

@@ -299,8 +299,11 @@ def test_medpipe_evaluate_runs_on_the_imported_model(
     )
     out = capsys.readouterr()
     assert code == 0, out.err
-    metrics = json.loads((tmp_path / "out" / "eval" / "metrics.json").read_text())
+    (evaluation,) = (tmp_path / "out" / "evaluations").iterdir()  # its own folder, never eval/
+    assert evaluation.name.endswith(f"-init-{layout}")
+    metrics = json.loads((evaluation / "metrics.json").read_text())
     assert metrics["n_scored"] == metrics["n_expected"] > 0
+    assert metrics["provenance"]["weights"]["model_init"] == {"format": layout, "path": str(folder)}
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
     experiment = client.get_experiment_by_name("medpipe-demo").experiment_id
     runs = client.search_runs([experiment], filter_string="tags.stage = 'evaluate'")
