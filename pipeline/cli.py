@@ -156,6 +156,36 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from pipeline.config import ConfigError, load_config
+    from pipeline.export import export_hf
+    from pipeline.handover import restore
+    from pipeline.model_factory import build_model
+
+    source = Path(args.source)
+    if source.is_file():  # <output_dir>/stages/<stage>/handover.pt
+        handover, run_dir = source, source.parent.parent.parent
+    else:
+        run_dir = source
+        stages = sorted((run_dir / "stages").glob("*/handover.pt"), key=lambda p: p.stat().st_mtime)
+        if not stages:
+            raise ConfigError(f"{run_dir}: no stages/<stage>/handover.pt (not a finished medpipe run folder)")
+        handover = stages[-1]  # the last stage written
+    config = run_dir / "config.yaml"
+    if not config.is_file():
+        raise ConfigError(f"{config}: missing (export reads the run's resolved config beside its stages/)")
+    out = Path(args.out)
+    if out.exists():
+        raise ConfigError(f"{out}: exists; export writes a new folder")
+    cfg = load_config(config, args.overrides, check_paths=False)
+    _quiet_libraries()
+    built = build_model(cfg.model, cache_dir=cfg.cache_dir)
+    restore(built.model, handover)
+    export_hf(built, cfg.model, out, vision_path=Path(cfg.model.vision.path))
+    print(f"exported {handover} as transformers' LlavaForConditionalGeneration to {out}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from pipeline.config import load_config
     from pipeline.runner import run_experiment
@@ -307,6 +337,22 @@ def build_parser() -> argparse.ArgumentParser:
         "leaves it and its pair out of every metric and prints the count and the reasons",
     )
     score.set_defaults(func=cmd_score)
+
+    from pipeline.export import EXPORT_FORMATS
+
+    export = sub.add_parser(
+        "export",
+        help="Write a trained model as a folder other tools load without medpipe.",
+        description="Write a run's model (its folder: config.yaml and the last stage's hand-over) or one "
+        "hand-over file (<output_dir>/stages/<stage>/handover.pt) in a released format. hf: transformers' "
+        "LlavaForConditionalGeneration with tokenizer, chat template and processor (dense models with the mlp "
+        "connector and no token pooling).",
+    )
+    export.add_argument("source", help="a run's output_dir, or a hand-over file inside one")
+    export.add_argument("--format", required=True, choices=EXPORT_FORMATS, help="the folder's format")
+    export.add_argument("--out", required=True, help="the folder to write (must not exist)")
+    export.add_argument("overrides", nargs="*", metavar="key=value", help="overrides of the run's config.yaml")
+    export.set_defaults(func=cmd_export)
 
     from pipeline.data_check import add_data_command
 
