@@ -12,11 +12,11 @@ original layout's forward re-implemented here as LLaVA's ``prepare_inputs_labels
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from import_helpers import copy_tokenizer, image, ours_logits, random_clip
 from safetensors.torch import save_file
 
 from pipeline.config import ConfigError, load_config
@@ -24,20 +24,6 @@ from pipeline.model_factory import build_model
 
 REPO = Path(__file__).resolve().parents[2]
 TOWER = "model.vision_tower.vision_tower.vision_model."  # the original layout's CLIP keys (transformers 4.31)
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
-
-
-def _copy_tokenizer(source: Path, target: Path) -> None:
-    for name in TOKENIZER_FILES:
-        if (source / name).is_file():
-            shutil.copy(source / name, target / name)
-
-
-def _random_clip(clip_dir: Path, seed: int):
-    from transformers import CLIPVisionConfig, CLIPVisionModel
-
-    torch.manual_seed(seed)
-    return CLIPVisionModel(CLIPVisionConfig.from_pretrained(clip_dir)).eval()
 
 
 def write_original_llava(root: Path, clip_dir: Path, llama_dir: Path, *, with_vision: bool) -> Path:
@@ -50,7 +36,7 @@ def write_original_llava(root: Path, clip_dir: Path, llama_dir: Path, *, with_vi
     config = AutoConfig.from_pretrained(llama_dir)
     torch.manual_seed(1)
     llm = AutoModelForCausalLM.from_config(config)
-    clip = _random_clip(clip_dir, seed=2)
+    clip = random_clip(clip_dir, seed=2)
     d_vision, d_llm = clip.config.hidden_size, config.hidden_size
     state = {k: v.clone() for k, v in llm.state_dict().items()}
     generator = torch.Generator().manual_seed(3)
@@ -76,7 +62,7 @@ def write_original_llava(root: Path, clip_dir: Path, llama_dir: Path, *, with_vi
         "mm_use_im_start_end": False,
     }
     (out / "config.json").write_text(json.dumps(fields))
-    _copy_tokenizer(llama_dir, out)
+    copy_tokenizer(llama_dir, out)
     return out
 
 
@@ -138,19 +124,6 @@ def _cfg(tmp: Path, *overrides: str):
     )
 
 
-def _image(seed: int = 5) -> torch.Tensor:
-    return torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(seed)) * 2 - 1  # (1, 3, H, W)
-
-
-def _ours(built, prefix: list[int], suffix: list[int], pixels: torch.Tensor) -> torch.Tensor:
-    """Our model's logits for prefix + the image's placeholder tokens + suffix: (T, V)."""
-    model = built.model.eval()
-    ids = torch.tensor([prefix + [model.image_token_id] * model.num_image_tokens + suffix])  # (1, T)
-    with torch.no_grad():
-        hidden = model(ids, torch.ones_like(ids), pixel_values=pixels).hidden_states  # (1, T, D)
-        return model.output_logits(hidden)[0]  # (T, V)
-
-
 @pytest.mark.parametrize(("family", "with_vision"), [("llama", False), ("llama", True), ("mistral-instruct", False)])
 def test_original_llava_equals_its_own_forward(tmp_path, tiny_clip, cache_dir, family, with_vision) -> None:
     from safetensors.torch import load_file
@@ -174,11 +147,11 @@ def test_original_llava_equals_its_own_forward(tmp_path, tiny_clip, cache_dir, f
     llm = AutoModelForCausalLM.from_config(AutoConfig.for_model(**{**config, "model_type": base})).eval()
     llm.load_state_dict({k: v for k, v in state.items() if not k.startswith(("model.mm_projector", "model.vision"))})
     if with_vision:
-        clip = _random_clip(tiny_clip, seed=0)
+        clip = random_clip(tiny_clip, seed=0)
         clip.load_state_dict({k.removeprefix(TOWER): v for k, v in state.items() if k.startswith(TOWER)})
     else:
         clip = CLIPVisionModel.from_pretrained(tiny_clip).eval()  # mm_vision_tower
-    pixels = _image()
+    pixels = image()
     prefix, suffix = [1, 5, 9], [11, 12]
     with torch.no_grad():
         features = clip(pixel_values=pixels, output_hidden_states=True).hidden_states[-2][:, 1:]  # (1, P, Dv)
@@ -196,7 +169,7 @@ def test_original_llava_equals_its_own_forward(tmp_path, tiny_clip, cache_dir, f
             [embed(torch.tensor([prefix])), projected, embed(torch.tensor([suffix]))], dim=1
         )  # (1, T, D)
         reference = llm(inputs_embeds=embeds).logits[0]  # (T, V_src)
-    ours = _ours(built, prefix, suffix, pixels)  # (T, V_src + added tokens)
+    ours = ours_logits(built, prefix, suffix, pixels)  # (T, V_src + added tokens)
     torch.testing.assert_close(ours[:, : reference.shape[1]], reference, atol=1e-4, rtol=1e-4)
 
 
@@ -215,12 +188,12 @@ def test_hf_llava_equals_transformers_llava(tmp_path, tiny_clip, tiny_llama, cac
     built = build_model(cfg.model, cache_dir=cache_dir)
     assert built.model.image_token_id == image_id  # the folder's own <image>
     reference_model = LlavaForConditionalGeneration.from_pretrained(folder).eval()
-    pixels = _image(6)
+    pixels = image(6)
     prefix, suffix = [1, 5, 9], [11, 12]
     ids = torch.tensor([prefix + [image_id] * built.model.num_image_tokens + suffix])
     with torch.no_grad():
         reference = reference_model(input_ids=ids, pixel_values=pixels, attention_mask=torch.ones_like(ids)).logits[0]
-    torch.testing.assert_close(_ours(built, prefix, suffix, pixels), reference, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(ours_logits(built, prefix, suffix, pixels), reference, atol=1e-4, rtol=1e-4)
 
 
 def test_a_key_no_rule_knows_and_a_missing_key_are_named(tmp_path, tiny_clip, tiny_llama, cache_dir) -> None:

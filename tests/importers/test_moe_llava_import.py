@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import copy
 import json
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from import_helpers import copy_tokenizer, image, ours_logits, random_clip
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -27,15 +27,7 @@ from pipeline.config import ConfigError, load_config
 from pipeline.model_factory import build_model
 
 REPO = Path(__file__).resolve().parents[2]
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
 EXPERTS = "mlp.deepspeed_moe.experts.deepspeed_experts"
-
-
-def _random_clip(clip_dir: Path, seed: int):
-    from transformers import CLIPVisionConfig, CLIPVisionModel
-
-    torch.manual_seed(seed)
-    return CLIPVisionModel(CLIPVisionConfig.from_pretrained(clip_dir)).eval()
 
 
 def _legacy_rope(config: dict) -> dict:
@@ -84,7 +76,7 @@ def write_moe_llava(
     llm_config = json.loads((llm_dir / "config.json").read_text())
     torch.manual_seed(1)
     llm = AutoModelForCausalLM.from_pretrained(llm_dir)
-    clip = _random_clip(clip_dir, seed=2)
+    clip = random_clip(clip_dir, seed=2)
     d_vision, d_llm = clip.config.hidden_size, llm.config.hidden_size
     generator = torch.Generator().manual_seed(3)
     state = {}
@@ -151,9 +143,7 @@ def write_moe_llava(
         "use_mm_proj": True,
     }
     (out / "config.json").write_text(json.dumps(fields))
-    for name in TOKENIZER_FILES:
-        if (llm_dir / name).is_file():
-            shutil.copy(llm_dir / name, out / name)
+    copy_tokenizer(llm_dir, out)
     return out
 
 
@@ -232,25 +222,13 @@ def _cfg(tmp: Path, folder: Path, clip_dir: Path, *overrides: str):
     )
 
 
-def _image(seed: int = 5) -> torch.Tensor:
-    return torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(seed)) * 2 - 1  # (1, 3, H, W)
-
-
-def _ours(built, prefix: list[int], suffix: list[int], pixels: torch.Tensor) -> torch.Tensor:
-    model = built.model.eval()
-    ids = torch.tensor([prefix + [model.image_token_id] * model.num_image_tokens + suffix])  # (1, T)
-    with torch.no_grad():
-        hidden = model(ids, torch.ones_like(ids), pixel_values=pixels).hidden_states  # (1, T, D)
-        return model.output_logits(hidden)[0]  # (T, V)
-
-
 def _reference_logits(folder: Path, llm_dir: Path, clip_dir: Path, pixels, prefix, suffix, *, with_vision: bool):
     from transformers import CLIPVisionModel
 
     llm, state = reference_llm(folder, llm_dir)
     tower = "model.image_tower.image_tower.vision_model."
     if with_vision:
-        clip = _random_clip(clip_dir, seed=0)
+        clip = random_clip(clip_dir, seed=0)
         clip.load_state_dict({k.removeprefix(tower): v for k, v in state.items() if k.startswith(tower)})
     else:
         clip = CLIPVisionModel.from_pretrained(clip_dir).eval()  # mm_image_tower
@@ -286,10 +264,10 @@ def test_med_moe_equals_its_own_forward(tmp_path, tiny_clip, cache_dir, family, 
     assert entry["layers"] == [0, 1] and entry["num_experts"] == 4 and entry["top_k"] == 1
     assert entry["meta_expert"] and entry["router_bias"] and not entry["renormalize"]
     assert entry["capacity_factor"] is None  # Med-MoE hard-codes drop_tokens=False: dropless
-    pixels, prefix, suffix = _image(), [1, 5, 9], [11, 12, 13]
+    pixels, prefix, suffix = image(), [1, 5, 9], [11, 12, 13]
     reference, chosen = _reference_logits(folder, llm_dir, tiny_clip, pixels, prefix, suffix, with_vision=with_vision)
     assert len(set(chosen)) > 1  # the tokens do not all go to one expert: routing is exercised
-    ours = _ours(built, prefix, suffix, pixels)  # (T, V_src + added tokens)
+    ours = ours_logits(built, prefix, suffix, pixels)  # (T, V_src + added tokens)
     torch.testing.assert_close(ours[:, : reference.shape[1]], reference, atol=1e-4, rtol=1e-4)
 
 
@@ -306,10 +284,10 @@ def test_moe_llava_top2_without_meta_equals_its_own_forward(tmp_path, tiny_clip,
     # DeepSpeed 0.9.5's capacity from the config; with 4 experts, top-2 and eval factor 2 nothing is dropped
     assert (entry["capacity_factor"], entry["eval_capacity_factor"], entry["drop_policy"]) == (1.5, 2.0, "position")
     assert entry["capacity_counts_padding"] and entry["aux_loss_coef"] == 0.01
-    pixels, prefix, suffix = _image(7), [1, 5, 9], [11, 12]
+    pixels, prefix, suffix = image(7), [1, 5, 9], [11, 12]
     reference, chosen = _reference_logits(folder, tiny_llama, tiny_clip, pixels, prefix, suffix, with_vision=False)
     assert len(set(chosen)) > 2
-    ours = _ours(built, prefix, suffix, pixels)
+    ours = ours_logits(built, prefix, suffix, pixels)
     torch.testing.assert_close(ours[:, : reference.shape[1]], reference, atol=1e-4, rtol=1e-4)
 
 
@@ -322,9 +300,9 @@ def test_dense_stage2_folder_imports_without_moe(tmp_path, tiny_clip, cache_dir)
     folder = write_moe_llava(tmp_path, tiny_clip, llm_dir, kind="phi", layers=[], dense=True)
     built = build_model(_cfg(tmp_path, folder, tiny_clip).model, cache_dir=cache_dir)
     assert model_structure(built.model) == []
-    pixels, prefix, suffix = _image(9), [1, 5, 9], [11, 12]
+    pixels, prefix, suffix = image(9), [1, 5, 9], [11, 12]
     reference, _ = _reference_logits(folder, llm_dir, tiny_clip, pixels, prefix, suffix, with_vision=False)
-    ours = _ours(built, prefix, suffix, pixels)
+    ours = ours_logits(built, prefix, suffix, pixels)
     torch.testing.assert_close(ours[:, : reference.shape[1]], reference, atol=1e-4, rtol=1e-4)
 
 
@@ -341,8 +319,8 @@ def test_the_imported_structure_survives_a_handover(tmp_path, tiny_clip, tiny_ll
     handover = save_handover(first.model, tmp_path / "handover.pt", stage="moe", meta={})
     second = build_model(cfg.model, cache_dir=cache_dir)
     restore(second.model, handover)
-    pixels = _image(8)
-    torch.testing.assert_close(_ours(second, [1, 2], [3], pixels), _ours(first, [1, 2], [3], pixels))
+    pixels = image(8)
+    torch.testing.assert_close(ours_logits(second, [1, 2], [3], pixels), ours_logits(first, [1, 2], [3], pixels))
 
 
 def test_params_without_weights_have_the_checkpoints_moe_layers(tmp_path, tiny_clip, tiny_llama, cache_dir) -> None:
