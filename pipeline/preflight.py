@@ -17,7 +17,6 @@ from __future__ import annotations
 import copy
 import logging
 import os
-from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -33,7 +32,7 @@ from datamodules.writers import COMPLETE_MARKER, ensure_synthetic
 from medcore.paths import is_timm_path, tiny_name
 from pipeline.model_factory import BuiltModel, build_model
 from pipeline.stages import stage_for
-from pipeline.trainable import LoraTargetError, lora_targets, parameter_groups
+from pipeline.trainable import LoraTargetError, parameter_groups
 from pipeline.trainable import linear_names as linear_names  # re-exported: the names a LoRA error lists
 
 log = logging.getLogger("medpipe")
@@ -105,15 +104,6 @@ def check_checkpoints(model_cfg: DictConfig) -> None:
         require_checkpoint("model.grounding.sam_path", grounding.sam_path)
 
 
-def lora_problem(llm: nn.Module, target_modules: Sequence[str]) -> str | None:
-    """Why ``target_modules`` do not resolve in ``llm`` (None: they do), by the resolution LoRA itself uses
-    (``pipeline.trainable.lora_targets``: ``all-linear``, the ``mlp`` / ``attention`` aliases found by structure,
-    or names matched as peft matches them: a module's dotted name or a ``.<target>`` suffix of it)."""
-    try:
-        lora_targets(llm, target_modules)
-    except LoraTargetError as error:
-        return str(error)
-    return None
 
 
 def check_stage(cfg: DictConfig, name: str, base: nn.Module) -> None:

@@ -115,7 +115,6 @@ def test_gpt2_names_its_blocks_differently() -> None:
 
 def test_unrecognised_structures_fail_clearly() -> None:
     from lightningmodules.models.moe import convert_to_moe
-    from pipeline.preflight import lora_problem
     from pipeline.trainable import LoraTargetError, lora_targets
 
     llm = tiny_llm("llama")
@@ -129,10 +128,11 @@ def test_unrecognised_structures_fail_clearly() -> None:
             super().__init__()
             self.proj = nn.Linear(4, 4)
 
-    problem = lora_problem(NoLayers(), ["mlp"])
-    assert problem is not None and problem.startswith("NoLayers: no decoder layers found")
-    assert lora_problem(NoLayers(), ["proj"]) is None
-    assert lora_problem(tiny_llm("phi"), ["all-linear", "mlp"]) == "all-linear stands alone (got all-linear, mlp)"
+    with pytest.raises(LoraTargetError, match=r"^NoLayers: no decoder layers found"):
+        lora_targets(NoLayers(), ["mlp"])
+    assert lora_targets(NoLayers(), ["proj"]) == ["proj"]
+    with pytest.raises(LoraTargetError, match=r"^all-linear stands alone \(got all-linear, mlp\)$"):
+        lora_targets(tiny_llm("phi"), ["all-linear", "mlp"])
 
 
 def test_phi_style_llm_passes_preflight_with_mlp_and_fails_with_llama_names(tmp_path: Path, cache_dir: Path) -> None:

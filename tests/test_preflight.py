@@ -51,14 +51,15 @@ def test_lora_targets_match_as_peft_matches_them(tiny_llama: Path, cache_dir: Pa
     from transformers import AutoConfig
 
     from lightningmodules.models.language import causal_lm_from_config
-    from pipeline.preflight import linear_names, lora_problem
+    from pipeline.preflight import linear_names
+    from pipeline.trainable import LoraTargetError, lora_targets
 
     llm = causal_lm_from_config(AutoConfig.from_pretrained(tiny_llama), vocab_size=64)
     assert "gate_proj" in linear_names(llm) and "fc1" not in linear_names(llm)
-    assert lora_problem(llm, ["q_proj", "mlp.down_proj"]) is None
-    assert lora_problem(llm, ["all-linear"]) is None
-    problem = lora_problem(llm, ["q_proj", "fc1", "dense"])
-    assert problem is not None and problem.startswith("fc1, dense not in the LLM (its Linear layers: q_proj, ")
+    assert lora_targets(llm, ["q_proj", "mlp.down_proj"]) == ["q_proj", "mlp.down_proj"]
+    assert lora_targets(llm, ["all-linear"]) == "all-linear"
+    with pytest.raises(LoraTargetError, match=r"^fc1, dense not in the LLM \(its Linear layers: q_proj, "):
+        lora_targets(llm, ["q_proj", "fc1", "dense"])
 
 
 def test_an_empty_trainable_group_fails_naming_the_groups_the_model_has(tmp_path: Path, cache_dir: Path) -> None:
