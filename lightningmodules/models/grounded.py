@@ -40,7 +40,8 @@ from typing import Any
 import torch
 
 from lightningmodules.models.grounding import SEG_TOKEN, GroundingHead, seg_hidden_states
-from lightningmodules.models.multimodal import GREEDY, Decoding, MultimodalLM
+from lightningmodules.models.language import first_stops
+from lightningmodules.models.multimodal import GREEDY, Decoding, MultimodalLM, unique_ids
 from lightningmodules.models.region import (
     REGION_END,
     REGION_PLACEHOLDER,
@@ -53,17 +54,6 @@ from medcore.choices import NoSegMask
 MASK_START, MASK_END = "<mask>", "</mask>"
 # MedPLIB's added tokens, plus the placeholder the region token is written over
 GROUNDING_TOKENS = [SEG_TOKEN, REGION_START, REGION_END, MASK_START, MASK_END, REGION_PLACEHOLDER]
-
-
-def answer_lengths(generated: torch.Tensor, eos_token_id: int | list[int] | None) -> torch.Tensor:
-    """Tokens of each answer (B, K) up to and including its first stop token; K without one: (B,)."""
-    width = generated.shape[1]
-    if width == 0:
-        return torch.zeros(generated.shape[0], dtype=torch.long, device=generated.device)  # (B,)
-    stops = [] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
-    is_stop = torch.isin(generated, torch.tensor(stops, dtype=generated.dtype, device=generated.device))  # (B, K)
-    first = torch.where(is_stop, torch.arange(width, device=generated.device), width).min(dim=1).values  # (B,)
-    return torch.where(first < width, first + 1, width)  # (B,)
 
 
 class GroundedMultimodalLM(MultimodalLM):
@@ -221,7 +211,9 @@ class GroundedMultimodalLM(MultimodalLM):
         predicts_seg = torch.zeros(hidden.shape[:2], dtype=torch.bool, device=hidden.device)  # (B, T+K)
         predicts_seg[:, prompt_length - 1 : -1] = produced  # position t produced token t+1
         if no_seg == "last_answer_token" and bool(without_seg.any()):
-            lengths = answer_lengths(generated, eos_token_id)  # (B,)
+            width = generated.shape[1]
+            ends = first_stops(generated, unique_ids(eos_token_id))  # answer length = stop position + 1, or K
+            lengths = torch.tensor([min(end + 1, width) for end in ends], device=generated.device)  # (B,)
             position = (prompt_length + lengths - 3).clamp(min=0)  # (B,) produced the last token before the stop
             rows = without_seg.nonzero()[:, 0]  # (B',)
             predicts_seg[rows, position[rows]] = True

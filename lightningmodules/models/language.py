@@ -113,10 +113,15 @@ def stop_token_ids(tokenizer) -> list[int]:
     return list(dict.fromkeys(i for i in ids if i is not None))
 
 
+def first_stops(generated: torch.Tensor, stop_ids: list[int]) -> list[int]:
+    """Per row of generated ids (B, K): the position of its first stop token, K when it has none."""
+    return [next((i for i, token in enumerate(row) if token in stop_ids), len(row)) for row in generated.tolist()]
+
+
 def decode_answers(tokenizer, generated: torch.Tensor, stop_ids: list[int]) -> list[str]:
     """Generated ids (B, K) -> answer texts: each row cut at its first stop token, special tokens dropped."""
-    texts = []
-    for row in generated.tolist():
-        end = next((i for i, token in enumerate(row) if token in stop_ids), len(row))
-        texts.append(tokenizer.decode(row[:end], skip_special_tokens=True).strip())
-    return texts
+    rows = generated.tolist()
+    return [
+        tokenizer.decode(row[:end], skip_special_tokens=True).strip()
+        for row, end in zip(rows, first_stops(generated, stop_ids), strict=True)
+    ]
