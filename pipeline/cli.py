@@ -161,16 +161,18 @@ def cmd_export(args: argparse.Namespace) -> int:
     from pipeline.export import export_hf
     from pipeline.handover import restore
     from pipeline.model_factory import build_model
+    from pipeline.run_state import load_run_state
 
     source = Path(args.source)
     if source.is_file():  # <output_dir>/stages/<stage>/handover.pt
         handover, run_dir = source, source.parent.parent.parent
     else:
         run_dir = source
-        stages = sorted((run_dir / "stages").glob("*/handover.pt"), key=lambda p: p.stat().st_mtime)
-        if not stages:
-            raise ConfigError(f"{run_dir}: no stages/<stage>/handover.pt (not a finished medpipe run folder)")
-        handover = stages[-1]  # the last stage written
+        state = load_run_state(run_dir)
+        done = [s.handover for s in (state.stages.values() if state else []) if s.status == "done" and s.handover]
+        if not done:
+            raise ConfigError(f"{run_dir}: no finished stage in its run_state.json (not a medpipe run folder?)")
+        handover = Path(done[-1])  # the last stage the run finished
     config = run_dir / "config.yaml"
     if not config.is_file():
         raise ConfigError(f"{config}: missing (export reads the run's resolved config beside its stages/)")

@@ -134,7 +134,7 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def provenance(cfg: DictConfig, source: str | Path | None, split: str, datasets: dict[str, Any]) -> dict[str, Any]:
+def provenance(cfg: DictConfig, source: str | Path | None, split: str, dm: Any) -> dict[str, Any]:
     """What produced the numbers of one evaluation: the weights (``source``: a hand-over file, with its SHA-256;
     ``model.init``'s checkpoint; or a stage's weights in the run), the config, the split of each dataset as
     released, and the released script each protocol follows (``PROTOCOL_SOURCES``)."""
@@ -147,14 +147,13 @@ def provenance(cfg: DictConfig, source: str | Path | None, split: str, datasets:
     init = cfg.model.get("init")
     if init is not None:
         weights["model_init"] = {"format": init.format, "path": str(init.path)}
-    releases = {"train": "train_split", "val": "val_split", "test": "test_split"}
     return {
         "weights": weights,
         "config": cfg.name,
         "split": split,
         "datasets": {
-            name: {"format": spec.format, "path": str(spec.path), "release_split": getattr(spec, releases[split])}
-            for name, spec in datasets.items()
+            name: {"format": spec.format, "path": str(spec.path), "release_split": dm.release_split(spec, split)}
+            for name, spec in dm.datasets.items()
         },
         "protocols": {name: source.where for name, source in PROTOCOL_SOURCES.items()},
     }
@@ -214,7 +213,7 @@ def evaluate_model(
         "n_scored_by_metric": scored_by_metric(report),
         "majority_baseline": baseline,
         **grounding_settings(cfg),
-        "provenance": provenance(cfg, source, split, dm.datasets),
+        "provenance": provenance(cfg, source, split, dm),
         "all_metrics": metrics,
         "report": report,
     }

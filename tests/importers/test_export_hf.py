@@ -61,19 +61,23 @@ def test_what_llava_cannot_express_is_refused_naming_the_setting(tmp_path, cache
 
 
 def test_export_command_on_a_run_folder(tmp_path, tiny_clip, cache_dir, capsys) -> None:
-    """A run folder (config.yaml + stages/<stage>/handover.pt) -> a folder transformers loads; one line when
-    the model cannot be expressed."""
+    """A run folder (config.yaml, run_state.json, stages/<stage>/handover.pt) -> a folder transformers loads;
+    one line when the model cannot be expressed."""
     from omegaconf import OmegaConf
     from transformers import LlavaForConditionalGeneration
 
     from pipeline.cli import main
     from pipeline.handover import save_handover
+    from pipeline.run_state import RunState, save_run_state
 
     cfg, built = _built(tmp_path, cache_dir, "model.connector.aggregation=none")
     run = tmp_path / "run"
     (run / "stages" / "instruct").mkdir(parents=True)
     OmegaConf.save(cfg, run / "config.yaml", resolve=True)
-    save_handover(built.model, run / "stages" / "instruct" / "handover.pt", stage="instruct")
+    handover = save_handover(built.model, run / "stages" / "instruct" / "handover.pt", stage="instruct")
+    state = RunState(name=cfg.name)
+    state.stage("instruct").status, state.stage("instruct").handover = "done", str(handover)
+    save_run_state(state, run)
     assert main(["export", str(run), "--format", "hf", "--out", str(tmp_path / "hf")]) == 0
     hf = LlavaForConditionalGeneration.from_pretrained(tmp_path / "hf")
     fc2 = hf.state_dict()["model.multi_modal_projector.linear_2.weight"]
