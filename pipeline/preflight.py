@@ -104,8 +104,6 @@ def check_checkpoints(model_cfg: DictConfig) -> None:
         require_checkpoint("model.grounding.sam_path", grounding.sam_path)
 
 
-
-
 def check_stage(cfg: DictConfig, name: str, base: nn.Module) -> None:
     """Stage ``name`` on a copy of ``base`` (the built model, meta device): its LoRA targets exist, its
     structure applies and every ``train`` group has parameters; raises :class:`PreflightError`."""
