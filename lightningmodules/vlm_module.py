@@ -22,6 +22,7 @@ from lightningmodules.models.language import decode_answers, stop_token_ids
 from lightningmodules.models.multimodal import GREEDY, Decoding
 from lightningmodules.moe_monitor import MoEMonitor
 from lightningmodules.optimization import configure_from_hparams
+from lightningmodules.sharding import shard_model
 
 
 class NonFiniteLossError(RuntimeError):
@@ -39,6 +40,7 @@ def first_non_finite(model: nn.Module) -> tuple[str, float] | None:
     for name, param in model.named_parameters():
         if param.requires_grad:
             values = param.detach()
+            values = values.to_local() if hasattr(values, "to_local") else values  # FSDP2: this rank's shard
             bad = ~torch.isfinite(values)
             if bool(bad.any()):
                 return name, float(values[bad].flatten()[0])
@@ -114,6 +116,12 @@ class VLMModule(L.LightningModule):
     def routing(self) -> RoutingByTask | None:
         """Connector mixture-of-experts (CMoE): per-task mean routing weights over each validation epoch."""
         return self.moe.by_task
+
+    def configure_model(self) -> None:
+        # trainer.strategy fsdp2 (ModelParallelStrategy) hands over its device mesh: shard the network on it
+        mesh = self.device_mesh
+        if mesh is not None:
+            shard_model(self.model, mesh["data_parallel"])
 
     # -- training --------------------------------------------------------------------------------
     def on_fit_start(self) -> None:

@@ -106,7 +106,7 @@ def evaluation_folder(cfg: DictConfig, ckpt: str | Path | None) -> Path:
         what = f"init-{cfg.model.init.format}"
     else:
         path = Path(ckpt)
-        what = path.parent.name if path.name == "handover.pt" else path.stem
+        what = path.parent.name if path.name in ("handover.json", "handover.pt") else path.stem
     stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
     folder = Path(cfg.output_dir) / "evaluations" / f"{stamp}-{what}"
     suffix = 1
@@ -119,7 +119,7 @@ def evaluation_folder(cfg: DictConfig, ckpt: str | Path | None) -> Path:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from pipeline.config import ConfigError, load_config
     from pipeline.handover import handover_structure
-    from pipeline.registry import download_model, is_registry_uri
+    from pipeline.registry import download_model, is_registry_uri, registered_handover
     from pipeline.run_lock import output_dir_lock
     from pipeline.runner import evaluate_handover
     from pipeline.tracking import Tracker, check_tracking_uri
@@ -128,14 +128,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if cfg.ckpt is None and cfg.model.get("init") is None:
         raise ConfigError(
             f"{args.config}: key 'ckpt': set the hand-over file to evaluate, e.g. ckpt=outputs/"
-            f"{cfg.name}/stages/<stage>/handover.pt, a registered model: ckpt=models:/NAME/VERSION, or a "
+            f"{cfg.name}/stages/<stage>/handover.json, a registered model: ckpt=models:/NAME/VERSION, or a "
             "released checkpoint as it is: model.init={format: ..., path: ...}"
         )
     _quiet_libraries()
     check_tracking_uri(cfg.mlflow.tracking_uri, settings=cfg.mlflow)
     ckpt = cfg.ckpt  # None: the model model.init imports, as released
     if ckpt is not None and is_registry_uri(ckpt):
-        ckpt = download_model(ckpt, tracking_uri=cfg.mlflow.tracking_uri) / "handover.pt"
+        ckpt = registered_handover(download_model(ckpt, tracking_uri=cfg.mlflow.tracking_uri))
     if ckpt is not None:
         handover_structure(ckpt)  # a file that is no hand-over fails here, before a model is built or a run opened
     with output_dir_lock(cfg.output_dir):  # its eval/ folder: not while a run works there
@@ -158,13 +158,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from pipeline.config import ConfigError, load_config
-    from pipeline.export import export_hf
-    from pipeline.handover import restore
+    from pipeline.export import export_model
+    from pipeline.handover import base_of, restore
     from pipeline.model_factory import build_model
     from pipeline.run_state import load_run_state
 
     source = Path(args.source)
-    if source.is_file():  # <output_dir>/stages/<stage>/handover.pt
+    if source.is_file():  # <output_dir>/stages/<stage>/handover.json
         handover, run_dir = source, source.parent.parent.parent
     else:
         run_dir = source
@@ -182,9 +182,11 @@ def cmd_export(args: argparse.Namespace) -> int:
     cfg = load_config(config, args.overrides, check_paths=False)
     _quiet_libraries()
     built = build_model(cfg.model, cache_dir=cfg.cache_dir)
-    restore(built.model, handover)
-    export_hf(built, cfg.model, out, vision_path=Path(cfg.model.vision.path))
-    print(f"exported {handover} as transformers' LlavaForConditionalGeneration to {out}")
+    restore(built.model, handover, base=base_of(cfg.model))
+    written, notes = export_model(args.format, built, cfg.model, out, vision_path=Path(cfg.model.vision.path))
+    print(f"exported {handover} as {args.format} to {written}")
+    for note in notes:
+        print(f"  note: {note}")
     return 0
 
 
@@ -340,18 +342,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     score.set_defaults(func=cmd_score)
 
-    from pipeline.export import EXPORT_FORMATS
+    from pipeline.export import EXPORT_FORMATS, EXPORT_HELP
 
     export = sub.add_parser(
         "export",
         help="Write a trained model as a folder other tools load without medpipe.",
         description="Write a run's model (its folder: config.yaml and the last stage's hand-over) or one "
-        "hand-over file (<output_dir>/stages/<stage>/handover.pt) in a released format. hf: transformers' "
-        "LlavaForConditionalGeneration with tokenizer, chat template and processor (dense models with the mlp "
-        "connector and no token pooling).",
+        "hand-over file (<output_dir>/stages/<stage>/handover.pt) in a released format; what a format cannot "
+        "express is refused with the setting that says it. Formats: "
+        + "; ".join(f"{name}: {text}" for name, text in EXPORT_HELP.items())
+        + ". See docs/export.md.",
     )
     export.add_argument("source", help="a run's output_dir, or a hand-over file inside one")
-    export.add_argument("--format", required=True, choices=EXPORT_FORMATS, help="the folder's format")
+    export.add_argument(
+        "--format",
+        required=True,
+        choices=EXPORT_FORMATS,
+        help="the folder's format: " + ", ".join(EXPORT_FORMATS),
+    )
     export.add_argument("--out", required=True, help="the folder to write (must not exist)")
     export.add_argument("overrides", nargs="*", metavar="key=value", help="overrides of the run's config.yaml")
     export.set_defaults(func=cmd_export)

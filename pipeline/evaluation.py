@@ -2,7 +2,10 @@
 
 The one place the reported metrics are computed: the module's test step only collects predictions; they
 are de-duplicated by id (DistributedSampler pads the last batches with repeated samples) and scored here.
-The headline numbers are logged as ``test/<name>`` and, with every protocol and task, as ``eval/<name>``.
+MLflow gets one name per definition (:func:`tracked_metrics`): the headline numbers ``eval/closed_accuracy``,
+``eval/open_recall``, ``eval/bleu1``, each paper's protocol where its definition differs (``eval/<metric>_<protocol>``,
+:data:`PROTOCOL_METRICS`), task, grounding and region scores, and the majority baseline; counts are params
+(``eval.n_expected`` ...). metrics.json and report.md keep every protocol's every score.
 """
 
 from __future__ import annotations
@@ -32,6 +35,58 @@ from pipeline.trainer_factory import build_trainer
 log = logging.getLogger("medpipe")
 
 HEADLINE = ("closed_accuracy", "open_recall", "bleu1")
+
+# MLflow name (under eval/) -> (protocol, its key), one name per definition; the headline eval/closed_accuracy is
+# the default protocol's exact match (MedPLIB's rule too), eval/open_recall its token recall and eval/bleu1 the mean
+# per-answer cumulative BLEU-1 over every VQA answer on normalised tokens (Uni-Med's all.bleu_scores.bleu1)
+PROTOCOL_METRICS: dict[str, tuple[str, str]] = {
+    # closed accuracy under each released script's rule (lightningmodules/metrics/protocols.py)
+    "closed_accuracy_llava_med": ("llava_med", "closed_accuracy"),  # yes/no + substring, every closed item
+    "closed_accuracy_llava_med_ad758b6": ("llava_med_ad758b6", "closed_accuracy"),  # a yes/no miss leaves
+    "closed_accuracy_med_moe": ("med_moe", "closed_accuracy"),  # lowercased substring
+    "closed_accuracy_uni_med": ("uni_med", "closed_accuracy"),  # normalised substring
+    # open recall as the scripts count it (LLaVA-Med's = MedPLIB's = LLaVA-Med ad758b6's)
+    "open_recall_llava_med": ("llava_med", "open_recall"),
+    "open_recall_med_moe": ("med_moe", "open_recall"),
+    # BLEU-1 of the open answers: individual, no smoothing (LLaVA-Med, MedPLIB) / nltk method1 smoothing (Med-MoE)
+    "open_bleu1_llava_med": ("llava_med", "open_bleu1_individual"),
+    "open_bleu1_med_moe": ("med_moe", "open_bleu1_individual_method1"),
+}
+
+
+def is_count(key: str) -> bool:
+    """Question / record counts (``count``, ``closed_count``, ``n_...``): params, not metric charts."""
+    last = key.rsplit("/", 1)[-1]
+    return last == "count" or last.endswith("_count") or last.startswith("n_")
+
+
+def tracked_metrics(metrics: dict[str, float], baseline: dict[str, float]) -> dict[str, float]:
+    """What an evaluation logs to MLflow from its flat metrics (``flat_metrics`` plus grounding and region):
+    ``eval/<headline>``, ``eval/<metric>_<protocol>`` (:data:`PROTOCOL_METRICS`), ``eval/task/...``,
+    ``eval/seg/...`` (every key, as notebook 04 reads them), ``eval/region/...`` and ``baseline/<headline>``;
+    counts are left to :func:`tracked_counts`."""
+    out = {f"eval/{k}": metrics[k] for k in HEADLINE if k in metrics}
+    for name, (protocol, key) in PROTOCOL_METRICS.items():
+        if f"protocol/{protocol}/{key}" in metrics:
+            out[f"eval/{name}"] = metrics[f"protocol/{protocol}/{key}"]
+    for key, value in metrics.items():
+        if key.startswith("seg/") or (key.startswith(("task/", "region/")) and not is_count(key)):
+            out[f"eval/{key}"] = value
+    out.update({f"baseline/{k}": v for k, v in baseline.items()})
+    return out
+
+
+def tracked_counts(split: str, counts: dict[str, Any], metrics: dict[str, float]) -> dict[str, str]:
+    """The evaluation's counts as MLflow params: ``eval.split``, ``eval.n_expected`` / ``n_scored`` / ``n_skipped``,
+    the closed and open questions (``eval.closed_count``, ``eval.open_count``) and each task's / region's count."""
+    params = {"eval.split": split, **{f"eval.{k}": str(counts[k]) for k in ("n_expected", "n_scored", "n_skipped")}}
+    for key in ("closed_count", "open_count"):
+        if f"protocol/default/{key}" in metrics:
+            params[f"eval.{key}"] = str(int(metrics[f"protocol/default/{key}"]))
+    for key, value in metrics.items():
+        if key.startswith(("task/", "region/")) and is_count(key):
+            params["eval." + key.replace("/", ".")] = str(int(value))
+    return params
 
 
 @dataclass
@@ -221,15 +276,15 @@ def evaluate_model(
     title, body = format_report(report).split("\n", 1)
     (out_dir / "report.md").write_text(f"{title}\n\n{counts_line(split, counts)}\n{body}")
     log_split_skips(tracker, run_id, dm)  # data/<split>/skipped..., the baseline's train split too
-    tracker.log_metrics(
-        run_id,
-        {
-            **{f"eval/{k}": counts[k] for k in ("n_expected", "n_scored", "n_skipped")},
-            **{f"test/{k}": metrics[k] for k in HEADLINE if k in metrics},
-            **{f"eval/{k}": v for k, v in metrics.items()},
-            **{f"baseline/{k}": v for k, v in baseline.items()},
-        },
-    )
+    tracker.log_metrics(run_id, tracked_metrics(metrics, baseline))
+    tracker.log_params(run_id, tracked_counts(split, counts, metrics))
+    if tracker.enabled and run_id is not None:  # the evaluated datasets as inputs of the run, context: the split
+        from pipeline.fingerprints import dataset_fingerprints
+        from pipeline.mlflow_inputs import dataset_inputs
+
+        fingerprints = dataset_fingerprints(dm)
+        tested = {name: [split] for name, fp in fingerprints.items() if fp["records"].get(split)}
+        tracker.log_datasets(run_id, dataset_inputs(fingerprints, tested))
     for name in ("predictions.jsonl", "metrics.json", "report.md"):
         tracker.log_file(run_id, out_dir / name, "evaluation")
     for sample in module.overlay_samples:  # grounded models: predicted / target masks of the first samples

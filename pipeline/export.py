@@ -6,6 +6,12 @@ tower, the ``mlp`` connector (``multi_modal_projector.linear_{1,2}``) and the LL
 accounted for. What transformers' Llava has no place for is refused with the reason: token aggregation other
 than ``none``, another connector type, MoE layers, the grounding head, the vision output norm, pad-to-square
 preprocessing.
+
+``moe_llava`` writes MoE-LLaVA / Med-MoE's released layout (``export_moe.py``): DeepSpeed MoE keys, the ``moe``
+config, the tokenizer; what the released gate computes otherwise is refused naming the setting. ``medpipe``
+writes medpipe's own format (``export_medpipe.py``, docs/export.md): ``medpipe_config.json`` + safetensors under
+medpipe's key names + the tokenizer, with ``medpipe_loader.py`` beside them, a loader that needs only torch and
+transformers (dense and MoE models).
 """
 
 from __future__ import annotations
@@ -13,7 +19,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-EXPORT_FORMATS = ("hf",)
+EXPORT_FORMATS = ("hf", "moe_llava", "medpipe")
+EXPORT_HELP = {
+    "hf": "transformers' LlavaForConditionalGeneration with tokenizer, chat template and processor (dense "
+    "models with the mlp connector and no token pooling)",
+    "moe_llava": "MoE-LLaVA / Med-MoE's released layout (DeepSpeed MoE keys, the moe config): what their "
+    "evaluation scripts and model.init {format: moe_llava} load",
+    "medpipe": "medpipe's own safetensors + JSON config, with medpipe_loader.py (torch and transformers only; dense "
+    "and MoE models; docs/export.md)",
+}
 
 
 class ExportError(ValueError):
@@ -43,7 +57,7 @@ def check_exportable(model_cfg: Any, model: Any) -> None:
 
 def export_hf(built: Any, model_cfg: Any, out: str | Path, *, vision_path: str | Path | None = None) -> Path:
     """Write ``built`` (a ``BuiltModel``, hand-over already restored) to ``out`` as a transformers Llava folder."""
-    from transformers import CLIPImageProcessor, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+    from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
 
     model = built.model
     check_exportable(model_cfg, model)
@@ -75,14 +89,8 @@ def export_hf(built: Any, model_cfg: Any, out: str | Path, *, vision_path: str |
     hf.generation_config = llm.generation_config
     out = Path(out)
     hf.save_pretrained(out)
-    source = Path(vision_path) if vision_path is not None else None
-    if source is not None and (source / "preprocessor_config.json").is_file():
-        image_processor = CLIPImageProcessor.from_pretrained(source)
-    else:
-        size = vision.image_size
-        image_processor = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
     processor = LlavaProcessor(
-        image_processor=image_processor,
+        image_processor=image_processor_for(vision, vision_path),
         tokenizer=built.tokenizer,
         patch_size=vision.patch_size,
         vision_feature_select_strategy=config.vision_feature_select_strategy,
@@ -91,6 +99,45 @@ def export_hf(built: Any, model_cfg: Any, out: str | Path, *, vision_path: str |
     )
     processor.save_pretrained(out)
     return out
+
+
+def image_processor_for(vision: Any, vision_path: str | Path | None) -> Any:
+    """The tower's image processor: its folder's ``preprocessor_config.json``, else CLIP's at the tower's size."""
+    from transformers import CLIPImageProcessor
+
+    source = Path(vision_path) if vision_path is not None else None
+    if source is not None and (source / "preprocessor_config.json").is_file():
+        return CLIPImageProcessor.from_pretrained(source)
+    size = vision.image_size
+    return CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+
+
+def save_weights(state: dict[str, Any], out: Path, *, max_shard_size: str = "5GB") -> list[Path]:
+    """``state`` (no shared storage) as ``model.safetensors``, or shards with ``model.safetensors.index.json``
+    above ``max_shard_size`` (transformers' names); returns the files."""
+    from huggingface_hub import save_torch_state_dict
+
+    save_torch_state_dict(state, out, max_shard_size=max_shard_size, metadata={"format": "pt"})
+    return sorted(out.glob("model*.safetensors"))
+
+
+def export_model(
+    fmt: str, built: Any, model_cfg: Any, out: str | Path, *, vision_path: str | Path | None = None
+) -> tuple[Path, list[str]]:
+    """Write ``built`` in ``fmt`` (one of ``EXPORT_FORMATS``); returns the folder and notes on what was left out."""
+    if fmt == "hf":
+        return export_hf(built, model_cfg, out, vision_path=vision_path), []
+    if fmt == "moe_llava":
+        from pipeline.export_moe import export_moe_llava
+
+        written = export_moe_llava(built, model_cfg, out, vision_path=vision_path)
+        return written.out, written.notes
+    if fmt == "medpipe":
+        from pipeline.export_medpipe import export_medpipe
+
+        written = export_medpipe(built, model_cfg, out, vision_path=vision_path)
+        return written.out, written.notes
+    raise ExportError(f"--format {fmt!r}: this medpipe writes {', '.join(EXPORT_FORMATS)}")
 
 
 def _hf_key(name: str, targets: dict[str, Any]) -> str | None:
@@ -110,4 +157,13 @@ def _hf_key(name: str, targets: dict[str, Any]) -> str | None:
     return next((c for c in candidates if c in targets), None)
 
 
-__all__ = ["EXPORT_FORMATS", "ExportError", "check_exportable", "export_hf"]
+__all__ = [
+    "EXPORT_FORMATS",
+    "EXPORT_HELP",
+    "ExportError",
+    "check_exportable",
+    "export_hf",
+    "export_model",
+    "image_processor_for",
+    "save_weights",
+]

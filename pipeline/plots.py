@@ -84,6 +84,47 @@ def routing_heatmap(table: Any, task_names: list[str], *, title: str) -> Any:
     return fig
 
 
+def expert_load_shares(summary: dict[str, Any]) -> tuple[list[str], Any]:
+    """Layer labels and the (layers, E) share of each layer's token assignments per expert, all modalities
+    together, from an LLM-MoE stage's ``moe/expert_load.json`` (``MoEMonitor.summary``); a layer without
+    recorded assignments is a row of NaN."""
+    import numpy as np
+
+    layers = list(summary.get("layers", {}))
+    width = max((int(entry["experts"]) for entry in summary["layers"].values()), default=0)
+    shares = np.full((len(layers), width), np.nan)  # (layers, E)
+    for i, label in enumerate(layers):
+        rows = list(summary["layers"][label].get("by_modality", {}).values())
+        counts = np.asarray(rows, dtype=float).sum(axis=0) if rows else np.zeros(0)  # (E,)
+        if counts.size and counts.sum() > 0:
+            shares[i, : counts.size] = counts / counts.sum()
+    return layers, shares
+
+
+def expert_load_heatmap(summary: dict[str, Any], *, title: str) -> Any:
+    """Layer x expert heatmap of the share of token assignments (``expert_load_shares``), numbers written in;
+    the even share 1 / E is the colour scale's middle."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    layers, shares = expert_load_shares(summary)  # (layers, E)
+    experts = shares.shape[1]
+    fig, ax = plt.subplots(figsize=(2.0 + 0.9 * max(1, experts), 1.2 + 0.4 * max(1, len(layers))))
+    even = 1.0 / experts if experts else 0.5
+    image = ax.imshow(shares, cmap="coolwarm", vmin=0.0, vmax=min(1.0, 2 * even), aspect="auto")
+    ax.set_xticks(range(experts), [f"expert {e}" for e in range(experts)], rotation=45, ha="right")
+    ax.set_yticks(range(len(layers)), layers)
+    for (i, j), share in np.ndenumerate(shares):
+        ax.text(j, i, "-" if np.isnan(share) else f"{share:.2f}", ha="center", va="center", fontsize=8)
+    ax.set_title(title, fontsize=9)
+    fig.colorbar(image, ax=ax, label=f"share of assignments (even: {even:.2f})")
+    fig.tight_layout()
+    return fig
+
+
 def similarity_figure(matrix: Any, labels: list[str], *, title: str) -> Any:
     """Symmetric (n, n) similarity in [-1, 1] (e.g. gradient cosine between tasks), numbers written in."""
     import matplotlib

@@ -25,21 +25,30 @@ def download_model(uri: str, *, tracking_uri: str, dst: str | Path | None = None
     dst = Path(dst or tempfile.mkdtemp(prefix="medpipe-model-"))
     with tracking_errors(tracking_uri, f"downloading {uri}"):
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst)))
-    if not (local / "handover.pt").is_file():
+    if registered_handover(local) is None:
         raise FileNotFoundError(
-            f"{uri}: no handover.pt in the registered model (found {sorted(p.name for p in local.iterdir())})"
+            f"{uri}: no handover.json in the registered model (found {sorted(p.name for p in local.iterdir())})"
         )
     return local
+
+
+def registered_handover(folder: Path) -> Path | None:
+    """The hand-over of a downloaded registered model: ``handover.json`` (its earlier links under
+    ``previous/``), or ``handover.pt`` for a version registered before hand-overs became deltas."""
+    for name in ("handover.json", "handover.pt"):
+        if (folder / name).is_file():
+            return folder / name
+    return None
 
 
 def load_registered(uri: str, *, tracking_uri: str, overrides: list[str] | None = None) -> Any:
     """``BuiltModel`` (model, tokenizer, transform) rebuilt from the registered config and weights."""
     from pipeline.config import load_config
-    from pipeline.handover import restore
+    from pipeline.handover import base_of, restore
     from pipeline.model_factory import build_model
 
     local = download_model(uri, tracking_uri=tracking_uri)
     cfg = load_config(local / "config.yaml", overrides or [], check_paths=False)
     built = build_model(cfg.model, cache_dir=cfg.cache_dir)
-    restore(built.model, local / "handover.pt")
+    restore(built.model, registered_handover(local), base=base_of(cfg.model))
     return built

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-import subprocess
+import shutil
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -27,9 +27,9 @@ from lightningmodules.vlm_module import NonFiniteLossError, NonFiniteWeightsErro
 from pipeline.callbacks import LossHistory
 from pipeline.checkpointing import DataPosition, RngState, StageCheckpoint, last_checkpoint
 from pipeline.config import ConfigError
-from pipeline.evaluation import EvalResult, evaluate_model
+from pipeline.evaluation import EvalResult, evaluate_model, tracked_metrics
 from pipeline.fingerprints import dataset_fingerprints, fingerprint_params
-from pipeline.handover import restore, save_handover
+from pipeline.handover import MANIFEST_NAME, base_of, changed_keys, copy_chain, restore, save_handover, trained_names
 from pipeline.model_factory import BuiltModel, build_model
 from pipeline.plots import learning_curve
 from pipeline.preflight import check_checkpoints, preflight
@@ -37,7 +37,7 @@ from pipeline.reproducibility import cpu_numerics, kernel_fingerprint
 from pipeline.run_lock import output_dir_lock
 from pipeline.run_state import RunState, StageState, describe, save_run_state, state_for_resume
 from pipeline.stages import Stage, stage_for
-from pipeline.tracking import Tracker, check_tracking_uri, hardware_tags
+from pipeline.tracking import Tracker, check_tracking_uri, hardware_tags, version_tags
 from pipeline.trainable import merge_lora
 from pipeline.trainer_factory import build_trainer
 
@@ -113,14 +113,9 @@ def connect(dm: VQADataModule, built: BuiltModel) -> VQADataModule:
 
 
 def git_tags() -> dict[str, str]:
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5).stdout.strip()
-        dirty = bool(
-            subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True, timeout=5).stdout.strip()
-        )
-    except (OSError, subprocess.SubprocessError):
-        return {}
-    return {"git_commit": commit, "git_dirty": str(dirty).lower()} if commit else {}
+    """``medpipe.version``, ``medpipe.commit`` (medpipe run from a checkout) and ``cwd.git_commit`` (the working
+    directory's checkout), each commit with its ``dirty`` flag (``pipeline.tracking.version_tags``)."""
+    return version_tags()
 
 
 def package_tags() -> dict[str, str]:
@@ -194,10 +189,12 @@ def run_stage(
     # evaluation prompts both come from this tokenizer
     built = build_model(cfg.model, cache_dir=cfg.cache_dir, conversation=stage.config.conversation)
     if init is not None:
-        restore(built.model, init)
+        restore(built.model, init, base=base_of(cfg.model))
         log.info("stage %s: starting from %s", name, init)
+    start_keys = set(built.model.state_dict())  # the hand-over holds what the stage changes from here
     stage.prepare(built.model, handovers or {})
     trainable = stage.set_trainable(built.model)
+    trained = trained_names(built.model)
     log.info("stage %s: training %s", name, ", ".join(f"{g} ({n:,} params)" for g, n in trainable.items()))
     if on_stage_start is not None:
         on_stage_start(name, built.model)
@@ -233,7 +230,15 @@ def run_stage(
     check_finite_weights(name, built.model)
     stage.log_artifacts(module, tracker=tracker, run_id=run_id, out_dir=stage_dir)
     merge_lora(built.model)
-    handover = save_handover(built.model, stage_dir / "handover.pt", stage=name, meta={"trainable": trainable})
+    handover = save_handover(
+        built.model,
+        stage_dir / MANIFEST_NAME,
+        stage=name,
+        meta={"trainable": trainable},
+        changed=changed_keys(built.model, trained=trained, start_keys=start_keys),
+        previous=init,
+        base=base_of(cfg.model),
+    )
     result = StageResult(
         name=name,
         handover=handover,
@@ -332,13 +337,23 @@ def log_stage_records(tracker: Tracker, run_id: str | None, dm: VQADataModule, h
 def register_final_model(
     cfg: DictConfig, tracker: Tracker, run_id: str | None, handover: Path, out_dir: Path
 ) -> str | None:
-    """Log the last hand-over with the resolved config and register it in the model registry."""
+    """Register the final model: the resolved config and the hand-over chain ending at ``handover`` (each
+    stage's delta; ``mlflow.register_weights: full``: one hand-over with every weight) under ``model/``."""
+    if not tracker.enabled or run_id is None:
+        return None
     config_file = out_dir / "config.yaml"
     config_file.write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    folder = out_dir / "registered"
+    shutil.rmtree(folder, ignore_errors=True)  # a resumed run registers again: no stale links
+    complete = cfg.mlflow.register_weights == "full"
+    model = None
+    if complete:
+        model = build_model(cfg.model, cache_dir=cfg.cache_dir).model
+        restore(model, handover, base=base_of(cfg.model))
+    copy_chain(handover, folder, complete=complete, model=model)
+    files = {p.relative_to(folder).as_posix(): p for p in sorted(folder.rglob("*")) if p.is_file()}
     uri = tracker.register_model(
-        run_id,
-        name=cfg.mlflow.model_name or f"medpipe-{cfg.name}",
-        files={"handover.pt": handover, "config.yaml": config_file},
+        run_id, name=cfg.mlflow.model_name or f"medpipe-{cfg.name}", files={**files, "config.yaml": config_file}
     )
     if uri:
         log.info("registered %s (load it with pipeline.registry.load_registered)", uri)
@@ -415,12 +430,15 @@ def _run_experiment(
             result.evaluation = final_evaluation(cfg, result.stages[-1], tracker=tracker, state=state, out_dir=out_dir)
         elif result.stages:
             result.evaluation = result.stages[-1].evaluation
+        log_final_metrics(tracker, parent, result.evaluation)
         if cfg.mlflow.register_model and result.stages:
             result.model_uri = register_final_model(cfg, tracker, parent, result.stages[-1].handover, out_dir)
         rows = results_rows(result)
         tracker.log_text(parent, format_table(rows) + "\n", "results/results_table.txt")
         tracker.log_text(parent, json.dumps(rows, indent=2) + "\n", "results/results.json")
         status = "FINISHED"
+        if tracker.enabled and parent is not None:
+            log.info("MLflow: %s", tracker.runs_page())
         state.status = "finished"
         save_run_state(state, out_dir, is_writer=tracker.enabled)
     except KeyboardInterrupt:
@@ -433,6 +451,15 @@ def _run_experiment(
             save_run_state(state, out_dir, is_writer=tracker.enabled)
         tracker.finish(parent, status)
     return result
+
+
+def log_final_metrics(tracker: Tracker, parent: str | None, evaluation: EvalResult | None) -> None:
+    """The final evaluation's MLflow metrics (``pipeline.evaluation.tracked_metrics``: headline, protocols, tasks,
+    baseline) on the experiment run too, so experiment runs compare in the runs table without expanding them."""
+    if evaluation is None or not evaluation.metrics:
+        return
+    tracker.log_metrics(parent, tracked_metrics(evaluation.metrics, evaluation.baseline))
+    tracker.set_tags(parent, {"evaluation.split": evaluation.split})
 
 
 def close_open_runs(tracker: Tracker, state: RunState, status: str, *, stages: bool = True) -> None:
@@ -520,7 +547,7 @@ def _evaluate_handover(
     check_checkpoints(cfg.model)
     built = build_model(cfg.model, cache_dir=cfg.cache_dir, conversation=conversation)
     if handover is not None:
-        restore(built.model, handover)
+        restore(built.model, handover, base=base_of(cfg.model))
     source = handover if handover is not None else f"model.init {cfg.model.init.format}:{cfg.model.init.path}"
     result = evaluate_model(cfg, built, tracker=tracker, run_id=run_id, out_dir=out_dir, source=source)
     result.seconds = time.perf_counter() - start

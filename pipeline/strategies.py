@@ -13,7 +13,7 @@ from typing import Any
 # predictions collected in test_step) works on the module in the launching process. `ddp` with
 # trainer.devices=N launches the other ranks itself (re-running the same command), and torchrun / srun
 # start them from outside; both keep `medpipe train` unchanged.
-PLAIN_STRATEGIES = ("auto", "ddp", "ddp_find_unused_parameters_true", "fsdp")
+PLAIN_STRATEGIES = ("auto", "ddp", "ddp_find_unused_parameters_true", "fsdp", "fsdp2")
 DEEPSPEED_STRATEGIES = (
     "deepspeed_stage_1",
     "deepspeed_stage_2",
@@ -65,8 +65,16 @@ def decoder_layer_classes() -> set[type]:
     return {GradientCheckpointingLayer}
 
 
-def build_strategy(name: str, accelerator: str = "auto") -> Any:
-    """The ``strategy`` argument for ``L.Trainer``: a strategy object for ``fsdp``, else the name."""
+def build_strategy(name: str, accelerator: str = "auto", *, world_size: int = 1) -> Any:
+    """The ``strategy`` argument for ``L.Trainer``: a strategy object for ``fsdp`` and ``fsdp2``, else the name.
+
+    ``fsdp2``: Lightning's ``ModelParallelStrategy`` with every process in one data-parallel (sharding)
+    dimension of ``world_size``; the LightningModule shards its network in ``configure_model``
+    (``lightningmodules/sharding.py``). It runs on CPUs too (gloo), which ``fsdp`` does not."""
+    if name == "fsdp2":
+        from lightning.pytorch.strategies import ModelParallelStrategy
+
+        return ModelParallelStrategy(data_parallel_size=world_size, tensor_parallel_size=1)
     if name != "fsdp":
         return name
     import torch

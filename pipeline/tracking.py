@@ -322,6 +322,86 @@ def hardware_tags() -> dict[str, str]:
     return tags
 
 
+GIT_TIMEOUT = 5.0  # seconds per git call: a slow network filesystem never holds up a run
+
+
+def _git(directory: Path, *args: str) -> str | None:
+    """``git -C directory args`` stdout, stripped; None when git is missing, fails or is slow."""
+    import subprocess
+
+    try:
+        done = subprocess.run(
+            ["git", "-C", str(directory), *args], capture_output=True, text=True, timeout=GIT_TIMEOUT, check=False
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout.strip() if done.returncode == 0 else None
+
+
+def git_checkout(directory: Path, *, root: bool = False) -> dict[str, str]:
+    """``{"commit", "dirty"}`` of the git checkout holding ``directory`` (``root``: only when ``directory`` is
+    that checkout's top folder); empty when it is none, or git is missing."""
+    top = _git(directory, "rev-parse", "--show-toplevel")
+    if not top or (root and Path(top).resolve() != directory.resolve()):
+        return {}
+    commit = _git(directory, "rev-parse", "HEAD")
+    if not commit:
+        return {}
+    status = _git(directory, "status", "--porcelain", "--untracked-files=no")
+    return {"commit": commit, **({"dirty": str(bool(status)).lower()} if status is not None else {})}
+
+
+def medpipe_source_dir() -> Path:
+    """The folder holding medpipe's packages (``pipeline/`` ...): a checkout's root for an editable install."""
+    return Path(__file__).resolve().parent.parent
+
+
+def version_tags(cwd: Path | None = None) -> dict[str, str]:
+    """What code ran: ``medpipe.version`` (the installed distribution's), ``medpipe.commit`` / ``medpipe.dirty``
+    when medpipe runs from a git checkout (its own, not one it happens to be installed inside), and
+    ``cwd.git_commit`` / ``cwd.git_dirty`` of the working directory when that is a git checkout (the user's
+    configs and data scripts). Each git call is bounded by :data:`GIT_TIMEOUT`; none fails the run."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        tags = {"medpipe.version": version("medpipe")}
+    except PackageNotFoundError:
+        tags = {"medpipe.version": "unknown (not installed)"}
+    tags.update({f"medpipe.{k}": v for k, v in git_checkout(medpipe_source_dir(), root=True).items()})
+    tags.update({f"cwd.git_{k}": v for k, v in git_checkout(cwd or Path.cwd()).items()})
+    return tags
+
+
+# MLflow's experiment kind: "custom_model_development" is the UI's "Machine learning" kind (runs, metrics,
+# models), "genai_development" its GenAI one (traces). MLflow 3.17's UI reads the tag only where its global
+# GenAI / Model training switch is off; with the switch (the default) the view follows the switch or the
+# URL's ?workflowType=machine_learning, which runs_page_url adds.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+ARTIFACTS_FOLDER = "mlartifacts"
+# the headline metrics of an evaluation (pipeline/evaluation.py logs them; the experiment run repeats the final
+# evaluation's), as a registered version's description names them
+HEADLINE_LABELS = {"eval/closed_accuracy": "closed accuracy", "eval/open_recall": "open recall", "eval/bleu1": "BLEU-1"}
+BASELINE_KEYS = ("baseline/closed_accuracy", "baseline/open_recall")
+
+
+def artifact_location(uri: str, experiment_name: str) -> str | None:
+    """Where a new experiment of a local sqlite store keeps its runs' artifacts: beside the database,
+    ``<folder of mlflow.db>/mlartifacts/<experiment name>`` (absolute), whatever folder the command ran
+    from (MLflow's default is ``./mlruns`` of the working directory). None for other stores: a tracking
+    server or a remote database decides itself."""
+    path = sqlite_path(uri)
+    if path is None:
+        return None
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", experiment_name).strip("._") or "experiment"
+    return str(path.expanduser().resolve().parent / ARTIFACTS_FOLDER / slug)
+
+
+def runs_page_url(base_url: str, experiment_id: str) -> str:
+    """The MLflow UI page of an experiment's runs, in the model-training view."""
+    return f"{base_url.rstrip('/')}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+
+
 def is_rank_zero() -> bool:
     """Global rank 0, from the launcher's environment (torchrun / SLURM set RANK / SLURM_PROCID; when
     Lightning launches the ranks itself, only LOCAL_RANK and NODE_RANK are set)."""
@@ -349,6 +429,64 @@ def flatten_config(cfg: DictConfig) -> dict[str, str]:
     return out
 
 
+# keys logged as parent params whatever their value: what a reader needs to tell recipes apart
+RECIPE_KEYS = (
+    "name",
+    "seed",
+    "model.vision.path",
+    "model.llm.path",
+    "model.connector.type",
+    "evaluation.split",
+    "stages.*.kind",
+    "stages.*.train",
+    "stages.*.datasets",
+    "data.datasets.*.format",
+)
+
+
+def _schema_default(node: DictConfig) -> DictConfig | None:
+    """The schema's defaults of a structured section (a ``StageConfig`` entry: ``StageConfig()``)."""
+    import dataclasses
+
+    kind = OmegaConf.get_type(node)
+    if kind is not None and dataclasses.is_dataclass(kind):
+        return OmegaConf.structured(kind)
+    return None
+
+
+def non_default_keys(cfg: DictConfig) -> set[str]:
+    """Dotted leaf keys whose resolved value differs from the schema's default (entries of open sections,
+    ``stages.<name>`` and ``data.datasets.<name>``, against their section type's defaults)."""
+    found: set[str] = set()
+
+    def plain(value: Any) -> Any:
+        return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+
+    def walk(node: DictConfig, default: DictConfig | None, prefix: str) -> None:
+        for key in node.keys():
+            child = node._get_node(key)
+            base = default._get_node(key) if default is not None and key in default else None
+            if isinstance(child, DictConfig) and not child._is_none():
+                if not isinstance(base, DictConfig) or base._is_none():
+                    base = _schema_default(child)
+                walk(child, base, f"{prefix}{key}.")
+            elif base is None or plain(node[key]) != plain(default[key]):
+                found.add(f"{prefix}{key}")
+
+    walk(cfg, _schema_default(cfg), "")
+    return found
+
+
+def recipe_params(cfg: DictConfig) -> dict[str, str]:
+    """The parent run's params: values that differ from the schema's defaults plus :data:`RECIPE_KEYS`
+    (models, connector, stage kinds / trained groups / datasets, dataset formats, evaluation split). The
+    full resolved config is the run's ``config.yaml`` artifact."""
+    flat = flatten_config(cfg)
+    wanted = non_default_keys(cfg)
+    patterns = [re.compile(re.escape(k).replace(r"\*", r"[^.]+") + "$") for k in RECIPE_KEYS]
+    return {k: v for k, v in flat.items() if k in wanted or any(p.match(k) for p in patterns)}
+
+
 def mlflow_metric_name(name: str) -> str:
     """MLflow accepts alphanumerics, ``_ - . / :`` and spaces in metric names: ``rec_acc@0.5`` -> ``rec_acc_at_0.5``."""
     return re.sub(r"[^0-9A-Za-z_\-./: ]", "_", name.replace("@", "_at_"))
@@ -374,13 +512,31 @@ class Tracker:
         return tracking_errors(self.tracking_uri, action)
 
     def _experiment(self) -> str:
+        """The experiment's id, created when missing: kind "model training" (:data:`EXPERIMENT_KIND`, also set
+        on an existing experiment without one) and, for a local sqlite store, its artifacts beside the database
+        (:func:`artifact_location`)."""
         if self.experiment_id is None:
             with self._guard(f"finding experiment {self.experiment_name!r}"):
                 found = self.client.get_experiment_by_name(self.experiment_name)
-                self.experiment_id = (
-                    found.experiment_id if found is not None else self.client.create_experiment(self.experiment_name)
-                )
+                if found is None:
+                    self.experiment_id = self.client.create_experiment(
+                        self.experiment_name,
+                        artifact_location=artifact_location(self.tracking_uri, self.experiment_name),
+                        tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND},
+                    )
+                else:
+                    self.experiment_id = found.experiment_id
+                    if EXPERIMENT_KIND_TAG not in found.tags:
+                        self.client.set_experiment_tag(self.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
         return self.experiment_id
+
+    def runs_page(self) -> str:
+        """Where a user sees this experiment's runs: the MLflow UI page (an http server's own address; for a
+        database, ``mlflow ui``'s default address, with the command that serves it)."""
+        if uri_scheme(self.tracking_uri) in ("http", "https"):
+            return runs_page_url(self.tracking_uri, self._experiment())
+        page = runs_page_url("http://127.0.0.1:5000", self._experiment())
+        return f"{page} after `mlflow ui --backend-store-uri {self.tracking_uri}`"
 
     def start_parent(self, *, run_name: str, cfg: DictConfig, tags: dict[str, str]) -> str | None:
         if not self.enabled:
@@ -427,7 +583,8 @@ class Tracker:
         )
 
     def log_config(self, run_id: str, cfg: DictConfig) -> None:
-        self.log_params(run_id, flatten_config(cfg))
+        """The recipe's params (:func:`recipe_params`) and the full resolved config as ``config.yaml``."""
+        self.log_params(run_id, recipe_params(cfg))
         self.log_text(run_id, OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
 
     def log_params(self, run_id: str | None, params: dict[str, str]) -> None:
@@ -514,25 +671,97 @@ class Tracker:
                 except Exception as e:  # the store failed meanwhile: the run's own calls say so
                     log.warning("MLflow system metrics: %s", failure_reason(e))
 
-    def register_model(self, run_id: str | None, *, name: str, files: dict[str, Path]) -> str | None:
+    def log_datasets(self, run_id: str | None, inputs: list[Any]) -> None:
+        """MLflow dataset inputs of ``run_id`` (``mlflow.entities.DatasetInput``, see ``pipeline.mlflow_inputs``):
+        the runs table's Dataset column. MLflow keeps the first input of a (name, digest) per run."""
+        if not self.enabled or run_id is None or not inputs:
+            return
+        with self._guard("logging dataset inputs"):
+            self.client.log_inputs(run_id, datasets=inputs)
+
+    def model_card(self, run_id: str) -> tuple[str, dict[str, str]]:
+        """A registered version's description and tags, from the experiment run: its recipe, its stage runs in
+        order, the final evaluation's headline metrics logged on it and the code's version tags."""
+        with self._guard(f"reading run {run_id}"):
+            run = self.client.get_run(run_id)
+            children = self.client.search_runs(
+                [run.info.experiment_id],
+                filter_string=f"tags.`mlflow.parentRunId` = '{run_id}'",
+                order_by=["attributes.start_time ASC"],
+            )
+        stages = [c.info.run_name for c in children if c.data.tags.get("stage") != "evaluate"]
+        recipe = run.data.tags.get("recipe") or run.info.run_name
+        metrics = run.data.metrics
+        scores = [f"{label} {metrics[key]:.3f}" for key, label in HEADLINE_LABELS.items() if key in metrics]
+        baseline = [f"{metrics[key]:.3f}" for key in BASELINE_KEYS if key in metrics]
+        lines = [f"medpipe recipe `{recipe}`, stages {' -> '.join(stages) or '-'} (run {run_id})."]
+        if scores:
+            split = run.data.params.get("evaluation.split") or run.data.tags.get("evaluation.split") or "test"
+            lines.append(
+                f"Final evaluation ({split} split): {', '.join(scores)}"
+                + (f" (majority-answer baseline {' / '.join(baseline)})." if baseline else ".")
+            )
+        lines.append(
+            "Load: mlflow.pyfunc.load_model(uri).predict(DataFrame with columns image (path) and question) -> "
+            "answers, or pipeline.registry.load_registered(uri, tracking_uri=...) for the model itself."
+        )
+        tags = {"recipe": recipe, "stages": ",".join(stages), "source_run": run_id}
+        for key in ("medpipe.version", "medpipe.commit", "cwd.git_commit"):
+            if key in run.data.tags:
+                tags[key] = run.data.tags[key]
+        tags.update({key: f"{metrics[key]:.4f}" for key in HEADLINE_LABELS if key in metrics})
+        return "\n".join(lines), tags
+
+    def register_model(
+        self,
+        run_id: str | None,
+        *,
+        name: str,
+        files: dict[str, Path],
+        description: str | None = None,
+        tags: dict[str, str] | None = None,
+    ) -> str | None:
         """Log ``files`` under ``model/`` of the run and register them as a new version of ``name``.
 
-        Returns the ``models:/name/version`` URI; :func:`pipeline.registry.load_registered` loads it.
+        ``files``: path under ``model/`` (``config.yaml``, ``handover.json``, ``previous/...``) -> local file.
+        ``model/`` is also an MLflow pyfunc model (``MLmodel`` with a signature, ``pipeline.mlflow_model``):
+        ``mlflow.pyfunc.load_model(uri)`` answers questions on images. The version gets ``description`` and
+        ``tags`` (default: :meth:`model_card`, from the run). Returns the ``models:/name/version`` URI;
+        :func:`pipeline.registry.load_registered` loads it too.
         """
         if not self.enabled or run_id is None:
             return None
+        import tempfile
+
         from mlflow.exceptions import MlflowException
 
-        with self._guard(f"registering model {name!r}"):
-            for _artifact_name, path in files.items():
-                self.client.log_artifact(run_id, str(path), "model")
+        from pipeline.mlflow_model import write_pyfunc_files
+
+        card_description, card_tags = self.model_card(run_id)
+        description = card_description if description is None else description
+        tags = {**card_tags, **(tags or {})}
+        with self._guard(f"registering model {name!r}"), tempfile.TemporaryDirectory(prefix="medpipe-model-") as tmp:
+            for key, path in files.items():  # key: the file's path under model/
+                folder, _, file_name = key.rpartition("/")
+                source = Path(path)
+                if source.name != file_name:  # log_artifact keeps the file's own name: log a copy named as the key
+                    source = Path(tmp) / "renamed" / key
+                    source.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copyfile(path, source)
+                self.client.log_artifact(run_id, str(source), f"model/{folder}" if folder else "model")
+            flavour = write_pyfunc_files(Path(tmp) / "pyfunc", metadata={"medpipe.recipe": tags.get("recipe", "")})
+            self.client.log_artifacts(run_id, str(flavour), "model")
             try:
-                self.client.create_registered_model(name)
+                self.client.create_registered_model(
+                    name, description="medpipe models: each version is one experiment run's final model"
+                )
             except MlflowException as e:
                 if e.error_code != "RESOURCE_ALREADY_EXISTS":
                     raise
                 # already registered: add a version
-            version = self.client.create_model_version(name, source=f"runs:/{run_id}/model", run_id=run_id)
+            version = self.client.create_model_version(
+                name, source=f"runs:/{run_id}/model", run_id=run_id, tags=tags, description=description
+            )
         return f"models:/{name}/{version.version}"
 
     def finish(self, run_id: str | None, status: str = "FINISHED") -> None:

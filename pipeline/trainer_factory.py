@@ -26,7 +26,9 @@ def build_trainer(
         accelerator=trainer_cfg.accelerator,
         devices=devices if devices is not None else "auto",
         num_nodes=trainer_cfg.num_nodes,
-        strategy=build_strategy(trainer_cfg.strategy, trainer_cfg.accelerator),
+        strategy=build_strategy(
+            trainer_cfg.strategy, trainer_cfg.accelerator, world_size=trainer_cfg.num_nodes * _count(devices)
+        ),
         precision=trainer_cfg.precision,
         max_epochs=max_epochs,
         max_steps=max_steps,
@@ -44,3 +46,16 @@ def build_trainer(
         enable_model_summary=False,
         num_sanity_val_steps=0,
     )
+
+
+def _count(devices: Any) -> int:
+    """How many devices per node ``trainer.devices`` names (1 for ``auto``: only ``fsdp2`` asks, and its
+    config check requires a count)."""
+    if isinstance(devices, int) and devices > 0:
+        return devices
+    if isinstance(devices, (list, tuple)):
+        return len(devices)
+    if isinstance(devices, str) and devices != "auto":
+        parts = [p for p in devices.split(",") if p.strip()]
+        return len(parts) if len(parts) > 1 else max(int(parts[0]), 1)
+    return 1

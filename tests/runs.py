@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -29,6 +30,30 @@ def tiny_demo_overrides(tmp: Path) -> list[str]:
     ]
 
 
+# hand-over manifest path -> every weight of the model the stage handed over (LoRA merged), taken as it wrote
+# the hand-over: what restoring the hand-over chain must give back (tests/test_handover_delta.py)
+HANDED_OVER: dict[str, dict[str, torch.Tensor]] = {}
+
+
+@contextlib.contextmanager
+def recording_handovers():
+    """While active, each hand-over the runner writes also records its model's full state in HANDED_OVER."""
+    from pipeline import runner
+
+    save = runner.save_handover
+
+    def save_and_record(model, path, **kwargs):
+        written = save(model, path, **kwargs)
+        HANDED_OVER[str(written)] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        return written
+
+    runner.save_handover = save_and_record
+    try:
+        yield
+    finally:
+        runner.save_handover = save
+
+
 def run_tiny_demo(tmp: Path):
     """Run the tiny two-stage experiment once; snapshot each stage's weights as training starts."""
     from pipeline.config import load_config
@@ -40,7 +65,8 @@ def run_tiny_demo(tmp: Path):
     def snapshot(name: str, model: torch.nn.Module) -> None:
         snapshots[len(snapshots)] = {k: v.detach().clone() for k, v in model.state_dict().items()}
 
-    result = run_experiment(cfg, on_stage_start=snapshot)
+    with recording_handovers():
+        result = run_experiment(cfg, on_stage_start=snapshot)
     return cfg, result, snapshots, tmp
 
 
@@ -124,7 +150,8 @@ def run_with_snapshots(cfg):
     def snapshot(name: str, model: torch.nn.Module) -> None:
         snapshots[name] = {k: v.detach().clone() for k, v in model.state_dict().items()}
 
-    result = run_experiment(cfg, on_stage_start=snapshot)  # one thread: tiny.yaml's trainer.num_threads
+    with recording_handovers():
+        result = run_experiment(cfg, on_stage_start=snapshot)  # one thread: tiny.yaml's trainer.num_threads
     return result, snapshots
 
 
@@ -169,7 +196,8 @@ def run_tiny_cmoe(tmp: Path, *, tracking_uri: str, experiment: str = "uni-med-cm
     from pipeline.runner import run_experiment
 
     cfg = load_config(UNI_MED_TINY, tiny_cmoe_overrides(tmp, tracking_uri=tracking_uri, experiment=experiment))
-    return cfg, run_experiment(cfg)  # one thread: cpu_tiny.yaml's trainer.num_threads
+    with recording_handovers():
+        return cfg, run_experiment(cfg)  # one thread: cpu_tiny.yaml's trainer.num_threads
 
 
 MEDPLIB_TINY = REPO / "experiments" / "medplib" / "tiny.yaml"
@@ -254,3 +282,14 @@ mlflow: {{tracking_uri: "sqlite:///{tmp / "mlflow.db"}", experiment_name: tiny-s
 """
     )
     return exp, load_config(exp, list(overrides or []))
+
+
+def full_state(cfg, handover: Path) -> dict[str, torch.Tensor]:
+    """Every weight of the model a hand-over chain restores: built from ``cfg.model`` (the base checkpoints),
+    then the chain's deltas (``pipeline.handover.restore``)."""
+    from pipeline.handover import base_of, restore
+    from pipeline.model_factory import build_model
+
+    model = build_model(cfg.model, cache_dir=cfg.cache_dir).model
+    restore(model, handover, base=base_of(cfg.model))
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}

@@ -3,6 +3,7 @@ groups, LoRA merge and the stage hand-over."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -412,8 +413,9 @@ def test_handover_round_trip(cache_dir, built, tmp_path: Path) -> None:
     with torch.no_grad():
         for p in built.model.connector.parameters():
             p.add_(1.0)  # differs from a freshly built model's connector
-    path = save_handover(built.model, tmp_path / "stages" / "align" / "handover.pt", stage="align", meta={"step": 7})
-    assert path.is_file() and [p.name for p in path.parent.iterdir()] == ["handover.pt"]  # no temp file left
+    path = save_handover(built.model, tmp_path / "stages" / "align" / "handover.json", stage="align", meta={"step": 7})
+    # the manifest and its delta, no temporary file left
+    assert sorted(p.name for p in path.parent.iterdir()) == ["handover.json", "handover.safetensors"]
     fresh = build(cache_dir).model
     assert not torch.equal(fresh.connector.fc1.weight, built.model.connector.fc1.weight)
     data = restore(fresh, path)
@@ -421,14 +423,27 @@ def test_handover_round_trip(cache_dir, built, tmp_path: Path) -> None:
     a, b = built.model.state_dict(), fresh.state_dict()
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
-    assert load_handover(path)["format"] == 1
+    assert json.loads(path.read_text())["version"] == 2 and load_handover(path)["stage"] == "align"
+
+
+def test_a_format_1_handover_still_restores(cache_dir, built, tmp_path: Path) -> None:
+    """Runs written before hand-overs became deltas: one torch.save file of the whole state dict."""
+    from pipeline.handover import restore
+
+    with torch.no_grad():
+        built.model.connector.fc1.weight.add_(1.0)
+    state = {k: v.clone() for k, v in built.model.state_dict().items()}
+    torch.save({"format": 1, "stage": "old", "meta": {"structure": []}, "state_dict": state}, tmp_path / "handover.pt")
+    fresh = build(cache_dir).model
+    assert restore(fresh, tmp_path / "handover.pt")["stage"] == "old"
+    assert torch.equal(fresh.connector.fc1.weight, built.model.connector.fc1.weight)
 
 
 def test_handover_restore_into_mismatched_model(cache_dir, built, tmp_path: Path) -> None:
     from pipeline.handover import restore, save_handover
     from pipeline.trainable import add_lora
 
-    path = save_handover(built.model, tmp_path / "h.pt", stage="s")
+    path = save_handover(built.model, tmp_path / "h.json", stage="s")
     linear = build(cache_dir, "model.connector.type=linear").model  # proj.* instead of fc1/fc2
     with pytest.raises(ValueError) as info:
         restore(linear, path)
@@ -443,16 +458,28 @@ def test_handover_restore_into_mismatched_model(cache_dir, built, tmp_path: Path
 def test_handover_unexpected_key_is_named(cache_dir, built, tmp_path: Path) -> None:
     from pipeline.handover import restore, save_handover
 
-    path = save_handover(built.model, tmp_path / "h.pt", stage="s")
-    data = torch.load(path, weights_only=True)
-    data["state_dict"]["grounding.head.weight"] = torch.zeros(2)
-    torch.save(data, path)
+    path = save_handover(built.model, tmp_path / "h.json", stage="s")
+    state = {k: v.clone() for k, v in built.model.state_dict().items()}
+    rewrite_delta(path, {**state, "grounding.head.weight": torch.zeros(2)})  # a hand-over of another model
     with pytest.raises(ValueError, match=r"unexpected \['grounding.head.weight'\]"):
         restore(build(cache_dir).model, path)
-    del data["state_dict"]["grounding.head.weight"], data["state_dict"]["connector.fc2.bias"]
-    torch.save(data, path)
+    del state["connector.fc2.bias"]
+    rewrite_delta(path, state)  # complete (every weight) but one
     with pytest.raises(ValueError, match=r"missing \['connector.fc2.bias'\]"):
         restore(build(cache_dir).model, path)
+
+
+def rewrite_delta(manifest: Path, tensors: dict) -> None:
+    """Replace a hand-over's delta, its manifest's hash updated (so only the content is wrong)."""
+    from safetensors.torch import save_file
+
+    from pipeline.handover import sha256_of
+
+    data = json.loads(manifest.read_text())
+    file = manifest.parent / data["delta"][0]["file"]
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(file))
+    data["delta"][0]["sha256"] = sha256_of(file)
+    manifest.write_text(json.dumps(data))
 
 
 def test_handover_bad_files(tmp_path: Path) -> None:
@@ -468,7 +495,7 @@ def test_handover_bad_files(tmp_path: Path) -> None:
 def test_handover_shape_mismatch_is_an_error(cache_dir, built, tmp_path: Path) -> None:
     from pipeline.handover import restore, save_handover
 
-    path = save_handover(built.model, tmp_path / "h.pt", stage="s")
+    path = save_handover(built.model, tmp_path / "h.json", stage="s")
     pooled = build(cache_dir, "model.connector.aggregation=concat4").model  # fc1 is 4x wider
     with pytest.raises((ValueError, RuntimeError), match="connector.fc1.weight"):
         restore(pooled, path)
@@ -477,7 +504,7 @@ def test_handover_shape_mismatch_is_an_error(cache_dir, built, tmp_path: Path) -
 def test_handover_shape_mismatch_names_file_and_key(cache_dir, built, tmp_path: Path) -> None:
     from pipeline.handover import restore, save_handover
 
-    path = save_handover(built.model, tmp_path / "h.pt", stage="s")
+    path = save_handover(built.model, tmp_path / "h.json", stage="s")
     pooled = build(cache_dir, "model.connector.aggregation=concat4").model
     with pytest.raises(ValueError) as info:
         restore(pooled, path)

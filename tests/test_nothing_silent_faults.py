@@ -21,7 +21,6 @@ import torch
 from runs import tiny_slake_experiment
 
 REPO = Path(__file__).resolve().parent.parent
-ENFORCE_FAIL = "[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598"
 
 
 @pytest.fixture
@@ -86,57 +85,68 @@ def test_non_finite_weights_fail_the_stage_and_register_nothing(
     assert statuses(runs) == {"tiny-slake": ["FAILED"], "train": ["FAILED"]}  # nothing left RUNNING
 
 
+class FullDisk:
+    """A file that takes half of what is written, then fails as a full disk (or quota) does."""
+
+    def __init__(self, path, mode, failure: OSError) -> None:
+        self.file, self.failure = open(path, mode), failure  # noqa: SIM115 (closed in __exit__)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.file.close()
+
+    def write(self, data: bytes) -> int:
+        self.file.write(data[: len(data) // 2])
+        raise self.failure
+
+
 @pytest.mark.parametrize(
     "failure",
-    [RuntimeError(ENFORCE_FAIL), OSError(errno.ENOSPC, "No space left on device")],
-    ids=["torch-writer", "enospc"],
+    [OSError(errno.ENOSPC, "No space left on device"), OSError(errno.EDQUOT, "Disk quota exceeded")],
+    ids=["enospc", "quota"],
 )
 def test_a_full_disk_during_the_hand_over_is_one_line_and_leaves_no_temp_file(
-    tmp_path: Path, monkeypatch, failure: BaseException
+    tmp_path: Path, monkeypatch, failure: OSError
 ) -> None:
     from pipeline.cli import error_line
     from pipeline.handover import HandoverWriteError, load_handover, save_handover
 
     model = torch.nn.Linear(3, 2)
-    path = tmp_path / "stages" / "s" / "handover.pt"
+    path = tmp_path / "stages" / "s" / "handover.json"
     save_handover(model, path, stage="s")  # an earlier, complete hand-over
     earlier = model.weight.detach().clone()
-
-    def full_disk(obj, f, *args, **kwargs):
-        f.write(b"PK\x03\x04 half a hand-over")
-        raise failure
-
-    monkeypatch.setattr(torch, "save", full_disk)
+    monkeypatch.setattr("pipeline.handover.open", lambda p, mode: FullDisk(p, mode, failure), raising=False)
     with torch.no_grad():
         model.weight.add_(1.0)
     with pytest.raises(HandoverWriteError) as info:
         save_handover(model, path, stage="s")
     message = str(info.value)
-    assert message.startswith(f"{path}: writing the hand-over failed: no space left on device ("), message
+    delta = path.with_suffix(".safetensors")
+    reason = failure.strerror.lower()
+    assert message.startswith(f"{delta}: writing the hand-over failed: {reason} ("), message
     assert message.endswith("; the partial file was removed") and "\n" not in message
     assert error_line(info.value) == f"medpipe: error: {message}"
-    assert [p.name for p in path.parent.iterdir()] == ["handover.pt"]  # no temp file
+    assert sorted(p.name for p in path.parent.iterdir()) == ["handover.json", "handover.safetensors"]  # no temp
     monkeypatch.undo()
     kept = load_handover(path)["state_dict"]["weight"]
-    assert torch.equal(kept, earlier)  # the earlier hand-over, intact
+    assert torch.equal(kept, earlier)  # the earlier hand-over, intact (its hash still matches)
 
 
 def test_a_full_disk_in_a_run_is_one_cli_line(tmp_path: Path, slake: Path, monkeypatch, capsys, tiny_llama, tiny_clip):
     from pipeline.cli import main
 
     exp, cfg = tiny_slake_experiment(tmp_path, slake)
-
-    def full_disk(obj, f, *args, **kwargs):
-        raise RuntimeError(ENFORCE_FAIL)
-
-    monkeypatch.setattr(torch, "save", full_disk)
+    failure = OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr("pipeline.handover.open", lambda p, mode: FullDisk(p, mode, failure), raising=False)
     assert main(["train", str(exp), "trainer.save_checkpoints=false"]) == 1
     _, err = capsys.readouterr()
-    handover = Path(cfg.output_dir) / "stages" / "train" / "handover.pt"
+    delta = Path(cfg.output_dir) / "stages" / "train" / "handover.safetensors"
     assert one_error_line(err).startswith(
-        f"medpipe: error: {handover}: writing the hand-over failed: no space left on device ("
+        f"medpipe: error: {delta}: writing the hand-over failed: no space left on device ("
     )
-    assert not list(handover.parent.glob("handover*"))
+    assert not list(delta.parent.glob("handover*"))
     runs, _ = mlflow_runs(cfg)
     assert statuses(runs) == {"tiny-slake": ["FAILED"], "train": ["FAILED"]}
 

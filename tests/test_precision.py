@@ -133,7 +133,7 @@ def test_frozen_weights_keep_their_load_dtype_and_handovers_restore_into_it(
     head = built.model.llm.get_output_embeddings().weight
     head.data = head.data.float()  # as a stage training the head leaves it
     head.data.add_(1e-4)
-    path = save_handover(built.model, tmp_path / "handover.pt", stage="s")
+    path = save_handover(built.model, tmp_path / "handover.json", stage="s")
     fresh = build_model(cfg.model, cache_dir=cfg.cache_dir).model
     stage.prepare(fresh, {})  # the same LoRA keys
     restore(fresh, path)

@@ -488,6 +488,10 @@ class TrainerConfig:
             )
         if self.accelerator == "cpu" and self.precision in ("16-mixed", "16"):
             found.append((f"{key}.precision", "16-mixed needs a GPU; on CPU use bf16-mixed or 32-true"))
+        if self.strategy == "fsdp2" and (self.devices in ("auto", -1, "-1") or self.devices is None):
+            found.append(
+                (f"{key}.devices", "fsdp2 shards over a known number of processes: set trainer.devices to a count")
+            )
         return (
             found
             + positive(f"{key}.num_nodes", self.num_nodes)
@@ -583,6 +587,9 @@ class MlflowConfig:
     system_metrics: bool = True  # MLflow's CPU / memory / GPU sampling (needs psutil)
     system_metrics_interval: float = 10.0  # seconds
     register_model: bool = True  # log the final hand-over + config and register a model version
+    # what the registered version holds: `delta` every stage's small hand-over (the base checkpoints are needed
+    # to load it, as for the run itself), `full` one hand-over with every weight of the final model
+    register_weights: Literal["delta", "full"] = "delta"
     model_name: str | None = None  # registry name; default medpipe-<name>
     # HTTP tracking servers (pipeline/tracking.py `http_settings`): MLflow's own defaults retry for minutes
     http_retries: int = 3  # retries of a request on a connection error or a 429 / 5xx answer

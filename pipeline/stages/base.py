@@ -107,8 +107,20 @@ class Stage:
         raise NotImplementedError
 
     def callbacks(self, module: L.LightningModule, *, tracker: Any, run_id: str | None) -> list[L.Callback]:
-        """Callbacks this stage adds to the runner's (loss history, checkpoints)."""
-        return []
+        """Callbacks this stage adds to the runner's (loss history, checkpoints): every stage logs its datasets as
+        MLflow inputs of its run (``pipeline/mlflow_inputs.py``), with the "test" context of those its own
+        evaluation reads in the same run."""
+        from pipeline.mlflow_inputs import DatasetInputs
+
+        evaluated = {"evaluated": self.evaluated_datasets(), "evaluated_split": self.cfg.evaluation.split}
+        return [DatasetInputs(tracker=tracker, run_id=run_id, **evaluated)]
+
+    def evaluated_datasets(self) -> list[str]:
+        """Datasets whose ``evaluation.split`` this stage's evaluation reads in its run (``after_each_stage``)."""
+        evaluation = self.cfg.evaluation
+        if not (self.evaluated and evaluation.enabled and evaluation.after_each_stage):
+            return []
+        return list(evaluation.datasets) if evaluation.datasets else list(self.cfg.data.datasets)
 
     def log_artifacts(
         self, module: L.LightningModule, *, tracker: Any, run_id: str | None, out_dir: Path

@@ -39,7 +39,7 @@ def classifier_from_handover(path: Path) -> nn.Linear:
 
 def source_llms(cfg: DictConfig, sources: list[str], handovers: dict[str, Path]) -> list[nn.Module]:
     """The LLM of each source stage, rebuilt from the config and its hand-over (LoRA already merged)."""
-    from pipeline.handover import restore
+    from pipeline.handover import base_of, restore
     from pipeline.model_factory import build_model
 
     llms = []
@@ -47,7 +47,7 @@ def source_llms(cfg: DictConfig, sources: list[str], handovers: dict[str, Path])
         if source not in handovers:
             raise ValueError(f"moe.sources: stage {source!r} has no hand-over yet (it must run earlier)")
         built = build_model(cfg.model, cache_dir=cfg.cache_dir)
-        restore(built.model, handovers[source])
+        restore(built.model, handovers[source], base=base_of(cfg.model))
         llms.append(built.model.llm)
     return llms
 

@@ -77,7 +77,7 @@ class VLMStage(Stage):
         return cls.module_class(model=built.model, tokenizer=built.tokenizer, **cls.module_settings(cfg))
 
     def callbacks(self, module: L.LightningModule, *, tracker: Any, run_id: str | None) -> list[L.Callback]:
-        out: list[L.Callback] = []
+        out: list[L.Callback] = super().callbacks(module, tracker=tracker, run_id=run_id)
         if self.cfg.model.connector.type == "cmoe":  # the module logs per-task routing each validation
             out.append(
                 RoutingHeatmap(tracker=tracker, run_id=run_id, task_names=list(TASKS), title=f"stage {self.name}")
@@ -96,7 +96,8 @@ class VLMStage(Stage):
         return out
 
     def log_artifacts(self, module: VLMModule, *, tracker: Any, run_id: str | None, out_dir: Path) -> dict[str, Any]:
-        """With MoE layers: tokens routed to each expert per layer and modality (``moe/expert_load.json``)."""
+        """With MoE layers: tokens routed to each expert per layer and modality (``moe/expert_load.json``) and
+        the layer x expert heatmap of the shares (``plots/moe_expert_load.png``, also in ``out_dir``)."""
         summary = module.expert_load()
         if summary is None:
             return {}
@@ -104,7 +105,15 @@ class VLMStage(Stage):
         (out_dir / "expert_load.json").write_text(json.dumps(summary, indent=2))
         tracker.log_text(run_id, json.dumps(summary, indent=2), "moe/expert_load.json")
         tracker.log_metrics(run_id, {"moe/dropped_total": float(summary["dropped_total"])})
-        return {"expert_load": summary}
+        import matplotlib.pyplot as plt
+
+        from pipeline.plots import expert_load_heatmap
+
+        figure = expert_load_heatmap(summary, title=f"stage {self.name}: share of token assignments per expert")
+        figure.savefig(out_dir / "moe_expert_load.png")
+        tracker.log_figure(run_id, figure, "plots/moe_expert_load.png")
+        plt.close(figure)
+        return {"expert_load": summary, "heatmap": out_dir / "moe_expert_load.png"}
 
 
 class GroundingStage(VLMStage):

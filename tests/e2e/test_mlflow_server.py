@@ -126,14 +126,16 @@ def test_tiny_experiment_against_a_real_tracking_server(
     assert {"config.yaml", "model", "results"} <= parent_files
     eval_files = {f.path for f in client.list_artifacts(runs["instruct"].info.run_id, "evaluation")}
     assert {"evaluation/predictions.jsonl", "evaluation/metrics.json"} <= eval_files
-    assert (tmp_path / "artifacts").is_dir() and any((tmp_path / "artifacts").rglob("handover.pt"))
+    assert (tmp_path / "artifacts").is_dir() and any((tmp_path / "artifacts").rglob("handover.json"))
     # the registered model loads in one call, over HTTP
     assert result.model_uri == "models:/server-demo/1"
     assert client.get_model_version("server-demo", "1").run_id == parent.info.run_id
     built = load_registered(result.model_uri, tracking_uri=mlflow_server)
     import torch
 
-    handover = torch.load(result.stages[-1].handover, weights_only=True)["state_dict"]
+    from pipeline.handover import load_handover
+
+    handover = load_handover(result.stages[-1].handover)["state_dict"]
     loaded = built.model.state_dict()
     key = next(k for k in handover if k.startswith("connector"))
     assert torch.equal(loaded[key], handover[key])

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from runs import full_state
 
 from pipeline.config import load_config
 
@@ -27,9 +28,9 @@ def two_stage(tiny_demo_run):
 
 
 def test_second_stage_starts_from_first_stage_weights(two_stage) -> None:
-    _, result, snapshots, _ = two_stage
+    cfg, result, snapshots, _ = two_stage
     align, instruct = result.stages
-    handed = torch.load(align.handover, weights_only=True)["state_dict"]
+    handed = full_state(cfg, align.handover)  # the base checkpoints plus align's delta
     start = snapshots[1]  # the instruct model after restore and LoRA, before training
     connector_keys = [k for k in handed if k.startswith("connector.")]
     assert connector_keys
@@ -56,10 +57,15 @@ def test_losses_fall_in_both_stages(two_stage) -> None:
 
 
 def test_handover_has_lora_merged(two_stage) -> None:
+    from pipeline.handover import load_handover, read_manifest
+
     _, result, _, _ = two_stage
-    state = torch.load(result.stages[1].handover, weights_only=True)["state_dict"]
+    state = load_handover(result.stages[1].handover)["state_dict"]  # both stages' deltas
     assert not any("lora_" in k for k in state)
     assert any(k.endswith("q_proj.weight") for k in state)
+    # instruct's own delta: the connector and the weights LoRA adapted, merged; nothing of the vision tower
+    manifest = read_manifest(result.stages[1].handover)
+    assert manifest["previous"] == "../align/handover.json" and manifest["structure"] == []
 
 
 def test_evaluation_files_and_table(two_stage) -> None:
@@ -163,6 +169,7 @@ def test_evaluate_command_on_handover(two_stage, capsys) -> None:
 def test_run_records_hardware_fingerprints_plots_and_registered_model(two_stage) -> None:
     from mlflow.tracking import MlflowClient
 
+    from pipeline.handover import load_handover
     from pipeline.registry import load_registered
     from pipeline.reproducibility import is_x86_64
 
@@ -185,7 +192,7 @@ def test_run_records_hardware_fingerprints_plots_and_registered_model(two_stage)
     # the final model is in the registry and loads in one call, with the weights of the last stage
     assert result.model_uri == "models:/medpipe-demo/1"
     built = load_registered(result.model_uri, tracking_uri=uri)
-    handed = torch.load(result.stages[-1].handover, weights_only=True)["state_dict"]
+    handed = load_handover(result.stages[-1].handover)["state_dict"]  # every delta of the chain
     loaded = built.model.state_dict()
     assert all(torch.equal(loaded[k], v) for k, v in handed.items())
 

@@ -316,7 +316,7 @@ def test_the_imported_structure_survives_a_handover(tmp_path, tiny_clip, tiny_ll
     first = build_model(cfg.model, cache_dir=cache_dir)
     with torch.no_grad():
         first.model.llm.model.layers[1].mlp.experts.w_out.mul_(1.5)  # what a stage would change
-    handover = save_handover(first.model, tmp_path / "handover.pt", stage="moe", meta={})
+    handover = save_handover(first.model, tmp_path / "handover.json", stage="moe", meta={})
     second = build_model(cfg.model, cache_dir=cache_dir)
     restore(second.model, handover)
     pixels = image(8)

@@ -35,9 +35,12 @@ def chain(request, tmp_path_factory):
     return request.param, cfg, result, snapshots
 
 
-def _handover(result, name: str) -> dict[str, torch.Tensor]:
+def _handover(cfg, result, name: str) -> dict[str, torch.Tensor]:
+    """Every weight of the model stage ``name`` handed over (the base checkpoints plus the chain's deltas)."""
+    from runs import full_state
+
     stage = next(s for s in result.stages if s.name == name)
-    return torch.load(stage.handover, weights_only=True)["state_dict"]
+    return full_state(cfg, stage.handover)
 
 
 def _moe_prefixes(state: dict[str, torch.Tensor]) -> list[str]:
@@ -63,21 +66,21 @@ def _dense_as_expert(handover: dict[str, torch.Tensor], prefix: str, family: str
 
 @pytest.mark.slow
 def test_each_stage_starts_from_the_previous_stage_weights(chain) -> None:
-    family, _, result, snapshots = chain
+    family, cfg, result, snapshots = chain
     assert [s.name for s in result.stages] == ["stage1", "stage2", "router", "stage3"]
     # stage 2 and the router stage: every weight handed over unchanged
     for previous, current in (("stage1", "stage2"), ("stage2", "router")):
-        handed = _handover(result, previous)
+        handed = _handover(cfg, result, previous)
         start = snapshots[current]
         for key, value in handed.items():
             assert torch.equal(start[key], value), (current, key)
     assert any(
         not torch.equal(snapshots["stage1"][k], v)
-        for k, v in _handover(result, "stage1").items()
+        for k, v in _handover(cfg, result, "stage1").items()
         if k.startswith("connector.")
     )  # stage 1 really trained the connector
     # the router stage changed only the classifier
-    router_handover, stage2_handover = _handover(result, "router"), _handover(result, "stage2")
+    router_handover, stage2_handover = _handover(cfg, result, "router"), _handover(cfg, result, "stage2")
     assert {k for k in router_handover if k not in stage2_handover} == {
         "modality_classifier.linear.weight",
         "modality_classifier.linear.bias",
@@ -111,8 +114,8 @@ def test_each_stage_starts_from_the_previous_stage_weights(chain) -> None:
 
 @pytest.mark.slow
 def test_frozen_router_unchanged_and_experts_trained(chain) -> None:
-    _, _, result, snapshots = chain
-    start, final = snapshots["stage3"], _handover(result, "stage3")
+    _, cfg, result, snapshots = chain
+    start, final = snapshots["stage3"], _handover(cfg, result, "stage3")
     prefixes = _moe_prefixes(final)
     for prefix in prefixes:
         for p in ("weight", "bias"):

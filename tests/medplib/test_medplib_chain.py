@@ -49,8 +49,10 @@ def chain(tmp_path_factory: pytest.TempPathFactory, tiny_llama: Path, tiny_clip:
     return result, starts, cfg, trainable
 
 
-def _state(stage) -> dict[str, torch.Tensor]:
-    return torch.load(stage.handover, weights_only=True)["state_dict"]
+def _state(cfg, stage) -> dict[str, torch.Tensor]:
+    from runs import full_state
+
+    return full_state(cfg, stage.handover)
 
 
 def _ffn(state: dict[str, torch.Tensor], layer: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -62,9 +64,9 @@ def _ffn(state: dict[str, torch.Tensor], layer: int) -> tuple[torch.Tensor, torc
 
 @pytest.mark.slow
 def test_stage_chain_hands_weights_over_by_value(chain) -> None:
-    result, starts, _, _ = chain
+    result, starts, cfg, _ = chain
     assert [s.name for s in result.stages] == ["alignment", "language_expert", "grounding_expert", "moe"]
-    align, language, grounding, _ = (_state(s) for s in result.stages)
+    align, language, grounding, _ = (_state(cfg, s) for s in result.stages)
     # II starts from I's connector; III from II's connector and region adapter
     for key in [k for k in align if k.startswith("connector.")]:
         torch.testing.assert_close(starts[1][1][key], align[key], rtol=0, atol=0)
@@ -98,7 +100,7 @@ def test_stage_chain_hands_weights_over_by_value(chain) -> None:
 def test_stage_four_runs_exactly_one_expert_ffn_per_token(chain) -> None:
     from lightningmodules.models.moe import moe_context, moe_layers
 
-    result, starts, _, _ = chain
+    result, starts, cfg, _ = chain
     model = starts[3][0]
     layers = moe_layers(model)
     assert len(layers) == model.llm.config.num_hidden_layers  # every FFN
@@ -113,7 +115,7 @@ def test_stage_four_runs_exactly_one_expert_ffn_per_token(chain) -> None:
         # 12 rows (9 real, 3 padding), each computed exactly once: the release's gate routes padding too
         assert layer.capacity.count_padding and sum(computed) == context.stats[layer].num_tokens == 12, computed
     # the hand-over of IV rebuilds the MoE structure for evaluation
-    state = _state(result.stages[3])
+    state = _state(cfg, result.stages[3])
     assert any(k.endswith("mlp.router.linear.weight") or ".router." in k for k in state)
     metrics = result.evaluation.metrics
     assert "seg/mdice" in metrics and "seg/mdice/CT" in metrics  # grounding, per modality
@@ -200,10 +202,10 @@ def test_each_stage_trains_exactly_what_the_released_script_trains(chain) -> Non
 def test_stage_four_router_learns_and_drops_tokens_only_in_training(chain) -> None:
     from lightningmodules.models.moe import moe_context, moe_layers
 
-    result, starts, _, _ = chain
+    result, starts, cfg, _ = chain
     model = starts[3][0]
     start = starts[3][1]
-    state = _state(result.stages[3])
+    state = _state(cfg, result.stages[3])
     routers = [k for k in state if k.endswith(".router.linear.weight")]
     assert routers and not any(k.endswith(".router.linear.bias") for k in state)  # Linear(d, 2) without bias
     at_start = {k: start[k.replace("llm.", "llm.base_model.model.", 1)] for k in routers}  # peft-wrapped then

@@ -76,17 +76,19 @@ def test_ddp_two_ranks_agree_and_equal_one_process_with_the_same_global_batch(ex
     )
     check(done, log_dir)
     ranks = [torch.load(ddp_out / "stages" / "train" / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
-    handover = torch.load(ddp_out / "stages" / "train" / "handover.pt", weights_only=True)["state_dict"]
+    handover_file = ddp_out / "stages" / "train" / "handover.json"
 
     cfg, _ = run_in_process(experiment, tmp_path / "single", "trainer.accumulate_grad_batches=2", *common)
-    single = torch.load(tmp_path / "single" / "stages" / "train" / "handover.pt", weights_only=True)["state_dict"]
+    single_file = tmp_path / "single" / "stages" / "train" / "handover.json"
 
     import lightning as L
+    from runs import full_state
 
     from pipeline.model_factory import build_model
 
     L.seed_everything(cfg.seed, verbose=False)
     initial = build_model(cfg.model, cache_dir=cfg.cache_dir).model.state_dict()
+    handover, single = full_state(cfg, handover_file), full_state(cfg, single_file)  # base + the stage's delta
 
     assert max_abs_diff(ranks[0], ranks[1]) == 0.0  # DDP keeps the replicas bit-identical
     assert max_abs_diff(ranks[0], handover) == 0.0
@@ -95,6 +97,74 @@ def test_ddp_two_ranks_agree_and_equal_one_process_with_the_same_global_batch(ex
     print(f"DDP vs single process: max |dw| = {difference:.3g}; training moved weights by up to {moved:.3g}")
     assert moved > 1e-3  # lr 1e-3, 3 Adam steps: the comparison is not between untrained models
     assert difference < 1e-5  # measured 2.3e-7: float summation order only (gloo all-reduce vs accumulation)
+
+
+@pytest.mark.parametrize(
+    "trained",
+    [
+        ["stages.train.train=[connector,llm]"],
+        [  # LoRA merged into the sharded weights before the hand-over (peft's merge on DTensors)
+            "stages.train.train=[connector,lora]",
+            "stages.train.lora={r: 4, alpha: 8, dropout: 0.0, target_modules: [q_proj, v_proj]}",
+        ],
+    ],
+    ids=["llm", "lora"],
+)
+def test_fsdp2_ranks_hand_over_their_shards_and_equal_one_process(
+    experiment: Path, tmp_path: Path, trained: list[str]
+) -> None:
+    """``trainer.strategy=fsdp2`` (Lightning's ModelParallelStrategy: FSDP2 over gloo, on CPU) on 2 ranks: every
+    weight is a DTensor sharded on dimension 0, and each rank writes its own shards of the stage's delta (no
+    rank gathers the model). Restored, the weights equal a 1-process run's with the same global batch, as in
+    the DDP test above (FSDP2 averages the gradients with a reduce-scatter instead of an all-reduce)."""
+    from runs import full_state
+
+    from pipeline.handover import read_manifest
+
+    common = (
+        "data.mixture.one_task_per_batch=true",
+        "data.batch_size=2",
+        "evaluation.enabled=false",
+        f"stages.train.max_steps={STEPS}",
+        "trainer.enable_progress_bar=false",
+        *trained,
+    )
+    out, log_dir = tmp_path / "fsdp2", tmp_path / "logs"
+    done = run(
+        torchrun(nproc=2, port=free_port(), log_dir=log_dir)
+        + [str(WORKER), str(experiment), *overrides(out, "trainer.devices=2", "trainer.strategy=fsdp2", *common)]
+    )
+    check(done, log_dir)
+    handover = out / "stages" / "train" / "handover.json"
+    manifest = read_manifest(handover)
+    files = [entry["file"] for entry in manifest["delta"]]
+    assert files == ["handover-rank00000-of-00002.safetensors", "handover-rank00001-of-00002.safetensors"]
+    from safetensors import safe_open
+
+    shards = []
+    for name in files:
+        with safe_open(str(handover.parent / name), "pt") as f:
+            shards.append({k: f.get_slice(k).get_shape() for k in f.keys()})  # noqa: SIM118 (safe_open has no iter)
+    # every trained weight (connector, whole LLM) is sharded: each rank's file holds its rows of each
+    assert set(shards[0]) == set(shards[1]) == set(manifest["sharded_keys"]) and len(shards[0]) >= 6
+
+    cfg, _ = run_in_process(experiment, tmp_path / "single", "trainer.accumulate_grad_batches=2", *common)
+    sharded = full_state(cfg, handover)
+    single = full_state(cfg, tmp_path / "single" / "stages" / "train" / "handover.json")
+    import lightning as L
+
+    from pipeline.model_factory import build_model
+
+    L.seed_everything(cfg.seed, verbose=False)
+    initial = build_model(cfg.model, cache_dir=cfg.cache_dir).model.state_dict()
+    for key in manifest["sharded_keys"]:  # FSDP2's split of dimension 0: ceil(rows / 2) rows on rank 0
+        full = list(single[key].shape)
+        assert shards[0][key] == [-(-full[0] // 2), *full[1:]], key
+        assert shards[1][key] == [full[0] // 2, *full[1:]], key
+    moved, difference = max_abs_diff(single, initial), max_abs_diff(sharded, single)
+    print(f"FSDP2 (2 ranks) vs single process: max |dw| = {difference:.3g}; training moved weights by up to {moved:.3g}")
+    assert moved > 1e-3
+    assert difference < 1e-5
 
 
 @pytest.fixture(scope="module")
@@ -171,7 +241,7 @@ def test_distributed_evaluation_gives_exactly_the_single_process_metrics(two_nod
     cfg = load_config(experiment, overrides(tmp / "single"))
     tracker = Tracker(tracking_uri=cfg.mlflow.tracking_uri, experiment_name="single-eval")
     single = evaluate_handover(
-        cfg, out / "stages" / "train" / "handover.pt", tracker=tracker, out_dir=tmp / "single" / "eval"
+        cfg, out / "stages" / "train" / "handover.json", tracker=tracker, out_dir=tmp / "single" / "eval"
     )
     assert single.count == 7
     assert distributed["all_metrics"] == single.metrics  # exact, every protocol and breakdown
