@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -261,10 +262,14 @@ def cmd_memory(args: argparse.Namespace) -> int:
 
 def cmd_params(args: argparse.Namespace) -> int:
     from pipeline.config import load_config
-    from pipeline.params import experiment_params, format_params, to_json
+    from pipeline.params import experiment_params, format_handover_sizes, format_params, handover_sizes, to_json
 
     cfg = load_config(args.config, args.overrides, check_paths=False)
     _quiet_libraries()
+    if args.handover:
+        rows = handover_sizes(cfg)
+        print(json.dumps(rows) if args.json else format_handover_sizes(rows))
+        return 0
     result = experiment_params(cfg, stage=args.stage)
     print(to_json(result) if args.json else format_params(result))
     return 0
@@ -308,6 +313,11 @@ def build_parser() -> argparse.ArgumentParser:
     params.add_argument("--stage", help="count the model as it is after this stage (default: the last)")
     params.add_argument(
         "--json", action="store_true", help='print one JSON object: {"total": N, "active_per_token": N, ...}'
+    )
+    params.add_argument(
+        "--handover",
+        action="store_true",
+        help="instead: the size of each stage's hand-over (its delta) beside the full model's",
     )
     demo = add("demo", cmd_demo, "Train and evaluate the tiny demo on synthetic data (no downloads).", config=False)
     demo.add_argument("--out", help="put outputs and the MLflow database in this directory")

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from datamodules.problems import Problem
 from datamodules.records import Record
@@ -238,7 +238,12 @@ def evaluate_model(
     if module is None:
         module = evaluation_module(cfg, built)
     records = dm.split_records(split)  # first: the split's skips are told apart from the baseline's train split
-    trainer = build_trainer(cfg.trainer, logger=tracker.lightning_logger(run_id), root_dir=out_dir)
+    trainer_cfg = cfg.trainer
+    if trainer_cfg.strategy == "fsdp2":
+        # generation is not sharded: ranks stop decoding after different numbers of steps, and FSDP2 gathers
+        # weights in every forward, so each rank holds the whole model (DDP) for its share of the questions
+        trainer_cfg = OmegaConf.merge(trainer_cfg, {"strategy": "ddp"})
+    trainer = build_trainer(trainer_cfg, logger=tracker.lightning_logger(run_id), root_dir=out_dir)
     trainer.test(module, dataloaders=dm.generation_dataloader(split), verbose=False)
     if not trainer.is_global_zero:
         return EvalResult(split=split, metrics={}, baseline={}, predictions_file=out_dir / "predictions.jsonl", count=0)

@@ -50,7 +50,7 @@ def check_exportable(model_cfg: Any, model: Any) -> None:
     if model_cfg.vision.pad_square:
         reasons.append("model.vision.pad_square is on (Llava's image processor does not pad to a square)")
     if moe_layers(model.llm):
-        reasons.append("the LLM has MoE layers (Llava's LLM is dense)")
+        reasons.append("the LLM has MoE layers (Llava's LLM is dense; --format moe_llava or medpipe write them)")
     if reasons:
         raise ExportError("cannot export as transformers' Llava: " + "; ".join(reasons))
 

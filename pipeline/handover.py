@@ -1,12 +1,15 @@
 """Weights handed from one stage to the next (and to evaluation, the registry, export): a delta per stage.
 
 A hand-over is a small JSON manifest (``stages/<stage>/handover.json``) beside safetensors files that hold
-only what the stage changed: the weights it trained (LoRA merged into the weights it adapted) and the
-weights of modules its structure entries added (MoE experts and routers, the modality classifier). The
-manifest names the base checkpoints the model is built from (``base``), the previous hand-over of the chain
-(``previous``, relative to the manifest), the structure entries of the model after the stage and each delta
-file with its SHA-256. ``restore`` rebuilds the full model from the chain: build from the config (the base
-weights), replay the structure, then load each delta, oldest first.
+only what the stage changed: the weights it trained, its LoRA adapters as factors (A, B: not the merged
+weights, which for ``all-linear`` would be most of the LLM) and the weights of modules its structure entries
+added (MoE experts and routers, the modality classifier). The manifest names the base checkpoints the model
+is built from (``base``), the previous hand-over of the chain (``previous``, relative to the manifest), the
+structure entries of the model after the stage, the stage's LoRA settings and each delta file with its
+SHA-256. ``restore`` rebuilds the full model from the chain: build from the config (the base weights), then
+for each hand-over, oldest first: replay its structure entries, wrap the same LoRA adapters, load its delta
+and merge the adapters with the code the stage itself merges with (``pipeline.trainable.merge_lora``), so
+the restored weights are the ones the stage ended with, bit for bit.
 
 Under sharded training (FSDP2 / ``ModelParallelStrategy``) each rank writes the local shards of its
 sharded parameters to its own file (``<stem>-rank00001-of-00002.safetensors``; dimension 0, in rank order),
@@ -56,7 +59,7 @@ class HandoverBaseError(ValueError):
 
 
 def merged_key(name: str) -> str:
-    """The state-dict key a trained parameter's values end up in once LoRA is merged: peft's wrapper prefix
+    """The state-dict key a parameter's values end up in once LoRA is merged: peft's wrapper prefix
     (``base_model.model.``) and ``base_layer`` go, a LoRA factor maps to the weight it adapts, an expert
     adapter (``experts.lora.lora_a_in``) to the stacked expert weight (``experts.w_in``)."""
     name = name.replace(".base_model.model.", ".", 1).replace(".base_layer.", ".")
@@ -75,26 +78,30 @@ def trained_names(model: nn.Module) -> list[str]:
 
 
 def changed_keys(model: nn.Module, *, trained: Iterable[str], start_keys: Iterable[str]) -> list[str]:
-    """Keys of ``model``'s state dict (LoRA merged) that a stage changed: the weights it trained and every key
-    the model did not have when the stage started (modules its structure entries added), plus the keys tied
-    to those (an embedding shared with the LM head). A trained name that maps to no key is an error: a
-    delta that silently missed a trained weight would restore the base value."""
+    """Keys of ``model``'s state dict (LoRA adapters in place, not merged) that a stage changed: the parameters
+    it trained (LoRA factors among them) and every key whose merged name the model did not have when the stage
+    started (modules its structure entries added), plus the keys tied to those (an embedding shared with the
+    LM head). A trained name the model lacks is an error: a delta that silently missed a trained weight would
+    restore the base value."""
     state = model.state_dict(keep_vars=True)
     start = set(start_keys)
-    wanted = {k for k in state if k not in start}
+    wanted = {k for k in state if merged_key(k) not in start}
     for name in trained:
-        key = merged_key(name)
-        if key not in state:
-            raise KeyError(f"trained parameter {name} maps to {key}, which the merged model does not have")
-        wanted.add(key)
+        if name not in state:
+            raise KeyError(f"trained parameter {name} is not in the model's state dict")
+        wanted.add(name)
     storage = {_storage_id(state[k]) for k in wanted}
     wanted |= {k for k, v in state.items() if _storage_id(v) in storage}
     return sorted(wanted)
 
 
 def _storage_id(tensor: torch.Tensor) -> tuple[int, int]:
+    """Where a tensor's values live: tied weights share it. Meta tensors have no storage (``medpipe params
+    --handover``): the tensor object itself (``keep_vars`` state dicts hold the shared Parameter)."""
     local = _local(tensor)
-    return (local.untyped_storage().data_ptr(), local.storage_offset()) if local.numel() else (id(tensor), 0)
+    if local.device.type == "meta" or not local.numel():
+        return (id(tensor), 0)
+    return (local.untyped_storage().data_ptr(), local.storage_offset())
 
 
 def _local(tensor: torch.Tensor) -> torch.Tensor:
@@ -142,13 +149,18 @@ def save_handover(
     changed: Iterable[str] | None = None,
     previous: str | Path | None = None,
     base: dict[str, Any] | None = None,
+    lora: dict[str, Any] | None = None,
+    collective: bool = True,
 ) -> Path:
     """Write ``model``'s hand-over: the manifest at ``path`` (suffix ``.json``) and the delta beside it.
 
     ``changed``: the keys to hand over (``changed_keys``); None hands over every key (a complete hand-over,
-    needing no previous one). ``previous``: the hand-over this stage started from. Collective when
-    ``torch.distributed`` is initialised: every rank writes its shards, rank 0 the replicated tensors and the
-    manifest, then all wait so nobody reads it before it is complete. Returns the manifest's path."""
+    needing no previous one). ``previous``: the hand-over this stage started from. ``lora``: the stage's LoRA
+    settings (``r``, ``alpha``, ``dropout``, ``target_modules``) when ``model`` still holds its adapters
+    unmerged: ``restore`` wraps the same adapters, loads the factors and merges. Collective when
+    ``torch.distributed`` is initialised: replicated weights (DDP) are written by one process per node; sharded
+    ones (FSDP2) by every rank, its own shards, with the manifest from rank 0 (a shared disk); then all wait.
+    ``collective=False``: this process alone (a copy made on rank 0). Returns the manifest's path."""
     manifest_path = Path(path).with_suffix(".json")
     manifest_path.parent.mkdir(parents=True, exist_ok=True)
     state = model.state_dict()
@@ -156,35 +168,38 @@ def save_handover(
     missing = [k for k in keys if k not in state]
     if missing:
         raise KeyError(f"{manifest_path}: keys to hand over that the model does not have: {missing[:5]}")
-    rank, world = _rank_info()
+    rank, world = _rank_info() if collective else (0, 1)
     sharded = [k for k in keys if _is_sharded(state[k])]
-    if world == 1 or not sharded:
-        mine = {k: state[k] for k in keys} if rank == 0 else {}
-        name = f"{manifest_path.stem}.safetensors"
-    else:  # this rank's shards of the sharded keys, plus (rank 0) the replicated ones
+    manifest = {
+        "format": FORMAT,
+        "version": FORMAT_VERSION,
+        "stage": stage,
+        "complete": changed is None,
+        "previous": None if previous is None else _relative(Path(previous), manifest_path.parent),
+        "base": base,
+        "structure": model_structure(model),
+        "lora": lora,
+        "meta": meta or {},
+        "keys": len(keys),
+        "sharded_keys": sharded,
+    }
+    node = os.environ.get("GROUP_RANK", os.environ.get("NODE_RANK", os.environ.get("SLURM_NODEID", "0")))
+    if not sharded:  # replicated weights (one process, DDP): one writer per node, so node-local disks work too
+        if world == 1 or int(os.environ.get("LOCAL_RANK", 0)) == 0:
+            written = _write_delta(
+                {k: state[k] for k in keys}, manifest_path.parent / f"{manifest_path.stem}.safetensors", node
+            )
+            _write_text_atomically(json.dumps({**manifest, "delta": [written]}, indent=1) + "\n", manifest_path, node)
+    else:  # FSDP2: every rank its shards (rank 0 also the replicated tensors), rank 0 the manifest: shared disk
         mine = {k: state[k] for k in sharded}
         if rank == 0:
             mine.update({k: state[k] for k in keys if k not in set(sharded)})
         name = f"{manifest_path.stem}-rank{rank:05d}-of-{world:05d}.safetensors"
-    written = _write_delta(mine, manifest_path.parent / name) if mine or rank == 0 else None
-    files = _gather_objects(written)
-    if rank == 0:
-        manifest = {
-            "format": FORMAT,
-            "version": FORMAT_VERSION,
-            "stage": stage,
-            "complete": changed is None,
-            "previous": None if previous is None else _relative(Path(previous), manifest_path.parent),
-            "base": base,
-            "structure": model_structure(model),
-            "meta": meta or {},
-            "keys": len(keys),
-            "sharded_keys": sharded if world > 1 else [],
-            "delta": [f for f in files if f is not None],
-        }
-        _write_text_atomically(json.dumps(manifest, indent=1) + "\n", manifest_path)
+        files = _gather_objects(_write_delta(mine, manifest_path.parent / name, node))  # names and hashes only
+        if rank == 0:
+            _write_text_atomically(json.dumps({**manifest, "delta": files}, indent=1) + "\n", manifest_path, node)
     if world > 1:
-        torch.distributed.barrier()
+        torch.distributed.barrier()  # nobody reads the hand-over (next stage, evaluation) before it is complete
     return manifest_path
 
 
@@ -204,7 +219,7 @@ def _relative(path: Path, start: Path) -> str:
         return str(path.resolve())
 
 
-def _write_delta(tensors: dict[str, torch.Tensor], path: Path) -> dict[str, Any]:
+def _write_delta(tensors: dict[str, torch.Tensor], path: Path, node: str = "0") -> dict[str, Any]:
     """safetensors of ``tensors`` (local shards, contiguous CPU copies: tied tensors become separate entries),
     written to a temporary file and renamed; returns {file, sha256, bytes}. The bytes go through a Python file:
     safetensors' own ``save_file`` reports no error on a full disk (seen with /dev/full)."""
@@ -213,7 +228,7 @@ def _write_delta(tensors: dict[str, torch.Tensor], path: Path) -> dict[str, Any]
     plain = {k: _local(v).detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}
     data = save(plain, metadata={"format": FORMAT})
     del plain
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_suffix(f".tmp{node}")  # each node its own: several may write one shared folder
     try:
         with open(tmp, "wb") as f:
             f.write(data)
@@ -229,8 +244,8 @@ def _write_delta(tensors: dict[str, torch.Tensor], path: Path) -> dict[str, Any]
     return {"file": path.name, "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
 
 
-def _write_text_atomically(text: str, path: Path) -> None:
-    tmp = path.with_suffix(".json.tmp")
+def _write_text_atomically(text: str, path: Path, node: str = "0") -> None:
+    tmp = path.with_suffix(f".json.tmp{node}")
     try:
         tmp.write_text(text)
         tmp.replace(path)
@@ -313,6 +328,11 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
         raise _not_a_handover(path, "previous", f"expected a path or null, got {type(previous).__name__}")
     if not isinstance(manifest.get("sharded_keys", []), list):
         raise _not_a_handover(path, "sharded_keys", "expected a list of keys")
+    lora = manifest.get("lora")
+    if lora is not None and (
+        not isinstance(lora, dict) or not {"r", "alpha", "dropout", "target_modules"} <= set(lora)
+    ):
+        raise _not_a_handover(path, "lora", "expected null or {r, alpha, dropout, target_modules}")
     return manifest
 
 
@@ -351,7 +371,7 @@ def handover_chain(path: str | Path) -> list[Link]:
         previous = link.manifest.get("previous")
         if link.manifest.get("complete") or previous is None:
             return chain[::-1]
-        path = (path.parent / previous) if not Path(previous).is_absolute() else Path(previous)
+        path = Path(os.path.normpath(path.parent / previous))  # an absolute `previous` stays as it is
 
 
 def read_delta(link: Link) -> dict[str, torch.Tensor]:
@@ -430,18 +450,27 @@ def check_base(chain: list[Link], base: dict[str, Any] | None) -> None:
 
 
 def restore(model: nn.Module, path: str | Path, *, base: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Load the hand-over chain ending at ``path`` into ``model`` (built from the config): replay the structure,
-    then every delta, oldest first. A key the model lacks, a shape that differs, or a key a structure entry
-    added that no delta fills is an error naming the file and the key. ``base``: ``base_of(cfg.model)``,
-    checked against each manifest's."""
+    """Load the hand-over chain ending at ``path`` into ``model`` (built from the config). For each hand-over,
+    oldest first: replay its structure entries, wrap its LoRA adapters, load its delta, merge the adapters.
+    A key the model lacks, a shape that differs, or a key a structure entry added that no delta fills is an
+    error naming the file and the key. ``base``: ``base_of(cfg.model)``, checked against each manifest's."""
+    from omegaconf import OmegaConf
+
+    from pipeline.trainable import add_lora, merge_lora
+
     path = Path(path)
     chain = handover_chain(path)
     check_base(chain, base)
-    before = set(model.state_dict())
-    apply_structure(model, chain[-1].manifest["structure"], source=str(path))
-    own = model.state_dict()
-    filled: set[str] = set()
+    unfilled: set[str] = set()  # keys structure entries added that no delta has filled yet
     for link in chain:
+        before = set(model.state_dict())
+        apply_structure(model, link.manifest["structure"], source=str(link.path))
+        unfilled |= set(model.state_dict()) - before
+        lora = link.manifest.get("lora")
+        if lora is not None:
+            with torch.random.fork_rng(devices=[]):  # the adapters' init is overwritten: leave the RNG as it was
+                add_lora(model, OmegaConf.create(lora))
+        own = model.state_dict()
         delta = read_delta(link)
         unexpected = sorted(k for k in delta if k not in own)
         # a complete hand-over (format 1, `register_weights: full`) holds every weight
@@ -458,11 +487,14 @@ def restore(model: nn.Module, path: str | Path, *, base: dict[str, Any] | None =
                     f"{tuple(value.shape)} in the file and {tuple(own[key].shape)} in the model"
                 )
         model.load_state_dict(delta, strict=False)
-        filled |= set(delta)
-    added = sorted(set(own) - before - filled - _tied_to(own, filled))
-    if added:
+        filled = {merged_key(k) for k in delta}
+        if lora is not None:
+            merge_lora(model)
+        merged = model.state_dict()
+        unfilled -= filled | _tied_to(merged, filled & set(merged))
+    if unfilled:
         raise ValueError(
-            f"{path}: no hand-over of the chain holds {added[:5]}, which its structure entries add "
+            f"{path}: no hand-over of the chain holds {sorted(unfilled)[:5]}, which its structure entries add "
             "(a delta written without the new modules?)"
         )
     last = chain[-1].manifest
@@ -502,7 +534,12 @@ def copy_chain(path: str | Path, dst: str | Path, *, complete: bool = False, mod
             raise ValueError("copy_chain(complete=True) needs the restored model")
         last = chain[-1].manifest
         return save_handover(
-            model, dst / MANIFEST_NAME, stage=str(last.get("stage")), meta=last.get("meta", {}), base=last.get("base")
+            model,
+            dst / MANIFEST_NAME,
+            stage=str(last.get("stage")),
+            meta=last.get("meta", {}),
+            base=last.get("base"),
+            collective=False,
         )
     previous: str | None = None
     for k, link in enumerate(chain):

@@ -245,7 +245,8 @@ class MedpipeVLM(nn.Module):
             )
         if images:
             visual = self.encode_images(pixel_values).to(embeds.dtype)  # (N, I, D)
-            embeds = embeds.masked_scatter(positions.unsqueeze(-1), visual.reshape(-1, visual.shape[-1]))
+            rows = visual.reshape(-1, visual.shape[-1])  # (N*I, D), image by image: row-major placeholder order
+            embeds = embeds.masked_scatter(positions.unsqueeze(-1), rows)  # (B, T, D)
         return embeds
 
     def forward(

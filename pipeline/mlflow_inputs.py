@@ -2,7 +2,9 @@
 
 One input per dataset a run read: name = the dataset's name in the config, digest = its fingerprint
 (``data.<name>.sha256``, the hash of its annotation files, ``pipeline/fingerprints.py``), source = its folder,
-profile = its records per split, tag ``mlflow.data.context`` = the splits the run used it for, joined with "+"
+profile = its format and annotation files (what the digest covers: MLflow shares one dataset entry between the
+runs that log the same name and digest; each run's record counts are its ``data.<name>.<split>.records`` params),
+tag ``mlflow.data.context`` = the splits the run used it for, joined with "+"
 ("train+val" for a stage, "test" for an evaluation run, "train+val+test" for a stage evaluated in its own run).
 MLflow keeps one input per (name, digest) and run, so the context is told once, with every split.
 """
@@ -35,7 +37,7 @@ def dataset_inputs(fingerprints: dict[str, Any], contexts: dict[str, list[str]])
             digest=digests[f"data.{name}.sha256"],
             source_type="local",
             source=json.dumps({"uri": fp["path"]}),
-            profile=json.dumps({"format": fp["format"], "records": fp["records"]}),
+            profile=json.dumps({"format": fp["format"], "annotation_files": sorted(fp["files"])}),
         )
         inputs.append(DatasetInput(dataset=dataset, tags=[InputTag("mlflow.data.context", "+".join(ordered))]))
     return inputs

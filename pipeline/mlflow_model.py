@@ -11,7 +11,9 @@ A registered version is the experiment run's ``model/`` folder (``pipeline.track
 ``pipeline.registry.load_registered`` does (the config, the base checkpoints it names, the hand-over chain) with
 the last stage's conversation preset, the prompts the final evaluation used. ``predict`` takes a DataFrame with
 columns ``image`` (a path) and ``question`` and returns one answer per row, generated as medpipe's evaluation
-generates them (same prompt encoding, image transform, decoding settings and batch size).
+generates them (same prompt encoding, image transform, decoding settings, batch size and ``trainer.num_threads``;
+the same answers where the process runs the same CPU kernels: ``trainer.cpu_kernels: portable`` takes effect only
+when torch has not run a tensor operation yet, see pipeline/reproducibility.py).
 
 :class:`MedpipeVQAModel` is the same model as an ``mlflow.pyfunc.PythonModel`` (its ``load_context`` reads the
 folder from ``context.artifacts["model"]``), for ``mlflow.pyfunc.save_model(python_model=..., artifacts=...)``.
@@ -24,10 +26,12 @@ over base checkpoints. ``medpipe export --format hf`` writes a dense model as tr
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
 import mlflow.pyfunc
+import pandas as pd
 
 INPUT_COLUMNS = ("image", "question")
 OUTPUT_COLUMN = "answer"
@@ -61,13 +65,15 @@ def pip_requirements() -> list[str]:
 def write_pyfunc_files(folder: Path, *, metadata: dict[str, str] | None = None) -> Path:
     """The flavour files of a registered model (``MLmodel`` with the signature, the environment files) written
     into ``folder`` (created; it must not exist); the config and hand-over files are logged beside them."""
-    mlflow.pyfunc.save_model(
-        path=str(folder),
-        loader_module=__name__,
-        signature=signature(),
-        pip_requirements=pip_requirements(),
-        metadata=metadata or None,
-    )
+    with warnings.catch_warnings():  # an input example would need an image file: the signature says the columns
+        warnings.filterwarnings("ignore", message=".*input example was not provided.*")
+        mlflow.pyfunc.save_model(
+            path=str(folder),
+            loader_module=__name__,
+            signature=signature(),
+            pip_requirements=pip_requirements(),
+            metadata=metadata or None,
+        )
     return folder
 
 
@@ -96,10 +102,13 @@ class VQAPredictor:
     """Answers (image, question) rows with a registered model, as medpipe's evaluation generates answers."""
 
     def __init__(self, folder: str | Path) -> None:
+        from pipeline.reproducibility import use_portable_cpu_kernels
         from pipeline.runner import build_datamodule, connect
         from pipeline.stages import evaluation_module
 
         self.cfg, self.built = load_folder(Path(folder))
+        if self.cfg.trainer.cpu_kernels == "portable":  # the evaluation's kernels, where torch has not chosen yet
+            use_portable_cpu_kernels()
         self.module = evaluation_module(self.cfg, self.built)
         self.module.eval()
         # the evaluation's encoder, transform and prompt settings; no dataset is read
@@ -145,17 +154,17 @@ class VQAPredictor:
         loader = DataLoader(
             dataset, batch_size=self.cfg.evaluation.batch_size, shuffle=False, collate_fn=dm.collator(generation=True)
         )
+        from pipeline.reproducibility import intra_op_threads
+
         answers: list[str] = []
-        with torch.no_grad():
+        with torch.no_grad(), intra_op_threads(self.cfg.trainer.num_threads):
             for batch in loader:
                 texts, _ = self.module.generate_answers(batch)
                 answers += texts
         return answers
 
 
-def _frame(model_input: Any) -> Any:
-    import pandas as pd
-
+def _frame(model_input: Any) -> pd.DataFrame:
     if isinstance(model_input, pd.DataFrame):
         return model_input
     if isinstance(model_input, dict):
@@ -169,10 +178,11 @@ def _load_pyfunc(path: str) -> VQAPredictor:
 
 
 class MedpipeVQAModel(mlflow.pyfunc.PythonModel):
-    """The registered model as a ``PythonModel``: ``artifacts={"model": <registered model folder>}``."""
+    """The registered model as a ``PythonModel``: ``artifacts={"model": <registered model folder>}``; ``predict``
+    takes the DataFrame as it is (a ``pd.DataFrame`` type hint: MLflow converts nothing)."""
 
     def load_context(self, context: Any) -> None:
         self.predictor = VQAPredictor(context.artifacts["model"])
 
-    def predict(self, context: Any, model_input: Any, params: dict[str, Any] | None = None) -> list[str]:
+    def predict(self, context: Any, model_input: pd.DataFrame, params: Any = None) -> list[str]:
         return self.predictor.predict(model_input, params)

@@ -37,6 +37,7 @@ from pipeline.architectures import Architecture, architecture_for
 from pipeline.config.errors import ConfigError
 from pipeline.grounding_factory import build_grounded, grounding_tokens
 from pipeline.importers import (
+    PART_PREFIXES,
     CheckpointLayoutError,
     apply_import_structure,
     detect_format,
@@ -118,6 +119,18 @@ def build_model(
         except CheckpointLayoutError as error:
             raise ConfigError(f"model.init: {error}") from None
     return built
+
+
+def checkpoint_prefixes(cfg: DictConfig) -> tuple[str, ...]:
+    """State-dict prefixes of the parts a pretrained build reads from checkpoint files: the vision encoder, the
+    LLM (its added-token rows are the mean of the read ones), SAM, and what ``model.init`` fills. Every other
+    weight (connector, region adapter, SEG projection, ...) is initialised at random, so a run's first
+    hand-over carries it (``pipeline/handover.py``): restoring never depends on the random state of a build."""
+    prefixes = ["vision.encoder.", "llm."]
+    if cfg.get("grounding") is not None:
+        prefixes.append("grounding.sam.")
+    prefixes += [PART_PREFIXES[part] for part in sorted(imported_parts(cfg.get("init")))]
+    return tuple(dict.fromkeys(prefixes))
 
 
 def _tiny_paths(cfg: DictConfig) -> list[str]:

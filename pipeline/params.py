@@ -75,3 +75,58 @@ def format_params(result: dict[str, Any]) -> str:
 
 def to_json(result: dict[str, Any]) -> str:
     return json.dumps(result)
+
+
+def handover_sizes(cfg: DictConfig) -> list[dict[str, Any]]:
+    """What each stage's hand-over holds, computed on the model built without weights on the meta device the
+    way the runner computes it (``pipeline.handover.changed_keys``, LoRA adapters as factors): ``{"stage",
+    "keys", "params", "bytes"}`` of the delta beside ``full_bytes`` (every weight, LoRA merged: the format-1
+    ``handover.pt``). Trained weights count in float32 (the masters ``set_trainable`` keeps), the rest in their
+    load dtype."""
+    from pipeline.handover import changed_keys, trained_names
+    from pipeline.model_factory import build_model, checkpoint_prefixes
+    from pipeline.stages import stage_for
+    from pipeline.trainable import merge_lora
+
+    rows = []
+    for index, name in enumerate(cfg.stages):
+        stage = stage_for(cfg, name)
+        model = build_model(cfg.model, cache_dir=cfg.cache_dir, weights="none", device="meta").model
+        with torch.device("meta"):
+            stage.start_structure(model)
+            start_keys = set(model.state_dict())
+            if index == 0 and cfg.stages[name].init_from is None:  # the first also holds what no checkpoint has
+                start_keys = {k for k in start_keys if k.startswith(checkpoint_prefixes(cfg.model))}
+            stage.apply_changes(model)
+        stage.set_trainable(model)
+        keys = changed_keys(model, trained=trained_names(model), start_keys=start_keys)
+        state = model.state_dict()
+        delta = {
+            "keys": len(keys),
+            "params": sum(state[k].numel() for k in keys),
+            "bytes": sum(state[k].numel() * state[k].element_size() for k in keys),
+        }
+        merge_lora(model)
+        full = sum(v.numel() * v.element_size() for v in _unique_tensors(model.state_dict()))
+        rows.append({"stage": name, **delta, "full_bytes": full})
+    return rows
+
+
+def _unique_tensors(state: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+    seen: set[int] = set()
+    out = []
+    for value in state.values():
+        if id(value) not in seen:
+            seen.add(id(value))
+            out.append(value)
+    return out
+
+
+def format_handover_sizes(rows: list[dict[str, Any]]) -> str:
+    lines = [f"{'stage':<20} {'delta keys':>10} {'delta params':>16} {'delta':>10} {'full model':>11}"]
+    for row in rows:
+        lines.append(
+            f"{row['stage']:<20} {row['keys']:>10,} {row['params']:>16,} {row['bytes'] / 2**30:>8.2f} GB "
+            f"{row['full_bytes'] / 2**30:>8.2f} GB"
+        )
+    return "\n".join(lines)

@@ -30,7 +30,7 @@ from pipeline.config import ConfigError
 from pipeline.evaluation import EvalResult, evaluate_model, tracked_metrics
 from pipeline.fingerprints import dataset_fingerprints, fingerprint_params
 from pipeline.handover import MANIFEST_NAME, base_of, changed_keys, copy_chain, restore, save_handover, trained_names
-from pipeline.model_factory import BuiltModel, build_model
+from pipeline.model_factory import BuiltModel, build_model, checkpoint_prefixes
 from pipeline.plots import learning_curve
 from pipeline.preflight import check_checkpoints, preflight
 from pipeline.reproducibility import cpu_numerics, kernel_fingerprint
@@ -191,7 +191,11 @@ def run_stage(
     if init is not None:
         restore(built.model, init, base=base_of(cfg.model))
         log.info("stage %s: starting from %s", name, init)
-    start_keys = set(built.model.state_dict())  # the hand-over holds what the stage changes from here
+    # the hand-over holds what the stage changes from here; a run's first stage also hands over every weight no
+    # checkpoint file holds (initialised at random: the connector, ...), so no restore depends on a build's RNG
+    start_keys = set(built.model.state_dict())
+    if init is None:
+        start_keys = {k for k in start_keys if k.startswith(checkpoint_prefixes(cfg.model))}
     stage.prepare(built.model, handovers or {})
     trainable = stage.set_trainable(built.model)
     trained = trained_names(built.model)
@@ -229,8 +233,8 @@ def run_stage(
     log_stage_records(tracker, run_id, dm, history, name)
     check_finite_weights(name, built.model)
     stage.log_artifacts(module, tracker=tracker, run_id=run_id, out_dir=stage_dir)
-    merge_lora(built.model)
-    handover = save_handover(
+    lora = stage.config.lora
+    handover = save_handover(  # before the merge: LoRA adapters travel as their factors
         built.model,
         stage_dir / MANIFEST_NAME,
         stage=name,
@@ -238,7 +242,9 @@ def run_stage(
         changed=changed_keys(built.model, trained=trained, start_keys=start_keys),
         previous=init,
         base=base_of(cfg.model),
+        lora=None if lora is None else OmegaConf.to_container(lora, resolve=True),
     )
+    merge_lora(built.model)  # evaluation and later stages see the plain model
     result = StageResult(
         name=name,
         handover=handover,
@@ -254,6 +260,12 @@ def run_stage(
     stage_state.losses, stage_state.val_losses = list(history.losses), list(history.val_losses)
     stage_state.epoch_losses = list(history.epoch_losses)
     if cfg.evaluation.enabled and cfg.evaluation.after_each_stage and stage.evaluated:
+        if cfg.trainer.strategy == "fsdp2":  # the trained model is sharded: evaluate a whole one, from the hand-over
+            module, built = (
+                None,
+                build_model(cfg.model, cache_dir=cfg.cache_dir, conversation=stage.config.conversation),
+            )
+            restore(built.model, handover, base=base_of(cfg.model))
         result.evaluation = evaluate_model(
             cfg, built, tracker=tracker, run_id=run_id, out_dir=stage_dir / "eval", module=module, source=handover
         )
@@ -431,6 +443,7 @@ def _run_experiment(
         elif result.stages:
             result.evaluation = result.stages[-1].evaluation
         log_final_metrics(tracker, parent, result.evaluation)
+        tracker.log_child_datasets(parent)
         if cfg.mlflow.register_model and result.stages:
             result.model_uri = register_final_model(cfg, tracker, parent, result.stages[-1].handover, out_dir)
         rows = results_rows(result)

@@ -679,16 +679,54 @@ class Tracker:
         with self._guard("logging dataset inputs"):
             self.client.log_inputs(run_id, datasets=inputs)
 
+    def child_runs(self, run_id: str) -> list[Any]:
+        """The runs nested under ``run_id`` (stages, evaluation), oldest first."""
+        with self._guard(f"reading the runs of {run_id}"):
+            run = self.client.get_run(run_id)
+            return self.client.search_runs(
+                [run.info.experiment_id],
+                filter_string=f"tags.`mlflow.parentRunId` = '{run_id}'",
+                order_by=["attributes.start_time ASC"],
+            )
+
+    def log_child_datasets(self, run_id: str | None) -> None:
+        """Every dataset input of the runs nested under ``run_id`` as an input of ``run_id`` too, its context the
+        splits over all of them ("train+val+test"): the experiment run's row in the runs table names its data."""
+        if not self.enabled or run_id is None:
+            return
+        from mlflow.entities import DatasetInput, InputTag
+
+        from_children: dict[tuple[str, str], Any] = {}
+        splits: dict[tuple[str, str], list[str]] = {}
+        for child in self.child_runs(run_id):
+            for given in child.inputs.dataset_inputs if child.inputs else []:
+                key = (given.dataset.name, given.dataset.digest)
+                from_children.setdefault(key, given.dataset)
+                for tag in given.tags:
+                    if tag.key == "mlflow.data.context":
+                        found = splits.setdefault(key, [])
+                        found += [s for s in tag.value.split("+") if s and s not in found]
+        order = ("train", "val", "test")
+        inputs = [
+            DatasetInput(
+                dataset=dataset,
+                tags=[
+                    InputTag(
+                        "mlflow.data.context",
+                        "+".join(sorted(splits.get(key, []), key=lambda s: order.index(s) if s in order else 3)),
+                    )
+                ],
+            )
+            for key, dataset in from_children.items()
+        ]
+        self.log_datasets(run_id, inputs)
+
     def model_card(self, run_id: str) -> tuple[str, dict[str, str]]:
         """A registered version's description and tags, from the experiment run: its recipe, its stage runs in
         order, the final evaluation's headline metrics logged on it and the code's version tags."""
         with self._guard(f"reading run {run_id}"):
             run = self.client.get_run(run_id)
-            children = self.client.search_runs(
-                [run.info.experiment_id],
-                filter_string=f"tags.`mlflow.parentRunId` = '{run_id}'",
-                order_by=["attributes.start_time ASC"],
-            )
+        children = self.child_runs(run_id)
         stages = [c.info.run_name for c in children if c.data.tags.get("stage") != "evaluate"]
         recipe = run.data.tags.get("recipe") or run.info.run_name
         metrics = run.data.metrics
@@ -711,6 +749,19 @@ class Tracker:
                 tags[key] = run.data.tags[key]
         tags.update({key: f"{metrics[key]:.4f}" for key in HEADLINE_LABELS if key in metrics})
         return "\n".join(lines), tags
+
+    def _record_model(self, run_id: str, mlmodel: Path) -> None:
+        """The run's ``mlflow.log-model.history`` tag, as ``mlflow.<flavour>.log_model`` writes it: the runs table's
+        Models column and the run page then name ``model/``. Best effort (MLflow's private client call): a failure
+        is a warning, the registration goes on."""
+        from mlflow.models import Model
+
+        try:
+            model = Model.load(str(mlmodel))
+            model.run_id, model.artifact_path = run_id, "model"
+            self.client._record_logged_model(run_id, model)
+        except Exception as e:
+            log.warning("MLflow: model/ not recorded in run %s's logged models: %s", run_id, failure_reason(e))
 
     def register_model(
         self,
@@ -751,6 +802,7 @@ class Tracker:
                 self.client.log_artifact(run_id, str(source), f"model/{folder}" if folder else "model")
             flavour = write_pyfunc_files(Path(tmp) / "pyfunc", metadata={"medpipe.recipe": tags.get("recipe", "")})
             self.client.log_artifacts(run_id, str(flavour), "model")
+            self._record_model(run_id, flavour / "MLmodel")
             try:
                 self.client.create_registered_model(
                     name, description="medpipe models: each version is one experiment run's final model"
@@ -759,8 +811,11 @@ class Tracker:
                 if e.error_code != "RESOURCE_ALREADY_EXISTS":
                     raise
                 # already registered: add a version
+            # the source is the run's model folder as its artifact URI, not runs:/<id>/model: a tracking server
+            # serves a version's files (the MLflow UI's schema, downloads) only from the former
+            source = self.client.get_run(run_id).info.artifact_uri.rstrip("/") + "/model"
             version = self.client.create_model_version(
-                name, source=f"runs:/{run_id}/model", run_id=run_id, tags=tags, description=description
+                name, source=source, run_id=run_id, tags=tags, description=description
             )
         return f"models:/{name}/{version.version}"
 

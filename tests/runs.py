@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 from pathlib import Path
 
@@ -39,12 +40,15 @@ HANDED_OVER: dict[str, dict[str, torch.Tensor]] = {}
 def recording_handovers():
     """While active, each hand-over the runner writes also records its model's full state in HANDED_OVER."""
     from pipeline import runner
+    from pipeline.trainable import merge_lora
 
     save = runner.save_handover
 
     def save_and_record(model, path, **kwargs):
         written = save(model, path, **kwargs)
-        HANDED_OVER[str(written)] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        merged = copy.deepcopy(model)  # the runner merges its LoRA adapters right after the hand-over
+        merge_lora(merged)
+        HANDED_OVER[str(written)] = {k: v.detach().clone() for k, v in merged.state_dict().items()}
         return written
 
     runner.save_handover = save_and_record

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 from runs import full_state
 
 from pipeline.config import load_config
@@ -56,16 +57,22 @@ def test_losses_fall_in_both_stages(two_stage) -> None:
         assert sum(last) / 5 < 0.6 * sum(first) / 5, (stage.name, first, last)
 
 
-def test_handover_has_lora_merged(two_stage) -> None:
+def test_handover_holds_lora_factors_and_restores_merged(two_stage) -> None:
     from pipeline.handover import load_handover, read_manifest
 
-    _, result, _, _ = two_stage
-    state = load_handover(result.stages[1].handover)["state_dict"]  # both stages' deltas
-    assert not any("lora_" in k for k in state)
-    assert any(k.endswith("q_proj.weight") for k in state)
-    # instruct's own delta: the connector and the weights LoRA adapted, merged; nothing of the vision tower
-    manifest = read_manifest(result.stages[1].handover)
+    cfg, result, _, _ = two_stage
+    align, instruct = (s.handover for s in result.stages)
+    delta = load_handover(instruct)["state_dict"]  # both stages' deltas
+    manifest = read_manifest(instruct)
     assert manifest["previous"] == "../align/handover.json" and manifest["structure"] == []
+    assert manifest["lora"] == OmegaConf.to_container(cfg.stages.instruct.lora)
+    own = set(delta) - set(load_handover(align)["state_dict"])
+    # instruct's own delta: the LoRA factors of every adapted Linear, nothing of the frozen LLM or vision tower
+    factors = {k for k in own if ".lora_A." in k or ".lora_B." in k}
+    assert factors and own - factors == set() and not any(k.startswith("vision.") for k in delta)
+    restored = full_state(cfg, instruct)  # merged on restore: plain names, no adapters
+    assert not any("lora_" in k or "base_layer" in k for k in restored)
+    assert any(k.endswith("q_proj.weight") for k in restored)
 
 
 def test_evaluation_files_and_table(two_stage) -> None:
@@ -169,7 +176,6 @@ def test_evaluate_command_on_handover(two_stage, capsys) -> None:
 def test_run_records_hardware_fingerprints_plots_and_registered_model(two_stage) -> None:
     from mlflow.tracking import MlflowClient
 
-    from pipeline.handover import load_handover
     from pipeline.registry import load_registered
     from pipeline.reproducibility import is_x86_64
 
@@ -192,7 +198,7 @@ def test_run_records_hardware_fingerprints_plots_and_registered_model(two_stage)
     # the final model is in the registry and loads in one call, with the weights of the last stage
     assert result.model_uri == "models:/medpipe-demo/1"
     built = load_registered(result.model_uri, tracking_uri=uri)
-    handed = load_handover(result.stages[-1].handover)["state_dict"]  # every delta of the chain
+    handed = full_state(cfg, result.stages[-1].handover)  # the base checkpoints and every delta of the chain
     loaded = built.model.state_dict()
     assert all(torch.equal(loaded[k], v) for k, v in handed.items())
 

@@ -76,8 +76,11 @@ def sources_chain(tmp_path_factory, tiny_llama, tiny_clip):
     return cfg, result, snapshots, handovers
 
 
-def _state(path: Path) -> dict[str, torch.Tensor]:
-    return torch.load(path, weights_only=True)["state_dict"]
+def _state(cfg, path: Path) -> dict[str, torch.Tensor]:
+    """Every weight of the model a hand-over restores (the base checkpoints plus the chain's deltas)."""
+    from runs import full_state
+
+    return full_state(cfg, path)
 
 
 def _ffn_as_expert(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
@@ -96,15 +99,15 @@ def _mlp_prefixes(state: dict[str, torch.Tensor]) -> list[str]:
 def test_experts_are_the_source_stages_ffns(sources_chain) -> None:
     cfg, result, snapshots, handovers = sources_chain
     assert [s.name for s in result.stages] == ["expert_a", "expert_b", "moe"]
-    a, b = _state(handovers["expert_a"]), _state(handovers["expert_b"])
-    assert not any("lora" in k for k in a)  # LoRA merged into the hand-over
+    a, b = _state(cfg, handovers["expert_a"]), _state(cfg, handovers["expert_b"])
+    assert not any("lora" in k for k in a)  # LoRA merged when the hand-over is restored
     ffn_keys = [k for k in a if ".mlp." in k]
     assert any(not torch.equal(a[k], b[k]) for k in ffn_keys)  # the two sources really differ
     start = snapshots["moe"]
     prefixes = _mlp_prefixes(start)
     dense = sorted(k.removesuffix(".gate_proj.weight") for k in b if k.endswith(".mlp.gate_proj.weight"))
     assert prefixes == dense and len(prefixes) >= 2  # layers: all
-    sources = {name: _state(handovers[name]) for name in SOURCES}
+    sources = {name: _state(cfg, handovers[name]) for name in SOURCES}
     for prefix in prefixes:
         assert start[f"{prefix}.experts.w_in"].shape[0] == 2
         assert not any(k.startswith(f"{prefix}.meta_expert.") for k in start)  # meta_expert: false
@@ -122,7 +125,7 @@ def test_only_the_router_trains_and_one_expert_runs_per_token(sources_chain) -> 
     from mlflow.tracking import MlflowClient
 
     cfg, result, snapshots, handovers = sources_chain
-    start, final = snapshots["moe"], _state(handovers["moe"])
+    start, final = snapshots["moe"], _state(cfg, handovers["moe"])
     prefixes = _mlp_prefixes(final)
     for key, value in final.items():
         if ".router." in key:

@@ -119,7 +119,7 @@ def test_fsdp2_ranks_hand_over_their_shards_and_equal_one_process(
     the DDP test above (FSDP2 averages the gradients with a reduce-scatter instead of an all-reduce)."""
     from runs import full_state
 
-    from pipeline.handover import read_manifest
+    from pipeline.handover import load_handover, read_manifest
 
     common = (
         "data.mixture.one_task_per_batch=true",
@@ -157,12 +157,16 @@ def test_fsdp2_ranks_hand_over_their_shards_and_equal_one_process(
 
     L.seed_everything(cfg.seed, verbose=False)
     initial = build_model(cfg.model, cache_dir=cfg.cache_dir).model.state_dict()
+    single_delta = load_handover(tmp_path / "single" / "stages" / "train" / "handover.json")["state_dict"]
+    assert set(single_delta) == set(manifest["sharded_keys"])  # the same keys, whole in one file
     for key in manifest["sharded_keys"]:  # FSDP2's split of dimension 0: ceil(rows / 2) rows on rank 0
-        full = list(single[key].shape)
+        full = list(single_delta[key].shape)
         assert shards[0][key] == [-(-full[0] // 2), *full[1:]], key
         assert shards[1][key] == [full[0] // 2, *full[1:]], key
     moved, difference = max_abs_diff(single, initial), max_abs_diff(sharded, single)
-    print(f"FSDP2 (2 ranks) vs single process: max |dw| = {difference:.3g}; training moved weights by up to {moved:.3g}")
+    print(
+        f"FSDP2 (2 ranks) vs single process: max |dw| = {difference:.3g}; training moved weights by up to {moved:.3g}"
+    )
     assert moved > 1e-3
     assert difference < 1e-5
 
