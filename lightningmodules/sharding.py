@@ -5,8 +5,9 @@ its parts one by one (vision tower, connector, the LLM's embedding table, decode
 the supervised positions only), so the root's forward never runs and sharding only the root would leave
 every part's weights sharded while it computes. Instead every module that owns parameters directly is
 its own unit: a decoder layer (gathered once for its attention and FFN), and each Linear, Embedding,
-norm and stacked-experts module outside one. A parameter shared by two modules (tied embeddings) goes
-into the unit of their common ancestor. Each rank holds 1/N of every weight; parameters are DTensors
+norm and stacked-experts module outside one. A parameter two such modules share (tied input and output
+embeddings) would have to live in their common ancestor's unit, whose forward the model never calls: refused,
+naming both. Each rank holds 1/N of every weight; parameters are DTensors
 sharded on dimension 0, which is how a stage's hand-over is written, shard by shard
 (``pipeline/handover.py``).
 """
@@ -26,8 +27,8 @@ def layer_classes() -> tuple[type[nn.Module], ...]:
 
 
 def sharding_units(model: nn.Module) -> list[nn.Module]:
-    """The modules ``fully_shard`` wraps, innermost first: each transformer layer, then every module outside
-    one that owns parameters directly. A parameter owned by two units moves both up to their common parent."""
+    """The modules ``fully_shard`` wraps: each transformer layer, then every module outside one that owns
+    parameters directly, deepest first. A parameter two of them share is a ``ValueError`` naming both."""
     layers = layer_classes()
     units: list[nn.Module] = []
     inside: set[int] = set()
@@ -44,21 +45,17 @@ def sharding_units(model: nn.Module) -> list[nn.Module]:
             owners.setdefault(id(param), []).append(module)
     own_units: dict[int, nn.Module] = {}
     for modules in owners.values():
-        unit = modules[0] if len(modules) == 1 else _common_parent(model, [names[id(m)] for m in modules])
-        own_units[id(unit)] = unit
+        if len(modules) > 1:
+            shared = " and ".join(names[id(m)] for m in modules)
+            raise ValueError(
+                f"trainer.strategy fsdp2: {shared} share a weight (tied embeddings); FSDP2 gathers a weight in "
+                "its module's forward, and the model calls each on its own: use ddp, or a checkpoint without "
+                "tied embeddings (tie_word_embeddings: false)"
+            )
+        own_units[id(modules[0])] = modules[0]
     # children before parents: fully_shard of a parent leaves the parameters its sharded children manage
     ordered = sorted(own_units.values(), key=lambda m: -names[id(m)].count("."))
     return units + ordered
-
-
-def _common_parent(model: nn.Module, names: list[str]) -> nn.Module:
-    parts = [n.split(".") for n in names]
-    common: list[str] = []
-    for level in zip(*parts, strict=False):
-        if len(set(level)) != 1:
-            break
-        common.append(level[0])
-    return model.get_submodule(".".join(common))
 
 
 def shard_model(model: nn.Module, mesh: Any) -> int:

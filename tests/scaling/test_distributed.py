@@ -102,7 +102,7 @@ def test_ddp_two_ranks_agree_and_equal_one_process_with_the_same_global_batch(ex
 @pytest.mark.parametrize(
     "trained",
     [
-        ["stages.train.train=[connector,llm]"],
+        ["stages.train.train=[connector,llm]", "evaluation.enabled=true"],  # evaluated too: as ddp, not sharded
         [  # LoRA merged into the sharded weights before the hand-over (peft's merge on DTensors)
             "stages.train.train=[connector,lora]",
             "stages.train.lora={r: 4, alpha: 8, dropout: 0.0, target_modules: [q_proj, v_proj]}",
@@ -169,6 +169,12 @@ def test_fsdp2_ranks_hand_over_their_shards_and_equal_one_process(
     )
     assert moved > 1e-3
     assert difference < 1e-5
+    if cfg.evaluation.enabled:  # the 2-rank evaluation (each rank a whole model) answers as the 1 process does
+        answers = [
+            {r["question_id"]: r["text"] for r in map(json.loads, (run / "eval" / "predictions.jsonl").open())}
+            for run in (out, tmp_path / "single")
+        ]
+        assert len(answers[0]) == 7 and answers[0] == answers[1]
 
 
 @pytest.fixture(scope="module")

@@ -39,7 +39,7 @@ def test_deepspeed_without_deepspeed_installed_names_key_file_and_fix(tmp_path: 
     assert str(err.value) == (
         f"{exp}: key 'trainer.strategy': 'deepspeed_stage_2' needs DeepSpeed, which is not "
         "installed: pip install deepspeed (or choose one of auto, ddp, "
-        "ddp_find_unused_parameters_true, fsdp)"
+        "ddp_find_unused_parameters_true, fsdp, fsdp2)"
     )
     monkeypatch.setattr(strategies, "deepspeed_available", lambda: True)
     assert load_config(exp, [], check_paths=False).trainer.strategy == "deepspeed_stage_2"
@@ -135,3 +135,25 @@ def test_shutdown_distributed_destroys_the_group_a_ddp_wrapper_still_holds(monke
     assert not dist.is_initialized()
     shutdown_distributed()
     assert ddp.module.weight.grad is not None
+
+
+def test_fsdp2_needs_a_device_count(tmp_path: Path) -> None:
+    """fsdp2 shards over a known number of processes: ``auto`` is refused naming the key."""
+    exp = tmp_path / "exp.yaml"
+    exp.write_text(f"defaults: [{DEMO}]\ntrainer: {{strategy: fsdp2, devices: auto}}\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(exp, [], check_paths=False)
+    assert str(err.value) == (
+        f"{exp}: key 'trainer.devices': fsdp2 shards over a known number of processes: set trainer.devices to a count"
+    )
+    assert load_config(exp, ["trainer.devices=2"], check_paths=False).trainer.strategy == "fsdp2"
+
+
+def test_fsdp2_is_lightnings_model_parallel_strategy_over_every_process() -> None:
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    from pipeline.strategies import build_strategy
+
+    strategy = build_strategy("fsdp2", "cpu", world_size=4)
+    assert isinstance(strategy, ModelParallelStrategy)
+    assert (strategy._data_parallel_size, strategy._tensor_parallel_size) == (4, 1)
