@@ -1,4 +1,5 @@
-"""Reading a hand-over file: ``torch.load(weights_only=True)``, every failure one line naming the file.
+"""Reading a torch file (a format-1 ``handover.pt``, a Lightning checkpoint): ``torch.load(weights_only=True)``,
+every failure one line naming the file. Hand-overs are now safetensors deltas (``pipeline/handover.py``).
 
 A hand-over reaches ``torch.load`` from the user (``medpipe evaluate ckpt=...``, ``init_from``, a registry
 download), so anything may be in it: a text file (torch's legacy reader fails with ``KeyError: 101``), an
