@@ -280,7 +280,7 @@ def evaluate_model(
     (out_dir / "metrics.json").write_text(json.dumps(summary, indent=2))
     title, body = format_report(report).split("\n", 1)
     (out_dir / "report.md").write_text(f"{title}\n\n{counts_line(split, counts)}\n{body}")
-    log_split_skips(tracker, run_id, dm)  # data/<split>/skipped..., the baseline's train split too
+    log_split_skips(tracker, run_id, dm)  # params data.<split>.skipped..., the baseline's train split too
     tracker.log_metrics(run_id, tracked_metrics(metrics, baseline))
     tracker.log_params(run_id, tracked_counts(split, counts, metrics))
     if tracker.enabled and run_id is not None:  # the evaluated datasets as inputs of the run, context: the split

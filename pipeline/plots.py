@@ -112,7 +112,7 @@ def expert_load_heatmap(summary: dict[str, Any], *, title: str) -> Any:
 
     layers, shares = expert_load_shares(summary)  # (layers, E)
     experts = shares.shape[1]
-    fig, ax = plt.subplots(figsize=(2.0 + 0.9 * max(1, experts), 1.2 + 0.4 * max(1, len(layers))))
+    fig, ax = plt.subplots(figsize=(3.5 + 0.9 * max(1, experts), 2.2 + 0.4 * max(1, len(layers))))
     even = 1.0 / experts if experts else 0.5
     image = ax.imshow(shares, cmap="coolwarm", vmin=0.0, vmax=min(1.0, 2 * even), aspect="auto")
     ax.set_xticks(range(experts), [f"expert {e}" for e in range(experts)], rotation=45, ha="right")
@@ -120,7 +120,8 @@ def expert_load_heatmap(summary: dict[str, Any], *, title: str) -> Any:
     for (i, j), share in np.ndenumerate(shares):
         ax.text(j, i, "-" if np.isnan(share) else f"{share:.2f}", ha="center", va="center", fontsize=8)
     ax.set_title(title, fontsize=9)
-    fig.colorbar(image, ax=ax, label=f"share of assignments (even: {even:.2f})")
+    ax.set_xlabel(f"expert (an even load: {even:.2f} each)")
+    fig.colorbar(image, ax=ax, label="share of assignments")
     fig.tight_layout()
     return fig
 

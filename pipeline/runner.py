@@ -305,33 +305,30 @@ def finished_stage(name: str, stage_state: StageState) -> StageResult | None:
 
 
 def log_split_skips(tracker: Tracker, run_id: str | None, dm: VQADataModule) -> None:
-    """What each split's read left out (``VQADataModule.split_problems`` / ``split_filtered``), into ``run_id``:
-    ``data/<split>/skipped``,
-    ``data/<split>/skipped_<kind>``, ``data/<split>/filtered`` and each skipped record (file, record, field,
-    reason) in ``data/skipped_<split>.json``. A stage's run and its evaluation's (the same run with
-    ``after_each_stage``) both log them: the values of a split agree."""
-    metrics: dict[str, float] = {}
+    """What each split's read left out (``VQADataModule.split_problems`` / ``split_filtered``), into ``run_id``'s
+    params (counts, not charts): ``data.<split>.skipped``, ``data.<split>.skipped_<kind>``, ``data.<split>.filtered``,
+    and each skipped record (file, record, field, reason) in ``data/skipped_<split>.json``. A stage's run and its
+    evaluation's (the same run with ``after_each_stage``) both log them: the values of a split agree."""
+    counts: dict[str, int] = {}
     for split in sorted(set(dm.split_problems) | set(dm.split_filtered)):
         problems = dm.split_problems.get(split, [])
-        metrics[f"data/{split}/skipped"] = len(problems)
-        metrics.update({f"data/{split}/skipped_{k}": v for k, v in Counter(p.kind for p in problems).items()})
-        metrics[f"data/{split}/filtered"] = sum(dm.split_filtered.get(split, Counter()).values())
+        counts[f"data.{split}.skipped"] = len(problems)
+        counts.update({f"data.{split}.skipped_{k}": v for k, v in Counter(p.kind for p in problems).items()})
+        counts[f"data.{split}.filtered"] = sum(dm.split_filtered.get(split, Counter()).values())
         if problems:
             rows = [p.as_dict() for p in problems]
             tracker.log_text(run_id, json.dumps(rows, indent=2) + "\n", f"data/skipped_{split}.json")
-    tracker.log_metrics(run_id, metrics)
+    tracker.log_params(run_id, {k: str(v) for k, v in counts.items()})
 
 
 def log_stage_records(tracker: Tracker, run_id: str | None, dm: VQADataModule, history: LossHistory, name: str) -> None:
-    """Skipped-record counts (``data/skipped``, ``data/skipped_<kind>`` over the splits the stage read, and per
-    split), dataset fingerprints and the learning curve of one stage."""
-    tracker.log_metrics(
-        run_id,
-        {
-            "data/skipped": len(dm.problems.problems),
-            **{f"data/skipped_{k}": v for k, v in dm.problems.counts().items()},
-        },
-    )
+    """Skipped-record counts as params (``data.skipped``, ``data.skipped_<kind>`` over the splits the stage read,
+    and per split), dataset fingerprints and the learning curve of one stage."""
+    counts = {
+        "data.skipped": len(dm.problems.problems),
+        **{f"data.skipped_{k}": v for k, v in dm.problems.counts().items()},
+    }
+    tracker.log_params(run_id, {k: str(v) for k, v in counts.items()})
     log_split_skips(tracker, run_id, dm)
     if not tracker.enabled or run_id is None:
         return

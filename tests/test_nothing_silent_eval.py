@@ -1,7 +1,7 @@
 """Issue 16, class 3: records skipped outside the training split are counted. Every split's skips reach the
 stage's and the evaluation's MLflow runs (``data/<split>/skipped``, each skipped record in
 ``data/skipped_<split>.json``), and the evaluation reports ``n_expected`` / ``n_scored`` / ``n_skipped``
-beside its metrics: metrics.json, MLflow (``eval/n_*``) and report.md."""
+beside its metrics: metrics.json, MLflow (``eval.n_*`` params) and report.md."""
 
 from __future__ import annotations
 
@@ -57,15 +57,16 @@ def test_metrics_json_reports_expected_scored_and_skipped(skipping_run) -> None:
 def test_every_split_logs_its_skips_to_mlflow(skipping_run) -> None:
     cfg, _, counts, _ = skipping_run
     runs, client = runs_by_name(cfg)
-    evaluation = runs["evaluate"].data.metrics
-    assert evaluation["eval/n_expected"] == counts["test"]
-    assert evaluation["eval/n_scored"] == counts["test"] - 1
-    assert evaluation["eval/n_skipped"] == 1
-    assert evaluation["data/test/skipped"] == 1
-    assert sum(v for k, v in evaluation.items() if k.startswith("data/test/skipped_")) == 1
-    assert evaluation["data/train/skipped"] == 0  # the majority baseline's split, read by the evaluation too
-    stage = runs["train"].data.metrics
-    assert (stage["data/train/skipped"], stage["data/val/skipped"], stage["data/skipped"]) == (0, 1, 1)
+    evaluation, params = runs["evaluate"].data.metrics, runs["evaluate"].data.params
+    assert int(params["eval.n_expected"]) == counts["test"]  # counts are params, not metric charts
+    assert int(params["eval.n_scored"]) == counts["test"] - 1
+    assert int(params["eval.n_skipped"]) == 1
+    assert not any(k.startswith("data/") for k in evaluation)  # skip counts are params too
+    assert params["data.test.skipped"] == "1"
+    assert sum(int(v) for k, v in params.items() if k.startswith("data.test.skipped_")) == 1
+    assert params["data.train.skipped"] == "0"  # the majority baseline's split, read by the evaluation too
+    stage = runs["train"].data.params
+    assert (stage["data.train.skipped"], stage["data.val.skipped"], stage["data.skipped"]) == ("0", "1", "1")
     listed = client.download_artifacts(runs["evaluate"].info.run_id, "data/skipped_test.json")
     (problem,) = json.loads(Path(listed).read_text())
     assert problem["file"].endswith("test.json") and problem["field"] == "answer"

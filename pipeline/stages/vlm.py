@@ -109,7 +109,7 @@ class VLMStage(Stage):
 
         from pipeline.plots import expert_load_heatmap
 
-        figure = expert_load_heatmap(summary, title=f"stage {self.name}: share of token assignments per expert")
+        figure = expert_load_heatmap(summary, title=f"stage {self.name}: token assignments per expert")
         figure.savefig(out_dir / "moe_expert_load.png")
         tracker.log_figure(run_id, figure, "plots/moe_expert_load.png")
         plt.close(figure)

@@ -227,7 +227,7 @@ def test_corrupt_image_at_load_time_names_file_and_record(slake_copy, tokenizer,
 
 @pytest.mark.slow  # importing MLflow takes most of its ~10 s
 def test_skip_counts_are_logged_to_mlflow(slake_copy, tmp_path: Path, monkeypatch) -> None:
-    """The runner logs ``data/skipped`` and ``data/skipped_<kind>`` on each stage's MLflow run."""
+    """The runner logs the params ``data.skipped`` and ``data.skipped_<kind>`` on each stage's MLflow run."""
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # the file store: no sqlite schema migration
     from mlflow.tracking import MlflowClient
 
@@ -250,9 +250,9 @@ def test_skip_counts_are_logged_to_mlflow(slake_copy, tmp_path: Path, monkeypatc
     tracker = Tracker(tracking_uri=uri, experiment_name="skips")
     run_id = tracker.start_child(run_name="stage")
     log_stage_records(tracker, run_id, dm, LossHistory(), "stage")
-    metrics = MlflowClient(tracking_uri=uri).get_run(run_id).data.metrics
-    assert {k: v for k, v in metrics.items() if k.startswith("data/skipped")} == {
-        "data/skipped": 3.0,
-        "data/skipped_missing_field": 1.0,
-        "data/skipped_empty_answer": 2.0,
+    params = MlflowClient(tracking_uri=uri).get_run(run_id).data.params
+    assert {k: v for k, v in params.items() if k.startswith("data.skipped")} == {
+        "data.skipped": "3",
+        "data.skipped_missing_field": "1",
+        "data.skipped_empty_answer": "2",
     }

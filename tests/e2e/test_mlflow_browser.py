@@ -151,6 +151,7 @@ def tiny_overrides(tmp: Path, uri: str) -> list[str]:
     ]
 
 
+@pytest.mark.slow  # 45-65 s on the 2-core machine (server start, tiny run, 12 pages)
 def test_mlflow_pages_show_the_pipeline_runs(
     mlflow_server: str,  # noqa: F811 (the fixture imported above)
     browser,
