@@ -1,5 +1,6 @@
 # Set-up and entry points. Every target creates .venv when absent and installs what it needs:
-# torch first (the CPU wheel on this machine's disk), then the package with its dev extra.
+# torch first (the CPU wheel on this machine's disk), then the package with its dev extra. `make test` also
+# installs Debian's chromium + chromium-driver when missing (browser-deps: the MLflow browser test drives them).
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -22,7 +23,7 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/medpipe demo
 
-test: $(STAMP)
+test: $(STAMP) browser-deps
 	$(BIN)/python -m pytest -q
 
 test-fast: $(STAMP)
