@@ -77,31 +77,11 @@ def write_pyfunc_files(folder: Path, *, metadata: dict[str, str] | None = None) 
     return folder
 
 
-def load_folder(folder: Path) -> tuple[Any, Any]:
-    """(config, ``BuiltModel``) of a downloaded registered model folder, with the last stage's prompts."""
-    from pipeline.config import load_config
-    from pipeline.handover import base_of, restore
-    from pipeline.model_factory import build_model
-    from pipeline.registry import registered_handover
-
-    folder = Path(folder)
-    handover = registered_handover(folder)
-    if handover is None or not (folder / "config.yaml").is_file():
-        found = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
-        raise FileNotFoundError(f"{folder}: not a registered medpipe model (config.yaml and hand-over; found {found})")
-    cfg = load_config(folder / "config.yaml", check_paths=False)
-    last = list(cfg.stages)[-1] if cfg.stages else None
-    built = build_model(
-        cfg.model, cache_dir=cfg.cache_dir, conversation=cfg.stages[last].conversation if last else None
-    )
-    restore(built.model, handover, base=base_of(cfg.model))
-    return cfg, built
-
-
 class VQAPredictor:
     """Answers (image, question) rows with a registered model, as medpipe's evaluation generates answers."""
 
     def __init__(self, folder: str | Path) -> None:
+        from pipeline.registry import load_folder
         from pipeline.reproducibility import use_portable_cpu_kernels
         from pipeline.runner import build_datamodule, connect
         from pipeline.stages import evaluation_module

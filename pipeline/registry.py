@@ -41,14 +41,27 @@ def registered_handover(folder: Path) -> Path | None:
     return None
 
 
-def load_registered(uri: str, *, tracking_uri: str, overrides: list[str] | None = None) -> Any:
-    """``BuiltModel`` (model, tokenizer, transform) rebuilt from the registered config and weights."""
+def load_folder(folder: str | Path, overrides: list[str] | None = None) -> tuple[Any, Any]:
+    """(config, ``BuiltModel``) of a downloaded registered model folder: its config, the base checkpoints it
+    names, the hand-over chain, and the last stage's conversation preset (the prompts its evaluation used)."""
     from pipeline.config import load_config
     from pipeline.handover import base_of, restore
     from pipeline.model_factory import build_model
 
-    local = download_model(uri, tracking_uri=tracking_uri)
-    cfg = load_config(local / "config.yaml", overrides or [], check_paths=False)
-    built = build_model(cfg.model, cache_dir=cfg.cache_dir)
-    restore(built.model, registered_handover(local), base=base_of(cfg.model))
-    return built
+    folder = Path(folder)
+    handover = registered_handover(folder)
+    if handover is None or not (folder / "config.yaml").is_file():
+        found = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+        raise FileNotFoundError(f"{folder}: not a registered medpipe model (config.yaml and hand-over; found {found})")
+    cfg = load_config(folder / "config.yaml", overrides or [], check_paths=False)
+    last = list(cfg.stages)[-1] if cfg.stages else None
+    built = build_model(
+        cfg.model, cache_dir=cfg.cache_dir, conversation=cfg.stages[last].conversation if last else None
+    )
+    restore(built.model, handover, base=base_of(cfg.model))
+    return cfg, built
+
+
+def load_registered(uri: str, *, tracking_uri: str, overrides: list[str] | None = None) -> Any:
+    """``BuiltModel`` (model, tokenizer, transform) rebuilt from the registered config and weights."""
+    return load_folder(download_model(uri, tracking_uri=tracking_uri), overrides)[1]

@@ -30,7 +30,7 @@ for name in {packages!r}:
     sys.modules[name] = None  # import pipeline / lightningmodules / ... raises ImportError
 import torch
 from PIL import Image
-inputs = torch.load(sys.argv[1])
+inputs = torch.load(sys.argv[1], weights_only=True)
 results = {{}}
 for folder, case in inputs["cases"].items():
     sys.path.insert(0, folder)
@@ -131,7 +131,7 @@ def test_exported_folders_give_medpipes_logits_without_medpipe(tmp_path, tiny_cl
         timeout=600,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    results = torch.load(tmp_path / "results.pt")
+    results = torch.load(tmp_path / "results.pt", weights_only=True)
     for folder, (logits, tokens, pixels, model) in expected.items():
         got = results[folder]
         torch.testing.assert_close(got["logits"], logits, atol=1e-6, rtol=0)
