@@ -92,10 +92,21 @@ def causal_lm_from_config(
     return fit_vocab(model, vocab_size, mean_resizing=False)  # no weights to average
 
 
+RESIZE_SEED = 0
+
+
 def fit_vocab(model: nn.Module, vocab_size: int, *, mean_resizing: bool) -> nn.Module:
-    """Grow the embeddings (and LM head) to ``vocab_size`` rows when the tokenizer has more tokens."""
+    """Grow the embeddings (and LM head) to ``vocab_size`` rows when the tokenizer has more tokens.
+
+    transformers draws the new rows from a normal around the old rows' mean (covariance 1e-9 x theirs): the
+    draw uses its own seeded RNG here, so every build of a checkpoint has the same rows, whatever ran before
+    (a stage's hand-over leaves out weights it did not change, and restoring rebuilds them), and the global
+    RNG the training draws from is left as it was."""
     if model.get_input_embeddings().num_embeddings < vocab_size:
-        model.resize_token_embeddings(vocab_size, mean_resizing=mean_resizing)
+        cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+        with torch.random.fork_rng(devices=cuda):
+            torch.manual_seed(RESIZE_SEED)
+            model.resize_token_embeddings(vocab_size, mean_resizing=mean_resizing)
     return model
 
 
