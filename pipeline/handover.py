@@ -221,8 +221,8 @@ def _relative(path: Path, start: Path) -> str:
 
 def _write_delta(tensors: dict[str, torch.Tensor], path: Path, node: str = "0") -> dict[str, Any]:
     """safetensors of ``tensors`` (local shards, contiguous CPU copies: tied tensors become separate entries),
-    written to a temporary file and renamed; returns {file, sha256, bytes}. The bytes go through a Python file:
-    safetensors' own ``save_file`` reports no error on a full disk (seen with /dev/full)."""
+    written to a temporary file and renamed; returns {file, sha256, bytes}. The bytes go through a Python file,
+    flushed and synced, so a full disk or quota is an ``OSError`` with its errno for the one-line message."""
     from safetensors.torch import save
 
     plain = {k: _local(v).detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}
