@@ -115,6 +115,13 @@ def check_stage(cfg: DictConfig, name: str, base: nn.Module) -> None:
             stage.apply_changes(model)
         except LoraTargetError as error:
             raise PreflightError(f"stages.{name}.lora.target_modules: {error}") from None
+    if cfg.trainer.strategy == "fsdp2":  # the units FSDP2 would shard: tied weights refused here, not mid-fit
+        from lightningmodules.sharding import sharding_units
+
+        try:
+            sharding_units(model)
+        except ValueError as error:
+            raise PreflightError(f"stages.{name}: {error}") from None
     groups = parameter_groups(model)
     empty = [g for g in stage.trained_groups() if not groups.get(g)]
     if empty:

@@ -43,3 +43,24 @@ def test_a_weight_two_modules_share_is_refused_naming_both() -> None:
 
     with pytest.raises(ValueError, match=r"^trainer.strategy fsdp2: embed and head share a weight \(tied embeddings\)"):
         sharding_units(Tied())
+
+
+def test_tied_embeddings_under_fsdp2_fail_in_the_preflight_check(cache_dir) -> None:
+    """Before anything trains: a model whose LM head shares the embedding table cannot be sharded by parts."""
+    import pytest
+
+    from pipeline.config import load_config
+    from pipeline.model_factory import build_model
+    from pipeline.preflight import PreflightError, check_stages
+    from tests.runs import DEMO
+
+    cfg = load_config(
+        DEMO, [f"cache_dir={cache_dir}", "trainer.strategy=fsdp2", "trainer.devices=2"], check_paths=False
+    )
+    model = build_model(cfg.model, cache_dir=cfg.cache_dir, weights="none", device="meta").model
+    check_stages(cfg, model)  # untied: fine
+    model.llm.lm_head.weight = model.llm.get_input_embeddings().weight
+    with pytest.raises(
+        PreflightError, match=r"^stages.align: trainer.strategy fsdp2: llm.model.embed_tokens and llm.lm_head share"
+    ):
+        check_stages(cfg, model)
