@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from medplib_helpers import tiny_cfg
+from runs import recording_handovers
 
 
 def chain_overrides() -> list[str]:
@@ -45,8 +46,28 @@ def chain(tmp_path_factory: pytest.TempPathFactory, tiny_llama: Path, tiny_clip:
         trainable[name] = {n: p.requires_grad for n, p in model.named_parameters()}
 
     trainable: dict[str, dict[str, bool]] = {}  # stage -> {parameter name: trainable} when its training starts
-    result = run_experiment(cfg, on_stage_start=snapshot)  # one thread: tiny.yaml's trainer.num_threads
+    with recording_handovers():  # each stage's model as handed over: what restoring its chain must give back
+        result = run_experiment(cfg, on_stage_start=snapshot)  # one thread: tiny.yaml's trainer.num_threads
     return result, starts, cfg, trainable
+
+
+@pytest.mark.slow
+def test_each_stage_restores_bit_for_bit_from_its_delta_chain(chain) -> None:
+    """Stage III's FFN LoRA and stage IV's per-expert LoRA (``ExpertLoRA``) travel as factors, merged on
+    restore; IV's experts, routers and heads are new keys. Restored onto a fresh build, every stage's chain
+    gives exactly the model that stage handed over."""
+    from runs import HANDED_OVER
+
+    from pipeline.handover import read_manifest
+
+    result, _, cfg, _ = chain
+    for stage in result.stages:
+        expected = HANDED_OVER[str(stage.handover)]
+        restored = _state(cfg, stage)
+        assert restored.keys() == expected.keys(), stage.name
+        assert all(torch.equal(restored[k], v) for k, v in expected.items()), stage.name
+    moe = read_manifest(result.stages[3].handover)
+    assert "experts" in moe["lora"]["target_modules"]  # the experts' adapters: factors in the delta
 
 
 def _state(cfg, stage) -> dict[str, torch.Tensor]:
