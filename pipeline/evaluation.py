@@ -28,6 +28,7 @@ from lightningmodules.metrics.pairing import Pair, Reference, pair_by_id
 from lightningmodules.metrics.report import evaluation_report, flat_metrics, format_report
 from lightningmodules.vlm_module import VLMModule
 from medcore.ids import dedupe_by_id
+from pipeline.fingerprints import file_sha256
 from pipeline.plots import draw_overlay
 from pipeline.stages import evaluation_module
 from pipeline.trainer_factory import build_trainer
@@ -178,15 +179,6 @@ def counts_line(split: str, counts: dict[str, Any]) -> str:
         f"Split `{split}`: {counts['n_expected']} records expected, {counts['n_scored']} scored, "
         f"{counts['n_skipped']} skipped{f' ({kinds}; listed in MLflow data/skipped_{split}.json)' if kinds else ''}."
     )
-
-
-def file_sha256(path: Path) -> str:
-    """The file's SHA-256, read in 16 MiB blocks (a 7B hand-over takes seconds)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 24):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def provenance(cfg: DictConfig, source: str | Path | None, split: str, dm: Any) -> dict[str, Any]:

@@ -37,6 +37,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from pipeline.fingerprints import file_sha256
 from pipeline.safe_load import NotAHandoverError, check_handover, load_weights
 from pipeline.structure import apply_structure, model_structure
 
@@ -255,14 +256,6 @@ def _write_text_atomically(text: str, path: Path, node: str = "0") -> None:
         raise HandoverWriteError(write_failure(path, e)) from None
 
 
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def write_failure(path: Path, error: BaseException) -> str:
     """One line for a failed hand-over write: the file, the reason (an OSError's own, ``no space left on
     device`` for a writer that does not say) and the free space left."""
@@ -374,14 +367,13 @@ def handover_chain(path: str | Path) -> list[Link]:
         path = Path(os.path.normpath(path.parent / previous))  # an absolute `previous` stays as it is
 
 
-def read_delta(link: Link) -> dict[str, torch.Tensor]:
-    """The tensors of one hand-over (shards joined along dimension 0 in rank order); each file's SHA-256
-    must equal the manifest's."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+def read_delta(link: Link, prefix: str = "") -> dict[str, torch.Tensor]:
+    """The tensors of one hand-over whose key starts with ``prefix`` (shards joined along dimension 0 in rank
+    order; only those are loaded); each file's SHA-256 must equal the manifest's."""
+    from safetensors import SafetensorError, safe_open
 
     if link.legacy:
-        return dict(link.manifest["state_dict"])
+        return {k: v for k, v in link.manifest["state_dict"].items() if k.startswith(prefix)}
     sharded = set(link.manifest.get("sharded_keys", []))
     tensors: dict[str, torch.Tensor] = {}
     shards: dict[str, list[torch.Tensor]] = {}
@@ -389,10 +381,11 @@ def read_delta(link: Link) -> dict[str, torch.Tensor]:
         file = link.path.parent / entry["file"]
         if not file.is_file():
             raise FileNotFoundError(f"{file}: delta named by {link.path} (field 'delta[{i}]') not found")
-        if sha256_of(file) != entry["sha256"]:
+        if file_sha256(file) != entry["sha256"]:
             raise NotAHandoverError(f"{file}: SHA-256 differs from {link.path}'s field 'delta[{i}].sha256' (changed?)")
         try:
-            loaded = load_file(str(file))
+            with safe_open(str(file), "pt") as f:
+                loaded = {k: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}  # noqa: SIM118 (no iter)
         except SafetensorError as e:
             raise NotAHandoverError(f"{file}: not a safetensors file ({e})") from None
         for key, value in loaded.items():
@@ -405,13 +398,14 @@ def read_delta(link: Link) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def load_handover(path: str | Path) -> dict[str, Any]:
+def load_handover(path: str | Path, prefix: str = "") -> dict[str, Any]:
     """A hand-over chain as one: ``stage``, ``meta`` (``structure`` included) of the newest, and the
-    ``state_dict`` of every delta of the chain, newer values over older ones (a delta, not the full model)."""
+    ``state_dict`` of every delta of the chain (its keys starting with ``prefix``), newer values over older
+    ones (a delta, not the full model)."""
     chain = handover_chain(path)
     state: dict[str, torch.Tensor] = {}
     for link in chain:
-        state.update(read_delta(link))
+        state.update(read_delta(link, prefix))
     last = chain[-1].manifest
     return {
         "stage": last.get("stage"),

@@ -58,6 +58,27 @@ def recording_handovers():
         runner.save_handover = save
 
 
+def tiny_server_overrides(tmp: Path, uri: str, *, experiment: str, instruct_epochs: int = 1) -> list[str]:
+    """The demo at its smallest against a tracking server ``uri``; the model registered as ``<experiment>-demo``."""
+    return [
+        f"output_dir={tmp}/out",
+        f"mlflow.tracking_uri={uri}",
+        f"mlflow.experiment_name={experiment}",
+        f"mlflow.model_name={experiment}-demo",
+        "mlflow.system_metrics=false",
+        "data.datasets.phantom_captions.synthetic.train_images=16",
+        "data.datasets.phantom_captions.synthetic.val_images=4",
+        "data.datasets.phantom_slake.synthetic.train_images=16",
+        "data.datasets.phantom_slake.synthetic.val_images=4",
+        "data.datasets.phantom_slake.synthetic.test_images=4",
+        "data.batch_size=8",
+        "stages.align.max_epochs=1",
+        f"stages.instruct.max_epochs={instruct_epochs}",
+        "trainer.enable_progress_bar=false",
+        "trainer.log_every_n_steps=1",
+    ]
+
+
 def run_tiny_demo(tmp: Path):
     """Run the tiny two-stage experiment once; snapshot each stage's weights as training starts."""
     from pipeline.config import load_config

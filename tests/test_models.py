@@ -473,12 +473,12 @@ def rewrite_delta(manifest: Path, tensors: dict) -> None:
     """Replace a hand-over's delta, its manifest's hash updated (so only the content is wrong)."""
     from safetensors.torch import save_file
 
-    from pipeline.handover import sha256_of
+    from pipeline.fingerprints import file_sha256
 
     data = json.loads(manifest.read_text())
     file = manifest.parent / data["delta"][0]["file"]
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(file))
-    data["delta"][0]["sha256"] = sha256_of(file)
+    data["delta"][0]["sha256"] = file_sha256(file)
     manifest.write_text(json.dumps(data))
 
 

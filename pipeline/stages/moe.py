@@ -25,7 +25,7 @@ def classifier_from_handover(path: Path) -> nn.Linear:
     """The ``modality_classifier.linear`` of a router stage's hand-over as a Linear(D, C)."""
     from pipeline.handover import load_handover
 
-    state = load_handover(path)["state_dict"]
+    state = load_handover(path, prefix="modality_classifier.")["state_dict"]  # not the LLM a stage 2 trained
     weight, bias = state.get("modality_classifier.linear.weight"), state.get("modality_classifier.linear.bias")
     if weight is None:
         raise ValueError(f"{path}: no modality classifier in this hand-over (is it a kind: router stage's?)")

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from runs import tiny_server_overrides
 from test_mlflow_server import mlflow_server  # noqa: F401 (the fixture)
 
 REPO = Path(__file__).resolve().parents[2]
@@ -131,26 +132,6 @@ class Pages:
                 button.click()
 
 
-def tiny_overrides(tmp: Path, uri: str) -> list[str]:
-    return [
-        f"output_dir={tmp}/out",
-        f"mlflow.tracking_uri={uri}",
-        "mlflow.experiment_name=browser",
-        "mlflow.model_name=browser-demo",
-        "mlflow.system_metrics=false",
-        "data.datasets.phantom_captions.synthetic.train_images=16",
-        "data.datasets.phantom_captions.synthetic.val_images=4",
-        "data.datasets.phantom_slake.synthetic.train_images=16",
-        "data.datasets.phantom_slake.synthetic.val_images=4",
-        "data.datasets.phantom_slake.synthetic.test_images=4",
-        "data.batch_size=8",
-        "stages.align.max_epochs=1",
-        "stages.instruct.max_epochs=2",
-        "trainer.enable_progress_bar=false",
-        "trainer.log_every_n_steps=1",
-    ]
-
-
 @pytest.mark.slow  # 45-65 s on the 2-core machine (server start, tiny run, 12 pages)
 def test_mlflow_pages_show_the_pipeline_runs(
     mlflow_server: str,  # noqa: F811 (the fixture imported above)
@@ -165,7 +146,7 @@ def test_mlflow_pages_show_the_pipeline_runs(
     from pipeline.runner import run_experiment
     from pipeline.tracking import Tracker
 
-    cfg = load_config(DEMO, tiny_overrides(tmp_path, mlflow_server))
+    cfg = load_config(DEMO, tiny_server_overrides(tmp_path, mlflow_server, experiment="browser", instruct_epochs=2))
     result = run_experiment(cfg)
     client = MlflowClient(tracking_uri=mlflow_server)
     experiment = client.get_experiment_by_name("browser")

@@ -12,6 +12,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from runs import tiny_server_overrides
 
 REPO = Path(__file__).resolve().parents[2]
 DEMO = REPO / "experiments" / "demo.yaml"
@@ -81,26 +82,7 @@ def test_tiny_experiment_against_a_real_tracking_server(
     from pipeline.registry import load_registered
     from pipeline.runner import run_experiment
 
-    cfg = load_config(
-        DEMO,
-        [
-            f"output_dir={tmp_path}/out",
-            f"mlflow.tracking_uri={mlflow_server}",
-            "mlflow.experiment_name=server",
-            "mlflow.model_name=server-demo",
-            "mlflow.system_metrics=false",
-            "data.datasets.phantom_captions.synthetic.train_images=16",
-            "data.datasets.phantom_captions.synthetic.val_images=4",
-            "data.datasets.phantom_slake.synthetic.train_images=16",
-            "data.datasets.phantom_slake.synthetic.val_images=4",
-            "data.datasets.phantom_slake.synthetic.test_images=4",
-            "data.batch_size=8",
-            "stages.align.max_epochs=1",
-            "stages.instruct.max_epochs=1",
-            "trainer.enable_progress_bar=false",
-            "trainer.log_every_n_steps=1",
-        ],
-    )
+    cfg = load_config(DEMO, tiny_server_overrides(tmp_path, mlflow_server, experiment="server"))
     result = run_experiment(cfg)
 
     client = MlflowClient(tracking_uri=mlflow_server)
